@@ -1,0 +1,165 @@
+"""Every hook abliterate installs, each in a context manager that always removes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from abliterate.adapters import Adapter
+from abliterate.adapters.resolve import blocks_of
+
+HiddenCallback = Callable[[int, torch.Tensor], None]
+
+
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    # Decoder blocks get the residual stream positionally or as ``hidden_states=``.
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _registered(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def record_block_inputs(
+    model: nn.Module, adapter: Adapter, callback: HiddenCallback, layers: range | None = None
+) -> Iterator[None]:
+    """Call ``callback(layer, resid_pre)`` with the residual stream entering each block.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        callback: receives the block index and its input ``[batch, seq, d_model]``.
+        layers: the blocks to record (default: all).
+    """
+    _, blocks = blocks_of(model, adapter)
+    handles = []
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            callback(layer, _hidden_of(args, kwargs))
+
+        return hook
+
+    try:
+        for layer in layers if layers is not None else range(len(blocks)):
+            handles.append(blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    with _registered(handles):
+        yield
+
+
+class StopForward(Exception):
+    """Raised by ``stop_before`` to end a forward pass early; caught by the context manager."""
+
+
+@contextmanager
+def stop_before(model: nn.Module, adapter: Adapter, layer: int) -> Iterator[None]:
+    """End forward passes when they reach block ``layer`` (nothing after it is computed).
+
+    Use ``run_until_stopped`` inside the context to call the model.
+    """
+    _, blocks = blocks_of(model, adapter)
+    if layer >= len(blocks):
+        yield
+        return
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise StopForward
+
+    handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    with _registered([handle]):
+        yield
+
+
+def run_until_stopped(forward: Callable[[], Any]) -> None:
+    """Call ``forward`` and swallow the ``StopForward`` that ``stop_before`` raises."""
+    try:
+        forward()
+    except StopForward:
+        pass
+
+
+def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``h − (h·r̂) r̂`` along the last axis, in float32 or better, returned in ``hidden``'s dtype.
+
+    Args:
+        hidden: ``[..., d_model]``.
+        direction: unit ``[d_model]``, or ``[batch, d_model]`` for one direction per batch row.
+    """
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    h = hidden.to(compute)
+    r = direction.to(device=hidden.device, dtype=compute)
+    if r.dim() == 2:  # one direction per batch row: [batch, 1, ..., d_model]
+        r = r.view(r.shape[0], *([1] * (h.dim() - 2)), r.shape[-1])
+    return (h - (h * r).sum(-1, keepdim=True) * r).to(hidden.dtype)
+
+
+def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (fn(output[0]), *output[1:])
+    raise TypeError(f"cannot ablate a module output of type {type(output).__name__}")
+
+
+@contextmanager
+def ablate_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor) -> Iterator[None]:
+    """Project ``direction`` out of the output of the embeddings and of every residual writer.
+
+    This is the reference ("hooked") model that the weight fold must reproduce exactly.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
+    """
+    from abliterate.edit import residual_writers
+
+    if direction.dim() == 1:
+        direction = direction / direction.norm()
+    handles = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return _map_output(output, lambda out: project_out(out, direction))
+
+    try:
+        for writer in residual_writers(model, adapter):
+            handles.append(writer.module.register_forward_hook(hook))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    with _registered(handles):
+        yield
+
+
+@contextmanager
+def add_to_block_input(
+    model: nn.Module, adapter: Adapter, vector: torch.Tensor, layer: int
+) -> Iterator[None]:
+    """Add ``vector`` to the residual stream entering block ``layer`` at every position (steering)."""
+    _, blocks = blocks_of(model, adapter)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = _hidden_of(args, kwargs)
+        steered = hidden + vector.to(device=hidden.device, dtype=hidden.dtype)
+        if args:
+            return (steered, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": steered}
+
+    handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    with _registered([handle]):
+        yield
