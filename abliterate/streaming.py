@@ -1,0 +1,578 @@
+"""Apply a refusal direction to a safetensors checkpoint on disk, one tensor at a time.
+
+Never instantiates a model: ``config.json`` picks the adapter, whose ``checkpoint_writers`` and
+``checkpoint_embeddings`` patterns name the tensors to edit. Edited tensors go through the same
+``orthogonalize`` as the in-memory fold; every other byte is copied as is (``copy_file_range``), so shard
+names, tensor order, dtypes and header metadata are preserved. Each output shard is written
+incrementally (8-byte little-endian header length, JSON header, raw data), so memory stays near one
+tensor whatever the model size. Output goes to a temporary sibling directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from tqdm.auto import tqdm
+
+from abliterate.adapters.registry import get_adapter, registered_model_types
+from abliterate.adapters.spec import Adapter, Layout
+from abliterate.direction import unit_direction
+from abliterate.edit import orthogonalize
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "tokenizer*", "*.jinja"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+# Weight files the loader could pick up instead of (or beside) the edited shards; never copied.
+_STALE_WEIGHTS = re.compile(
+    r"(model|consolidated.*|pytorch_model.*|tf_model|flax_model)\.(safetensors|bin|pth|pt|h5|msgpack)"
+)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ROWS_WRITE = ("conv1d", "experts_t", "embedding")  # layouts whose last axis is d_model
+# Tensors above this many elements are edited in slices (16 MiB of float64 each) to bound memory;
+# smaller ones in one call, exactly as the in-memory fold does.
+_CHUNK_ELEMENTS = 1 << 21
+_COPY_BLOCK = 64 << 20
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """What ``stream_apply`` did.
+
+    Attributes:
+        tensors_total: tensors written (including an ``lm_head`` added when untying embeddings).
+        tensors_edited: tensors orthogonalized.
+        bytes_read: bytes read from the checkpoint's shards.
+        bytes_written: bytes written to the output shards.
+        seconds: wall-clock time of the whole call.
+        output: the output directory.
+        model_type: the adapter's model type that was used.
+    """
+
+    tensors_total: int
+    tensors_edited: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    output: Path
+    model_type: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets of the tensor's bytes
+    end: int
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    header: bytes  # the 8-byte length and the JSON header, verbatim
+    entries: tuple[_Entry, ...]  # in data order
+
+
+@dataclass(frozen=True)
+class _Plan:
+    shards: tuple[_Shard, ...]
+    index: dict | None
+    config: dict
+    model_type: str
+    edits: dict[str, Layout]  # tensor name -> layout to orthogonalize it with
+    embedding: _Entry  # the token embedding, as stored
+    add_lm_head: str | None  # name of an lm_head tensor to add (tied embeddings), else None
+    untie: bool
+
+
+def stream_apply(
+    checkpoint: str | Path,
+    direction: torch.Tensor,
+    output: str | Path,
+    *,
+    architecture: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> StreamReport:
+    """Write a copy of ``checkpoint`` with ``direction`` folded out of every residual writer.
+
+    Args:
+        checkpoint: a local directory with ``config.json`` and ``model.safetensors`` or a sharded
+            ``model.safetensors.index.json``, or a Hub id ``owner/name`` (downloaded when not a local path).
+        direction: ``[d_model]`` refusal direction, any non-zero length (``orthogonalize`` normalizes it).
+        output: directory to create; written atomically (temporary sibling, renamed at the end).
+        architecture: use this registered model type's adapter instead of ``config.json``'s.
+        overwrite: replace a non-empty ``output`` (only after everything was written successfully).
+        progress: show a progress bar over the bytes processed.
+
+    Returns:
+        A ``StreamReport``. Tied embeddings are untied: the output stores ``lm_head`` with the original
+        matrix and ``config.json`` says ``tie_word_embeddings: false``.
+    """
+    started = time.perf_counter()
+    unit_direction(direction, "the direction")  # validation only: it raises on a bad vector
+    # The vector goes to ``orthogonalize`` as given, like the in-memory fold, so both edits are bitwise equal.
+    vector = direction.detach().cpu()
+    source = _resolve_checkpoint(checkpoint)
+    plan = _plan(source, vector, architecture)
+    target = Path(output).expanduser().absolute()
+    _check_output(target, source, overwrite)
+    temp = _make_temp_dir(target)
+    try:
+        counts = _write_all(plan, source, temp, vector, progress)
+        _commit(temp, target)
+    except BaseException:
+        if temp.exists():
+            shutil.rmtree(temp)
+        raise
+    return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type)
+
+
+def _resolve_checkpoint(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return path.absolute()
+    if path.exists():
+        raise ValueError(f"{path} is a file; give the checkpoint directory (with config.json) instead")
+    if not _HUB_ID.match(str(checkpoint)):
+        raise ValueError(f"checkpoint {checkpoint} is neither a local directory nor a Hub id like owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    logger.info("%s is not a local directory: downloading it from the Hub", checkpoint)
+    try:
+        local = snapshot_download(
+            repo_id=str(checkpoint),
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=["consolidated*"],  # Mistral's second, unsharded copy of the weights
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise ValueError(f"could not download {checkpoint} from the Hub: {error}") from error
+    return Path(local)
+
+
+def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -> _Plan:
+    """Read config and shard headers, decide every edit and validate it before anything is written."""
+    config = _read_json(checkpoint / "config.json", "config.json")
+    adapter, model_type = _pick_adapter(config, architecture, checkpoint)
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    quantization = config.get("quantization_config") or text_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise ValueError(f"{checkpoint} is quantized ({method}); streaming apply needs unquantized weights")
+    if not adapter.checkpoint_writers or not adapter.checkpoint_embeddings:
+        raise ValueError(
+            f"the {adapter.name} adapter has no checkpoint patterns; use `abliterate run` instead"
+        )
+    names, index = _find_shards(checkpoint)
+    shards = tuple(_read_header(checkpoint / name) for name in names)
+    if index is not None:
+        _check_index(index, shards)
+    writers = [(re.compile(pattern), layout) for pattern, layout in adapter.checkpoint_writers]
+    embeddings = [re.compile(pattern) for pattern in adapter.checkpoint_embeddings]
+    edits: dict[str, Layout] = {}
+    found_embeddings: list[_Entry] = []
+    by_name = {entry.name: entry for shard in shards for entry in shard.entries}
+    for entry in by_name.values():
+        if any(pattern.fullmatch(entry.name) for pattern in embeddings):
+            found_embeddings.append(entry)
+            edits[entry.name] = _edit_layout(entry, "embedding")
+            continue
+        layout = next((layout for pattern, layout in writers if pattern.fullmatch(entry.name)), None)
+        if layout is not None:
+            edits[entry.name] = _edit_layout(entry, layout)
+    if not found_embeddings or len(edits) == len(found_embeddings):
+        raise ValueError(
+            f"no {'embedding' if not found_embeddings else 'residual-writer'} tensor in {checkpoint} matches "
+            f"the {adapter.name} adapter's patterns; is the model type right (see --architecture)?"
+        )
+    # The token embedding (GPT-2 also edits its position embedding): the tensor named like the adapter's
+    # first embedding module, e.g. ``...embed_tokens.weight`` or ``...wte.weight``.
+    token_suffix = adapter.embeddings[0].rsplit(".", 1)[-1] + ".weight"
+    named_like = [
+        e for e in found_embeddings if e.name == token_suffix or e.name.endswith("." + token_suffix)
+    ]
+    token_embedding = (named_like or found_embeddings)[0]
+    d_model = token_embedding.shape[-1]
+    if direction.shape[0] != d_model:
+        raise ValueError(
+            f"the direction has {direction.shape[0]} entries but {checkpoint}'s embedding "
+            f"{token_embedding.name} is {list(token_embedding.shape)} (d_model={d_model}): "
+            "the direction belongs to another model"
+        )
+    for name, layout in edits.items():
+        _check_editable(by_name[name], layout, d_model)
+    untie = _ties_embeddings(config, model_type)
+    head = f"{adapter.lm_head}.weight"
+    has_head = any(name == head or name.endswith("." + head) for name in by_name)
+    add_head = head if untie and not has_head else None
+    return _Plan(shards, index, config, model_type, edits, token_embedding, add_head, untie)
+
+
+def _pick_adapter(config: dict, architecture: str | None, checkpoint: Path) -> tuple[Adapter, str]:
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    model_type = architecture or config.get("model_type")
+    if architecture is None and get_adapter(str(model_type)) is None and text_config.get("model_type"):
+        model_type = text_config["model_type"]
+    adapter = get_adapter(str(model_type))
+    if adapter is None:
+        known = ", ".join(registered_model_types())
+        how = "given with --architecture" if architecture else f"from {checkpoint / 'config.json'}"
+        raise LookupError(
+            f"no adapter for model type {model_type!r} ({how}); pass --architecture with one of: {known}"
+        )
+    return adapter, str(model_type)
+
+
+def _ties_embeddings(config: dict, model_type: str) -> bool:
+    """Whether the model shares its embedding with the output head (config value, else the family default)."""
+    tied = False
+    for part in (config, config.get("text_config")):
+        if not isinstance(part, dict):
+            continue
+        if part.get("tie_word_embeddings") is not None:
+            tied = tied or bool(part["tie_word_embeddings"])
+            continue
+        from transformers import CONFIG_MAPPING
+
+        family = str(part.get("model_type", model_type))
+        default = (
+            getattr(CONFIG_MAPPING[family], "tie_word_embeddings", True) if family in CONFIG_MAPPING else True
+        )
+        tied = tied or bool(default)
+    return tied
+
+
+def _find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
+    if (checkpoint / INDEX_NAME).is_file():
+        index = _read_json(checkpoint / INDEX_NAME, INDEX_NAME)
+        if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+            raise ValueError(f"{checkpoint / INDEX_NAME} has no weight_map")
+        names = sorted(set(index["weight_map"].values()))
+        missing = [name for name in names if not (checkpoint / name).is_file()]
+        if missing:
+            raise ValueError(f"{checkpoint} lacks shard(s) named in {INDEX_NAME}: {', '.join(missing)}")
+        return names, index
+    if (checkpoint / SINGLE_NAME).is_file():
+        return [SINGLE_NAME], None
+    found = sorted(path.name for path in checkpoint.glob("*.safetensors"))
+    if any(_SHARD_NAME.fullmatch(name) for name in found):
+        raise ValueError(
+            f"{checkpoint} has shards ({found[0]}, …) but no {INDEX_NAME} mapping tensors to them"
+        )
+    raise ValueError(
+        f"no {SINGLE_NAME} or {INDEX_NAME} in {checkpoint}"
+        + (f" (found only {', '.join(found)})" if found else "; only safetensors checkpoints can be streamed")
+    )
+
+
+def _read_header(path: Path) -> _Shard:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, 100 << 20):
+            raise ValueError(f"{path} is not a safetensors file (bad header length)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"{path} has a corrupt safetensors header: {error}") from error
+    data_start = 8 + length
+    try:
+        entries = sorted(
+            (
+                _Entry(
+                    name,
+                    info["dtype"],
+                    tuple(info["shape"]),
+                    *(data_start + int(o) for o in info["data_offsets"]),
+                )
+                for name, info in header.items()
+                if name != "__metadata__"
+            ),
+            key=lambda entry: (entry.start, entry.end),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} has a corrupt safetensors header: {error!r}") from error
+    position = data_start
+    for entry in entries:
+        if entry.start != position or entry.end < entry.start:
+            raise ValueError(f"{path} is corrupt: tensor {entry.name} does not follow the previous one")
+        position = entry.end
+    if position != size:
+        raise ValueError(f"{path} is truncated or corrupt: data ends at {position}, file has {size} bytes")
+    return _Shard(path, prefix + raw, tuple(entries))
+
+
+def _check_index(index: dict, shards: tuple[_Shard, ...]) -> None:
+    stored = {shard.path.name: {entry.name for entry in shard.entries} for shard in shards}
+    for name, file in index["weight_map"].items():
+        if name not in stored[file]:
+            raise ValueError(f"{INDEX_NAME} places {name} in {file}, but that shard does not hold it")
+
+
+def _edit_layout(entry: _Entry, layout: Layout) -> Layout:
+    """The layout to orthogonalize a matched tensor with: a bias (one axis less) has d_model last."""
+    weight_dims = 3 if layout in ("experts", "experts_t") else 2
+    if len(entry.shape) == weight_dims:
+        return layout
+    if len(entry.shape) == weight_dims - 1:
+        return "embedding"
+    raise ValueError(
+        f"tensor {entry.name} matches a {layout} writer pattern but has shape {list(entry.shape)}"
+    )
+
+
+def _check_editable(entry: _Entry, layout: Layout, d_model: int) -> None:
+    if entry.dtype not in _DTYPES:
+        raise ValueError(
+            f"tensor {entry.name} has dtype {entry.dtype}; only {', '.join(_DTYPES)} can be edited"
+        )
+    numel = 1
+    for size in entry.shape:
+        numel *= size
+    if numel * _DTYPES[entry.dtype].itemsize != entry.end - entry.start:
+        raise ValueError(
+            f"tensor {entry.name}: shape {list(entry.shape)} does not match its stored byte count"
+        )
+    axis = -1 if layout in _ROWS_WRITE else (0 if layout == "linear" else -2)
+    if entry.shape[axis] != d_model:
+        raise ValueError(
+            f"tensor {entry.name} ({layout}, {list(entry.shape)}) has no axis of size d_model={d_model}"
+        )
+
+
+def _check_output(target: Path, source: Path, overwrite: bool) -> None:
+    real_target, real_source = target.resolve(), source.resolve()
+    if real_target == real_source or real_source in real_target.parents or real_target in real_source.parents:
+        raise ValueError(f"the output {target} must be outside the checkpoint {source} and not contain it")
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"the output {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"the output {target} is not empty; pass --overwrite to replace it")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the output {target}: {existing} is not writable")
+
+
+def _make_temp_dir(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            temp.mkdir()
+        except FileExistsError:
+            continue
+        except PermissionError as error:
+            raise PermissionError(
+                f"cannot write the output {target}: {target.parent} is not writable"
+            ) from error
+        return temp
+
+
+def _commit(temp: Path, target: Path) -> None:
+    """Move the finished output into place, replacing an old one only now."""
+    if not target.exists():
+        os.replace(temp, target)
+        return
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    os.replace(target, old)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)
+
+
+def _write_all(
+    plan: _Plan, source: Path, temp: Path, direction: torch.Tensor, progress: bool
+) -> tuple[int, ...]:
+    """Write every shard, the index, config.json and the other files; return the report's counts."""
+    head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
+    total_bytes = sum(shard.path.stat().st_size for shard in plan.shards)
+    tensors = edited = read = written = 0
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
+        for shard in plan.shards:
+            extra = plan.add_lm_head if shard is head_shard else None
+            counts = _write_shard(shard, temp / shard.path.name, plan, direction, extra, bar)
+            tensors, edited = tensors + counts[0], edited + counts[1]
+            read, written = read + counts[2], written + counts[3]
+    if plan.index is not None:
+        if plan.add_lm_head is None:
+            shutil.copyfile(source / INDEX_NAME, temp / INDEX_NAME)
+        else:
+            index = json.loads(json.dumps(plan.index))
+            index["weight_map"][plan.add_lm_head] = head_shard.path.name
+            if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+                index["metadata"]["total_size"] += plan.embedding.end - plan.embedding.start
+            _write_json(temp / INDEX_NAME, index, sort_keys=True)
+    if plan.untie:
+        config = json.loads(json.dumps(plan.config))
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+        _write_json(temp / "config.json", config, sort_keys=False)
+    else:
+        shutil.copyfile(source / "config.json", temp / "config.json")
+    _copy_other_files(source, temp, {shard.path.name for shard in plan.shards} | {INDEX_NAME, "config.json"})
+    return tensors, edited, read, written
+
+
+def _write_shard(
+    shard: _Shard, destination: Path, plan: _Plan, direction: torch.Tensor, extra: str | None, bar: tqdm
+) -> tuple[int, int, int, int]:
+    """Write one output shard: the header, then each tensor copied or edited, then an added ``lm_head``.
+
+    Returns:
+        ``(tensors written, tensors edited, bytes read, bytes written)``.
+    """
+    header = shard.header
+    if extra is not None:
+        header = _header_with(shard, extra, plan.embedding)
+    edited = 0
+    with open(shard.path, "rb", buffering=0) as source, open(destination, "wb", buffering=0) as target:
+        _write_bytes(target, header)
+        run_start = run_end = shard.entries[0].start if shard.entries else 0
+        for entry in shard.entries:
+            if entry.name not in plan.edits or entry.end == entry.start:
+                run_end = entry.end
+                continue
+            _copy_range(source, target, run_start, run_end - run_start)
+            _write_bytes(target, _edited_bytes(source, entry, plan.edits[entry.name], direction))
+            edited += 1
+            bar.update(run_end - run_start + entry.end - entry.start)
+            run_start = run_end = entry.end
+        _copy_range(source, target, run_start, run_end - run_start)
+        bar.update(run_end - run_start + len(shard.header))
+        added = 0
+        if extra is not None:
+            # The head keeps the original embedding, copied again from the source shard.
+            added = plan.embedding.end - plan.embedding.start
+            _copy_range(source, target, plan.embedding.start, added)
+    read = shard.path.stat().st_size + added
+    return len(shard.entries) + (extra is not None), edited, read, destination.stat().st_size
+
+
+def _header_with(shard: _Shard, name: str, like: _Entry) -> bytes:
+    """The shard's header plus one tensor appended after its data, padded to 8 bytes like safetensors does."""
+    header = json.loads(shard.header[8:])
+    data_length = (shard.entries[-1].end if shard.entries else len(shard.header)) - len(shard.header)
+    offsets = [data_length, data_length + like.end - like.start]
+    header[name] = {"dtype": like.dtype, "shape": list(like.shape), "data_offsets": offsets}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _edited_bytes(source: BinaryIO, entry: _Entry, layout: Layout, direction: torch.Tensor) -> memoryview:
+    """Read one tensor, orthogonalize it in place and return its new bytes."""
+    buffer = bytearray(entry.end - entry.start)
+    view = memoryview(buffer)
+    source.seek(entry.start)
+    filled = 0
+    while filled < len(buffer):
+        count = source.readinto(view[filled:])
+        if not count:
+            raise ValueError(f"{entry.name}: unexpected end of file while reading it")
+        filled += count
+    weight = torch.frombuffer(buffer, dtype=_DTYPES[entry.dtype]).reshape(entry.shape)
+    _orthogonalize_in_place(weight, direction, layout)
+    return view
+
+
+def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layout: Layout) -> None:
+    """``weight ← orthogonalize(weight)``, in slices when large; slices are independent of each other."""
+    if weight.numel() <= _CHUNK_ELEMENTS:
+        weight.copy_(orthogonalize(weight, direction, layout))
+    elif layout in _ROWS_WRITE:
+        rows = weight.reshape(-1, weight.shape[-1])  # [n, d_model], each row edited on its own
+        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+        for first in range(0, rows.shape[0], step):
+            rows[first : first + step].copy_(
+                orthogonalize(rows[first : first + step], direction, "embedding")
+            )
+    elif layout == "experts":
+        for expert in weight:  # [d_model, d_in] each
+            _orthogonalize_in_place(expert, direction, "linear")
+    else:
+        step = max(1, _CHUNK_ELEMENTS // weight.shape[0])  # [d_model, d_in], each column edited on its own
+        for first in range(0, weight.shape[1], step):
+            columns = weight[:, first : first + step]
+            columns.copy_(orthogonalize(columns, direction, "linear"))
+
+
+def _copy_range(source: BinaryIO, target: BinaryIO, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``source`` to the end of ``target``, in the kernel."""
+    while length > 0:
+        try:
+            count = os.copy_file_range(source.fileno(), target.fileno(), min(length, 1 << 30), offset)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            count = 0
+        if count == 0:  # unsupported here: fall back to reading and writing
+            source.seek(offset)
+            count = len(chunk := source.read(min(length, _COPY_BLOCK)))
+            if not count:
+                raise ValueError(f"{source.name}: unexpected end of file")
+            _write_bytes(target, chunk)
+        offset += count
+        length -= count
+
+
+def _write_bytes(target: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[target.write(view) :]
+
+
+def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:
+    """Copy tokenizer files, generation config and the like; skip other weight files and hidden entries."""
+    for folder, subfolders, files in os.walk(source):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = Path(folder).relative_to(source)
+        for name in files:
+            path = relative / name
+            if str(path) in handled or name.startswith("."):
+                continue
+            if _STALE_WEIGHTS.fullmatch(name) or _SHARD_NAME.fullmatch(name) or name.endswith(".gguf"):
+                logger.warning("not copying %s: a weight file the edit does not cover", path)
+                continue
+            (temp / relative).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / name, temp / path)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path.parent} has no {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if isinstance(data, dict):
+        return data
+    raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
+
+
+def _write_json(path: Path, data: dict, sort_keys: bool) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
