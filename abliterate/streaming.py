@@ -219,8 +219,13 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
     for name, layout in edits.items():
         _check_editable(by_name[name], layout, d_model)
     untie = _ties_embeddings(config, model_type)
-    head = f"{adapter.lm_head}.weight"
-    has_head = any(name == head or name.endswith("." + head) for name in by_name)
+    # The head takes the embedding's on-disk prefix: "lm_head.weight" beside "model.embed_tokens.weight",
+    # "language_model.lm_head.weight" beside "language_model.model.embed_tokens.weight" (multimodal).
+    embed_key, head_key = f"{adapter.embeddings[0]}.weight", f"{adapter.lm_head}.weight"
+    on_disk = token_embedding.name
+    prefix = on_disk[: -len(embed_key)] if on_disk.endswith("." + embed_key) else ""
+    head = prefix + head_key
+    has_head = any(name == head_key or name.endswith("." + head_key) for name in by_name)
     add_head = head if untie and not has_head else None
     return _Plan(shards, index, config, model_type, edits, token_embedding, add_head, untie)
 
