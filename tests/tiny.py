@@ -64,28 +64,187 @@ _COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
+# Special token ids inside the tiny vocabulary (defaults of most families point past it).
+_IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=2)
+# Mixture of experts: enough experts and top-k >= 2 that every forward pass mixes several of them.
+_EXPERTS = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+# Alternate local and global attention where a family has both; 8 tokens is shorter than the prompts.
+_SLIDING = dict(
+    sliding_window=8,
+    layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+)
+# Families with GPT-2 style config names.
+_GPT = dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=4, n_head=4, n_positions=256, **_IDS)
+
+
+def _config(*parts: dict, **fields: object) -> dict:
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    merged.update(fields)
+    return merged
+
 
 CONFIGS: dict[str, dict] = {
     "llama": dict(_COMMON, tie_word_embeddings=False),
     "qwen2": dict(_COMMON, tie_word_embeddings=False),
     "mistral": dict(_COMMON, tie_word_embeddings=False),
+    "qwen3": _config(_COMMON, _IDS, head_dim=16, tie_word_embeddings=True),
+    "gemma": _config(_COMMON, _IDS, head_dim=16),
+    "granite": _config(
+        _COMMON,
+        _IDS,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.25,
+        logits_scaling=2.0,
+    ),
+    "olmo": _config(_COMMON, _IDS),
+    "phi3": _config(_COMMON, _IDS),
+    "stablelm": _config(_COMMON, _IDS),
+    "smollm3": _config(_COMMON, _IDS),
+    "helium": _config(_COMMON, _IDS, head_dim=16),
+    "arcee": _config(_COMMON, _IDS, head_dim=16),
+    "apertus": _config(_COMMON, _IDS),
+    "seed_oss": _config(_COMMON, _IDS, head_dim=16, attention_bias=True),
+    "hunyuan_v1_dense": _config(_COMMON, _IDS, head_dim=16),
+    "glm": _config(_COMMON, _IDS, head_dim=16),
+    "nemotron": _config(_COMMON, _IDS, head_dim=16),
+    "ministral": _config(_COMMON, _IDS, _SLIDING, head_dim=16),
+    "cohere": _config(_COMMON, _IDS),
+    "cohere2": _config(_COMMON, _IDS, _SLIDING, head_dim=16),
+    "gemma2": _config(_COMMON, _IDS, head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+    "gemma3_text": _config(_COMMON, _IDS, _SLIDING, head_dim=16, query_pre_attn_scalar=16),
+    "olmo2": _config(_COMMON, _IDS),
+    "olmo3": _config(_COMMON, _IDS, _SLIDING),
+    "exaone4": _config(_COMMON, _IDS, _SLIDING),
+    "glm4": _config(_COMMON, _IDS, head_dim=16),
+    "starcoder2": _config(_COMMON, _IDS),
+    "phi": _config(_COMMON, _IDS),
+    "qwen3_moe": _config(_COMMON, _IDS, _EXPERTS, head_dim=16, num_experts=8, mlp_only_layers=[1]),
+    "olmoe": _config(_COMMON, _IDS, num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "mixtral": _config(_COMMON, _IDS, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "phimoe": _config(_COMMON, _IDS, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": _config(
+        _COMMON, _IDS, _EXPERTS, num_experts=8, shared_expert_intermediate_size=64, mlp_only_layers=[1]
+    ),
+    "deepseek_v3": _config(
+        _COMMON,
+        _IDS,
+        _EXPERTS,
+        first_k_dense_replace=1,  # block 0 dense, blocks 1-3 routed + shared experts
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+    ),
+    "deepseek_v2": _config(
+        _COMMON,
+        _IDS,
+        _EXPERTS,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+    ),
+    "glm4_moe": _config(
+        _COMMON, _IDS, _EXPERTS, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, head_dim=16
+    ),
+    "gpt_oss": _config(
+        _COMMON,
+        _IDS,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+    "granitemoe": _config(
+        _COMMON,
+        _IDS,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.25,
+        logits_scaling=2.0,
+    ),
+    "gpt2": dict(_GPT),
+    "gptj": _config(_GPT, rotary_dim=8),
+    "codegen": _config(_GPT, n_ctx=256, rotary_dim=8),
+    "gpt_neox": _config(_COMMON, _IDS),
+    "falcon": _config(
+        vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, bias=True, **_IDS
+    ),
 }
 
+# A vision-language wrapper whose text model sits under ``model.language_model`` (Gemma 3).
+MULTIMODAL_CONFIG: dict = dict(
+    text_config=_config(_COMMON, _IDS, _SLIDING, head_dim=16, query_pre_attn_scalar=16),
+    vision_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    ),
+    mm_tokens_per_image=4,
+    image_token_index=VOCAB_SIZE - 3,
+    boi_token_index=VOCAB_SIZE - 2,
+    eoi_token_index=VOCAB_SIZE - 1,
+)
 
-def make_model(
-    model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
-) -> torch.nn.Module:
-    """A seeded tiny random causal LM of ``model_type`` in eval mode.
 
-    Weights are drawn with a larger-than-default scale so logits have real top-1 margins.
-    """
-    config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+def _scale_up(model: torch.nn.Module) -> None:
+    # Larger-than-default weights give the logits real top-1 margins; norms keep their identity init.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.08)
             elif "norm" not in name and "ln" not in name:
                 param.normal_(0.0, 0.05)
+
+
+def make_model(
+    model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object
+) -> torch.nn.Module:
+    """A seeded tiny random causal LM of ``model_type`` in eval mode.
+
+    Weights are drawn with a larger-than-default scale so logits have real top-1 margins.
+
+    Args:
+        model_type: a key of ``CONFIGS`` (every registered adapter has one).
+        seed: torch seed for the weights.
+        dtype: dtype of the returned model (weights are drawn in float32 first).
+        **overrides: config fields replacing the tiny defaults.
+    """
+    config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _scale_up(model)
     return model.to(dtype).eval()
+
+
+def make_multimodal_model(seed: int = 0) -> torch.nn.Module:
+    """A seeded tiny ``Gemma3ForConditionalGeneration`` (text model under ``model.language_model``)."""
+    config = AutoConfig.for_model("gemma3", **MULTIMODAL_CONFIG)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _scale_up(model)
+    return model.eval()

@@ -1,4 +1,4 @@
-"""The data that describes one decoder family: where its blocks are and what writes into the residual stream."""
+"""The data that describes one decoder family: where its blocks are and what writes into the residual."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ class Writer:
         weight: attribute name of the weight parameter on that module.
         bias: attribute name of the bias parameter, or ``None`` if the family never has one.
         optional: the module exists only in some blocks (dense vs MoE layers, shared experts).
+        output_norm: dotted path (relative to the block) of a norm applied to this writer's output
+            before the residual add (Gemma-2/3, OLMo-2 post-norms), or ``None``.
     """
 
     path: str
@@ -31,6 +33,7 @@ class Writer:
     weight: str = "weight"
     bias: str | None = "bias"
     optional: bool = False
+    output_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Adapter:
         checkpoint_writers: regular expressions (full match) for on-disk tensor names that are residual
             writers, as ``(pattern, layout)``; used by streaming apply, which never instantiates a model.
         checkpoint_embeddings: regular expressions for on-disk embedding tensor names.
+        markers: dotted paths relative to a block (modules or parameters) that must exist in at least
+            one block for discovery to recognise this structure, e.g. Gemma-2's
+            ``"post_feedforward_layernorm"``; they tell apart families whose writers have the same names.
         note: a sentence for the support matrix.
     """
 
@@ -60,6 +66,7 @@ class Adapter:
     post_norm: bool = False
     checkpoint_writers: tuple[tuple[str, Layout], ...] = field(default_factory=tuple)
     checkpoint_embeddings: tuple[str, ...] = field(default_factory=tuple)
+    markers: tuple[str, ...] = field(default_factory=tuple)
     note: str = ""
 
     @property
