@@ -86,3 +86,34 @@ def assemble_gguf() -> Path:
             if os.path.exists(tmp.name):
                 os.unlink(tmp.name)
     return target
+
+
+def converted_demo_dir() -> Path:
+    """The demo model as a safetensors checkpoint in the cache, converting it on first use.
+
+    Returns:
+        A directory loadable with ``from_pretrained`` (config, safetensors weights, tokenizer).
+    """
+    target = cache_dir() / "safetensors"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = assemble_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("converting the demo GGUF to safetensors once (about a minute)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Dequantized GGUF weights are plain tensors; the quantizer must go for the model to save.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".safetensors.tmp-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target

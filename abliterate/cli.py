@@ -1,0 +1,169 @@
+"""The command line: parse, build the config, call one library function, turn errors into one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from abliterate import __version__
+from abliterate.config import help_of
+
+# Errors a user can cause and fix: reported as one line, exit code 1, no traceback.
+_USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    ValueError,
+    LookupError,
+    NotADirectoryError,
+)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    from abliterate.pipeline import ParityError
+
+    try:
+        yield
+    except ParityError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except _USER_ERRORS as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+
+
+def _option(name: str, *flags: str, **kwargs: Any) -> Callable:
+    return click.option(*flags, help=help_of(name), **kwargs)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="abliterate")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """Remove the refusal direction from a chat model's weights, proven by a parity check."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+@main.command("run")
+@click.argument("model")
+@_option("output", "--output", "-o")
+@_option("push_to_hub", "--push-to-hub", metavar="REPO_ID")
+@_option("private", "--private", is_flag=True)
+@_option("harmful", "--harmful", metavar="SRC")
+@_option("harmless", "--harmless", metavar="SRC")
+@_option("n_train", "--n-train", type=int, default=128, show_default=True)
+@_option("n_val", "--n-val", type=int, default=32, show_default=True)
+@_option("n_eval", "--n-eval", type=int, default=50, show_default=True)
+@_option("seed", "--seed", type=int, default=0, show_default=True)
+@_option("device", "--device", default="auto", show_default=True)
+@_option("dtype", "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@_option("layer", "--layer", type=int)
+@_option("position", "--position", type=int)
+@_option("batch_size", "--batch-size", type=int, default=32, show_default=True)
+@_option("architecture", "--architecture", metavar="MODEL_TYPE")
+@_option("system_prompt", "--system-prompt")
+@_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
+@_option("trust_remote_code", "--trust-remote-code", is_flag=True)
+@_option("allow_pickle", "--allow-pickle", is_flag=True)
+@_option("overwrite", "--overwrite", is_flag=True)
+@_option("progress", "--progress/--no-progress", default=True)
+def run_command(**options: Any) -> None:
+    """Find the refusal direction of MODEL, fold it into the weights, verify, save and/or push.
+
+    MODEL is a hub id, a local directory, a .gguf file, or 'demo' (the embedded demo model).
+    """
+    from abliterate.config import RunConfig
+
+    with _one_line_errors():
+        config = RunConfig(**options)
+        from abliterate.pipeline import run
+        from abliterate.report import summary_table
+
+        result = run(config)
+        click.echo(summary_table(result.manifest))
+        if result.output is not None:
+            click.echo(f"saved to {result.output}")
+        if result.url is not None:
+            click.echo(f"pushed to {result.url}")
+
+
+@main.command("apply")
+@click.argument("checkpoint")
+@click.option("--direction", "direction_file", required=True, help="direction.safetensors from a run.")
+@click.option("--output", "-o", required=True, help="Output directory.")
+@click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
+@click.option("--overwrite", is_flag=True, help=help_of("overwrite"))
+def apply_command(checkpoint: str, direction_file: str, output: str, architecture: str | None, overwrite: bool) -> None:
+    """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
+    with _one_line_errors():
+        from abliterate.direction import load_direction
+        from abliterate.streaming import stream_apply
+
+        direction, _ = load_direction(direction_file)
+        report = stream_apply(checkpoint, direction, output, architecture=architecture, overwrite=overwrite)
+        click.echo(
+            f"edited {report.tensors_edited} of {report.tensors_total} tensors "
+            f"({report.bytes_written / 2**20:.0f} MiB) in {report.seconds:.1f}s; saved to {output}"
+        )
+
+
+@main.command("verify")
+@click.argument("original")
+@click.argument("edited")
+@click.option("--direction", "direction_file", required=True, help="direction.safetensors used for the edit.")
+@click.option("--dtype", default="auto", show_default=True, help=help_of("dtype"))
+@click.option("--device", default="auto", show_default=True, help=help_of("device"))
+@click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
+@click.option("--trust-remote-code", is_flag=True, help=help_of("trust_remote_code"))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_command(original: str, edited: str, direction_file: str, as_json: bool, **options: Any) -> None:
+    """Check that EDITED equals ORIGINAL with the direction ablated by hooks; exit 2 when it does not."""
+    with _one_line_errors():
+        from abliterate.verify import verify_checkpoints
+
+        report = verify_checkpoints(original, edited, direction_file, **options)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            for key, value in report.items():
+                click.echo(f"{key:28s} {value}")
+        if not report["passed"]:
+            click.echo(f"error: parity check failed: {report['reason']}", err=True)
+            sys.exit(2)
+
+
+@main.command("evaluate")
+@click.argument("model")
+@click.option("--baseline", help="Original model to compare against (refusal rate and KL).")
+@click.option("--harmful", metavar="SRC", help=help_of("harmful"))
+@click.option("--harmless", metavar="SRC", help=help_of("harmless"))
+@click.option("--n", "n_prompts", type=int, default=50, show_default=True, help="Prompts per class.")
+@click.option("--dtype", default="auto", show_default=True, help=help_of("dtype"))
+@click.option("--device", default="auto", show_default=True, help=help_of("device"))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
+    """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
+    with _one_line_errors():
+        from abliterate.verify import evaluate_model
+
+        result = evaluate_model(model, **options)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            for key, value in result.items():
+                click.echo(f"{key:20s} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""One typed configuration object for a run; the CLI builds it, the pipeline reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``abliterate run`` needs. Each field's ``metadata["help"]`` documents it."""
+
+    model: str = field(metadata=_help("Hub id, local directory, a .gguf file, or 'demo'."))
+    output: str | None = field(default=None, metadata=_help("Output directory for the checkpoint."))
+    push_to_hub: str | None = field(default=None, metadata=_help("Hub repo id to push to."))
+    private: bool = field(default=False, metadata=_help("Create the Hub repo as private."))
+    harmful: str | None = field(default=None, metadata=_help("Harmful prompt source (default: bundled)."))
+    harmless: str | None = field(default=None, metadata=_help("Harmless prompt source (default: bundled)."))
+    n_train: int = field(default=128, metadata=_help("Prompts per class used to extract candidates."))
+    n_val: int = field(default=32, metadata=_help("Prompts per class used to score candidates."))
+    n_eval: int = field(default=50, metadata=_help("Prompts per class for the before/after evaluation."))
+    n_parity: int = field(default=8, metadata=_help("Held-aside prompts for the parity check."))
+    seed: int = field(default=0, metadata=_help("Seed for prompt sampling."))
+    device: str = field(default="auto", metadata=_help("auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps."))
+    dtype: str = field(default="auto", metadata=_help("auto (checkpoint dtype), float32, bfloat16, float16."))
+    layer: int | None = field(default=None, metadata=_help("Use this layer's candidate, skip selection."))
+    position: int | None = field(default=None, metadata=_help("EOI position (negative from the end) with --layer."))
+    batch_size: int = field(default=32, metadata=_help("Prompts per forward pass."))
+    architecture: str | None = field(default=None, metadata=_help("Use this registered model type's adapter."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Allow code from the model repository."))
+    allow_pickle: bool = field(default=False, metadata=_help("Allow loading .bin/.pt pickled weights."))
+    overwrite: bool = field(default=False, metadata=_help("Replace a non-empty output directory."))
+    system_prompt: str | None = field(default=None, metadata=_help("System prompt for every chat."))
+    max_layer_fraction: float = field(default=0.8, metadata=_help("Discard candidates at layer >= this fraction."))
+    max_kl: float = field(default=0.1, metadata=_help("Discard candidates whose harmless KL exceeds this."))
+    min_steering: float = field(default=0.0, metadata=_help("Discard candidates whose steering score is below this."))
+    screen_prompts: int = field(default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen."))
+    screen_keep: int = field(default=8, metadata=_help("Candidates kept after the screen for full scoring."))
+    max_new_tokens: int = field(default=24, metadata=_help("Tokens generated per prompt when evaluating refusals."))
+    evaluate: bool = field(default=True, metadata=_help("Measure refusal rate and KL before and after."))
+    progress: bool = field(default=True, metadata=_help("Show progress bars."))
+
+    def __post_init__(self) -> None:
+        if (self.layer is None) != (self.position is None):
+            raise ValueError("--layer and --position go together: give both or neither")
+        for name in ("n_train", "n_val", "n_parity", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.output is None and self.push_to_hub is None:
+            raise ValueError("nothing to do: give --output DIR and/or --push-to-hub REPO_ID")
+
+
+def help_of(name: str) -> str:
+    """The help text of a ``RunConfig`` field (the CLI uses it so texts live in one place)."""
+    return next(f.metadata["help"] for f in fields(RunConfig) if f.name == name)

@@ -1,0 +1,177 @@
+"""Load a chat model and its tokenizer from a hub id, a local directory, a .gguf file, or the demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for abliteration.
+
+    Attributes:
+        model: the causal LM in eval mode.
+        tokenizer: its tokenizer, left padding, with a pad token.
+        source: what the user asked for (hub id, path, or "demo").
+        base_model: the hub id to name as ``base_model`` in the model card, when known.
+        from_gguf: the weights were dequantized from GGUF.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    base_model: str | None
+    from_gguf: bool = False
+
+    @property
+    def dtype_name(self) -> str:
+        """Name of the model's parameter dtype, e.g. ``"float32"``."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embedding (where input ids go)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def resolve_device(device: str) -> tuple[str | None, str | dict | None]:
+    """Turn ``--device`` into ``(move_to, device_map)``.
+
+    ``auto`` spreads the model over all GPUs with accelerate's ``device_map="auto"`` when CUDA exists,
+    else stays on the CPU.
+    """
+    if device == "auto":
+        return (None, "auto") if torch.cuda.is_available() else ("cpu", None)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device, None
+
+
+def _dtype_arg(dtype: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _locate_weights(source: str) -> tuple[str, str | None]:
+    """Return ``(directory_or_repo, gguf_file)`` for a model source, or raise a clear error."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model not found: {source} (no such .gguf file)")
+        return str(path.parent), path.name
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model not found: {source} has no config.json")
+        return str(path), None
+    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model not found: {source} is neither a local path nor a hub id")
+    return source, None
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for abliteration.
+
+    Args:
+        source: hub id, local directory, path to a ``.gguf`` file, or ``"demo"``.
+        dtype: ``auto`` (the checkpoint's dtype) or a dtype name.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        trust_remote_code: allow code shipped with the checkpoint (off by default).
+        allow_pickle: allow pickled ``.bin`` weights; safetensors only by default.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        FileNotFoundError: the model does not exist.
+        ValueError: the tokenizer has no chat template, or an option is invalid.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_model = None
+    from_gguf = False
+    if source == "demo":
+        from abliterate.demo import DEMO_BASE_MODEL, converted_demo_dir
+
+        directory, gguf_file = str(converted_demo_dir()), None
+        base_model = DEMO_BASE_MODEL
+    else:
+        directory, gguf_file = _locate_weights(source)
+        from_gguf = gguf_file is not None
+        base_model = source if not Path(source).expanduser().exists() else None
+    move_to, device_map = resolve_device(device)
+    common = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        common["gguf_file"] = gguf_file
+    from transformers.utils import logging as transformers_logging
+
+    # Our own progress bars cover the stages; transformers' per-tensor bar would only add noise.
+    transformers_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **common)
+        # Check the template before spending time on the weights.
+        _prepare_tokenizer(tokenizer, source)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            dtype=_dtype_arg(dtype),
+            device_map=device_map,
+            use_safetensors=None if (allow_pickle or gguf_file) else True,
+            **common,
+        )
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise FileNotFoundError(f"could not load {source}: {first_line}") from error
+    if move_to is not None:
+        model = model.to(move_to)
+    model.eval()
+    model.requires_grad_(False)
+    if from_gguf:
+        _drop_gguf_quantization(model)
+    return LoadedModel(model, tokenizer, source, base_model, from_gguf)
+
+
+def _prepare_tokenizer(tokenizer: object, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{source} has no chat template: abliterate needs an instruction-tuned chat model"
+        )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Any token works as padding because padded positions are masked out.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ValueError(f"{source}: the tokenizer has no pad, eos or unk token to pad with")
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    """Dequantized GGUF weights are plain tensors: forget the quantizer so the model saves cleanly."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def hf_cache_env() -> dict[str, str | None]:
+    """The environment variables that steer Hugging Face caching (for the manifest)."""
+    return {name: os.environ.get(name) for name in ("HF_HOME", "HF_HUB_OFFLINE")}

@@ -1,0 +1,233 @@
+"""Choose the candidate whose ablation removes refusal best (Arditi et al. 2024, with a cheaper search).
+
+Scores per candidate r̂ = c / |c|:
+- ablation score: mean refusal score on harmful val prompts with r̂ projected out everywhere;
+- steering score: mean refusal score on harmless val prompts with c added at its layer;
+- KL: first-token KL(original ‖ ablated) on harmless val prompts.
+The paper discards NaN, layer ≥ 0.8·n_layers, KL > 0.1 and steering < 0, then takes the lowest
+ablation score. We compute the same choice with less work: a coarse ablation screen on a few prompts
+keeps the best ``screen_keep`` candidates, those get the full ablation score, and KL and steering are
+computed lazily in ablation order until the first candidate passes every filter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from abliterate.adapters import Adapter
+from abliterate.batching import EncodedPrompts, forward_batches
+from abliterate.hooks import ablate_direction, add_to_block_input
+from abliterate.parity import kl_divergence
+
+REFUSAL_PREFIXES = ("I", "As", "Sorry", "Unfortunately", "I'm", "I cannot", "I can't")
+
+
+@dataclass(frozen=True)
+class RefusalDirection:
+    """The chosen direction and how it was found.
+
+    Attributes:
+        direction: unit vector ``[d_model]``, float32, on the CPU.
+        layer: block whose input it was measured at.
+        position: EOI position, negative from the end (``-1`` = last token).
+        ablation_score: mean refusal score on harmful prompts with it ablated.
+        steering_score: mean refusal score on harmless prompts with it added.
+        kl: first-token KL on harmless prompts with it ablated.
+        scores: ``{"ablation", "steering", "kl", "screen"}`` → ``[n_positions, n_layers]`` (NaN = not
+            computed) for plots and the manifest.
+    """
+
+    direction: torch.Tensor
+    layer: int
+    position: int
+    ablation_score: float = math.nan
+    steering_score: float = math.nan
+    kl: float = math.nan
+    scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def refusal_token_ids(tokenizer: object, prefixes: tuple[str, ...] = REFUSAL_PREFIXES) -> list[int]:
+    """First tokens of typical refusals ("I", "As", "Sorry", …), found from the tokenizer."""
+    ids = []
+    for prefix in prefixes:
+        tokens = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        if tokens and tokens[0] not in ids:
+            ids.append(tokens[0])
+    return ids
+
+
+def refusal_scores(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """Per-row log-odds ``log p − log(1 − p)`` of starting with a refusal token, in float64."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    log_p = torch.logsumexp(log_probs[..., refusal_ids], dim=-1)
+    return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-12))
+
+
+def last_logits(
+    model: nn.Module,
+    adapter: Adapter,
+    encoded: EncodedPrompts,
+    *,
+    ablate: torch.Tensor | None = None,
+    steer: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """Last-position logits for every prompt, under optional ablation of one or several directions.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        encoded: the prompts.
+        ablate: ``[n_dirs, d_model]`` unit directions; each prompt is run once per direction.
+        steer: ``(vector, layer)`` added to the input of block ``layer``.
+
+    Returns:
+        ``[n_dirs, n_prompts, vocab]`` float32 logits on the CPU (``n_dirs = 1`` without ``ablate``).
+    """
+    copies = 1 if ablate is None else ablate.shape[0]
+
+    @contextmanager
+    def hooks(rows: int, prefix: bool) -> Iterator[None]:
+        if ablate is not None:
+            per_row = ablate.repeat_interleave(rows // copies, dim=0)
+            context = ablate_direction(model, adapter, per_row)
+        elif steer is not None:
+            context = add_to_block_input(model, adapter, steer[0], steer[1])
+        else:
+            context = nullcontext()
+        with context:
+            yield
+
+    chunks = [logits.float().cpu() for logits in forward_batches(model, encoded, hooks=hooks, copies=copies)]
+    sizes = [batch[0].shape[0] for batch in encoded.batches]
+    per_copy = [chunk.view(copies, size, -1) for chunk, size in zip(chunks, sizes, strict=True)]
+    return torch.cat(per_copy, dim=1)
+
+
+def _units(candidates: torch.Tensor) -> torch.Tensor:
+    return (candidates / candidates.norm(dim=-1, keepdim=True)).float()
+
+
+def select_direction(
+    model: nn.Module,
+    adapter: Adapter,
+    candidates: torch.Tensor,
+    harmful_val: EncodedPrompts,
+    harmless_val: EncodedPrompts,
+    harmful_screen: EncodedPrompts,
+    refusal_ids: list[int],
+    *,
+    max_layer_fraction: float = 0.8,
+    max_kl: float = 0.1,
+    min_steering: float = 0.0,
+    screen_keep: int = 8,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> RefusalDirection:
+    """Pick the candidate with the lowest ablation score among those that pass every filter.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        candidates: ``[n_positions, n_layers, d_model]`` from ``extract_candidates``.
+        harmful_val: harmful validation prompts (ablation score).
+        harmless_val: harmless validation prompts (steering score and KL).
+        harmful_screen: a few harmful prompts for the coarse screen.
+        refusal_ids: refusal first-token ids.
+        max_layer_fraction: discard candidates at layer ≥ this fraction of the depth.
+        max_kl: discard candidates whose harmless KL exceeds this.
+        min_steering: discard candidates whose steering score is below this.
+        screen_keep: candidates kept after the screen.
+        batch_size: rows per forward; several candidates share a forward when prompts are few.
+        progress: show progress bars.
+
+    Returns:
+        The chosen direction with all computed scores.
+
+    Raises:
+        LookupError: no candidate passes the filters.
+    """
+    n_positions, n_layers, _ = candidates.shape
+    eligible = [
+        (pos, layer)
+        for layer in range(n_layers)
+        if layer < max_layer_fraction * n_layers
+        for pos in range(n_positions)
+    ]
+    nan = torch.full((n_positions, n_layers), math.nan, dtype=torch.float64)
+    scores = {name: nan.clone() for name in ("screen", "ablation", "steering", "kl")}
+    units = _units(candidates)
+
+    def ablation_pass(encoded: EncodedPrompts, pairs: list[tuple[int, int]], name: str) -> None:
+        bar = tqdm(total=len(pairs), desc=f"select: {name}", unit="cand", disable=not progress)
+        directions_per_forward = max(1, batch_size // encoded.count)
+        with bar:
+            for start in range(0, len(pairs), directions_per_forward):
+                chunk = pairs[start : start + directions_per_forward]
+                directions = torch.stack([units[pos, layer] for pos, layer in chunk])
+                logits = last_logits(model, adapter, encoded, ablate=directions)
+                for (pos, layer), rows in zip(chunk, logits, strict=True):
+                    scores[name][pos, layer] = refusal_scores(rows, refusal_ids).mean()
+                bar.update(len(chunk))
+
+    ablation_pass(harmful_screen, eligible, "screen")
+    screened = sorted(eligible, key=lambda pair: _sort_key(scores["screen"][pair]))[:screen_keep]
+    ablation_pass(harmful_val, screened, "ablation")
+    ranked = sorted(screened, key=lambda pair: _sort_key(scores["ablation"][pair]))
+
+    baseline = last_logits(model, adapter, harmless_val)[0]
+    for pos, layer in tqdm(ranked, desc="select: filters", unit="cand", disable=not progress):
+        ablation = scores["ablation"][pos, layer].item()
+        if math.isnan(ablation):
+            continue
+        ablated = last_logits(model, adapter, harmless_val, ablate=units[pos, layer][None])[0]
+        kl = kl_divergence(baseline, ablated).mean().item()
+        scores["kl"][pos, layer] = kl
+        if not kl <= max_kl:
+            continue
+        steered = last_logits(model, adapter, harmless_val, steer=(candidates[pos, layer].float(), layer))[0]
+        steering = refusal_scores(steered, refusal_ids).mean().item()
+        scores["steering"][pos, layer] = steering
+        if not steering >= min_steering:
+            continue
+        return RefusalDirection(
+            direction=units[pos, layer].clone(),
+            layer=layer,
+            position=pos - n_positions,
+            ablation_score=ablation,
+            steering_score=steering,
+            kl=kl,
+            scores=scores,
+        )
+    raise LookupError(
+        f"no candidate passed the filters (KL ≤ {max_kl}, steering ≥ {min_steering}, "
+        f"layer < {max_layer_fraction:.0%} of {n_layers}); relax them or give --layer and --position"
+    )
+
+
+def _sort_key(value: torch.Tensor) -> float:
+    value = float(value)
+    return math.inf if math.isnan(value) else value
+
+
+def direction_at(candidates: torch.Tensor, layer: int, position: int) -> RefusalDirection:
+    """The candidate at ``(position, layer)`` chosen by hand (``--layer/--position``), no scoring.
+
+    Raises:
+        ValueError: the layer or position is out of range.
+    """
+    n_positions, n_layers, _ = candidates.shape
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {layer} is out of range: the model has {n_layers} layers")
+    if not -n_positions <= position < n_positions:
+        raise ValueError(f"--position {position} is out of range: there are {n_positions} EOI tokens")
+    index = position % n_positions
+    return RefusalDirection(
+        direction=_units(candidates[index, layer]).clone(), layer=layer, position=index - n_positions
+    )

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints on disk, built in-process (no network)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_model, make_tokenizer  # noqa: E402
+
+
+def save_tiny(directory: Path, model_type: str = "qwen2", chat_template: bool = True, **overrides) -> Path:
+    """Save a tiny random model and tokenizer as a safetensors checkpoint in ``directory``."""
+    model = make_model(model_type, **overrides)
+    tokenizer = make_tokenizer(None if not chat_template else make_tokenizer().chat_template)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny qwen2 checkpoint with q/k/v biases and untied embeddings."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama checkpoint with tied embeddings."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-tied"), "llama", tie_word_embeddings=True)

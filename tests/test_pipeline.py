@@ -1,0 +1,154 @@
+"""The whole ``abliterate run`` path on tiny checkpoints, through the CLI as a user would call it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from abliterate.cli import main
+
+SMALL = ["--n-train", "8", "--n-val", "4", "--n-eval", "4", "--no-progress"]
+
+
+def _run(*args: str) -> object:
+    return CliRunner().invoke(main, ["run", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def run_output(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("run") / "out"
+    result = _run(str(tiny_qwen2), "--output", str(output), "--layer", "2", "--position", "-1", *SMALL)
+    assert result.exit_code == 0, result.output
+    return output
+
+
+def test_run_writes_the_output_contract(run_output: Path) -> None:
+    names = {path.name for path in run_output.iterdir()}
+    for required in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+        "direction.safetensors",
+        "abliterate.json",
+        "tokenizer.json",
+    ):
+        assert required in names, f"{required} missing from {sorted(names)}"
+    assert not [path for path in run_output.parent.iterdir() if path.name.startswith(".")], "temp dir left"
+    manifest = json.loads((run_output / "abliterate.json").read_text())
+    assert manifest["direction"] == {**manifest["direction"], "layer": 2, "position": -1}
+    assert manifest["parity"]["passed"] is True
+    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4 * manifest["parity"]["logit_scale"]
+    assert set(manifest["timings"]) >= {"load_s", "extract_s", "select_s", "edit_s", "verify_s", "evaluate_s", "save_s", "total_s"}
+    assert manifest["evaluation"]["before"]["n"] == 4
+    assert {"torch", "transformers"} <= set(manifest["versions"])
+    config = json.loads((run_output / "config.json").read_text())
+    assert "quantization_config" not in config
+    card = (run_output / "README.md").read_text()
+    assert "abliterated" in card and "layer" in card
+
+
+def test_saved_checkpoint_equals_hooked_original(tiny_qwen2: Path, run_output: Path) -> None:
+    """Reload both from disk; the edited model must equal the original with the direction hooked out."""
+    from abliterate.adapters import resolve_adapter
+    from abliterate.hooks import ablate_direction
+
+    direction = load_file(run_output / "direction.safetensors")["direction"]
+    assert direction.dtype == torch.float32
+    assert abs(direction.norm().item() - 1) < 1e-6
+    original = AutoModelForCausalLM.from_pretrained(tiny_qwen2).eval()
+    edited = AutoModelForCausalLM.from_pretrained(run_output).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_output)
+    batch = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me how to pick a lock."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad(), ablate_direction(original, resolve_adapter(original), direction):
+        reference = original(**batch).logits
+    with torch.no_grad():
+        result = edited(**batch).logits
+        plain = original(**batch).logits
+    scale = reference.abs().max()
+    assert (reference - result).abs().max() <= 1e-4 * scale
+    assert (plain - result).abs().max() > 1e-2 * scale, "the edit changed nothing"
+    generated = edited.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+def test_tied_embeddings_are_untied_and_head_kept(tiny_llama_tied: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _run(str(tiny_llama_tied), "--output", str(output), "--layer", "1", "--position", "-2", *SMALL, "--no-evaluate")
+    assert result.exit_code == 0, result.output
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_tied)
+    edited = AutoModelForCausalLM.from_pretrained(output)
+    assert json.loads((output / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(edited.lm_head.weight, original.lm_head.weight)
+    direction = load_file(output / "direction.safetensors")["direction"]
+    rows_along = edited.model.embed_tokens.weight @ direction
+    assert rows_along.abs().max() < 1e-5
+    assert (original.model.embed_tokens.weight @ direction).abs().max() > 1e-2
+
+
+def test_selection_runs_and_draws_heatmap(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """Without --layer the search runs; thresholds are relaxed because a random model never refuses."""
+    from abliterate import RunConfig, run
+
+    output = tmp_path / "out"
+    result = run(
+        RunConfig(
+            model=str(tiny_qwen2),
+            output=str(output),
+            n_train=8,
+            n_val=4,
+            n_eval=2,
+            screen_prompts=2,
+            screen_keep=3,
+            max_kl=float("inf"),
+            min_steering=-float("inf"),
+            progress=False,
+        )
+    )
+    assert result.manifest["direction"]["selected_by"] == "search"
+    assert result.manifest["direction"]["layer"] < 0.8 * 4
+    assert (output / "candidate_scores.png").stat().st_size > 1000
+    scores = json.loads((output / "candidate_scores.json").read_text())
+    assert len(scores["screen"][0]) == 4
+
+
+def test_push_uses_the_api_and_never_prints_the_token(
+    tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recording fake stands in for huggingface_hub.HfApi (no network in tests)."""
+    calls: list[tuple[str, dict]] = []
+
+    class RecordingApi:
+        def whoami(self, token: str | None = None) -> dict:
+            calls.append(("whoami", {"token": token}))
+            return {"name": "someone"}
+
+        def create_repo(self, repo_id: str, **kwargs: object) -> None:
+            calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+        def upload_folder(self, **kwargs: object) -> None:
+            files = sorted(path.name for path in Path(str(kwargs["folder_path"])).iterdir())
+            calls.append(("upload_folder", {**kwargs, "files": files}))
+
+    secret = "hf_secret_token_value_123"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setattr("abliterate.hub._default_api", lambda: RecordingApi())
+    result = _run(str(tiny_qwen2), "--push-to-hub", "someone/tiny-abliterated", "--private", "--layer", "1", "--position", "-1", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert secret not in result.output
+    names = [name for name, _ in calls]
+    assert names == ["whoami", "create_repo", "upload_folder"]
+    assert calls[1][1]["private"] is True and calls[1][1]["repo_id"] == "someone/tiny-abliterated"
+    assert {"README.md", "abliterate.json", "direction.safetensors", "model.safetensors"} <= set(calls[2][1]["files"])
+    assert "https://huggingface.co/someone/tiny-abliterated" in result.output
