@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from safetensors.torch import save_file
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="checkpoint size in GB (default 2)")
     parser.add_argument("--short", action="store_true", help="~200 MB with smaller shapes, for CI")
     parser.add_argument("--dir", type=Path, default=None, help="where to put the temporary files")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per order (default 3)")
     args = parser.parse_args()
     target = int(0.2e9) if args.short else int(args.gb * 1e9)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-streaming-") as scratch:
@@ -178,30 +180,45 @@ def main() -> None:
             f"{info['largest_shard'] / 2**20:.0f} MiB, edited share {info['edited_share']:.0%} "
             f"(written in {write_seconds:.1f} s)"
         )
-        rows = []
-        cp_first = time_cp(source, root / "cp")
-        ours_second = time_ours(source, root / "ours", info["d_model"])
-        ours_first = time_ours(source, root / "ours", info["d_model"])
-        cp_second = time_cp(source, root / "cp")
-        rows.append(("cp first, then ours", cp_first, ours_second))
-        rows.append(("ours first, then cp", cp_second, ours_first))
-        print()
-        print("| order | cp -r (s) | stream_apply (s) | process (s) | cp GB/s | ours GB/s | ours/cp |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for order, cp_seconds, ours in rows:
-            print(
-                f"| {order} | {cp_seconds:.2f} | {ours['seconds']:.2f} | {ours['process_seconds']:.2f} | "
-                f"{gb / cp_seconds:.2f} | {gb / ours['seconds']:.2f} | {cp_seconds / ours['seconds']:.2f} |"
+        runs: dict[str, list[tuple[float, dict[str, float]]]] = {
+            "cp first, then ours": [],
+            "ours first, then cp": [],
+        }
+        for _ in range(args.repeat):
+            cp_seconds = time_cp(source, root / "cp")
+            runs["cp first, then ours"].append(
+                (cp_seconds, time_ours(source, root / "ours", info["d_model"]))
             )
-        peak = max(ours_first["peak"] - ours_first["baseline"], ours_second["peak"] - ours_second["baseline"])
+            ours = time_ours(source, root / "ours", info["d_model"])
+            runs["ours first, then cp"].append((time_cp(source, root / "cp"), ours))
+        print(f"\nmedian of {args.repeat} runs per order (best in brackets)\n")
+        print("| order | cp -r (s) | stream_apply (s) | cp GB/s | stream_apply GB/s | throughput ours/cp |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for order, pairs in runs.items():
+            cp_times = [cp for cp, _ in pairs]
+            ours_times = [ours["seconds"] for _, ours in pairs]
+            ratios = [cp / ours["seconds"] for cp, ours in pairs]
+            print(
+                f"| {order} | {median(cp_times):.2f} ({min(cp_times):.2f}) | {median(ours_times):.2f} "
+                f"({min(ours_times):.2f}) | {gb / median(cp_times):.2f} | {gb / median(ours_times):.2f} | "
+                f"{median(ratios):.2f} ({max(ratios):.2f}) |"
+            )
+        measured = [ours for pairs in runs.values() for _, ours in pairs]
+        peak = max(ours["peak"] - ours["baseline"] for ours in measured)
+        process = median([ours["process_seconds"] for ours in measured])
         print()
-        print("| peak RSS increase of stream_apply | largest shard | ratio | ru_maxrss (incl. parent) |")
+        print(
+            "| peak RSS increase of stream_apply (max) | largest shard | ratio | ru_maxrss (incl. parent's) |"
+        )
         print("|---:|---:|---:|---:|")
         print(
             f"| {peak / 2**20:.0f} MiB | {info['largest_shard'] / 2**20:.0f} MiB | "
-            f"{peak / info['largest_shard']:.2f} | {ours_first['ru_maxrss'] / 2**20:.0f} MiB |"
+            f"{peak / info['largest_shard']:.2f} | {max(m['ru_maxrss'] for m in measured) / 2**20:.0f} MiB |"
         )
-        print(f"\ntensors edited {ours_first['edited']} of {ours_first['total']}")
+        print(
+            f"\ntensors edited {measured[0]['edited']} of {measured[0]['total']}; whole subprocess "
+            f"(Python start, imports, stream_apply) median {process:.2f} s"
+        )
 
 
 if __name__ == "__main__":
