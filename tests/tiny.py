@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -211,11 +212,19 @@ MULTIMODAL_CONFIG: dict = dict(
 )
 
 
+# Expert routers: ``mlp.gate``, ``mlp.router``, ``block_sparse_moe.router``, never ``gate_proj``.
+_ROUTER = re.compile(r".*\.(gate|router)\.weight")
+
+
 def _scale_up(model: torch.nn.Module) -> None:
     # Larger-than-default weights give the logits real top-1 margins; norms keep their identity init.
+    # Routers get a larger scale still, so expert choices have margins too: with near-ties, bf16
+    # rounding alone flips experts and makes every bf16 comparison a coin toss.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() >= 2:
+            if _ROUTER.fullmatch(name):
+                param.normal_(0.0, 0.5)
+            elif param.dim() >= 2:
                 param.normal_(0.0, 0.08)
             elif "norm" not in name and "ln" not in name:
                 param.normal_(0.0, 0.05)
