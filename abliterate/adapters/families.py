@@ -2,7 +2,8 @@
 
 Each entry was read off the family's ``modeling_*.py`` in transformers 5: the module list of decoder
 blocks, the embeddings whose output enters the residual stream, and every module whose output is
-added to it. Families that share all of this share one adapter; the note says what sets them apart.
+added to it. Families that share all of this share one adapter, unless a note is worth telling
+apart (parallel blocks); discovery counts adapters with the same structure as one.
 
 On-disk names (``checkpoint_*``) cover what ``save_pretrained`` writes in transformers 5 (it turns
 fused in-memory experts back into the original per-expert or fused tensors) and the common original

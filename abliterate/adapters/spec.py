@@ -54,7 +54,7 @@ class Adapter:
         checkpoint_embeddings: regular expressions for on-disk embedding tensor names.
         markers: dotted paths relative to a block (modules or parameters) that must exist in at least
             one block for discovery to recognise this structure, e.g. Gemma-2's
-            ``"post_feedforward_layernorm"``; they tell apart families whose writers have the same names.
+            ``"pre_feedforward_layernorm"``; they tell apart families whose writers have the same names.
         note: a sentence for the support matrix.
     """
 
