@@ -23,6 +23,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from tqdm.auto import tqdm
@@ -494,26 +495,24 @@ def _write_shard(
     shift = len(header) - len(shard.header)
     edited = 0
     with open(shard.path, "rb", buffering=0) as source, open(destination, "wb", buffering=0) as target:
-        _write_at(target.fileno(), memoryview(header), 0)
+        _write_at(target, memoryview(header), 0)
         run_start = data_end = len(shard.header)
         for entry in shard.entries:
             data_end = entry.end
             if entry.name not in plan.edits or entry.end == entry.start:
                 continue
-            _copy_range(
-                source.fileno(), target.fileno(), run_start, run_start + shift, entry.start - run_start
-            )
-            data = _edited_bytes(source.fileno(), entry, plan.edits[entry.name], direction, buffer)
-            _write_at(target.fileno(), data, entry.start + shift)
+            _copy_range(source, target, run_start, run_start + shift, entry.start - run_start)
+            data = _edited_bytes(source, entry, plan.edits[entry.name], direction, buffer)
+            _write_at(target, data, entry.start + shift)
             edited += 1
             bar.update(entry.end - run_start)
             run_start = entry.end
-        _copy_range(source.fileno(), target.fileno(), run_start, run_start + shift, data_end - run_start)
+        _copy_range(source, target, run_start, run_start + shift, data_end - run_start)
         bar.update(data_end - run_start + len(shard.header))
         added = 0
         if extra is not None:  # the head keeps the original embedding, copied again from the source
             added = plan.embedding.end - plan.embedding.start
-            _copy_range(source.fileno(), target.fileno(), plan.embedding.start, data_end + shift, added)
+            _copy_range(source, target, plan.embedding.start, data_end + shift, added)
     read = shard.path.stat().st_size + added
     return len(shard.entries) + (extra is not None), edited, read, destination.stat().st_size
 
@@ -530,13 +529,14 @@ def _header_with(shard: _Shard, name: str, like: _Entry) -> bytes:
 
 
 def _edited_bytes(
-    source: int, entry: _Entry, layout: Layout, direction: torch.Tensor, buffer: bytearray
+    source: BinaryIO, entry: _Entry, layout: Layout, direction: torch.Tensor, buffer: bytearray
 ) -> memoryview:
     """Read one tensor into ``buffer``, orthogonalize it in place and return its new bytes."""
     view = memoryview(buffer)[: entry.end - entry.start]
+    source.seek(entry.start)
     filled = 0
     while filled < len(view):
-        count = os.preadv(source, [view[filled:]], entry.start + filled)
+        count = source.readinto(view[filled:])
         if not count:
             raise ValueError(f"{entry.name}: unexpected end of file while reading it")
         filled += count
@@ -567,29 +567,39 @@ def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layou
             columns.copy_(orthogonalize(columns, direction, "linear"))
 
 
-def _copy_range(source: int, target: int, offset: int, at: int, length: int) -> None:
+def _copy_range(source: BinaryIO, target: BinaryIO, offset: int, at: int, length: int) -> None:
     """Copy ``length`` bytes at ``offset`` of ``source`` to offset ``at`` of ``target``, in the kernel."""
+    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
     while length > 0:
-        try:
-            count = os.copy_file_range(source, target, min(length, 1 << 30), offset, at)
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            count = 0
-        if count == 0:  # not supported here: read and write instead
-            chunk = os.pread(source, min(length, _COPY_BLOCK), offset)
+        count = 0
+        if kernel_copy is not None:
+            try:
+                count = kernel_copy(source.fileno(), target.fileno(), min(length, 1 << 30), offset, at)
+            except OSError as error:
+                if error.errno not in (
+                    errno.EXDEV,
+                    errno.ENOSYS,
+                    errno.EINVAL,
+                    errno.EOPNOTSUPP,
+                    errno.EPERM,
+                ):
+                    raise
+                kernel_copy = None
+        if count == 0:  # no kernel copy here: read and write instead
+            source.seek(offset)
+            chunk = source.read(min(length, _COPY_BLOCK))
             if not chunk:
-                raise ValueError(f"unexpected end of file at byte {offset} while copying")
+                raise ValueError(f"{source.name}: unexpected end of file at byte {offset}")
             _write_at(target, memoryview(chunk), at)
             count = len(chunk)
         offset, at, length = offset + count, at + count, length - count
 
 
-def _write_at(target: int, data: memoryview, at: int) -> None:
+def _write_at(target: BinaryIO, data: memoryview, at: int) -> None:
     # In 1 MiB pieces: single writes of tens of MiB were measured ~10x slower (0.15 vs 2 GB/s) here.
+    target.seek(at)
     while data:
-        count = os.pwrite(target, data[:_WRITE_PIECE], at)
-        data, at = data[count:], at + count
+        data = data[target.write(data[:_WRITE_PIECE]) :]
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

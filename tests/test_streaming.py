@@ -240,6 +240,26 @@ def test_sliced_edit_of_large_tensors_equals_whole_edit(
     _assert_bitwise_equal(_tensors(tmp_path / "streamed"), _tensors(_save(model, tmp_path / "folded", False)))
 
 
+@pytest.mark.parametrize("failure", ["missing", "cross-device"])
+def test_copies_without_copy_file_range(
+    llama_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Where the kernel cannot copy (not Linux, or another file system), bytes go through user space."""
+    expected = stream_apply(llama_checkpoint, _direction(), tmp_path / "kernel", progress=False)
+    if failure == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+
+        def cross_device(*args: object) -> int:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", cross_device)
+    report = stream_apply(llama_checkpoint, _direction(), tmp_path / "user", progress=False)
+    assert report.bytes_written == expected.bytes_written
+    for shard in (tmp_path / "kernel").glob("*.safetensors"):
+        assert filecmp.cmp(shard, tmp_path / "user" / shard.name, shallow=False), shard.name
+
+
 # ---------------------------------------------------------------------------------- output directory
 
 
