@@ -33,11 +33,7 @@ def save_direction(
         The path written.
     """
     unit = unit_direction(vector, f"the direction to save to {path}")
-    metadata = {
-        "layer": str(int(layer)),
-        "position": str(int(position)),
-        "source": str(source),
-    }
+    metadata = {"layer": str(int(layer)), "position": str(int(position)), "source": str(source)}
     for key, value in (extra or {}).items():
         if key in metadata:
             raise ValueError(f"extra metadata key {key!r} would override the standard field of that name")
