@@ -2,28 +2,24 @@
 
 Never instantiates a model: ``config.json`` picks the adapter, whose ``checkpoint_writers`` and
 ``checkpoint_embeddings`` patterns name the tensors to edit. Edited tensors go through the same
-``orthogonalize`` as the in-memory fold; every other byte is copied as is (``copy_file_range``), so shard
-names, tensor order, dtypes and header metadata are preserved. Each output shard is written
-incrementally (8-byte little-endian header length, JSON header, raw data), so memory stays near one
-tensor whatever the model size. Output goes to a temporary sibling directory renamed into place at the end.
+``orthogonalize`` as the in-memory fold; every other byte is copied as is, so shard names, tensor order,
+dtypes and header metadata are preserved. The byte-level work (header parsing, kernel copies,
+incremental shard writing) lives in ``abliterate.safetensors_io``; this module decides what to edit,
+validates it before anything is written, and handles the index, config, a tied head and the atomic
+output (a temporary sibling directory renamed into place at the end).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import os
-import platform
 import re
 import secrets
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +28,7 @@ from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 from abliterate.direction import unit_direction
 from abliterate.edit import orthogonalize
+from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, read_header, reuse_freed_memory, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +41,12 @@ _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 _STALE_WEIGHTS = re.compile(
     r"(model|consolidated.*|pytorch_model.*|tf_model|flax_model)\.(safetensors|bin|pth|pt|h5|msgpack)"
 )
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ROWS_WRITE = ("conv1d", "experts_t", "embedding")  # layouts whose last axis is d_model
 # Tensors above this many elements are edited in slices of it (4 MiB of float64, below the allocator
-# thresholds set in ``_reuse_freed_memory``; the fastest size measured); smaller tensors in one call,
-# exactly as the in-memory fold does. Slicing changes no bit of the result (tests/test_streaming.py
-# checks it against the fold with tiny slices).
+# thresholds set in ``safetensors_io.reuse_freed_memory``; the fastest size measured); smaller tensors in
+# one call, exactly as the in-memory fold does. Slicing changes no bit of the result
+# (tests/test_streaming.py checks it against the fold with tiny slices).
 _CHUNK_ELEMENTS = 1 << 19
-_COPY_BLOCK = 64 << 20
-_WRITE_PIECE = 1 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -80,29 +73,13 @@ class StreamReport:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute file offsets of the tensor's bytes
-    end: int
-
-
-@dataclass(frozen=True)
-class _Shard:
-    path: Path
-    header: bytes  # the 8-byte length and the JSON header, verbatim
-    entries: tuple[_Entry, ...]  # in data order
-
-
-@dataclass(frozen=True)
 class _Plan:
-    shards: tuple[_Shard, ...]
+    shards: tuple[Shard, ...]
     index: dict | None
     config: dict
     model_type: str
     edits: dict[str, Layout]  # tensor name -> layout to orthogonalize it with
-    embedding: _Entry  # the token embedding, as stored
+    embedding: TensorEntry  # the token embedding, as stored
     add_lm_head: str | None  # name of an lm_head tensor to add (tied embeddings), else None
     untie: bool
 
@@ -145,7 +122,7 @@ def stream_apply(
         # Slices this small gain nothing from intra-op threads, which only add a barrier per operation
         # (measured 3-10x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
-        _reuse_freed_memory()
+        reuse_freed_memory()
         counts = _write_all(plan, source, temp, vector, progress)
         _commit(temp, target)
     except BaseException:
@@ -155,21 +132,6 @@ def stream_apply(
     finally:
         torch.set_num_threads(threads)
     return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type)
-
-
-def _reuse_freed_memory() -> None:
-    """Let glibc keep the slices' freed float64 temporaries for reuse instead of returning them at once.
-
-    Each slice allocates a few 4 MiB temporaries; by default glibc takes them from the kernel as fresh
-    pages and hands them back when freed, so every slice faults its memory in again (measured 3x slower
-    in a fresh process). Raising the mmap and trim thresholds (8 and 32 MiB) keeps them in the heap; this
-    stays in effect for the process. Other C libraries are left alone.
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt(_M_MMAP_THRESHOLD, 8 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 32 << 20)
 
 
 def _resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -209,13 +171,13 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
             f"the {adapter.name} adapter has no checkpoint patterns; use `abliterate run` instead"
         )
     names, index = _find_shards(checkpoint)
-    shards = tuple(_read_header(checkpoint / name) for name in names)
+    shards = tuple(read_header(checkpoint / name) for name in names)
     if index is not None:
         _check_index(index, shards)
     writers = [(re.compile(pattern), layout) for pattern, layout in adapter.checkpoint_writers]
     embeddings = [re.compile(pattern) for pattern in adapter.checkpoint_embeddings]
     edits: dict[str, Layout] = {}
-    found_embeddings: list[_Entry] = []
+    found_embeddings: list[TensorEntry] = []
     by_name = {entry.name: entry for shard in shards for entry in shard.entries}
     for entry in by_name.values():
         if any(pattern.fullmatch(entry.name) for pattern in embeddings):
@@ -315,53 +277,14 @@ def _find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
     )
 
 
-def _read_header(path: Path) -> _Shard:
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < length <= min(size - 8, 100 << 20):
-            raise ValueError(f"{path} is not a safetensors file (bad header length)")
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except ValueError as error:
-        raise ValueError(f"{path} has a corrupt safetensors header: {error}") from error
-    data_start = 8 + length
-    try:
-        entries = sorted(
-            (
-                _Entry(
-                    name,
-                    info["dtype"],
-                    tuple(info["shape"]),
-                    *(data_start + int(o) for o in info["data_offsets"]),
-                )
-                for name, info in header.items()
-                if name != "__metadata__"
-            ),
-            key=lambda entry: (entry.start, entry.end),
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} has a corrupt safetensors header: {error!r}") from error
-    position = data_start
-    for entry in entries:
-        if entry.start != position or entry.end < entry.start:
-            raise ValueError(f"{path} is corrupt: tensor {entry.name} does not follow the previous one")
-        position = entry.end
-    if position != size:
-        raise ValueError(f"{path} is truncated or corrupt: data ends at {position}, file has {size} bytes")
-    return _Shard(path, prefix + raw, tuple(entries))
-
-
-def _check_index(index: dict, shards: tuple[_Shard, ...]) -> None:
+def _check_index(index: dict, shards: tuple[Shard, ...]) -> None:
     stored = {shard.path.name: {entry.name for entry in shard.entries} for shard in shards}
     for name, file in index["weight_map"].items():
         if name not in stored[file]:
             raise ValueError(f"{INDEX_NAME} places {name} in {file}, but that shard does not hold it")
 
 
-def _edit_layout(entry: _Entry, layout: Layout) -> Layout:
+def _edit_layout(entry: TensorEntry, layout: Layout) -> Layout:
     """The layout to orthogonalize a matched tensor with: a bias (one axis less) has d_model last."""
     weight_dims = 3 if layout in ("experts", "experts_t") else 2
     if len(entry.shape) == weight_dims:
@@ -373,15 +296,15 @@ def _edit_layout(entry: _Entry, layout: Layout) -> Layout:
     )
 
 
-def _check_editable(entry: _Entry, layout: Layout, d_model: int) -> None:
-    if entry.dtype not in _DTYPES:
+def _check_editable(entry: TensorEntry, layout: Layout, d_model: int) -> None:
+    if entry.dtype not in DTYPES:
         raise ValueError(
-            f"tensor {entry.name} has dtype {entry.dtype}; only {', '.join(_DTYPES)} can be edited"
+            f"tensor {entry.name} has dtype {entry.dtype}; only {', '.join(DTYPES)} can be edited"
         )
     numel = 1
     for size in entry.shape:
         numel *= size
-    if numel * _DTYPES[entry.dtype].itemsize != entry.end - entry.start:
+    if numel * DTYPES[entry.dtype].itemsize != entry.end - entry.start:
         raise ValueError(
             f"tensor {entry.name}: shape {list(entry.shape)} does not match its stored byte count"
         )
@@ -446,11 +369,19 @@ def _write_all(
     # One read buffer, sized for the largest edited tensor and reused for all of them.
     by_name = {entry.name: entry for shard in plan.shards for entry in shard.entries}
     buffer = bytearray(max(by_name[name].end - by_name[name].start for name in plan.edits))
+
+    def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
+        """Fold the direction out of one tensor that ``write_shard`` read, in place."""
+        _orthogonalize_in_place(weight, direction, plan.edits[entry.name])
+
+    # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
+    head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
     tensors = edited = read = written = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
         for shard in plan.shards:
-            extra = plan.add_lm_head if shard is head_shard else None
-            counts = _write_shard(shard, temp / shard.path.name, plan, direction, extra, buffer, bar)
+            append = head if shard is head_shard else None
+            destination = temp / shard.path.name
+            counts = write_shard(shard, destination, plan.edits, edit, buffer, append, bar.update)
             tensors, edited = tensors + counts[0], edited + counts[1]
             read, written = read + counts[2], written + counts[3]
     if plan.index is not None:
@@ -474,78 +405,6 @@ def _write_all(
     return tensors, edited, read, written
 
 
-def _write_shard(
-    shard: _Shard,
-    destination: Path,
-    plan: _Plan,
-    direction: torch.Tensor,
-    extra: str | None,
-    buffer: bytearray,
-    bar: tqdm,
-) -> tuple[int, int, int, int]:
-    """Write one output shard: its header, each tensor copied or edited, then an added ``lm_head``.
-
-    Every tensor keeps its offset, shifted by the longer header when a tensor is added; runs of unedited
-    tensors are copied in the kernel without passing through this process.
-
-    Returns:
-        ``(tensors written, tensors edited, bytes read, bytes written)``.
-    """
-    header = shard.header if extra is None else _header_with(shard, extra, plan.embedding)
-    shift = len(header) - len(shard.header)
-    edited = 0
-    with open(shard.path, "rb", buffering=0) as source, open(destination, "wb", buffering=0) as target:
-        _write_at(target, memoryview(header), 0)
-        run_start = data_end = len(shard.header)
-        for entry in shard.entries:
-            data_end = entry.end
-            if entry.name not in plan.edits or entry.end == entry.start:
-                continue
-            _copy_range(source, target, run_start, run_start + shift, entry.start - run_start)
-            data = _edited_bytes(source, entry, plan.edits[entry.name], direction, buffer)
-            _write_at(target, data, entry.start + shift)
-            edited += 1
-            bar.update(entry.end - run_start)
-            run_start = entry.end
-        _copy_range(source, target, run_start, run_start + shift, data_end - run_start)
-        bar.update(data_end - run_start + len(shard.header))
-        added = 0
-        if extra is not None:  # the head keeps the original embedding, copied again from the source
-            added = plan.embedding.end - plan.embedding.start
-            _copy_range(source, target, plan.embedding.start, data_end + shift, added)
-    read = shard.path.stat().st_size + added
-    return len(shard.entries) + (extra is not None), edited, read, destination.stat().st_size
-
-
-def _header_with(shard: _Shard, name: str, like: _Entry) -> bytes:
-    """The shard's header plus one tensor appended after its data, padded to 8 bytes like safetensors does."""
-    header = json.loads(shard.header[8:])
-    data_length = (shard.entries[-1].end if shard.entries else len(shard.header)) - len(shard.header)
-    offsets = [data_length, data_length + like.end - like.start]
-    header[name] = {"dtype": like.dtype, "shape": list(like.shape), "data_offsets": offsets}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _edited_bytes(
-    source: BinaryIO, entry: _Entry, layout: Layout, direction: torch.Tensor, buffer: bytearray
-) -> memoryview:
-    """Read one tensor into ``buffer``, orthogonalize it in place and return its new bytes."""
-    view = memoryview(buffer)[: entry.end - entry.start]
-    source.seek(entry.start)
-    filled = 0
-    while filled < len(view):
-        count = source.readinto(view[filled:])
-        if not count:
-            raise ValueError(f"{entry.name}: unexpected end of file while reading it")
-        filled += count
-    numel = len(view) // _DTYPES[entry.dtype].itemsize
-    weight = torch.frombuffer(buffer, dtype=_DTYPES[entry.dtype], count=numel).reshape(entry.shape)
-    _orthogonalize_in_place(weight, direction, layout)
-    return view
-
-
 def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layout: Layout) -> None:
     """``weight ← orthogonalize(weight)``, in slices when large; slices are independent of each other."""
     if weight.numel() <= _CHUNK_ELEMENTS:
@@ -565,41 +424,6 @@ def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layou
         for first in range(0, weight.shape[1], step):
             columns = weight[:, first : first + step]
             columns.copy_(orthogonalize(columns, direction, "linear"))
-
-
-def _copy_range(source: BinaryIO, target: BinaryIO, offset: int, at: int, length: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``source`` to offset ``at`` of ``target``, in the kernel."""
-    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
-    while length > 0:
-        count = 0
-        if kernel_copy is not None:
-            try:
-                count = kernel_copy(source.fileno(), target.fileno(), min(length, 1 << 30), offset, at)
-            except OSError as error:
-                if error.errno not in (
-                    errno.EXDEV,
-                    errno.ENOSYS,
-                    errno.EINVAL,
-                    errno.EOPNOTSUPP,
-                    errno.EPERM,
-                ):
-                    raise
-                kernel_copy = None
-        if count == 0:  # no kernel copy here: read and write instead
-            source.seek(offset)
-            chunk = source.read(min(length, _COPY_BLOCK))
-            if not chunk:
-                raise ValueError(f"{source.name}: unexpected end of file at byte {offset}")
-            _write_at(target, memoryview(chunk), at)
-            count = len(chunk)
-        offset, at, length = offset + count, at + count, length - count
-
-
-def _write_at(target: BinaryIO, data: memoryview, at: int) -> None:
-    # In 1 MiB pieces: single writes of tens of MiB were measured ~10x slower (0.15 vs 2 GB/s) here.
-    target.seek(at)
-    while data:
-        data = data[target.write(data[:_WRITE_PIECE]) :]
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:
