@@ -28,9 +28,7 @@ def format_chat(tokenizer: object, prompts: list[str], system_prompt: str | None
         messages = [{"role": "user", "content": prompt}]
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
-        texts.append(
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        )
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return texts
 
 
@@ -48,9 +46,7 @@ def eoi_length(tokenizer: object, system_prompt: str | None = None) -> int:
     probes = ["Name a colour.", "What is 2 + 2?", "Say hi!", "Tell me about cats", "ok"]
     sequences = _token_ids(tokenizer, format_chat(tokenizer, probes, system_prompt))
     length = 0
-    while all(len(ids) > length for ids in sequences) and len(
-        {ids[-1 - length] for ids in sequences}
-    ) == 1:
+    while all(len(ids) > length for ids in sequences) and len({ids[-1 - length] for ids in sequences}) == 1:
         length += 1
     if length == 0:
         raise ValueError("the chat template adds no tokens after the instruction; cannot find EOI tokens")
@@ -210,3 +206,42 @@ def forward_batches(
             yield None
         else:
             yield output.logits if all_positions else output.logits[:, -1]
+
+
+def auto_batch_size(
+    model: nn.Module, tokenizer: object, prompts: list[str], *, start: int = 8, limit: int = 256
+) -> int:
+    """The largest batch (doubling from ``start`` up to ``limit``) whose forward pass fits in memory.
+
+    Only accelerators run out of memory in a way we can catch; on the CPU, where larger batches buy
+    little and memory is shared with the system, this returns ``start × 4``.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer.
+        prompts: the longest prompts of the run are tried, so every later batch fits too.
+        start: first batch size tried.
+        limit: largest batch size tried.
+    """
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return start * 4
+    longest = sorted(prompts, key=len, reverse=True)
+    best = 0
+    size = start
+    while size <= limit:
+        rows = (longest * (size // max(len(longest), 1) + 1))[:size]
+        encoded = encode(tokenizer, rows, batch_size=size, share_prefix=False)
+        try:
+            for _ in forward_batches(model, encoded, all_positions=False):
+                pass
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        best = size
+        size *= 2
+    if best == 0:
+        raise ValueError(f"even a batch of {start} prompts does not fit in GPU memory; pass --batch-size")
+    # Generation and the parity pass keep more activations alive: leave headroom.
+    return max(1, best // 2)

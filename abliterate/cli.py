@@ -52,7 +52,9 @@ def _option(name: str, *flags: str, **kwargs: Any) -> Callable:
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def main(verbose: bool) -> None:
     """Remove the refusal direction from a chat model's weights, proven by a parity check."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
 
 
 @main.command("run")
@@ -67,10 +69,18 @@ def main(verbose: bool) -> None:
 @_option("n_eval", "--n-eval", type=int, default=50, show_default=True)
 @_option("seed", "--seed", type=int, default=0, show_default=True)
 @_option("device", "--device", default="auto", show_default=True)
-@_option("dtype", "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@_option(
+    "dtype",
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+)
 @_option("layer", "--layer", type=int)
 @_option("position", "--position", type=int)
-@_option("batch_size", "--batch-size", type=int, default=32, show_default=True)
+@_option("batch_size", "--batch-size", default="32", show_default=True)
+@_option("max_kl", "--max-kl", type=float, default=0.1, show_default=True)
+@_option("min_steering", "--min-steering", type=float)
 @_option("architecture", "--architecture", metavar="MODEL_TYPE")
 @_option("system_prompt", "--system-prompt")
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
@@ -104,7 +114,9 @@ def run_command(**options: Any) -> None:
 @click.option("--output", "-o", required=True, help="Output directory.")
 @click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
 @click.option("--overwrite", is_flag=True, help=help_of("overwrite"))
-def apply_command(checkpoint: str, direction_file: str, output: str, architecture: str | None, overwrite: bool) -> None:
+def apply_command(
+    checkpoint: str, direction_file: str, output: str, architecture: str | None, overwrite: bool
+) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
         from abliterate.direction import load_direction

@@ -24,29 +24,53 @@ class RunConfig:
     n_eval: int = field(default=50, metadata=_help("Prompts per class for the before/after evaluation."))
     n_parity: int = field(default=8, metadata=_help("Held-aside prompts for the parity check."))
     seed: int = field(default=0, metadata=_help("Seed for prompt sampling."))
-    device: str = field(default="auto", metadata=_help("auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps."))
+    device: str = field(
+        default="auto", metadata=_help("auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps.")
+    )
     dtype: str = field(default="auto", metadata=_help("auto (checkpoint dtype), float32, bfloat16, float16."))
     layer: int | None = field(default=None, metadata=_help("Use this layer's candidate, skip selection."))
-    position: int | None = field(default=None, metadata=_help("EOI position (negative from the end) with --layer."))
-    batch_size: int = field(default=32, metadata=_help("Prompts per forward pass."))
-    architecture: str | None = field(default=None, metadata=_help("Use this registered model type's adapter."))
+    position: int | None = field(
+        default=None, metadata=_help("EOI position (negative from the end) with --layer.")
+    )
+    batch_size: int | str = field(
+        default=32,
+        metadata=_help("Prompts per forward pass, or 'auto' for the largest that fits on the GPU."),
+    )
+    architecture: str | None = field(
+        default=None, metadata=_help("Use this registered model type's adapter.")
+    )
     trust_remote_code: bool = field(default=False, metadata=_help("Allow code from the model repository."))
     allow_pickle: bool = field(default=False, metadata=_help("Allow loading .bin/.pt pickled weights."))
     overwrite: bool = field(default=False, metadata=_help("Replace a non-empty output directory."))
     system_prompt: str | None = field(default=None, metadata=_help("System prompt for every chat."))
-    max_layer_fraction: float = field(default=0.8, metadata=_help("Discard candidates at layer >= this fraction."))
+    max_layer_fraction: float = field(
+        default=0.8, metadata=_help("Discard candidates at layer >= this fraction.")
+    )
     max_kl: float = field(default=0.1, metadata=_help("Discard candidates whose harmless KL exceeds this."))
-    min_steering: float = field(default=0.0, metadata=_help("Discard candidates whose steering score is below this."))
-    screen_prompts: int = field(default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen."))
+    min_steering: float | None = field(
+        default=None,
+        metadata=_help(
+            "Discard candidates whose steering score is not above this (default: the unsteered score)."
+        ),
+    )
+    screen_prompts: int = field(
+        default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen.")
+    )
     screen_keep: int = field(default=8, metadata=_help("Candidates kept after the screen for full scoring."))
-    max_new_tokens: int = field(default=24, metadata=_help("Tokens generated per prompt when evaluating refusals."))
+    max_new_tokens: int = field(
+        default=24, metadata=_help("Tokens generated per prompt when evaluating refusals.")
+    )
     evaluate: bool = field(default=True, metadata=_help("Measure refusal rate and KL before and after."))
     progress: bool = field(default=True, metadata=_help("Show progress bars."))
 
     def __post_init__(self) -> None:
         if (self.layer is None) != (self.position is None):
             raise ValueError("--layer and --position go together: give both or neither")
-        for name in ("n_train", "n_val", "n_parity", "batch_size"):
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            if not self.batch_size.isdigit():
+                raise ValueError(f"--batch-size {self.batch_size!r}: give a number or 'auto'")
+            object.__setattr__(self, "batch_size", int(self.batch_size))
+        for name in ("n_train", "n_val", "n_parity") + (("batch_size",) if self.batch_size != "auto" else ()):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.output is None and self.push_to_hub is None:

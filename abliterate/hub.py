@@ -12,9 +12,13 @@ class HubApi(Protocol):
 
     def whoami(self, token: str | None = None) -> dict: ...
 
-    def create_repo(self, repo_id: str, *, token: str | None, private: bool, exist_ok: bool, repo_type: str) -> object: ...
+    def create_repo(
+        self, repo_id: str, *, token: str | None, private: bool, exist_ok: bool, repo_type: str
+    ) -> object: ...
 
-    def upload_folder(self, *, repo_id: str, folder_path: str, token: str | None, commit_message: str, repo_type: str) -> object: ...
+    def upload_folder(
+        self, *, repo_id: str, folder_path: str, token: str | None, commit_message: str, repo_type: str
+    ) -> object: ...
 
 
 def find_token() -> str | None:
@@ -45,20 +49,22 @@ def check_push_auth(repo_id: str, api: HubApi | None = None) -> str:
         raise ValueError(f"--push-to-hub {repo_id!r}: expected 'owner/name'")
     token = find_token()
     if not token:
-        raise PermissionError(
-            "--push-to-hub needs a Hugging Face token: set HF_TOKEN or run 'hf auth login'"
-        )
+        raise PermissionError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run 'hf auth login'")
     api = api or _default_api()
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         api.whoami(token=token)
     except HfHubHTTPError as error:
-        raise PermissionError("the Hugging Face token was rejected (check HF_TOKEN / hf auth login)") from error
+        raise PermissionError(
+            "the Hugging Face token was rejected (check HF_TOKEN / hf auth login)"
+        ) from error
     return token
 
 
-def push_folder(folder: Path, repo_id: str, token: str, *, private: bool = False, api: HubApi | None = None) -> str:
+def push_folder(
+    folder: Path, repo_id: str, token: str, *, private: bool = False, api: HubApi | None = None
+) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` (model card included).
 
     Returns:

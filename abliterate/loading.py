@@ -153,9 +153,7 @@ def load_model(
 
 def _prepare_tokenizer(tokenizer: object, source: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"{source} has no chat template: abliterate needs an instruction-tuned chat model"
-        )
+        raise ValueError(f"{source} has no chat template: abliterate needs an instruction-tuned chat model")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Any token works as padding because padded positions are masked out.

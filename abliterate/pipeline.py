@@ -9,8 +9,8 @@ import resource
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,13 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     # Cheap checks first: bad input must fail before minutes of work.
     output = check_output_dir(config.output, config.overwrite) if config.output else None
     token = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
-    sizes = dict(n_train=config.n_train, n_val=config.n_val, n_eval=config.n_eval, n_parity=config.n_parity, seed=config.seed)
+    sizes = dict(
+        n_train=config.n_train,
+        n_val=config.n_val,
+        n_eval=config.n_eval,
+        n_parity=config.n_parity,
+        seed=config.seed,
+    )
     harmful = load_splits("harmful", config.harmful, **sizes)
     harmless = load_splits("harmless", config.harmless, **sizes)
 
@@ -114,11 +120,21 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         )
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = resolve_adapter(model, config.architecture)
+    if config.batch_size == "auto":
+        from dataclasses import replace
+
+        from abliterate.batching import auto_batch_size
+
+        config = replace(config, batch_size=auto_batch_size(model, tokenizer, harmful.train + harmless.train))
     n_eoi = eoi_length(tokenizer, config.system_prompt)
 
     def encoded(prompts: list[str]) -> Any:
         return encode(
-            tokenizer, prompts, batch_size=config.batch_size, system_prompt=config.system_prompt, keep_last=n_eoi
+            tokenizer,
+            prompts,
+            batch_size=config.batch_size,
+            system_prompt=config.system_prompt,
+            keep_last=n_eoi,
         )
 
     from abliterate.adapters.resolve import blocks_of
@@ -126,10 +142,20 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     n_layers = len(blocks_of(model, adapter)[1])
     with timer.stage("extract"):
         # Selection never looks past the layer limit, so the forward pass stops there.
-        limit = n_layers if config.layer is not None else max(1, int(-(-config.max_layer_fraction * n_layers // 1)))
+        limit = (
+            n_layers
+            if config.layer is not None
+            else max(1, int(-(-config.max_layer_fraction * n_layers // 1)))
+        )
         limit = min(n_layers, max(limit, (config.layer or 0) + 1))
         candidates = extract_candidates(
-            model, adapter, encoded(harmful.train), encoded(harmless.train), n_eoi, limit, progress=config.progress
+            model,
+            adapter,
+            encoded(harmful.train),
+            encoded(harmless.train),
+            n_eoi,
+            limit,
+            progress=config.progress,
         )
     refusal_ids = refusal_token_ids(tokenizer)
     with timer.stage("select"):
@@ -144,14 +170,21 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
                 encoded(harmless.val),
                 encoded(harmful.val[: config.screen_prompts]),
                 refusal_ids,
+                harmless_screen=encoded(harmless.val[: config.screen_prompts]),
                 max_layer_fraction=config.max_layer_fraction,
                 max_kl=config.max_kl,
                 min_steering=config.min_steering,
                 screen_keep=config.screen_keep,
                 batch_size=config.batch_size,
+                n_layers=n_layers,
                 progress=config.progress,
             )
-    generate = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt, progress=config.progress)
+    generate = dict(
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        system_prompt=config.system_prompt,
+        progress=config.progress,
+    )
     before = None
     with timer.stage("evaluate"):
         if config.evaluate:
@@ -161,7 +194,11 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         # One batch, padded once, so hooked and edited logits line up position by position.
         parity_texts = harmful.parity + harmless.parity
         parity_prompts = encode(
-            tokenizer, parity_texts, batch_size=len(parity_texts), system_prompt=config.system_prompt, share_prefix=False
+            tokenizer,
+            parity_texts,
+            batch_size=len(parity_texts),
+            system_prompt=config.system_prompt,
+            share_prefix=False,
         )
         parity_mask = parity_prompts.batches[0][1]
         with ablate_direction(model, adapter, chosen.direction):
@@ -179,14 +216,18 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             after = refusal_rate(model, tokenizer, harmful.eval, description="evaluate after", **generate)
             harmless_after = last_logits(model, adapter, encoded(harmless.eval))[0]
             kl = kl_divergence(harmless_before, harmless_after).mean().item()
-        timer.timings["evaluate_s"] = round(timer.timings["evaluate_s"] + timer.timings.pop("evaluate_after_s"), 3)
+        timer.timings["evaluate_s"] = round(
+            timer.timings["evaluate_s"] + timer.timings.pop("evaluate_after_s"), 3
+        )
         evaluation = {
             "before": {"refusal_rate": before.refusal_rate, "n": before.n},
             "after": {"refusal_rate": after.refusal_rate, "n": after.n},
             "kl_harmless": kl,
             "examples": [
                 {"prompt": prompt, "before": old, "after": new}
-                for prompt, old, new in list(zip(harmful.eval, before.replies, after.replies, strict=True))[:5]
+                for prompt, old, new in list(zip(harmful.eval, before.replies, after.replies, strict=True))[
+                    :5
+                ]
             ],
         }
     import transformers
@@ -215,7 +256,11 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         "config": {k: v for k, v in vars(config).items() if k not in ("push_to_hub",)},
         "timings": {},
         "peak_rss_mib": 0.0,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
     if not parity.passed:
         manifest["timings"] = timer.total()
@@ -249,7 +294,9 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             manifest["timings"] = timer.total()
             manifest["peak_rss_mib"] = round(peak_rss_mib(), 1)
             (staging / "README.md").write_text(model_card(manifest, loaded.base_model), "utf-8")
-            (staging / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")
+            (staging / "abliterate.json").write_text(
+                json.dumps(manifest, indent=2, default=str) + "\n", "utf-8"
+            )
         if config.push_to_hub:
             result.url = push_folder(target, config.push_to_hub, token, private=config.private, api=hub_api)
     return result

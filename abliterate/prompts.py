@@ -55,8 +55,7 @@ def _from_records(records: list, source: str) -> list[str]:
                 prompts.append(record[field])
                 continue
         raise ValueError(
-            f"{source}: item {index} is neither a string nor an object with "
-            f"an {'/'.join(_TEXT_FIELDS)} field"
+            f"{source}: item {index} is neither a string nor an object with an {'/'.join(_TEXT_FIELDS)} field"
         )
     return prompts
 
@@ -77,7 +76,11 @@ def read_prompts(source: str) -> list[str]:
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if not path.exists():
-        if suffix in (".txt", ".json", ".jsonl", ".csv") or "/" not in source or source.startswith((".", "/", "~")):
+        if (
+            suffix in (".txt", ".json", ".jsonl", ".csv")
+            or "/" not in source
+            or source.startswith((".", "/", "~"))
+        ):
             raise FileNotFoundError(f"prompt file not found: {source}")
         prompts = _from_hub_dataset(source)
     elif suffix == ".txt":

@@ -22,10 +22,11 @@ def plot_candidate_scores(scores: dict[str, torch.Tensor], chosen: tuple[int, in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name in ("screen", "ablation", "kl", "steering") if name in scores]
+    names = [name for name in ("screen", "screen_kl", "ablation", "kl", "steering") if name in scores]
     figure, axes = plt.subplots(len(names), 1, figsize=(10, 1.6 + 1.2 * len(names) * 1.2), squeeze=False)
     titles = {
         "screen": "ablation score, coarse screen (lower = less refusal)",
+        "screen_kl": "first-token KL on harmless prompts, coarse screen",
         "ablation": "ablation score on all val prompts (screened candidates)",
         "kl": "first-token KL on harmless prompts (computed lazily)",
         "steering": "steering score on harmless prompts (computed lazily)",
@@ -55,10 +56,14 @@ def summary_table(manifest: dict[str, Any]) -> str:
     """A small plain-text table of the run's numbers."""
     evaluation = manifest.get("evaluation") or {}
     parity = manifest["parity"]
-    rows = [("direction", f"layer {manifest['direction']['layer']}, position {manifest['direction']['position']}")]
+    rows = [
+        ("direction", f"layer {manifest['direction']['layer']}, position {manifest['direction']['position']}")
+    ]
     if evaluation:
         before, after = evaluation["before"], evaluation["after"]
-        rows.append(("refusal rate", f"{before['refusal_rate']:.1%} -> {after['refusal_rate']:.1%} (n={after['n']})"))
+        rows.append(
+            ("refusal rate", f"{before['refusal_rate']:.1%} -> {after['refusal_rate']:.1%} (n={after['n']})")
+        )
         rows.append(("KL harmless (1st token)", _fmt(evaluation["kl_harmless"])))
     rows.append(
         (
@@ -67,7 +72,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
             f"  KL {_fmt(parity['mean_kl'])}  top-1 {parity['top1_agreement']:.3f}",
         )
     )
-    rows.append(("time", "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in manifest["timings"].items())))
+    rows.append(
+        ("time", "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in manifest["timings"].items()))
+    )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 

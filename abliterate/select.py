@@ -122,12 +122,14 @@ def select_direction(
     harmless_val: EncodedPrompts,
     harmful_screen: EncodedPrompts,
     refusal_ids: list[int],
+    harmless_screen: EncodedPrompts | None = None,
     *,
     max_layer_fraction: float = 0.8,
     max_kl: float = 0.1,
-    min_steering: float = 0.0,
+    min_steering: float | None = None,
     screen_keep: int = 8,
     batch_size: int = 32,
+    n_layers: int | None = None,
     progress: bool = True,
 ) -> RefusalDirection:
     """Pick the candidate with the lowest ablation score among those that pass every filter.
@@ -140,11 +142,18 @@ def select_direction(
         harmless_val: harmless validation prompts (steering score and KL).
         harmful_screen: a few harmful prompts for the coarse screen.
         refusal_ids: refusal first-token ids.
+        harmless_screen: a few harmless prompts on which the screen also measures KL, so candidates
+            that clearly break the model (screen KL above twice ``max_kl``) are scored last.
         max_layer_fraction: discard candidates at layer ≥ this fraction of the depth.
         max_kl: discard candidates whose harmless KL exceeds this.
-        min_steering: discard candidates whose steering score is below this.
+        min_steering: discard candidates whose steering score is below this; ``None`` (default) asks
+            that adding the candidate raise the harmless prompts' refusal score above its unsteered
+            value. The paper's absolute threshold 0 (p(refusal) ≥ ½) is unreachable for small models
+            whose refusals themselves score below 0 (the demo model: −0.65 on harmful prompts).
         screen_keep: candidates kept after the screen.
         batch_size: rows per forward; several candidates share a forward when prompts are few.
+        n_layers: depth of the model (default: the candidates' layer count); extraction may stop
+            early, so the candidates can cover fewer layers than the model has.
         progress: show progress bars.
 
     Returns:
@@ -153,18 +162,25 @@ def select_direction(
     Raises:
         LookupError: no candidate passes the filters.
     """
-    n_positions, n_layers, _ = candidates.shape
+    n_positions, n_extracted, _ = candidates.shape
+    n_layers = n_layers or n_extracted
     eligible = [
         (pos, layer)
-        for layer in range(n_layers)
+        for layer in range(n_extracted)
         if layer < max_layer_fraction * n_layers
         for pos in range(n_positions)
     ]
-    nan = torch.full((n_positions, n_layers), math.nan, dtype=torch.float64)
-    scores = {name: nan.clone() for name in ("screen", "ablation", "steering", "kl")}
+    nan = torch.full((n_positions, n_extracted), math.nan, dtype=torch.float64)
+    scores = {name: nan.clone() for name in ("screen", "screen_kl", "ablation", "steering", "kl")}
     units = _units(candidates)
 
-    def ablation_pass(encoded: EncodedPrompts, pairs: list[tuple[int, int]], name: str) -> None:
+    def ablation_pass(
+        encoded: EncodedPrompts,
+        pairs: list[tuple[int, int]],
+        name: str,
+        reference: torch.Tensor | None = None,
+    ) -> None:
+        """Score each candidate's ablation: refusal score, or KL from ``reference`` logits when given."""
         bar = tqdm(total=len(pairs), desc=f"select: {name}", unit="cand", disable=not progress)
         directions_per_forward = max(1, batch_size // encoded.count)
         with bar:
@@ -173,40 +189,56 @@ def select_direction(
                 directions = torch.stack([units[pos, layer] for pos, layer in chunk])
                 logits = last_logits(model, adapter, encoded, ablate=directions)
                 for (pos, layer), rows in zip(chunk, logits, strict=True):
-                    scores[name][pos, layer] = refusal_scores(rows, refusal_ids).mean()
+                    if reference is None:
+                        scores[name][pos, layer] = refusal_scores(rows, refusal_ids).mean()
+                    else:
+                        scores[name][pos, layer] = kl_divergence(reference, rows).mean()
                 bar.update(len(chunk))
 
     ablation_pass(harmful_screen, eligible, "screen")
-    screened = sorted(eligible, key=lambda pair: _sort_key(scores["screen"][pair]))[:screen_keep]
-    ablation_pass(harmful_val, screened, "ablation")
-    ranked = sorted(screened, key=lambda pair: _sort_key(scores["ablation"][pair]))
+    if harmless_screen is not None:
+        ablation_pass(harmless_screen, eligible, "screen KL", last_logits(model, adapter, harmless_screen)[0])
 
+    def screen_order(pair: tuple[int, int]) -> tuple[bool, float]:
+        # Candidates whose screen KL already breaks the bound go last (False sorts first).
+        breaks_model = bool(scores["screen_kl"][pair] > 2 * max_kl)
+        return breaks_model, _sort_key(scores["screen"][pair])
+
+    by_screen = sorted(eligible, key=screen_order)
     baseline = last_logits(model, adapter, harmless_val)[0]
-    for pos, layer in tqdm(ranked, desc="select: filters", unit="cand", disable=not progress):
-        ablation = scores["ablation"][pos, layer].item()
-        if math.isnan(ablation):
-            continue
-        ablated = last_logits(model, adapter, harmless_val, ablate=units[pos, layer][None])[0]
-        kl = kl_divergence(baseline, ablated).mean().item()
-        scores["kl"][pos, layer] = kl
-        if not kl <= max_kl:
-            continue
-        steered = last_logits(model, adapter, harmless_val, steer=(candidates[pos, layer].float(), layer))[0]
-        steering = refusal_scores(steered, refusal_ids).mean().item()
-        scores["steering"][pos, layer] = steering
-        if not steering >= min_steering:
-            continue
-        return RefusalDirection(
-            direction=units[pos, layer].clone(),
-            layer=layer,
-            position=pos - n_positions,
-            ablation_score=ablation,
-            steering_score=steering,
-            kl=kl,
-            scores=scores,
-        )
+    if min_steering is None:
+        min_steering = refusal_scores(baseline, refusal_ids).mean().item()
+    # Full scores for the best screened candidates; if none of them passes the filters, the next ones.
+    for start in range(0, len(by_screen), screen_keep):
+        group = by_screen[start : start + screen_keep]
+        ablation_pass(harmful_val, group, "ablation")
+        ranked = sorted(group, key=lambda pair: _sort_key(scores["ablation"][pair]))
+        for pos, layer in tqdm(ranked, desc="select: filters", unit="cand", disable=not progress):
+            ablation = scores["ablation"][pos, layer].item()
+            if math.isnan(ablation):
+                continue
+            ablated = last_logits(model, adapter, harmless_val, ablate=units[pos, layer][None])[0]
+            kl = kl_divergence(baseline, ablated).mean().item()
+            scores["kl"][pos, layer] = kl
+            if not kl <= max_kl:
+                continue
+            vector = candidates[pos, layer].float()
+            steered = last_logits(model, adapter, harmless_val, steer=(vector, layer))[0]
+            steering = refusal_scores(steered, refusal_ids).mean().item()
+            scores["steering"][pos, layer] = steering
+            if not steering > min_steering:
+                continue
+            return RefusalDirection(
+                direction=units[pos, layer].clone(),
+                layer=layer,
+                position=pos - n_positions,
+                ablation_score=ablation,
+                steering_score=steering,
+                kl=kl,
+                scores=scores,
+            )
     raise LookupError(
-        f"no candidate passed the filters (KL ≤ {max_kl}, steering ≥ {min_steering}, "
+        f"no candidate passed the filters (KL ≤ {max_kl}, steering > {min_steering:.3g}, "
         f"layer < {max_layer_fraction:.0%} of {n_layers}); relax them or give --layer and --position"
     )
 

@@ -115,7 +115,9 @@ def evaluate_model(
 
     def measure(source: str) -> tuple[float, int, torch.Tensor]:
         loaded = load_model(source, dtype=dtype, device=device)
-        evaluation = refusal_rate(loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens)
+        evaluation = refusal_rate(
+            loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
+        )
         encoded = encode(loaded.tokenizer, harmless_prompts, batch_size=32)
         logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(loaded.model, encoded)])
         return evaluation.refusal_rate, evaluation.n, logits

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_model, make_tokenizer  # noqa: E402
+from tiny import make_model, make_tokenizer
 
 
 def save_tiny(directory: Path, model_type: str = "qwen2", chat_template: bool = True, **overrides) -> Path:

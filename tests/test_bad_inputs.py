@@ -10,7 +10,19 @@ from conftest import save_tiny
 
 from abliterate.cli import main
 
-SMALL = ["--n-train", "8", "--n-val", "4", "--n-eval", "2", "--no-progress", "--layer", "1", "--position", "-1"]
+SMALL = [
+    "--n-train",
+    "8",
+    "--n-val",
+    "4",
+    "--n-eval",
+    "2",
+    "--no-progress",
+    "--layer",
+    "1",
+    "--position",
+    "-1",
+]
 
 
 def _fails_cleanly(args: list[str], output: Path | None, expect: str) -> None:
@@ -25,24 +37,30 @@ def _fails_cleanly(args: list[str], output: Path | None, expect: str) -> None:
 
 
 def test_missing_model(tmp_path: Path) -> None:
-    _fails_cleanly(["run", str(tmp_path / "nope"), "--output", str(tmp_path / "out")], tmp_path / "out", "not found")
+    _fails_cleanly(
+        ["run", str(tmp_path / "nope"), "--output", str(tmp_path / "out")], tmp_path / "out", "not found"
+    )
 
 
 def test_missing_gguf_file(tmp_path: Path) -> None:
-    _fails_cleanly(["run", str(tmp_path / "m.gguf"), "--output", str(tmp_path / "out")], tmp_path / "out", "not found")
+    _fails_cleanly(
+        ["run", str(tmp_path / "m.gguf"), "--output", str(tmp_path / "out")], tmp_path / "out", "not found"
+    )
 
 
 def test_no_chat_template(tmp_path: Path) -> None:
     model = save_tiny(tmp_path / "plain", chat_template=False)
-    _fails_cleanly(["run", str(model), "--output", str(tmp_path / "out"), *SMALL], tmp_path / "out", "chat template")
+    _fails_cleanly(
+        ["run", str(model), "--output", str(tmp_path / "out"), *SMALL], tmp_path / "out", "chat template"
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "content", "expect"),
     [
         ("empty.txt", "\n\n", "no prompts"),
-        ("broken.json", "[\"a\", ", "not valid json"),
-        ("objects.json", "[{\"question\": \"x\"}]", "instruction"),
+        ("broken.json", '["a", ', "not valid json"),
+        ("objects.json", '[{"question": "x"}]', "instruction"),
         ("table.csv", "question\nwhat\n", "column"),
         ("prompts.xml", "<a/>", "unsupported"),
     ],
@@ -51,23 +69,46 @@ def test_bad_prompt_files(tiny_qwen2: Path, tmp_path: Path, name: str, content: 
     source = tmp_path / name
     source.write_text(content)
     out = tmp_path / "out"
-    _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), "--harmful", str(source), *SMALL], out, expect)
+    _fails_cleanly(
+        ["run", str(tiny_qwen2), "--output", str(out), "--harmful", str(source), *SMALL], out, expect
+    )
 
 
 def test_missing_prompt_file(tiny_qwen2: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), "--harmless", str(tmp_path / "x.txt"), *SMALL], out, "not found")
+    _fails_cleanly(
+        ["run", str(tiny_qwen2), "--output", str(out), "--harmless", str(tmp_path / "x.txt"), *SMALL],
+        out,
+        "not found",
+    )
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:
-    model = save_tiny(tmp_path / "bloom", "bloom")
+    """OPT is not registered and its module names match no registered structure."""
+    from tiny import make_tokenizer
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    model = tmp_path / "opt"
+    config = OPTConfig(
+        vocab_size=320,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        word_embed_proj_dim=32,
+        max_position_embeddings=128,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
     out = tmp_path / "out"
     _fails_cleanly(["run", str(model), "--output", str(out), *SMALL], out, "--architecture")
 
 
 def test_unknown_architecture_override(tiny_qwen2: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), "--architecture", "nonsense", *SMALL], out, "nonsense")
+    _fails_cleanly(
+        ["run", str(tiny_qwen2), "--output", str(out), "--architecture", "nonsense", *SMALL], out, "nonsense"
+    )
 
 
 def test_output_dir_not_empty_is_left_alone(tiny_qwen2: Path, tmp_path: Path) -> None:
@@ -81,7 +122,9 @@ def test_output_dir_not_empty_is_left_alone(tiny_qwen2: Path, tmp_path: Path) ->
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_parity_failure_saves_nothing(tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parity_failure_saves_nothing(
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Fold a different direction than the hooks ablate: the gate must catch it and write nothing."""
     import torch
 
@@ -97,7 +140,9 @@ def test_parity_failure_saves_nothing(tiny_qwen2: Path, tmp_path: Path, monkeypa
     _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL], out, "parity check failed")
 
 
-def test_push_without_token_fails_before_loading(tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_without_token_fails_before_loading(
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
 
@@ -106,7 +151,9 @@ def test_push_without_token_fails_before_loading(tiny_qwen2: Path, tmp_path: Pat
 
     monkeypatch.setattr("abliterate.loading.load_model", must_not_load)
     out = tmp_path / "out"
-    _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), "--push-to-hub", "me/x", *SMALL], out, "token")
+    _fails_cleanly(
+        ["run", str(tiny_qwen2), "--output", str(out), "--push-to-hub", "me/x", *SMALL], out, "token"
+    )
 
 
 def test_layer_without_position(tiny_qwen2: Path, tmp_path: Path) -> None:
@@ -116,5 +163,17 @@ def test_layer_without_position(tiny_qwen2: Path, tmp_path: Path) -> None:
 
 def test_layer_out_of_range(tiny_qwen2: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["run", str(tiny_qwen2), "--output", str(out), "--n-train", "4", "--no-progress", "--layer", "9", "--position", "-1"]
+    args = [
+        "run",
+        str(tiny_qwen2),
+        "--output",
+        str(out),
+        "--n-train",
+        "4",
+        "--no-progress",
+        "--layer",
+        "9",
+        "--position",
+        "-1",
+    ]
     _fails_cleanly(args, out, "out of range")

@@ -45,7 +45,16 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
     assert manifest["direction"] == {**manifest["direction"], "layer": 2, "position": -1}
     assert manifest["parity"]["passed"] is True
     assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4 * manifest["parity"]["logit_scale"]
-    assert set(manifest["timings"]) >= {"load_s", "extract_s", "select_s", "edit_s", "verify_s", "evaluate_s", "save_s", "total_s"}
+    assert set(manifest["timings"]) >= {
+        "load_s",
+        "extract_s",
+        "select_s",
+        "edit_s",
+        "verify_s",
+        "evaluate_s",
+        "save_s",
+        "total_s",
+    }
     assert manifest["evaluation"]["before"]["n"] == 4
     assert {"torch", "transformers"} <= set(manifest["versions"])
     config = json.loads((run_output / "config.json").read_text())
@@ -85,7 +94,17 @@ def test_saved_checkpoint_equals_hooked_original(tiny_qwen2: Path, run_output: P
 
 def test_tied_embeddings_are_untied_and_head_kept(tiny_llama_tied: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
-    result = _run(str(tiny_llama_tied), "--output", str(output), "--layer", "1", "--position", "-2", *SMALL, "--no-evaluate")
+    result = _run(
+        str(tiny_llama_tied),
+        "--output",
+        str(output),
+        "--layer",
+        "1",
+        "--position",
+        "-2",
+        *SMALL,
+        "--no-evaluate",
+    )
     assert result.exit_code == 0, result.output
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_tied)
     edited = AutoModelForCausalLM.from_pretrained(output)
@@ -144,11 +163,23 @@ def test_push_uses_the_api_and_never_prints_the_token(
     secret = "hf_secret_token_value_123"
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setattr("abliterate.hub._default_api", lambda: RecordingApi())
-    result = _run(str(tiny_qwen2), "--push-to-hub", "someone/tiny-abliterated", "--private", "--layer", "1", "--position", "-1", *SMALL)
+    result = _run(
+        str(tiny_qwen2),
+        "--push-to-hub",
+        "someone/tiny-abliterated",
+        "--private",
+        "--layer",
+        "1",
+        "--position",
+        "-1",
+        *SMALL,
+    )
     assert result.exit_code == 0, result.output
     assert secret not in result.output
     names = [name for name, _ in calls]
     assert names == ["whoami", "create_repo", "upload_folder"]
     assert calls[1][1]["private"] is True and calls[1][1]["repo_id"] == "someone/tiny-abliterated"
-    assert {"README.md", "abliterate.json", "direction.safetensors", "model.safetensors"} <= set(calls[2][1]["files"])
+    assert {"README.md", "abliterate.json", "direction.safetensors", "model.safetensors"} <= set(
+        calls[2][1]["files"]
+    )
     assert "https://huggingface.co/someone/tiny-abliterated" in result.output

@@ -1,0 +1,139 @@
+"""Selection picks what the method says, and the prompt-efficient batching changes no number."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tiny import make_model, make_tokenizer
+
+from abliterate.adapters import resolve_adapter
+from abliterate.batching import encode, eoi_length, forward_batches
+from abliterate.extract import extract_candidates
+from abliterate.hooks import ablate_direction
+from abliterate.prompts import bundled
+from abliterate.select import last_logits, refusal_scores, refusal_token_ids, select_direction
+
+
+def _setup() -> tuple:
+    model, tokenizer = make_model("qwen2", seed=3), make_tokenizer()
+    tokenizer.padding_side = "left"
+    adapter = resolve_adapter(model)
+    n_eoi = eoi_length(tokenizer)
+    harmful, harmless = bundled("harmful", "train")[:12], bundled("harmless", "train")[:12]
+    candidates = extract_candidates(
+        model,
+        adapter,
+        encode(tokenizer, harmful, batch_size=5, keep_last=n_eoi),
+        encode(tokenizer, harmless, batch_size=5, keep_last=n_eoi),
+        n_eoi,
+        progress=False,
+    )
+    return model, tokenizer, adapter, n_eoi, candidates
+
+
+def test_prefix_cache_and_batching_match_single_prompt_forwards() -> None:
+    model, tokenizer, adapter, n_eoi, candidates = _setup()
+    prompts = bundled("harmful", "val")[:5]
+    encoded = encode(tokenizer, prompts, batch_size=2, keep_last=n_eoi)
+    assert encoded.prefix.shape[1] > 0, "the chat template's shared prefix should be split off"
+    direction = torch.nn.functional.normalize(candidates[-1, 1].float(), dim=0)
+    batched = last_logits(model, adapter, encoded, ablate=direction[None])[0]
+    for row, index in enumerate(encoded.order):
+        single = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompts[index]}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.no_grad(), ablate_direction(model, adapter, direction):
+            expected = model(**single).logits[0, -1]
+        assert torch.allclose(batched[row], expected, atol=1e-4), row
+
+
+def test_several_directions_per_forward_equal_one_at_a_time() -> None:
+    model, tokenizer, adapter, n_eoi, candidates = _setup()
+    encoded = encode(tokenizer, bundled("harmful", "val")[:3], batch_size=8, keep_last=n_eoi)
+    directions = torch.nn.functional.normalize(candidates[:, 2].float(), dim=-1)
+    together = last_logits(model, adapter, encoded, ablate=directions)
+    for index in range(directions.shape[0]):
+        alone = last_logits(model, adapter, encoded, ablate=directions[index : index + 1])[0]
+        assert torch.allclose(together[index], alone, atol=1e-4)
+    assert not torch.allclose(together[0], together[1], atol=1e-3), "directions had no effect"
+
+
+def test_selection_is_the_exhaustive_argmin_when_nothing_is_screened_out() -> None:
+    model, tokenizer, adapter, n_eoi, candidates = _setup()
+    val = encode(tokenizer, bundled("harmful", "val")[:4], batch_size=8, keep_last=n_eoi)
+    harmless = encode(tokenizer, bundled("harmless", "val")[:4], batch_size=8, keep_last=n_eoi)
+    refusal_ids = refusal_token_ids(tokenizer)
+    chosen = select_direction(
+        model,
+        adapter,
+        candidates,
+        val,
+        harmless,
+        val,
+        refusal_ids,
+        max_kl=math.inf,
+        min_steering=-math.inf,
+        screen_keep=10_000,
+        progress=False,
+    )
+    n_positions, n_layers, _ = candidates.shape
+    best = None
+    for layer in range(n_layers):
+        if layer >= 0.8 * n_layers:
+            continue
+        for pos in range(n_positions):
+            unit = torch.nn.functional.normalize(candidates[pos, layer].float(), dim=0)
+            score = refusal_scores(last_logits(model, adapter, val, ablate=unit[None])[0], refusal_ids).mean()
+            if best is None or score < best[0]:
+                best = (score.item(), pos - n_positions, layer)
+    assert (chosen.position, chosen.layer) == (best[1], best[2])
+    assert abs(chosen.ablation_score - best[0]) < 1e-6
+    assert chosen.layer < 0.8 * n_layers
+
+
+def test_kl_filter_rejects_and_the_error_says_what_to_do() -> None:
+    model, tokenizer, adapter, n_eoi, candidates = _setup()
+    val = encode(tokenizer, bundled("harmful", "val")[:3], batch_size=8, keep_last=n_eoi)
+    harmless = encode(tokenizer, bundled("harmless", "val")[:3], batch_size=8, keep_last=n_eoi)
+    try:
+        select_direction(
+            model,
+            adapter,
+            candidates,
+            val,
+            harmless,
+            val,
+            refusal_token_ids(tokenizer),
+            max_kl=0.0,
+            progress=False,
+        )
+    except LookupError as error:
+        assert "--layer" in str(error)
+    else:
+        raise AssertionError("a KL bound of 0 must reject every candidate")
+
+
+def test_extraction_equals_hidden_states_mean() -> None:
+    model, tokenizer, adapter, n_eoi, _ = _setup()
+    prompts = bundled("harmful", "train")[:6]
+    encoded = encode(tokenizer, prompts, batch_size=4, keep_last=n_eoi)
+    from abliterate.extract import mean_block_inputs
+
+    means = mean_block_inputs(model, adapter, encoded, n_eoi, 4, progress=False)
+    expected = []
+    for prompt in prompts:
+        single = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.no_grad():
+            states = model(**single, output_hidden_states=True).hidden_states[:4]
+        expected.append(torch.stack([state[0, -n_eoi:] for state in states], dim=1))
+    assert torch.allclose(means, torch.stack(expected).double().mean(0), atol=1e-5)
+    assert all(logits is None for logits in forward_batches(model, encoded, logits=False))
