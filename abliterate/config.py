@@ -57,6 +57,9 @@ class RunConfig:
         default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen.")
     )
     screen_keep: int = field(default=8, metadata=_help("Candidates kept after the screen for full scoring."))
+    layer_stride: int = field(
+        default=2, metadata=_help("Screen every N-th layer first, then the layers beside the best (1 = all).")
+    )
     max_new_tokens: int = field(
         default=24, metadata=_help("Tokens generated per prompt when evaluating refusals.")
     )

@@ -9,7 +9,7 @@ from abliterate.adapters import Adapter, Layout, ResolvedWriter, resolve_writers
 from abliterate.adapters.resolve import embeddings_of, locate
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
-_ROWS_WRITE = ("conv1d", "experts_t", "embedding")
+ROWS_WRITE = ("conv1d", "experts_t", "embedding")
 
 
 def orthogonalize(weight: torch.Tensor, direction: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -29,7 +29,7 @@ def orthogonalize(weight: torch.Tensor, direction: torch.Tensor, layout: Layout)
     """
     r = _unit(direction, weight)
     w = weight.to(r.dtype)
-    if layout in _ROWS_WRITE:
+    if layout in ROWS_WRITE:
         # [..., d_model]: W' = W − (W r̂) r̂ᵀ
         edited = w - torch.einsum("...d,d->...", w, r).unsqueeze(-1) * r
     elif layout in ("linear", "experts"):
@@ -38,6 +38,33 @@ def orthogonalize(weight: torch.Tensor, direction: torch.Tensor, layout: Layout)
     else:
         raise ValueError(f"unknown weight layout {layout!r}")
     return edited.to(weight.dtype)
+
+
+def orthogonalize_(
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, chunk_elements: int = 1 << 22
+) -> None:
+    """``weight ← orthogonalize(weight)`` in place, in independent slices so the float64 temporaries stay
+    small (an embedding of 150k × 4k would otherwise need several GB of them).
+
+    Slicing changes nothing numerically: each row (rows-write layouts) or column (linear layouts) is
+    computed on its own either way.
+    """
+    if weight.numel() <= chunk_elements:
+        weight.copy_(orthogonalize(weight, direction, layout))
+    elif layout in ROWS_WRITE:
+        rows = weight.reshape(-1, weight.shape[-1])  # [n, d_model], each row edited on its own
+        step = max(1, chunk_elements // rows.shape[1])
+        for first in range(0, rows.shape[0], step):
+            block = rows[first : first + step]
+            block.copy_(orthogonalize(block, direction, "embedding"))
+    elif layout == "experts":
+        for expert in weight:  # [d_model, d_in] each
+            orthogonalize_(expert, direction, "linear", chunk_elements)
+    else:
+        step = max(1, chunk_elements // weight.shape[0])  # [d_model, d_in], each column edited on its own
+        for first in range(0, weight.shape[1], step):
+            columns = weight[:, first : first + step]
+            columns.copy_(orthogonalize(columns, direction, "linear"))
 
 
 def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -96,8 +123,7 @@ def fold_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor) 
     untie_embeddings(model, adapter)
     edited = 0
     for writer in residual_writers(model, adapter):
-        weight = writer.weight_tensor()
-        weight.data.copy_(orthogonalize(weight.data, direction, writer.layout))
+        orthogonalize_(writer.weight_tensor().data, direction, writer.layout)
         edited += 1
         bias = writer.bias_tensor()
         if bias is not None:

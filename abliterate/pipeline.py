@@ -177,6 +177,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
                 screen_keep=config.screen_keep,
                 batch_size=config.batch_size,
                 n_layers=n_layers,
+                layer_stride=config.layer_stride,
                 progress=config.progress,
             )
     generate = dict(

@@ -7,7 +7,9 @@ Scores per candidate r̂ = c / |c|:
 The paper discards NaN, layer ≥ 0.8·n_layers, KL > 0.1 and steering < 0, then takes the lowest
 ablation score. We compute the same choice with less work: a coarse ablation screen on a few prompts
 keeps the best ``screen_keep`` candidates, those get the full ablation score, and KL and steering are
-computed lazily in ablation order until the first candidate passes every filter.
+computed lazily in ablation order until the first candidate passes every filter. The screen itself
+visits every second layer, then the layers next to the best candidates, and also measures KL on a few
+harmless prompts so candidates that clearly damage the model are scored last.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def select_direction(
     screen_keep: int = 8,
     batch_size: int = 32,
     n_layers: int | None = None,
+    layer_stride: int = 2,
     progress: bool = True,
 ) -> RefusalDirection:
     """Pick the candidate with the lowest ablation score among those that pass every filter.
@@ -154,6 +157,8 @@ def select_direction(
         batch_size: rows per forward; several candidates share a forward when prompts are few.
         n_layers: depth of the model (default: the candidates' layer count); extraction may stop
             early, so the candidates can cover fewer layers than the model has.
+        layer_stride: screen every ``layer_stride``-th layer first, then the layers beside the best
+            (1 screens every candidate).
         progress: show progress bars.
 
     Returns:
@@ -195,15 +200,31 @@ def select_direction(
                         scores[name][pos, layer] = kl_divergence(reference, rows).mean()
                 bar.update(len(chunk))
 
-    ablation_pass(harmful_screen, eligible, "screen")
-    if harmless_screen is not None:
-        ablation_pass(harmless_screen, eligible, "screen KL", last_logits(model, adapter, harmless_screen)[0])
+    screen_reference = None if harmless_screen is None else last_logits(model, adapter, harmless_screen)[0]
 
-    def screen_order(pair: tuple[int, int]) -> tuple[bool, float]:
-        # Candidates whose screen KL already breaks the bound go last (False sorts first).
+    def screen(pairs: list[tuple[int, int]]) -> None:
+        ablation_pass(harmful_screen, pairs, "screen")
+        if harmless_screen is not None:
+            ablation_pass(harmless_screen, pairs, "screen KL", screen_reference)
+
+    def screen_order(pair: tuple[int, int]) -> tuple[bool, bool, float]:
+        # Unscreened candidates go last, then those whose screen KL already breaks the bound.
+        unscreened = math.isnan(scores["screen"][pair])
         breaks_model = bool(scores["screen_kl"][pair] > 2 * max_kl)
-        return breaks_model, _sort_key(scores["screen"][pair])
+        return unscreened, breaks_model, _sort_key(scores["screen"][pair])
 
+    # Neighbouring layers give similar candidates: screen every ``layer_stride``-th layer, then the
+    # skipped layers next to the best screened candidates.
+    coarse = [pair for pair in eligible if pair[1] % layer_stride == 0]
+    screen(coarse)
+    best = sorted(coarse, key=screen_order)[: max(1, screen_keep // 2)]
+    neighbours = {
+        (pos, layer + step)
+        for pos, layer in best
+        for step in range(1 - layer_stride, layer_stride)
+        if step and (pos, layer + step) in eligible and (pos, layer + step) not in coarse
+    }
+    screen(sorted(neighbours))
     by_screen = sorted(eligible, key=screen_order)
     baseline = last_logits(model, adapter, harmless_val)[0]
     if min_steering is None:

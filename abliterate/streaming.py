@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 from abliterate.direction import unit_direction
-from abliterate.edit import orthogonalize
+from abliterate.edit import ROWS_WRITE, orthogonalize_
 from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, read_header, reuse_freed_memory, write_shard
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 _STALE_WEIGHTS = re.compile(
     r"(model|consolidated.*|pytorch_model.*|tf_model|flax_model)\.(safetensors|bin|pth|pt|h5|msgpack)"
 )
-_ROWS_WRITE = ("conv1d", "experts_t", "embedding")  # layouts whose last axis is d_model
 # Tensors above this many elements are edited in slices of it (4 MiB of float64, below the allocator
 # thresholds set in ``safetensors_io.reuse_freed_memory``; the fastest size measured); smaller tensors in
 # one call, exactly as the in-memory fold does. Slicing changes no bit of the result
@@ -308,7 +307,7 @@ def _check_editable(entry: TensorEntry, layout: Layout, d_model: int) -> None:
         raise ValueError(
             f"tensor {entry.name}: shape {list(entry.shape)} does not match its stored byte count"
         )
-    axis = -1 if layout in _ROWS_WRITE else (0 if layout == "linear" else -2)
+    axis = -1 if layout in ROWS_WRITE else (0 if layout == "linear" else -2)
     if entry.shape[axis] != d_model:
         raise ValueError(
             f"tensor {entry.name} ({layout}, {list(entry.shape)}) has no axis of size d_model={d_model}"
@@ -406,24 +405,8 @@ def _write_all(
 
 
 def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layout: Layout) -> None:
-    """``weight ← orthogonalize(weight)``, in slices when large; slices are independent of each other."""
-    if weight.numel() <= _CHUNK_ELEMENTS:
-        weight.copy_(orthogonalize(weight, direction, layout))
-    elif layout in _ROWS_WRITE:
-        rows = weight.reshape(-1, weight.shape[-1])  # [n, d_model], each row edited on its own
-        step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
-        for first in range(0, rows.shape[0], step):
-            rows[first : first + step].copy_(
-                orthogonalize(rows[first : first + step], direction, "embedding")
-            )
-    elif layout == "experts":
-        for expert in weight:  # [d_model, d_in] each
-            _orthogonalize_in_place(expert, direction, "linear")
-    else:
-        step = max(1, _CHUNK_ELEMENTS // weight.shape[0])  # [d_model, d_in], each column edited on its own
-        for first in range(0, weight.shape[1], step):
-            columns = weight[:, first : first + step]
-            columns.copy_(orthogonalize(columns, direction, "linear"))
+    """``weight ← orthogonalize(weight)`` in slices of ``_CHUNK_ELEMENTS`` (see ``edit.orthogonalize_``)."""
+    orthogonalize_(weight, direction, layout, chunk_elements=_CHUNK_ELEMENTS)
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

@@ -78,6 +78,7 @@ def test_selection_is_the_exhaustive_argmin_when_nothing_is_screened_out() -> No
         max_kl=math.inf,
         min_steering=-math.inf,
         screen_keep=10_000,
+        layer_stride=1,
         progress=False,
     )
     n_positions, n_layers, _ = candidates.shape
