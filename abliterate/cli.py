@@ -35,6 +35,8 @@ def _one_line_errors() -> Iterator[None]:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     except _USER_ERRORS as error:
+        if isinstance(error, (KeyError, IndexError)):
+            raise  # a bug of ours, not the user's input: keep the traceback
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         click.echo(f"error: {message}", err=True)
         sys.exit(1)

@@ -22,7 +22,7 @@ class RunConfig:
     n_train: int = field(default=128, metadata=_help("Prompts per class used to extract candidates."))
     n_val: int = field(default=32, metadata=_help("Prompts per class used to score candidates."))
     n_eval: int = field(default=50, metadata=_help("Prompts per class for the before/after evaluation."))
-    n_parity: int = field(default=8, metadata=_help("Held-aside prompts for the parity check."))
+    n_parity: int = field(default=4, metadata=_help("Held-aside prompts for the parity check."))
     seed: int = field(default=0, metadata=_help("Seed for prompt sampling."))
     device: str = field(
         default="auto", metadata=_help("auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps.")
@@ -56,7 +56,7 @@ class RunConfig:
     screen_prompts: int = field(
         default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen.")
     )
-    screen_keep: int = field(default=8, metadata=_help("Candidates kept after the screen for full scoring."))
+    screen_keep: int = field(default=6, metadata=_help("Candidates kept after the screen for full scoring."))
     layer_stride: int = field(
         default=2, metadata=_help("Screen every N-th layer first, then the layers beside the best (1 = all).")
     )

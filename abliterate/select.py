@@ -129,7 +129,7 @@ def select_direction(
     max_layer_fraction: float = 0.8,
     max_kl: float = 0.1,
     min_steering: float | None = None,
-    screen_keep: int = 8,
+    screen_keep: int = 6,
     batch_size: int = 32,
     n_layers: int | None = None,
     layer_stride: int = 2,
@@ -186,7 +186,9 @@ def select_direction(
         reference: torch.Tensor | None = None,
     ) -> None:
         """Score each candidate's ablation: refusal score, or KL from ``reference`` logits when given."""
-        bar = tqdm(total=len(pairs), desc=f"select: {name}", unit="cand", disable=not progress)
+        bar = tqdm(
+            total=len(pairs), desc=f"select: {name.replace('_', ' ')}", unit="cand", disable=not progress
+        )
         directions_per_forward = max(1, batch_size // encoded.count)
         with bar:
             for start in range(0, len(pairs), directions_per_forward):
@@ -205,7 +207,7 @@ def select_direction(
     def screen(pairs: list[tuple[int, int]]) -> None:
         ablation_pass(harmful_screen, pairs, "screen")
         if harmless_screen is not None:
-            ablation_pass(harmless_screen, pairs, "screen KL", screen_reference)
+            ablation_pass(harmless_screen, pairs, "screen_kl", screen_reference)
 
     def screen_order(pair: tuple[int, int]) -> tuple[bool, bool, float]:
         # Unscreened candidates go last, then those whose screen KL already breaks the bound.
