@@ -43,6 +43,7 @@ def atomic_directory(output: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
         yield staging
+        _apply_umask(staging)
         if output.exists():
             # Move the old directory aside first so a failure between the two renames loses nothing.
             retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
@@ -72,3 +73,12 @@ def save_model(model: nn.Module, tokenizer: object, directory: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     if not (directory / "generation_config.json").exists() and getattr(model, "generation_config", None):
         model.generation_config.save_pretrained(directory)
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the finished output ordinary permissions: ``mkdtemp`` and some writers use owner-only modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -16,6 +16,14 @@ from abliterate.cli import main
 SMALL = ["--n-train", "8", "--n-val", "4", "--n-eval", "4", "--no-progress"]
 
 
+def _umask() -> int:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _run(*args: str) -> object:
     return CliRunner().invoke(main, ["run", *args], catch_exceptions=False)
 
@@ -41,6 +49,9 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
     ):
         assert required in names, f"{required} missing from {sorted(names)}"
     assert not [path for path in run_output.parent.iterdir() if path.name.startswith(".")], "temp dir left"
+    # Readable like any other download, not owner-only as the temporary directory was.
+    assert run_output.stat().st_mode & 0o055 == 0o055 & ~_umask()
+    assert (run_output / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~_umask()
     manifest = json.loads((run_output / "abliterate.json").read_text())
     assert manifest["direction"] == {**manifest["direction"], "layer": 2, "position": -1}
     assert manifest["parity"]["passed"] is True
