@@ -28,8 +28,8 @@ def check_output_dir(output: str | Path, overwrite: bool) -> Path:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the output {path}: {parent} is not writable")
     return path
 
 

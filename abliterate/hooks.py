@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,11 +21,19 @@ def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
-def _registered(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+def registered(handles: Iterable[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Keep hooks installed for the ``with`` body and remove every one of them afterwards.
+
+    ``handles`` may be a generator that registers as it goes: it is consumed inside the ``try``, so a
+    failure halfway through still removes the hooks registered before it.
+    """
+    installed: list[torch.utils.hooks.RemovableHandle] = []
     try:
+        for handle in handles:
+            installed.append(handle)
         yield
     finally:
-        for handle in handles:
+        for handle in installed:
             handle.remove()
 
 
@@ -42,7 +50,6 @@ def record_block_inputs(
         layers: the blocks to record (default: all).
     """
     _, blocks = blocks_of(model, adapter)
-    handles = []
 
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -50,14 +57,10 @@ def record_block_inputs(
 
         return hook
 
-    try:
-        for layer in layers if layers is not None else range(len(blocks)):
-            handles.append(blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
-    with _registered(handles):
+    recorded = layers if layers is not None else range(len(blocks))
+    with registered(
+        blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True) for layer in recorded
+    ):
         yield
 
 
@@ -80,7 +83,7 @@ def stop_before(model: nn.Module, adapter: Adapter, layer: int) -> Iterator[None
         raise StopForward
 
     handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    with _registered([handle]):
+    with registered([handle]):
         yield
 
 
@@ -130,19 +133,11 @@ def ablate_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor
 
     if direction.dim() == 1:
         direction = direction / direction.norm()
-    handles = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return _map_output(output, lambda out: project_out(out, direction))
 
-    try:
-        for writer in residual_writers(model, adapter):
-            handles.append(writer.module.register_forward_hook(hook))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
-    with _registered(handles):
+    with registered(writer.module.register_forward_hook(hook) for writer in residual_writers(model, adapter)):
         yield
 
 
@@ -161,5 +156,5 @@ def add_to_block_input(
         return args, {**kwargs, "hidden_states": steered}
 
     handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    with _registered([handle]):
+    with registered([handle]):
         yield

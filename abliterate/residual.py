@@ -20,7 +20,7 @@ from torch import nn
 
 from abliterate.adapters import Adapter
 from abliterate.adapters.resolve import blocks_of, embeddings_of
-from abliterate.hooks import _map_output, _registered, project_out
+from abliterate.hooks import _map_output, project_out, registered
 
 
 def residual_terms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
@@ -61,13 +61,5 @@ def ablate_residual_stream(model: nn.Module, adapter: Adapter, direction: torch.
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         return _map_output(output, lambda hidden: project_out(hidden, unit))
 
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        for module in residual_terms(model, adapter):
-            handles.append(module.register_forward_hook(hook))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
-    with _registered(handles):
+    with registered(module.register_forward_hook(hook) for module in residual_terms(model, adapter)):
         yield

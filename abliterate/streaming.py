@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
+from abliterate.checkpoint import check_output_dir
 from abliterate.direction import unit_direction
 from abliterate.edit import ROWS_WRITE, orthogonalize_
 from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, read_header, reuse_freed_memory, write_shard
@@ -318,15 +319,7 @@ def _check_output(target: Path, source: Path, overwrite: bool) -> None:
     real_target, real_source = target.resolve(), source.resolve()
     if real_target == real_source or real_source in real_target.parents or real_target in real_source.parents:
         raise ValueError(f"the output {target} must be outside the checkpoint {source} and not contain it")
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"the output {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"the output {target} is not empty; pass --overwrite to replace it")
-    existing = target.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write the output {target}: {existing} is not writable")
+    check_output_dir(target, overwrite)
 
 
 def _make_temp_dir(target: Path) -> Path:
