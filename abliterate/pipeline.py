@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from abliterate.config import RunConfig
 
@@ -274,8 +275,11 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="abliterate-push-"))
             target = Path(scratch) / "model"
         save_started = time.perf_counter()
+        bar = cleanup.enter_context(tqdm(total=4, desc="save", unit="step", disable=not config.progress))
         with atomic_directory(target) as staging:
+            bar.set_postfix_str("weights")
             save_model(model, tokenizer, staging)
+            bar.update()
             save_direction(
                 staging / "direction.safetensors",
                 chosen.direction,
@@ -284,12 +288,14 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
                 config.model,
                 extra={"model_type": model.config.model_type},
             )
+            bar.update()
             if chosen.scores:
                 plot_candidate_scores(
                     chosen.scores, (chosen.position + n_eoi, chosen.layer), staging / "candidate_scores.png"
                 )
                 scores = {name: _nan_to_none(values.tolist()) for name, values in chosen.scores.items()}
                 (staging / "candidate_scores.json").write_text(json.dumps(scores) + "\n", "utf-8")
+            bar.update()
             # Everything but the final rename and the two small files below counts as saving.
             timer.timings["save_s"] = round(time.perf_counter() - save_started, 3)
             manifest["timings"] = timer.total()
@@ -298,6 +304,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             (staging / "abliterate.json").write_text(
                 json.dumps(manifest, indent=2, default=str) + "\n", "utf-8"
             )
+            bar.update()
         if config.push_to_hub:
             result.url = push_folder(target, config.push_to_hub, token, private=config.private, api=hub_api)
     return result

@@ -177,3 +177,20 @@ def test_layer_out_of_range(tiny_qwen2: Path, tmp_path: Path) -> None:
         "-1",
     ]
     _fails_cleanly(args, out, "out of range")
+
+
+def test_interrupt_while_saving_leaves_nothing(
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the save: the output directory never appears and no temporary sibling is left."""
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("abliterate.checkpoint.save_model", interrupted)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(tiny_qwen2), "--output", str(out), *SMALL])
+    assert result.exit_code == 130
+    assert "nothing was written" in result.output
+    assert not out.exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out")]
