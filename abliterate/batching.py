@@ -208,6 +208,11 @@ def forward_batches(
             yield output.logits if all_positions else output.logits[:, -1]
 
 
+def all_position_logits(model: nn.Module, encoded: EncodedPrompts) -> torch.Tensor:
+    """Float32 CPU logits ``[n, S, vocab]`` for every position of every batch (one batch: one width)."""
+    return torch.cat([logits.float().cpu() for logits in forward_batches(model, encoded, all_positions=True)])
+
+
 def auto_batch_size(
     model: nn.Module, tokenizer: object, prompts: list[str], *, start: int = 8, limit: int = 256
 ) -> int:

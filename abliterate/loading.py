@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +167,3 @@ def _drop_gguf_quantization(model: nn.Module) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-
-
-def hf_cache_env() -> dict[str, str | None]:
-    """The environment variables that steer Hugging Face caching (for the manifest)."""
-    return {name: os.environ.get(name) for name in ("HF_HOME", "HF_HUB_OFFLINE")}

@@ -83,7 +83,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     """
     from abliterate import __version__
     from abliterate.adapters import resolve_adapter
-    from abliterate.batching import encode, eoi_length
+    from abliterate.batching import all_position_logits, encode, eoi_length
     from abliterate.checkpoint import atomic_directory, check_output_dir, save_model
     from abliterate.direction import save_direction
     from abliterate.edit import fold_direction
@@ -204,11 +204,11 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         )
         parity_mask = parity_prompts.batches[0][1]
         with ablate_direction(model, adapter, chosen.direction):
-            reference = _all_logits(model, parity_prompts)
+            reference = all_position_logits(model, parity_prompts)
     with timer.stage("edit"):
         fold_direction(model, adapter, chosen.direction)
     verify_started = time.perf_counter()
-    edited = _all_logits(model, parity_prompts)
+    edited = all_position_logits(model, parity_prompts)
     parity = compare_logits(reference, edited, loaded.dtype_name, parity_mask)
     timer.timings["verify_s"] = round(timer.timings["verify_s"] + time.perf_counter() - verify_started, 3)
     del reference, edited
@@ -314,13 +314,3 @@ def _nan_to_none(values: Any) -> Any:
     if isinstance(values, list):
         return [_nan_to_none(value) for value in values]
     return None if values != values else values
-
-
-def _all_logits(model: torch.nn.Module, encoded: Any) -> torch.Tensor:
-    from abliterate.batching import forward_batches
-
-    return torch.cat([logits.float().cpu() for logits in forward_batches(model, encoded, all_positions=True)])
-
-
-def _parity_mask(encoded: Any) -> torch.Tensor:
-    return torch.cat([mask for _, mask in encoded.batches])

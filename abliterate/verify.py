@@ -6,12 +6,8 @@ from typing import Any
 
 import torch
 
-from abliterate.batching import encode, forward_batches
+from abliterate.batching import all_position_logits, encode, forward_batches
 from abliterate.prompts import bundled, read_prompts
-
-
-def _all_position_logits(model: torch.nn.Module, encoded: Any) -> torch.Tensor:
-    return torch.cat([logits.float().cpu() for logits in forward_batches(model, encoded, all_positions=True)])
 
 
 def verify_checkpoints(
@@ -61,17 +57,17 @@ def verify_checkpoints(
     encoded = encode(tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
     mask = encoded.batches[0][1]
     with ablate_direction(reference_model.model, adapter, direction):
-        reference = _all_position_logits(reference_model.model, encoded)
+        reference = all_position_logits(reference_model.model, encoded)
     residual_report = None
     if adapter.post_norm:
         from abliterate.residual import ablate_residual_stream
 
         with ablate_residual_stream(reference_model.model, adapter, direction):
-            residual_reference = _all_position_logits(reference_model.model, encoded)
+            residual_reference = all_position_logits(reference_model.model, encoded)
     dtype_name = reference_model.dtype_name
     del reference_model
     edited_model = load_model(edited, **options)
-    candidate = _all_position_logits(edited_model.model, encoded)
+    candidate = all_position_logits(edited_model.model, encoded)
     report = compare_logits(reference, candidate, dtype_name, mask)
     result: dict[str, Any] = {
         "original": original,

@@ -117,13 +117,9 @@ def resolve_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
             if module is None:
                 if writer.optional:
                     continue
-                raise LookupError(
-                    f"adapter {adapter.name!r}: block {index} has no module {writer.path!r}"
-                )
+                raise LookupError(f"adapter {adapter.name!r}: block {index} has no module {writer.path!r}")
             name = f"{blocks_name}.{index}.{writer.path}"
-            writers.append(
-                ResolvedWriter(name, module, writer.layout, writer.weight, writer.bias, index)
-            )
+            writers.append(ResolvedWriter(name, module, writer.layout, writer.weight, writer.bias, index))
     return writers
 
 
