@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import resource
 import sys
@@ -142,13 +143,11 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
 
     n_layers = len(blocks_of(model, adapter)[1])
     with timer.stage("extract"):
-        # Selection never looks past the layer limit, so the forward pass stops there.
-        limit = (
-            n_layers
-            if config.layer is not None
-            else max(1, int(-(-config.max_layer_fraction * n_layers // 1)))
-        )
-        limit = min(n_layers, max(limit, (config.layer or 0) + 1))
+        # Selection never looks at layers past the fraction, so the forward pass stops there.
+        if config.layer is None:
+            limit = min(n_layers, max(1, math.ceil(config.max_layer_fraction * n_layers)))
+        else:
+            limit = min(n_layers, config.layer + 1)
         candidates = extract_candidates(
             model,
             adapter,
