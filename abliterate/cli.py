@@ -85,6 +85,7 @@ def main(verbose: bool) -> None:
 @_option("min_steering", "--min-steering", type=float)
 @_option("architecture", "--architecture", metavar="MODEL_TYPE")
 @_option("system_prompt", "--system-prompt")
+@_option("project_harmless", "--project-harmless", is_flag=True)
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
 @_option("trust_remote_code", "--trust-remote-code", is_flag=True)
 @_option("allow_pickle", "--allow-pickle", is_flag=True)

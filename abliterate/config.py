@@ -60,6 +60,12 @@ class RunConfig:
     layer_stride: int = field(
         default=2, metadata=_help("Screen every N-th layer first, then the layers beside the best (1 = all).")
     )
+    project_harmless: bool = field(
+        default=False,
+        metadata=_help(
+            "Remove each candidate's component along the harmless mean (lower KL; off = the paper)."
+        ),
+    )
     max_new_tokens: int = field(
         default=24, metadata=_help("Tokens generated per prompt when evaluating refusals.")
     )

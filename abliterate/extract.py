@@ -73,11 +73,26 @@ def mean_block_inputs(
     return torch.stack([sums[layer].cpu() / encoded.count for layer in range(layers)], dim=1)
 
 
-def candidate_directions(harmful_means: torch.Tensor, harmless_means: torch.Tensor) -> torch.Tensor:
-    """``candidates[pos, layer] = mean_harmful − mean_harmless`` (float64, ``[n_pos, n_layers, d]``)."""
+def candidate_directions(
+    harmful_means: torch.Tensor, harmless_means: torch.Tensor, project_harmless: bool = False
+) -> torch.Tensor:
+    """``candidates[pos, layer] = mean_harmful − mean_harmless`` (float64, ``[n_pos, n_layers, d]``).
+
+    Args:
+        harmful_means: ``[n_pos, n_layers, d]`` mean residual streams on harmful prompts.
+        harmless_means: the same on harmless prompts.
+        project_harmless: remove from each candidate its component along the harmless mean at the
+            same position and layer, so ablating it leaves the typical harmless activation alone
+            (measured on the demo model: first-token KL 0.066 → 0.050 at the chosen candidate,
+            0.35 → 0.09 one layer earlier; see BENCHMARKS.md).
+    """
     if harmful_means.shape != harmless_means.shape:
         raise ValueError("harmful and harmless means must have the same shape")
-    return harmful_means - harmless_means
+    difference = harmful_means - harmless_means
+    if project_harmless:
+        unit = harmless_means / harmless_means.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        difference = difference - (difference * unit).sum(-1, keepdim=True) * unit
+    return difference
 
 
 def extract_candidates(
@@ -88,6 +103,7 @@ def extract_candidates(
     n_positions: int,
     layers: int | None = None,
     *,
+    project_harmless: bool = False,
     progress: bool = True,
 ) -> torch.Tensor:
     """Candidate refusal directions for every (EOI position, layer).
@@ -99,6 +115,7 @@ def extract_candidates(
         harmless: encoded harmless training prompts.
         n_positions: number of end-of-instruction tokens.
         layers: record only the first ``layers`` blocks (default: all).
+        project_harmless: see ``candidate_directions``.
         progress: show progress bars.
 
     Returns:
@@ -112,4 +129,4 @@ def extract_candidates(
     harmless_means = mean_block_inputs(
         model, adapter, harmless, n_positions, layers, progress=progress, description="extract harmless"
     )
-    return candidate_directions(harmful_means, harmless_means)
+    return candidate_directions(harmful_means, harmless_means, project_harmless)

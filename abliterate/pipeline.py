@@ -155,6 +155,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             encoded(harmless.train),
             n_eoi,
             limit,
+            project_harmless=config.project_harmless,
             progress=config.progress,
         )
     refusal_ids = refusal_token_ids(tokenizer)
@@ -251,6 +252,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             "steering_score": chosen.steering_score,
             "kl": chosen.kl,
             "selected_by": "user" if config.layer is not None else "search",
+            "project_harmless": config.project_harmless,
         },
         "parity": {**parity.to_dict()},
         "evaluation": evaluation,

@@ -138,3 +138,20 @@ def test_extraction_equals_hidden_states_mean() -> None:
         expected.append(torch.stack([state[0, -n_eoi:] for state in states], dim=1))
     assert torch.allclose(means, torch.stack(expected).double().mean(0), atol=1e-5)
     assert all(logits is None for logits in forward_batches(model, encoded, logits=False))
+
+
+def test_projected_candidates_are_orthogonal_to_the_harmless_mean() -> None:
+    from abliterate.extract import candidate_directions
+
+    generator = torch.Generator().manual_seed(0)
+    harmful, harmless = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64).unbind(0)
+    harmful, harmless = harmful[None], harmless[None]
+    plain = candidate_directions(harmful, harmless)
+    projected = candidate_directions(harmful, harmless, project_harmless=True)
+    assert torch.allclose(plain, harmful - harmless)
+    cosine = torch.nn.functional.cosine_similarity(projected, harmless, dim=-1)
+    assert cosine.abs().max() < 1e-12
+    assert torch.nn.functional.cosine_similarity(plain, harmless, dim=-1).abs().max() > 1e-3
+    # What is left is the plain candidate minus only its harmless-mean component.
+    residual = plain - projected
+    assert torch.nn.functional.cosine_similarity(residual, harmless, dim=-1).abs().min() > 1 - 1e-9
