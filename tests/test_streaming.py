@@ -16,7 +16,7 @@ import tiny
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import abliterate.streaming as streaming
 from abliterate.adapters import get_adapter
@@ -33,27 +33,8 @@ D_MODEL = 64
 
 
 def _model(model_type: str, dtype: torch.dtype = torch.float32, **overrides: object) -> torch.nn.Module:
-    """A tiny model from ``tests/tiny.py``, or built inline for a family it does not (yet) hold."""
-    if model_type in tiny.CONFIGS:
-        return tiny.make_model(model_type, seed=0, dtype=dtype, **overrides)
-    fields = dict(
-        vocab_size=tiny.VOCAB_SIZE,
-        hidden_size=D_MODEL,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-    )
-    config = AutoConfig.for_model(model_type, **{**fields, **overrides})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.08)
-    return model.to(dtype).eval()
+    """A seeded tiny model of a registered family from ``tests/tiny.py``."""
+    return tiny.make_model(model_type, seed=0, dtype=dtype, **overrides)
 
 
 def _direction(seed: int = 1, size: int = D_MODEL) -> torch.Tensor:
