@@ -169,11 +169,15 @@ def select_direction(
     """
     n_positions, n_extracted, _ = candidates.shape
     n_layers = n_layers or n_extracted
+    # A zero candidate (e.g. at the embedding, where both prompt sets end in the same EOI tokens) has
+    # no direction: it would only score NaN, so it is not scored at all.
+    norms = candidates.norm(dim=-1)
     eligible = [
         (pos, layer)
         for layer in range(n_extracted)
         if layer < max_layer_fraction * n_layers
         for pos in range(n_positions)
+        if torch.isfinite(norms[pos, layer]) and norms[pos, layer] > 0
     ]
     nan = torch.full((n_positions, n_extracted), math.nan, dtype=torch.float64)
     scores = {name: nan.clone() for name in ("screen", "screen_kl", "ablation", "steering", "kl")}
