@@ -12,6 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
+from abliterate.loading import drop_gguf_quantization
+
 
 def check_output_dir(output: str | Path, overwrite: bool) -> Path:
     """Refuse an existing, non-empty output directory unless ``overwrite``; check it can be written.
@@ -62,9 +64,7 @@ def save_model(model: nn.Module, tokenizer: object, directory: Path) -> None:
 
     The generation config is kept; a GGUF ``quantization_config`` never reaches ``config.json``.
     """
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    drop_gguf_quantization(model)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     config_path = directory / "config.json"

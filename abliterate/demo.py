@@ -100,12 +100,12 @@ def converted_demo_dir() -> Path:
     gguf = assemble_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from abliterate.loading import drop_gguf_quantization
+
     logger.warning("converting the demo GGUF to safetensors once (about a minute)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Dequantized GGUF weights are plain tensors; the quantizer must go for the model to save.
-    del model.config.quantization_config
-    model.hf_quantizer = None
+    drop_gguf_quantization(model)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".safetensors.tmp-"))
     try:
         model.save_pretrained(staging)

@@ -146,7 +146,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     if from_gguf:
-        _drop_gguf_quantization(model)
+        drop_gguf_quantization(model)
     return LoadedModel(model, tokenizer, source, base_model, from_gguf)
 
 
@@ -161,7 +161,7 @@ def _prepare_tokenizer(tokenizer: object, source: str) -> None:
             raise ValueError(f"{source}: the tokenizer has no pad, eos or unk token to pad with")
 
 
-def _drop_gguf_quantization(model: nn.Module) -> None:
+def drop_gguf_quantization(model: nn.Module) -> None:
     """Dequantized GGUF weights are plain tensors: forget the quantizer so the model saves cleanly."""
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
