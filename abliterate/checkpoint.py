@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from abliterate.loading import drop_gguf_quantization
+from abliterate.gguf import drop_gguf_quantization
 
 
 def check_output_dir(output: str | Path, overwrite: bool) -> Path:

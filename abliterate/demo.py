@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from abliterate.gguf import drop_gguf_quantization
+
 logger = logging.getLogger(__name__)
 
 DEMO_NAME = "demo"
@@ -99,8 +101,6 @@ def converted_demo_dir() -> Path:
         return target
     gguf = assemble_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from abliterate.loading import drop_gguf_quantization
 
     logger.warning("converting the demo GGUF to safetensors once (about a minute)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

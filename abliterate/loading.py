@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from abliterate.demo import DEMO_BASE_MODEL, converted_demo_dir
+from abliterate.gguf import drop_gguf_quantization
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,8 +114,6 @@ def load_model(
     base_model = None
     from_gguf = False
     if source == "demo":
-        from abliterate.demo import DEMO_BASE_MODEL, converted_demo_dir
-
         directory, gguf_file = str(converted_demo_dir()), None
         base_model = DEMO_BASE_MODEL
     else:
@@ -159,11 +160,3 @@ def _prepare_tokenizer(tokenizer: object, source: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
             raise ValueError(f"{source}: the tokenizer has no pad, eos or unk token to pad with")
-
-
-def drop_gguf_quantization(model: nn.Module) -> None:
-    """Dequantized GGUF weights are plain tensors: forget the quantizer so the model saves cleanly."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False

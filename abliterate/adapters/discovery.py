@@ -15,8 +15,8 @@ import logging
 import torch
 from torch import nn
 
+from abliterate.adapters.paths import locate, module_at
 from abliterate.adapters.registry import registered_adapters
-from abliterate.adapters.resolve import _get, locate
 from abliterate.adapters.spec import Adapter, Layout, Writer
 
 logger = logging.getLogger(__name__)
@@ -53,17 +53,17 @@ def requirements_of(adapter: Adapter) -> frozenset[str]:
 
 def _has(block: nn.Module, path: str) -> bool:
     # Markers and writers may name a module or a parameter.
-    return _get(block, path) is not None or isinstance(_attribute(block, path), torch.Tensor)
+    return module_at(block, path) is not None or isinstance(_attribute(block, path), torch.Tensor)
 
 
 def _attribute(root: nn.Module, path: str) -> object:
     owner_path, _, name = path.rpartition(".")
-    owner = _get(root, owner_path) if owner_path else root
+    owner = module_at(root, owner_path) if owner_path else root
     return getattr(owner, name, None) if owner is not None else None
 
 
 def _writer_fits(block: nn.Module, writer: Writer, d_model: int) -> bool:
-    module = _get(block, writer.path)
+    module = module_at(block, writer.path)
     weight = getattr(module, writer.weight, None) if module is not None else None
     if not isinstance(weight, torch.Tensor):
         return False
@@ -74,24 +74,24 @@ def _writer_fits(block: nn.Module, writer: Writer, d_model: int) -> bool:
 def matches(model: nn.Module, adapter: Adapter) -> bool:
     """Whether every path ``adapter`` names exists in ``model`` with the shapes its layouts imply."""
     blocks_name = locate(model, adapter.blocks)
-    blocks = _get(model, blocks_name) if blocks_name is not None else None
+    blocks = module_at(model, blocks_name) if blocks_name is not None else None
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return False
     embedding_names = [locate(model, path) for path in adapter.embeddings]
     if any(name is None for name in embedding_names):
         return False
-    token_embedding = getattr(_get(model, embedding_names[0]), "weight", None)
+    token_embedding = getattr(module_at(model, embedding_names[0]), "weight", None)
     if not isinstance(token_embedding, torch.Tensor):
         return False
     d_model = token_embedding.shape[-1]
     for writer in adapter.writers:
-        present = [block for block in blocks if _get(block, writer.path) is not None]
+        present = [block for block in blocks if module_at(block, writer.path) is not None]
         if not writer.optional and len(present) != len(blocks):
             return False
         if not all(_writer_fits(block, writer, d_model) for block in present):
             return False
         if writer.output_norm is not None and not all(
-            _get(block, writer.output_norm) is not None for block in present
+            module_at(block, writer.output_norm) is not None for block in present
         ):
             return False
     return all(any(_has(block, marker) for block in blocks) for marker in adapter.markers)

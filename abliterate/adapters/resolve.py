@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from abliterate.adapters.discovery import discover_adapter
+from abliterate.adapters.paths import locate, module_at
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 
@@ -55,30 +57,6 @@ def model_type_of(model: nn.Module) -> str:
     return config.model_type
 
 
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    module: nn.Module | None = root
-    for part in path.split("."):
-        module = getattr(module, part, None) if module is not None else None
-    return module if isinstance(module, nn.Module) else None
-
-
-def locate(model: nn.Module, path: str) -> str | None:
-    """Full dotted name of an adapter path inside ``model``, or ``None`` when absent.
-
-    Plain causal LMs hold the path as written; multimodal wrappers keep the text model under an
-    attribute called ``language_model``, where the path may also lack its leading ``model.``.
-    """
-    if _get(model, path) is not None:
-        return path
-    for name, _ in model.named_modules():
-        if name.split(".")[-1] != "language_model":
-            continue
-        for relative in (path, path.removeprefix("model.")):
-            if _get(model, f"{name}.{relative}") is not None:
-                return f"{name}.{relative}"
-    return None
-
-
 def blocks_of(model: nn.Module, adapter: Adapter) -> tuple[str, nn.ModuleList]:
     """The decoder blocks of ``model`` and their dotted name.
 
@@ -86,7 +64,7 @@ def blocks_of(model: nn.Module, adapter: Adapter) -> tuple[str, nn.ModuleList]:
         LookupError: the adapter's block path does not exist in the model.
     """
     name = locate(model, adapter.blocks)
-    blocks = _get(model, name) if name is not None else None
+    blocks = module_at(model, name) if name is not None else None
     if not isinstance(blocks, nn.ModuleList):
         raise LookupError(f"adapter {adapter.name!r}: no block list at {adapter.blocks!r}")
     return name, blocks
@@ -99,7 +77,7 @@ def embeddings_of(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
         name = locate(model, path)
         if name is None:
             raise LookupError(f"adapter {adapter.name!r}: no embedding at {path!r}")
-        found.append(ResolvedWriter(name, _get(model, name), "embedding", "weight", None, -1))
+        found.append(ResolvedWriter(name, module_at(model, name), "embedding", "weight", None, -1))
     return found
 
 
@@ -113,7 +91,7 @@ def resolve_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
     writers = []
     for index, block in enumerate(blocks):
         for writer in adapter.writers:
-            module = _get(block, writer.path)
+            module = module_at(block, writer.path)
             if module is None:
                 if writer.optional:
                     continue
@@ -149,6 +127,4 @@ def resolve_adapter(model: nn.Module, architecture: str | None = None) -> Adapte
     adapter = get_adapter(model_type)
     if adapter is not None:
         return adapter
-    from abliterate.adapters.discovery import discover_adapter
-
     return discover_adapter(model, model_type)
