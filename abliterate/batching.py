@@ -11,11 +11,14 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from abliterate.adapters import Adapter
+from abliterate.hooks import StopForward, ablate_direction, add_to_block_input
 
 # Builds the hook context for one forward pass: (rows in the pass, whether it is the shared prefix).
 HookFactory = Callable[[int, bool], AbstractContextManager]
@@ -125,8 +128,6 @@ def _cache_keyword(model: nn.Module) -> str:
 def _prefix_cache(model: nn.Module, prefix: torch.Tensor, copies: int, hooks: HookFactory) -> object:
     from transformers import DynamicCache
 
-    from abliterate.hooks import StopForward
-
     device = model.get_input_embeddings().weight.device
     # Our own cache object fills block by block, so it stays usable when a hook ends the pass early.
     cache = DynamicCache(config=model.config)
@@ -173,8 +174,6 @@ def forward_batches(
         ``[copies × B, vocab]`` last-position logits (``[copies × B, S, vocab]`` with
         ``all_positions``), or ``None`` when ``logits`` is off.
     """
-    from abliterate.hooks import StopForward
-
     device = model.get_input_embeddings().weight.device
     prefix_length = encoded.prefix.shape[1]
     cache = _prefix_cache(model, encoded.prefix, copies, hooks) if prefix_length else None
@@ -211,6 +210,46 @@ def forward_batches(
 def all_position_logits(model: nn.Module, encoded: EncodedPrompts) -> torch.Tensor:
     """Float32 CPU logits ``[n, S, vocab]`` for every position of every batch (one batch: one width)."""
     return torch.cat([logits.float().cpu() for logits in forward_batches(model, encoded, all_positions=True)])
+
+
+def last_logits(
+    model: nn.Module,
+    adapter: Adapter,
+    encoded: EncodedPrompts,
+    *,
+    ablate: torch.Tensor | None = None,
+    steer: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """Last-position logits for every prompt, under optional ablation of one or several directions.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        encoded: the prompts.
+        ablate: ``[n_dirs, d_model]`` unit directions; each prompt is run once per direction.
+        steer: ``(vector, layer)`` added to the input of block ``layer``.
+
+    Returns:
+        ``[n_dirs, n_prompts, vocab]`` float32 logits on the CPU (``n_dirs = 1`` without ``ablate``).
+    """
+    copies = 1 if ablate is None else ablate.shape[0]
+
+    @contextmanager
+    def hooks(rows: int, prefix: bool) -> Iterator[None]:
+        if ablate is not None:
+            per_row = ablate.repeat_interleave(rows // copies, dim=0)
+            context = ablate_direction(model, adapter, per_row)
+        elif steer is not None:
+            context = add_to_block_input(model, adapter, steer[0], steer[1])
+        else:
+            context = nullcontext()
+        with context:
+            yield
+
+    chunks = [logits.float().cpu() for logits in forward_batches(model, encoded, hooks=hooks, copies=copies)]
+    sizes = [batch[0].shape[0] for batch in encoded.batches]
+    per_copy = [chunk.view(copies, size, -1) for chunk, size in zip(chunks, sizes, strict=True)]
+    return torch.cat(per_copy, dim=1)
 
 
 def auto_batch_size(

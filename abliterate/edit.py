@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, Layout, ResolvedWriter, resolve_writers
+from abliterate.adapters import Adapter, Layout, residual_writers
 from abliterate.adapters.resolve import embeddings_of, locate
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
@@ -101,11 +101,6 @@ def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
     if hasattr(model, "_tied_weights_keys"):
         model._tied_weights_keys = None
     return tied
-
-
-def residual_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
-    """Embeddings first, then every block's writers: everything the fold edits."""
-    return embeddings_of(model, adapter) + resolve_writers(model, adapter)
 
 
 @torch.no_grad()

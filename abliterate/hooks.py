@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter
+from abliterate.adapters import Adapter, residual_writers
 from abliterate.adapters.resolve import blocks_of
 
 HiddenCallback = Callable[[int, torch.Tensor], None]
@@ -129,8 +129,6 @@ def ablate_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor
         adapter: its architecture description.
         direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
     """
-    from abliterate.edit import residual_writers
-
     if direction.dim() == 1:
         direction = direction / direction.norm()
 

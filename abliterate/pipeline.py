@@ -84,7 +84,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     """
     from abliterate import __version__
     from abliterate.adapters import resolve_adapter
-    from abliterate.batching import all_position_logits, encode, eoi_length
+    from abliterate.batching import all_position_logits, encode, eoi_length, last_logits
     from abliterate.checkpoint import atomic_directory, check_output_dir, save_model
     from abliterate.direction import save_direction
     from abliterate.edit import fold_direction
@@ -96,7 +96,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     from abliterate.parity import compare_logits, kl_divergence
     from abliterate.prompts import load_splits
     from abliterate.report import model_card, plot_candidate_scores
-    from abliterate.select import direction_at, last_logits, refusal_token_ids, select_direction
+    from abliterate.select import direction_at, refusal_token_ids, select_direction
 
     # Cheap checks first: bad input must fail before minutes of work.
     output = check_output_dir(config.output, config.overwrite) if config.output else None

@@ -15,8 +15,6 @@ harmless prompts so candidates that clearly damage the model are scored last.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from abliterate.adapters import Adapter
-from abliterate.batching import EncodedPrompts, forward_batches
-from abliterate.hooks import ablate_direction, add_to_block_input
+from abliterate.batching import EncodedPrompts, last_logits
 from abliterate.parity import kl_divergence
 
 REFUSAL_PREFIXES = ("I", "As", "Sorry", "Unfortunately", "I'm", "I cannot", "I can't")
@@ -70,46 +67,6 @@ def refusal_scores(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor
     log_probs = torch.log_softmax(logits.double(), dim=-1)
     log_p = torch.logsumexp(log_probs[..., refusal_ids], dim=-1)
     return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-12))
-
-
-def last_logits(
-    model: nn.Module,
-    adapter: Adapter,
-    encoded: EncodedPrompts,
-    *,
-    ablate: torch.Tensor | None = None,
-    steer: tuple[torch.Tensor, int] | None = None,
-) -> torch.Tensor:
-    """Last-position logits for every prompt, under optional ablation of one or several directions.
-
-    Args:
-        model: the causal LM.
-        adapter: its architecture description.
-        encoded: the prompts.
-        ablate: ``[n_dirs, d_model]`` unit directions; each prompt is run once per direction.
-        steer: ``(vector, layer)`` added to the input of block ``layer``.
-
-    Returns:
-        ``[n_dirs, n_prompts, vocab]`` float32 logits on the CPU (``n_dirs = 1`` without ``ablate``).
-    """
-    copies = 1 if ablate is None else ablate.shape[0]
-
-    @contextmanager
-    def hooks(rows: int, prefix: bool) -> Iterator[None]:
-        if ablate is not None:
-            per_row = ablate.repeat_interleave(rows // copies, dim=0)
-            context = ablate_direction(model, adapter, per_row)
-        elif steer is not None:
-            context = add_to_block_input(model, adapter, steer[0], steer[1])
-        else:
-            context = nullcontext()
-        with context:
-            yield
-
-    chunks = [logits.float().cpu() for logits in forward_batches(model, encoded, hooks=hooks, copies=copies)]
-    sizes = [batch[0].shape[0] for batch in encoded.batches]
-    per_copy = [chunk.view(copies, size, -1) for chunk, size in zip(chunks, sizes, strict=True)]
-    return torch.cat(per_copy, dim=1)
 
 
 def _units(candidates: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from abliterate.adapters import resolve_adapter
-    from abliterate.batching import encode, eoi_length, format_chat, forward_batches
+    from abliterate.batching import encode, eoi_length, format_chat, forward_batches, last_logits
     from abliterate.extract import extract_candidates
     from abliterate.prompts import bundled
-    from abliterate.select import last_logits
 
     if args.short:
         from tiny import make_model, make_tokenizer

@@ -24,11 +24,12 @@ from abliterate.adapters import (
     discovery,
     get_adapter,
     registered_model_types,
+    residual_writers,
     resolve_adapter,
 )
 from abliterate.adapters.discovery import discover_adapter, structure_of
 from abliterate.adapters.matrix import readme_matrix, support_matrix_markdown
-from abliterate.edit import fold_direction, residual_writers
+from abliterate.edit import fold_direction
 from abliterate.hooks import ablate_direction
 from abliterate.parity import compare_logits, kl_divergence
 from abliterate.residual import ablate_residual_stream, residual_terms

@@ -8,11 +8,11 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import resolve_adapter
-from abliterate.batching import encode, eoi_length, forward_batches
+from abliterate.batching import encode, eoi_length, forward_batches, last_logits
 from abliterate.extract import extract_candidates
 from abliterate.hooks import ablate_direction
 from abliterate.prompts import bundled
-from abliterate.select import last_logits, refusal_scores, refusal_token_ids, select_direction
+from abliterate.select import refusal_scores, refusal_token_ids, select_direction
 
 
 def _setup() -> tuple:

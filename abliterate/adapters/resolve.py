@@ -101,6 +101,11 @@ def resolve_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
     return writers
 
 
+def residual_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
+    """Embeddings first, then every block's writers: everything the fold edits and the hooks ablate."""
+    return embeddings_of(model, adapter) + resolve_writers(model, adapter)
+
+
 def resolve_adapter(model: nn.Module, architecture: str | None = None) -> Adapter:
     """Return the adapter for ``model``.
 
