@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,24 +39,56 @@ def check_output_dir(output: str | Path, overwrite: bool) -> Path:
 def atomic_directory(output: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``output``; on success it replaces ``output``, otherwise it vanishes.
 
-    Ctrl-C or any error while writing leaves ``output`` exactly as it was.
+    An existing ``output`` is replaced only once the ``with`` body has finished: Ctrl-C or any error
+    before that leaves it exactly as it was, and no temporary directory behind.
+
+    Raises:
+        PermissionError: the temporary sibling cannot be created (the parent is not writable).
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    staging = _make_sibling(output, "tmp")
     try:
         yield staging
         _apply_umask(staging)
-        if output.exists():
-            # Move the old directory aside first so a failure between the two renames loses nothing.
-            retired = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, output)
+        _move_into_place(staging, output)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sibling_name(output: Path, kind: str) -> Path:
+    return output.parent / f".{output.name}.{kind}-{secrets.token_hex(4)}"
+
+
+def _make_sibling(output: Path, kind: str) -> Path:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = _sibling_name(output, kind)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except PermissionError as error:
+            raise PermissionError(
+                f"cannot write the output {output}: {output.parent} is not writable"
+            ) from error
+        return path
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename ``staging`` to ``output``; an old ``output`` is moved aside first and restored on failure."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    retired = _sibling_name(output, "old")
+    while retired.exists():
+        retired = _sibling_name(output, "old")
+    os.replace(output, retired)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(retired, output)
+        raise
+    shutil.rmtree(retired)
 
 
 def save_model(model: nn.Module, tokenizer: object, directory: Path) -> None:
