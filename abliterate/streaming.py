@@ -41,11 +41,6 @@ _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 _STALE_WEIGHTS = re.compile(
     r"(model|consolidated.*|pytorch_model.*|tf_model|flax_model)\.(safetensors|bin|pth|pt|h5|msgpack)"
 )
-# Tensors above this many elements are edited in slices of it (4 MiB of float64, below the allocator
-# thresholds set in ``safetensors_io.reuse_freed_memory``; the fastest size measured); smaller tensors in
-# one call, exactly as the in-memory fold does. Slicing changes no bit of the result
-# (tests/test_streaming.py checks it against the fold with tiny slices).
-_CHUNK_ELEMENTS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -362,8 +357,8 @@ def _write_all(
 
 
 def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layout: Layout) -> None:
-    """``weight ← orthogonalize(weight)`` in slices of ``_CHUNK_ELEMENTS`` (see ``edit.orthogonalize_``)."""
-    orthogonalize_(weight, direction, layout, chunk_elements=_CHUNK_ELEMENTS)
+    """``weight ← orthogonalize(weight)``, tile by tile, exactly as the in-memory fold computes it."""
+    orthogonalize_(weight, direction, layout)
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

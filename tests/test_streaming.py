@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import abliterate.edit as edit
 import abliterate.streaming as streaming
 from abliterate.adapters import get_adapter
 from abliterate.adapters.resolve import model_type_of
@@ -209,10 +210,10 @@ def test_fused_experts_on_disk(tmp_path: Path) -> None:
 def test_sliced_edit_of_large_tensors_equals_whole_edit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_type: str
 ) -> None:
-    """Tensors above the chunk size are edited in slices; the result is still bitwise the fold's."""
+    """Tensors above the tile size are edited tile by tile; the result is still bitwise the fold's."""
     if model_type not in tiny.CONFIGS:
         pytest.skip(f"tests/tiny.py has no {model_type} config")
-    monkeypatch.setattr(streaming, "_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(edit, "TILE_ELEMENTS", 1000)
     model = _model(model_type)
     original = _save(model, tmp_path / "original", sharded=False)
     direction = _direction()
