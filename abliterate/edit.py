@@ -1,4 +1,4 @@
-"""The weight edit: fold the projection ``I − s r̂ r̂ᵀ`` into every residual writer, as a pure tensor function."""
+"""The weight edit: fold ``I − s r̂ r̂ᵀ`` into every residual writer, as a pure tensor function."""
 
 from __future__ import annotations
 
