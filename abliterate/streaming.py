@@ -159,7 +159,7 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
         raise ValueError(
             f"the {adapter.name} adapter has no checkpoint patterns; use `abliterate run` instead"
         )
-    names, index = _find_shards(checkpoint)
+    names, index = find_shards(checkpoint)
     shards = tuple(read_header(checkpoint / name) for name in names)
     if index is not None:
         _check_index(index, shards)
@@ -243,7 +243,7 @@ def _ties_embeddings(config: dict, model_type: str) -> bool:
     return tied
 
 
-def _find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
+def find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
     if (checkpoint / INDEX_NAME).is_file():
         index = _read_json(checkpoint / INDEX_NAME, INDEX_NAME)
         if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:

@@ -11,7 +11,7 @@ from torch import nn
 from abliterate.adapters.discovery import discover_adapter
 from abliterate.adapters.paths import locate, module_at
 from abliterate.adapters.registry import get_adapter, registered_model_types
-from abliterate.adapters.spec import Adapter, Layout
+from abliterate.adapters.spec import Adapter, Layout, writer_role
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,14 @@ def resolve_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
     """Every residual writer of every block, bound to its module.
 
     Raises:
-        LookupError: a non-optional writer is missing from some block.
+        LookupError: a non-optional writer is missing from some block, or a block resolves no attention
+            writer or no MLP writer (optional writers are "at least one of" groups: a dense block has a
+            ``down_proj``, a MoE block experts, but no block may have neither).
     """
     blocks_name, blocks = blocks_of(model, adapter)
     writers = []
     for index, block in enumerate(blocks):
+        roles = set()
         for writer in adapter.writers:
             module = module_at(block, writer.path)
             if module is None:
@@ -98,6 +101,14 @@ def resolve_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
                 raise LookupError(f"adapter {adapter.name!r}: block {index} has no module {writer.path!r}")
             name = f"{blocks_name}.{index}.{writer.path}"
             writers.append(ResolvedWriter(name, module, writer.layout, writer.weight, writer.bias, index))
+            roles.add(writer_role(writer))
+        for role in ("attention", "mlp"):
+            if role not in roles:
+                paths = [w.path for w in adapter.writers if writer_role(w) == role] or ["(none listed)"]
+                raise LookupError(
+                    f"adapter {adapter.name!r}: block {index} has no {role} writer "
+                    f"(looked for {', '.join(paths)}); is --architecture right?"
+                )
     return writers
 
 

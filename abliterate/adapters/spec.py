@@ -73,3 +73,26 @@ class Adapter:
     def name(self) -> str:
         """The first model type, used as the adapter's display name."""
         return self.model_types[0]
+
+
+# Writer groups, as the certificate and the negative controls name them; "attention" is one role, every
+# other group is the MLP role (a block needs at least one writer of each role).
+WRITER_GROUPS = ("embedding", "attention", "mlp", "experts", "shared_experts")
+_ATTENTION_MODULES = ("self_attn", "attn", "attention", "self_attention")
+
+
+def writer_group(writer: Writer) -> str:
+    """The group a block writer belongs to: ``attention``, ``mlp``, ``experts`` or ``shared_experts``."""
+    if writer.layout in ("experts", "experts_t"):
+        return "experts"
+    first = writer.path.split(".")[0]
+    if first in _ATTENTION_MODULES:
+        return "attention"
+    if "shared_expert" in writer.path:
+        return "shared_experts"
+    return "mlp"
+
+
+def writer_role(writer: Writer) -> str:
+    """``attention`` or ``mlp``: what part of the block the writer finishes."""
+    return "attention" if writer_group(writer) == "attention" else "mlp"

@@ -1,0 +1,480 @@
+"""The weight certificate: an edited checkpoint equals the declared edit of its original, tensor by tensor.
+
+No forward pass, no model in memory, no GPU: both checkpoints are read one tensor at a time, so a 70B
+checkpoint is certified within the streaming memory bound. What it proves:
+
+* **Which tensors must change comes from the model's structure**, not from the on-disk name patterns
+  ``apply`` uses: a model is built on the meta device from ``config.json`` (no weights), the adapter's
+  writer modules are resolved on it, and transformers' own save-time conversion maps each writer
+  parameter to its on-disk name(s) (fused experts become per-expert tensors, Mixtral's ``w2``, …).
+* **Every such tensor equals the fold of the original**, recomputed here: bitwise when the
+  checkpoint was written by this machine's kernel (``exact``); otherwise within a stated bound
+  (``bounded``): every element within one unit in the last place of the exact float64 fold plus the
+  float32 working precision (2^-16 of the original element), and the part of the error along the
+  direction at most ``LEAK_RATIO_LIMIT`` times that of the correctly rounded fold. The second test
+  is what rejects a direction a few degrees off, whose per-element change is below one bf16 ulp but
+  adds up along r̂.
+* **Every other tensor is bitwise equal** to the original (cast to the edited checkpoint's dtype when
+  the run saved another dtype), and the head added when untying a tied embedding equals the original
+  embedding.
+
+What it cannot see is a writer the adapter does not list: that is the residual-stream completeness
+check's job (``abliterate.residual.completeness``), which runs on real prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from abliterate.adapters.spec import Layout, writer_group
+from abliterate.edit import ROWS_WRITE, compute_dtype, orthogonalize_
+from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, read_header, read_tensor
+
+logger = logging.getLogger(__name__)
+
+# A correctly rounded fold leaves, along r̂, only its rounding error; a bounded (non-bitwise) tensor may
+# carry at most this many times as much. A float32-computed fold measures 1.00-1.02 (a few elements one
+# ulp off); a direction 3° off measures > 10 on the demo model (BENCHMARKS.md, certificate table).
+LEAK_RATIO_LIMIT = 2.0
+# The float32 working precision of a 16-bit fold, as a fraction of the terms of ``w − s r_i p_j``: 2^-16
+# leaves a factor 128 over float32's 2^-23 for the few operations per element and the reduction in p_j.
+_WORKING_PRECISION = 2.0**-16
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+_TEXT_PREFIXES = (
+    "model.language_model.",
+    "language_model.model.",
+    "language_model.",
+    "model.",
+    "transformer.",
+)
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_MAX_LISTED_FAILURES = 20
+
+
+@dataclass(frozen=True)
+class DeclaredEdit:
+    """The edit a checkpoint claims to carry: ``W ← (I − s r̂ r̂ᵀ) W`` on every residual writer.
+
+    Attributes:
+        direction: ``[d_model]`` unit direction (as stored in ``direction.safetensors``).
+        strengths: ``s`` per writer group (``embedding``, ``attention``, ``mlp``, ``experts``,
+            ``shared_experts``); a group not named has strength ``default_strength``.
+        default_strength: the strength of every group not in ``strengths``.
+    """
+
+    direction: torch.Tensor
+    strengths: dict[str, float] = field(default_factory=dict)
+    default_strength: float = 1.0
+
+    def strength(self, group: str) -> float:
+        """The strength the declared edit applies to writers of ``group``."""
+        return self.strengths.get(group, self.default_strength)
+
+
+@dataclass(frozen=True)
+class RequiredEdit:
+    """A tensor the structure says the edit must change."""
+
+    layout: Layout
+    group: str
+    layer: int
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the model's structure says about its checkpoint.
+
+    Attributes:
+        edits: canonical on-disk name → the edit it must carry.
+        alternatives: per writer parameter, its in-memory name and the names it is saved under.
+        head: canonical name of the output head's weight.
+        embedding: canonical name of the token embedding's weight.
+        tied: whether the original ties the head to the embedding.
+        model_type: the adapter's model type.
+    """
+
+    edits: dict[str, RequiredEdit]
+    alternatives: list[tuple[str, tuple[str, ...]]]
+    head: str
+    embedding: str
+    tied: bool
+    model_type: str
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The verdict of ``certify_checkpoint``.
+
+    Attributes:
+        passed: every tensor holds what the declared edit says.
+        n_tensors: tensors in the edited checkpoint.
+        n_edited: tensors the structure requires to be edited (all found and checked).
+        n_exact: edited tensors bitwise equal to this machine's fold.
+        n_bounded: edited tensors within the stated bound but not bitwise equal.
+        n_unchanged: tensors verified bitwise equal to the original.
+        max_leak_ratio: the largest leak ratio of a bounded tensor (1.0 when all are exact).
+        leak_ratio_limit: the limit it was judged against.
+        groups: per writer group, how many tensors were certified and over how many layers.
+        failures: the first failures, one line each.
+        n_failures: how many tensors failed.
+        bytes_read: bytes read from both checkpoints.
+        seconds: wall-clock time.
+    """
+
+    passed: bool
+    n_tensors: int
+    n_edited: int
+    n_exact: int
+    n_bounded: int
+    n_unchanged: int
+    max_leak_ratio: float
+    leak_ratio_limit: float
+    groups: dict[str, dict[str, int]]
+    failures: list[str]
+    n_failures: int
+    bytes_read: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionary for JSON output."""
+        return asdict(self)
+
+    @property
+    def reason(self) -> str:
+        """The first failure, or an empty string when passed."""
+        return "" if self.passed else f"{self.n_failures} tensor(s) fail the certificate: {self.failures[0]}"
+
+
+def canonical(name: str) -> str:
+    """An on-disk tensor name without the text-model prefix it may carry (``model.``, ``transformer.``…)."""
+    for prefix in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def layer_of(name: str) -> int:
+    """The decoder-block index in a tensor name, or -1 (embeddings, head, norms)."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else -1
+
+
+def read_structure(checkpoint: Path, architecture: str | None = None) -> Structure:
+    """Build the model on the meta device from ``checkpoint/config.json`` and list what the edit must change.
+
+    Raises:
+        ValueError: the config cannot be built into a model without remote code.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from abliterate.adapters import resolve_adapter
+    from abliterate.adapters.resolve import embeddings_of, locate, resolve_writers
+
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as error:
+        raise ValueError(
+            f"cannot build {checkpoint}'s model from its config.json to certify it: {error}"
+        ) from error
+    adapter = resolve_adapter(model, architecture)
+    parameters: dict[str, RequiredEdit] = {}
+    for embedding in embeddings_of(model, adapter):
+        parameters[f"{embedding.name}.weight"] = RequiredEdit("embedding", "embedding", -1)
+    group_of = {writer.path: writer_group(writer) for writer in adapter.writers}
+    blocks_name = locate(model, adapter.blocks) or adapter.blocks
+    for writer in resolve_writers(model, adapter):
+        path = writer.name.removeprefix(f"{blocks_name}.{writer.layer}.")
+        group = group_of[path]
+        parameters[f"{writer.name}.{writer.weight}"] = RequiredEdit(writer.layout, group, writer.layer)
+        if writer.bias_tensor() is not None:
+            parameters[f"{writer.name}.{writer.bias}"] = RequiredEdit("embedding", group, writer.layer)
+    edits, alternatives = _on_disk_names(model, parameters)
+    head_name = locate(model, adapter.lm_head)
+    embedding_name = embeddings_of(model, adapter)[0].name
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    head, embedding = canonical(f"{head_name}.weight"), canonical(f"{embedding_name}.weight")
+    return Structure(edits, alternatives, head, embedding, tied, adapter.name)
+
+
+def _on_disk_names(
+    model: torch.nn.Module, parameters: dict[str, RequiredEdit]
+) -> tuple[dict[str, RequiredEdit], list[tuple[str, tuple[str, ...]]]]:
+    """Map in-memory parameter names to the names ``save_pretrained`` writes.
+
+    Fused experts are written per expert by some families: ``[E, d_model, d_in]`` becomes E tensors
+    ``[d_model, d_in]`` (layout ``linear``), ``[E, d_in, d_model]`` becomes E ``conv1d``-like ones. A
+    checkpoint may hold either naming (hub originals differ), so both are kept.
+
+    Returns:
+        ``(edits, alternatives)``: every acceptable canonical name → its edit, and per parameter its
+        in-memory name and the names it is saved under (one of the two must be on disk).
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = dict(model.state_dict(keep_vars=True))
+    edits: dict[str, RequiredEdit] = {}
+    alternatives = []
+    for name, required in parameters.items():
+        edits[canonical(name)] = required
+        try:
+            reverted = revert_weight_conversion(model, {name: state[name]})
+        except Exception as error:
+            logger.info("no save-time conversion for %s (%s): kept its in-memory name", name, error)
+            reverted = {}
+        for disk_name, tensor in reverted.items():
+            layout = required.layout
+            if tensor.dim() < state[name].dim() and layout in ("experts", "experts_t"):
+                layout = "linear" if layout == "experts" else "conv1d"
+            edits[canonical(disk_name)] = RequiredEdit(layout, required.group, required.layer)
+        alternatives.append((canonical(name), tuple(sorted(canonical(n) for n in reverted))))
+    return edits, alternatives
+
+
+def certify_checkpoint(
+    original: str | Path,
+    edited: str | Path,
+    declared: DeclaredEdit,
+    *,
+    architecture: str | None = None,
+    progress: bool = True,
+) -> Certificate:
+    """Certify that ``edited`` is ``original`` with ``declared`` folded into every residual writer.
+
+    Args:
+        original: the unedited safetensors checkpoint directory.
+        edited: the edited safetensors checkpoint directory.
+        declared: the direction and strengths the edit claims.
+        architecture: adapter override.
+        progress: show a progress bar over the bytes read.
+
+    Returns:
+        The certificate (``passed`` tells the verdict; nothing is raised for a failing checkpoint).
+    """
+    started = time.perf_counter()
+    original, edited = Path(original), Path(edited)
+    structure = read_structure(original, architecture)
+    source = _tensor_index(original)
+    target = _tensor_index(edited)
+    tally = _Tally()
+    names_by_canonical = {canonical(name): name for name in source}
+    _check_names(structure, source, target, tally)
+    total = sum(entry.end - entry.start for _, entry in target.values())
+    with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
+        for name, (path, entry) in target.items():
+            key = canonical(name)
+            original_name = names_by_canonical.get(key)
+            if original_name is None and key == structure.head and structure.tied:
+                original_name = names_by_canonical.get(structure.embedding)
+            if original_name is None:
+                continue  # reported by _check_names
+            required = structure.edits.get(key)
+            _certify_tensor(name, source[original_name], (path, entry), required, declared, tally)
+            bar.update(2 * (entry.end - entry.start))
+    return tally.certificate(time.perf_counter() - started)
+
+
+def _tensor_index(checkpoint: Path) -> dict[str, tuple[Path, TensorEntry]]:
+    from abliterate.streaming import find_shards
+
+    names, _ = find_shards(checkpoint)
+    index: dict[str, tuple[Path, TensorEntry]] = {}
+    for file in names:
+        shard: Shard = read_header(checkpoint / file)
+        for entry in shard.entries:
+            index[entry.name] = (shard.path, entry)
+    return index
+
+
+def _check_names(structure: Structure, source: dict, target: dict, tally: _Tally) -> None:
+    """Same tensors in both (plus an untied head); every structurally required tensor present."""
+    source_keys = {canonical(name) for name in source}
+    target_keys = {canonical(name) for name in target}
+    allowed_extra = {structure.head} if structure.tied else set()
+    for key in sorted(target_keys - source_keys - allowed_extra):
+        tally.fail(f"{key}: in the edited checkpoint but not in the original")
+    for key in sorted(source_keys - target_keys):
+        tally.fail(f"{key}: in the original but missing from the edited checkpoint")
+    for memory_name, saved_names in structure.alternatives:
+        if memory_name in source_keys or (saved_names and all(n in source_keys for n in saved_names)):
+            continue
+        tally.fail(
+            f"{memory_name}: the model's structure says it must be edited, but the checkpoint lacks it"
+        )
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.n_tensors = self.n_edited = self.n_exact = self.n_bounded = self.n_unchanged = 0
+        self.max_leak = 1.0
+        self.bytes_read = 0
+        self.groups: dict[str, dict[str, set[int] | int]] = defaultdict(
+            lambda: {"tensors": 0, "layers": set()}
+        )
+
+    def fail(self, line: str) -> None:
+        self.failures.append(line)
+
+    def edited(self, group: str, layer: int, exact: bool, leak: float) -> None:
+        self.n_edited += 1
+        self.n_exact += exact
+        self.n_bounded += not exact
+        self.max_leak = max(self.max_leak, leak)
+        self.groups[group]["tensors"] += 1
+        self.groups[group]["layers"].add(layer)
+
+    def certificate(self, seconds: float) -> Certificate:
+        groups = {
+            name: {"tensors": int(values["tensors"]), "layers": len(values["layers"])}
+            for name, values in sorted(self.groups.items())
+        }
+        return Certificate(
+            passed=not self.failures,
+            n_tensors=self.n_tensors,
+            n_edited=self.n_edited,
+            n_exact=self.n_exact,
+            n_bounded=self.n_bounded,
+            n_unchanged=self.n_unchanged,
+            max_leak_ratio=self.max_leak,
+            leak_ratio_limit=LEAK_RATIO_LIMIT,
+            groups=groups,
+            failures=self.failures[:_MAX_LISTED_FAILURES],
+            n_failures=len(self.failures),
+            bytes_read=self.bytes_read,
+            seconds=round(seconds, 3),
+        )
+
+
+def _read(location: tuple[Path, TensorEntry]) -> tuple[bytes, torch.Tensor | None]:
+    path, entry = location
+    buffer = bytearray(entry.end - entry.start)
+    with open(path, "rb") as handle:
+        if entry.dtype in DTYPES:
+            read_tensor(handle, entry, buffer)
+            numel = len(buffer) // DTYPES[entry.dtype].itemsize
+            tensor = torch.frombuffer(buffer, dtype=DTYPES[entry.dtype], count=numel).reshape(entry.shape)
+            return buffer, tensor
+        handle.seek(entry.start)
+        buffer[:] = handle.read(len(buffer))
+    return buffer, None
+
+
+def _certify_tensor(
+    name: str,
+    original: tuple[Path, TensorEntry],
+    edited: tuple[Path, TensorEntry],
+    required: RequiredEdit | None,
+    declared: DeclaredEdit,
+    tally: _Tally,
+) -> None:
+    tally.n_tensors += 1
+    source_entry, target_entry = original[1], edited[1]
+    if source_entry.shape != target_entry.shape:
+        tally.fail(
+            f"{name}: shape {list(target_entry.shape)} differs from the original's {list(source_entry.shape)}"
+        )
+        return
+    source_bytes, source_tensor = _read(original)
+    target_bytes, target_tensor = _read(edited)
+    tally.bytes_read += len(source_bytes) + len(target_bytes)
+    if source_entry.dtype != target_entry.dtype:
+        if source_tensor is None or target_tensor is None:
+            tally.fail(f"{name}: dtype {target_entry.dtype} differs from the original's {source_entry.dtype}")
+            return
+        source_tensor = source_tensor.to(target_tensor.dtype)  # the run loaded the original in this dtype
+        source_bytes = source_tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    if required is None:
+        if source_bytes == target_bytes:
+            tally.n_unchanged += 1
+        else:
+            tally.fail(f"{name}: changed, but the structure says no residual writer lives there")
+        return
+    if target_tensor is None or target_tensor.dtype not in _MANTISSA_BITS:
+        tally.fail(f"{name}: dtype {target_entry.dtype} cannot carry a certified edit")
+        return
+    strength = declared.strength(required.group)
+    expected = source_tensor.clone()
+    orthogonalize_(expected, declared.direction, required.layout, strength)
+    if torch.equal(expected.view(torch.uint8), target_tensor.view(torch.uint8)):
+        tally.edited(required.group, required.layer, exact=True, leak=1.0)
+        return
+    verdict = _bounded(source_tensor, target_tensor, declared.direction, required.layout, strength)
+    if verdict is not None:
+        tally.fail(f"{name} ({required.group}, layer {required.layer}): {verdict[1]}")
+        return
+    leak = _leak_ratio(source_tensor, target_tensor, declared.direction, required.layout, strength)
+    if leak > LEAK_RATIO_LIMIT:
+        tally.fail(
+            f"{name} ({required.group}, layer {required.layer}): leak along the direction {leak:.3g}× "
+            f"its rounding floor (limit {LEAK_RATIO_LIMIT})"
+        )
+        return
+    tally.edited(required.group, required.layer, exact=False, leak=leak)
+
+
+def _exact_fold(
+    source: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
+) -> torch.Tensor:
+    """The fold in float64, unrounded (the reference of the bound)."""
+    wide = source.to(torch.float64)
+    orthogonalize_(wide, direction, layout, strength)
+    return wide
+
+
+def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at the magnitude of ``values`` (float64)."""
+    exponent = torch.floor(torch.log2(values.abs().clamp_min(torch.finfo(dtype).tiny)))
+    return torch.exp2(exponent - _MANTISSA_BITS[dtype])
+
+
+def _bounded(
+    source: torch.Tensor, target: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
+) -> tuple[float, str] | None:
+    """``None`` when every element is within one ulp (plus working precision) of the exact fold."""
+    exact = _exact_fold(source, direction, layout, strength)
+    error = (target.to(torch.float64) - exact).abs()
+    bound = _ulp(exact, target.dtype)
+    if compute_dtype(target.dtype) != torch.float64:
+        # The float32 working precision, relative to the terms of ``w − s r_i p_j``: |w| and |w − exact|.
+        wide = source.to(torch.float64)
+        bound = bound + _WORKING_PRECISION * (wide.abs() + (wide - exact).abs())
+    worst = (error / bound).max().item()
+    if worst <= 1.0:
+        return None
+    return worst, f"an element is {worst:.3g}× the bound (1 ulp of the exact fold + working precision) away"
+
+
+def _along(tensor: torch.Tensor, r: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The component of each written vector along r̂: ``W r̂`` (rows layouts) or ``r̂ᵀ W`` (column layouts)."""
+    if layout in ROWS_WRITE:
+        return tensor @ r
+    return torch.einsum("d,...di->...i", r, tensor)
+
+
+def _leak_ratio(
+    source: torch.Tensor, target: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
+) -> float:
+    """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold)."""
+    exact = _exact_fold(source, direction, layout, strength)
+    rounded = exact.to(target.dtype).to(torch.float64)
+    r = direction.to(torch.float64) / direction.to(torch.float64).norm()
+    leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
+    floor = _along(rounded - exact, r, layout).norm().item()
+    return leak / max(floor, torch.finfo(torch.float64).tiny)
+
+
+def save_certificate(certificate: Certificate, path: Path) -> None:
+    """Write the certificate as JSON."""
+    path.write_text(json.dumps(certificate.to_dict(), indent=2) + "\n", encoding="utf-8")
