@@ -1,27 +1,54 @@
-"""``abliterate run``: load → extract → select → evaluate → fold → parity gate → save → push."""
+"""``abliterate run``: load → extract → select → evaluate → fold → parity gate → save → push.
+
+``run`` is the sequence of the stage functions below; each takes and returns plain values or the
+dataclasses defined here, and ``StageTimer`` times every one of them the same way.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import platform
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+# checkpoint, edit and loading are called through their modules, so tests can replace a stage's core
+# (a broken fold, an interrupted save, a load that must not happen) by patching the module attribute.
+from abliterate import __version__, checkpoint, edit, loading
+from abliterate.adapters import Adapter, resolve_adapter
+from abliterate.adapters.resolve import blocks_of
+from abliterate.batching import (
+    EncodedPrompts,
+    all_position_logits,
+    auto_batch_size,
+    encode,
+    eoi_length,
+    last_logits,
+)
 from abliterate.config import RunConfig
+from abliterate.direction import save_direction
+from abliterate.evaluate import RefusalEvaluation, refusal_rate
+from abliterate.extract import extract_candidates
+from abliterate.hooks import ablate_direction
+from abliterate.hub import check_push_auth, push_folder
+from abliterate.parity import ParityReport, compare_logits, kl_divergence
+from abliterate.prompts import PromptSplits, load_splits
+from abliterate.report import model_card, plot_candidate_scores
+from abliterate.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
 
-logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class ParityError(RuntimeError):
@@ -44,29 +71,6 @@ class RunResult:
     messages: list[str] = field(default_factory=list)
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[f"{name}_s"] = round(time.perf_counter() - begin, 3)
-
-    def total(self) -> dict[str, float]:
-        return {**self.timings, "total_s": round(time.perf_counter() - self.start, 3)}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process in MiB (``ru_maxrss``)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     """Run the whole pipeline for one model.
 
@@ -82,24 +86,77 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         FileNotFoundError, FileExistsError, PermissionError, ValueError, LookupError: bad input,
             raised before any heavy work where it can be known then.
     """
-    from abliterate import __version__
-    from abliterate.adapters import resolve_adapter
-    from abliterate.batching import all_position_logits, encode, eoi_length, last_logits
-    from abliterate.checkpoint import atomic_directory, check_output_dir, save_model
-    from abliterate.direction import save_direction
-    from abliterate.edit import fold_direction
-    from abliterate.evaluate import refusal_rate
-    from abliterate.extract import extract_candidates
-    from abliterate.hooks import ablate_direction
-    from abliterate.hub import check_push_auth, push_folder
-    from abliterate.loading import load_model
-    from abliterate.parity import compare_logits, kl_divergence
-    from abliterate.prompts import load_splits
-    from abliterate.report import model_card, plot_candidate_scores
-    from abliterate.select import direction_at, refusal_token_ids, select_direction
+    inputs = prepare(config, hub_api)
+    timed = StageTimer()
+    subject = timed("load", load, config, inputs)
+    candidates = timed("extract", extract, config, subject, inputs)
+    chosen = timed("select", select, config, subject, inputs, candidates)
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    reference = timed("verify", parity_reference, config, subject, inputs, chosen)
+    timed("edit", fold, subject, chosen)
+    model, adapter = subject.model, subject.adapter
+    parity = timed("verify", check_parity, model, adapter, chosen.direction, reference, subject.dtype_name)
+    del reference  # [n, S, vocab] logits: free them before evaluating and saving
+    if not parity.passed:
+        raise ParityError(f"parity check failed: {parity.reason}; nothing was saved or pushed")
+    evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+    with _destination(inputs.output) as target:
+        with checkpoint.atomic_directory(target) as staging:
+            timed("save", save, staging, config, subject, chosen)
+            manifest = build_manifest(config, subject, chosen, parity, evaluation, timed.timings())
+            write_manifest(staging, manifest, subject.loaded.base_model)
+        url = push(target, config, inputs.token, hub_api)
+    return RunResult(manifest, output=inputs.output, url=url)
 
-    # Cheap checks first: bad input must fail before minutes of work.
-    output = check_output_dir(config.output, config.overwrite) if config.output else None
+
+class StageTimer:
+    """Wall-clock seconds per named stage, for the manifest's ``timings``.
+
+    A name that recurs adds up: ``evaluate`` covers the evaluation before and after the edit,
+    ``verify`` the reference logits before the fold and the comparison after it.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, stage: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``stage(*args, **kwargs)`` and add its duration to ``name``."""
+        begin = time.perf_counter()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    def timings(self) -> dict[str, float]:
+        """``{"<stage>_s": seconds, …, "total_s": seconds since the timer started}``, to the millisecond."""
+        stages = {f"{name}_s": round(seconds, 3) for name, seconds in self.seconds.items()}
+        return {**stages, "total_s": round(time.perf_counter() - self.started, 3)}
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the cheap checks produced, before any heavy work.
+
+    Attributes:
+        output: the checked output directory, or ``None`` (push only).
+        token: the checked Hub token, or ``None`` (no push).
+        harmful: harmful prompts, split into train/val/eval/parity.
+        harmless: harmless prompts, split the same way.
+    """
+
+    output: Path | None
+    token: str | None
+    harmful: PromptSplits
+    harmless: PromptSplits
+
+
+def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
+    """Check the output directory and the Hub token and read the prompts: bad input fails here, early."""
+    output = checkpoint.check_output_dir(config.output, config.overwrite) if config.output else None
     token = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
     sizes = dict(
         n_train=config.n_train,
@@ -110,205 +167,351 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     )
     harmful = load_splits("harmful", config.harmful, **sizes)
     harmless = load_splits("harmless", config.harmless, **sizes)
+    return Inputs(output, token, harmful, harmless)
 
-    timer = _Timer()
-    with timer.stage("load"):
-        loaded = load_model(
-            config.model,
-            dtype=config.dtype,
-            device=config.device,
-            trust_remote_code=config.trust_remote_code,
-            allow_pickle=config.allow_pickle,
-        )
-    model, tokenizer = loaded.model, loaded.tokenizer
-    adapter = resolve_adapter(model, config.architecture)
-    if config.batch_size == "auto":
-        from dataclasses import replace
 
-        from abliterate.batching import auto_batch_size
+@dataclass(frozen=True)
+class Subject:
+    """The model being edited and what every later stage needs to run it.
 
-        config = replace(config, batch_size=auto_batch_size(model, tokenizer, harmful.train + harmless.train))
-    n_eoi = eoi_length(tokenizer, config.system_prompt)
+    Attributes:
+        loaded: the model, its tokenizer and where they came from.
+        adapter: its architecture description.
+        n_layers: decoder blocks in the model.
+        n_eoi: end-of-instruction tokens of its chat template.
+        batch_size: prompts per forward pass (``--batch-size auto`` resolved).
+        system_prompt: system message of every chat, or ``None``.
+    """
 
-    def encoded(prompts: list[str]) -> Any:
+    loaded: loading.LoadedModel
+    adapter: Adapter
+    n_layers: int
+    n_eoi: int
+    batch_size: int
+    system_prompt: str | None
+
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM."""
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> object:
+        """Its tokenizer."""
+        return self.loaded.tokenizer
+
+    @property
+    def dtype_name(self) -> str:
+        """The model's parameter dtype, e.g. ``"float32"`` (selects the parity tolerances)."""
+        return self.loaded.dtype_name
+
+    def encoded(self, prompts: list[str]) -> EncodedPrompts:
+        """``prompts`` chat-formatted and batched after their shared prefix, each keeping its EOI tokens."""
         return encode(
-            tokenizer,
+            self.tokenizer,
             prompts,
-            batch_size=config.batch_size,
-            system_prompt=config.system_prompt,
-            keep_last=n_eoi,
+            batch_size=self.batch_size,
+            system_prompt=self.system_prompt,
+            keep_last=self.n_eoi,
         )
 
-    from abliterate.adapters.resolve import blocks_of
 
-    n_layers = len(blocks_of(model, adapter)[1])
-    with timer.stage("extract"):
-        # Selection never looks at layers past the fraction, so the forward pass stops there.
-        if config.layer is None:
-            limit = min(n_layers, max(1, math.ceil(config.max_layer_fraction * n_layers)))
-        else:
-            limit = min(n_layers, config.layer + 1)
-        candidates = extract_candidates(
-            model,
-            adapter,
-            encoded(harmful.train),
-            encoded(harmless.train),
-            n_eoi,
-            limit,
-            project_harmless=config.project_harmless,
-            progress=config.progress,
-        )
-    refusal_ids = refusal_token_ids(tokenizer)
-    with timer.stage("select"):
-        if config.layer is not None:
-            chosen = direction_at(candidates, config.layer, config.position)
-        else:
-            chosen = select_direction(
-                model,
-                adapter,
-                candidates,
-                encoded(harmful.val),
-                encoded(harmless.val),
-                encoded(harmful.val[: config.screen_prompts]),
-                refusal_ids,
-                harmless_screen=encoded(harmless.val[: config.screen_prompts]),
-                max_layer_fraction=config.max_layer_fraction,
-                max_kl=config.max_kl,
-                min_steering=config.min_steering,
-                screen_keep=config.screen_keep,
-                batch_size=config.batch_size,
-                n_layers=n_layers,
-                layer_stride=config.layer_stride,
-                progress=config.progress,
-            )
-    generate = dict(
+def load(config: RunConfig, inputs: Inputs) -> Subject:
+    """Load the model and tokenizer, find the adapter, and resolve ``--batch-size auto``."""
+    loaded = loading.load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle=config.allow_pickle,
+    )
+    adapter = resolve_adapter(loaded.model, config.architecture)
+    batch_size = config.batch_size
+    if batch_size == "auto":
+        prompts = inputs.harmful.train + inputs.harmless.train
+        batch_size = auto_batch_size(loaded.model, loaded.tokenizer, prompts)
+    return Subject(
+        loaded,
+        adapter,
+        n_layers=len(blocks_of(loaded.model, adapter)[1]),
+        n_eoi=eoi_length(loaded.tokenizer, config.system_prompt),
+        batch_size=batch_size,
+        system_prompt=config.system_prompt,
+    )
+
+
+def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> torch.Tensor:
+    """Candidates ``[n_eoi, n_extracted, d_model]``: harmful minus harmless mean block inputs.
+
+    Selection never looks at layers past the fraction (or past ``--layer``), so the forward passes stop
+    there and ``n_extracted`` may be less than the model's depth.
+    """
+    if config.layer is None:
+        limit = min(subject.n_layers, max(1, math.ceil(config.max_layer_fraction * subject.n_layers)))
+    else:
+        limit = min(subject.n_layers, config.layer + 1)
+    return extract_candidates(
+        subject.model,
+        subject.adapter,
+        subject.encoded(inputs.harmful.train),
+        subject.encoded(inputs.harmless.train),
+        subject.n_eoi,
+        limit,
+        project_harmless=config.project_harmless,
+        progress=config.progress,
+    )
+
+
+def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor) -> RefusalDirection:
+    """The candidate given by ``--layer/--position``, or the one the search selects."""
+    if config.layer is not None:
+        return direction_at(candidates, config.layer, config.position)
+    harmful, harmless = inputs.harmful, inputs.harmless
+    return select_direction(
+        subject.model,
+        subject.adapter,
+        candidates,
+        subject.encoded(harmful.val),
+        subject.encoded(harmless.val),
+        subject.encoded(harmful.val[: config.screen_prompts]),
+        refusal_token_ids(subject.tokenizer),
+        harmless_screen=subject.encoded(harmless.val[: config.screen_prompts]),
+        max_layer_fraction=config.max_layer_fraction,
+        max_kl=config.max_kl,
+        min_steering=config.min_steering,
+        screen_keep=config.screen_keep,
+        batch_size=subject.batch_size,
+        n_layers=subject.n_layers,
+        layer_stride=config.layer_stride,
+        progress=config.progress,
+    )
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The unedited model's behaviour on the evaluation prompts.
+
+    Attributes:
+        refusals: refusal rate and greedy replies on the harmful eval prompts.
+        harmless_logits: ``[n, vocab]`` last-position logits on the harmless eval prompts.
+    """
+
+    refusals: RefusalEvaluation
+    harmless_logits: torch.Tensor
+
+
+def evaluate_before(config: RunConfig, subject: Subject, inputs: Inputs) -> Baseline | None:
+    """Measure the original model (``None`` with ``--no-evaluate``)."""
+    if not config.evaluate:
+        return None
+    refusals = refusal_rate(
+        subject.model,
+        subject.tokenizer,
+        inputs.harmful.eval,
+        description="evaluate before",
+        **_generation(config, subject),
+    )
+    harmless_logits = last_logits(subject.model, subject.adapter, subject.encoded(inputs.harmless.eval))[0]
+    return Baseline(refusals, harmless_logits)
+
+
+def evaluate_after(
+    config: RunConfig, subject: Subject, inputs: Inputs, before: Baseline | None
+) -> dict[str, Any] | None:
+    """Measure the edited model against ``before``: the manifest's ``evaluation`` (``None`` without one)."""
+    if before is None:
+        return None
+    after = refusal_rate(
+        subject.model,
+        subject.tokenizer,
+        inputs.harmful.eval,
+        description="evaluate after",
+        **_generation(config, subject),
+    )
+    harmless_after = last_logits(subject.model, subject.adapter, subject.encoded(inputs.harmless.eval))[0]
+    examples = zip(inputs.harmful.eval, before.refusals.replies, after.replies, strict=True)
+    return {
+        "before": {"refusal_rate": before.refusals.refusal_rate, "n": before.refusals.n},
+        "after": {"refusal_rate": after.refusal_rate, "n": after.n},
+        "kl_harmless": kl_divergence(before.harmless_logits, harmless_after).mean().item(),
+        "examples": [
+            {"prompt": prompt, "before": old, "after": new} for prompt, old, new in list(examples)[:5]
+        ],
+    }
+
+
+def _generation(config: RunConfig, subject: Subject) -> dict[str, Any]:
+    return dict(
         max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
+        batch_size=subject.batch_size,
         system_prompt=config.system_prompt,
         progress=config.progress,
     )
-    before = None
-    with timer.stage("evaluate"):
-        if config.evaluate:
-            before = refusal_rate(model, tokenizer, harmful.eval, description="evaluate before", **generate)
-            harmless_before = last_logits(model, adapter, encoded(harmless.eval))[0]
-    with timer.stage("verify"):
-        # One batch, padded once, so hooked and edited logits line up position by position.
-        parity_texts = harmful.parity + harmless.parity
-        parity_prompts = encode(
-            tokenizer,
-            parity_texts,
-            batch_size=len(parity_texts),
-            system_prompt=config.system_prompt,
-            share_prefix=False,
-        )
-        parity_mask = parity_prompts.batches[0][1]
-        with ablate_direction(model, adapter, chosen.direction):
-            reference = all_position_logits(model, parity_prompts)
-    with timer.stage("edit"):
-        fold_direction(model, adapter, chosen.direction)
-    verify_started = time.perf_counter()
-    edited = all_position_logits(model, parity_prompts)
-    parity = compare_logits(reference, edited, loaded.dtype_name, parity_mask)
-    timer.timings["verify_s"] = round(timer.timings["verify_s"] + time.perf_counter() - verify_started, 3)
-    del reference, edited
-    evaluation = None
-    if parity.passed and config.evaluate:
-        with timer.stage("evaluate_after"):
-            after = refusal_rate(model, tokenizer, harmful.eval, description="evaluate after", **generate)
-            harmless_after = last_logits(model, adapter, encoded(harmless.eval))[0]
-            kl = kl_divergence(harmless_before, harmless_after).mean().item()
-        timer.timings["evaluate_s"] = round(
-            timer.timings["evaluate_s"] + timer.timings.pop("evaluate_after_s"), 3
-        )
-        evaluation = {
-            "before": {"refusal_rate": before.refusal_rate, "n": before.n},
-            "after": {"refusal_rate": after.refusal_rate, "n": after.n},
-            "kl_harmless": kl,
-            "examples": [
-                {"prompt": prompt, "before": old, "after": new}
-                for prompt, old, new in list(zip(harmful.eval, before.replies, after.replies, strict=True))[
-                    :5
-                ]
-            ],
-        }
-    import transformers
 
-    manifest: dict[str, Any] = {
+
+@dataclass(frozen=True)
+class ParityReference:
+    """The held-aside parity prompts and the hooked original's logits on them, taken before the fold.
+
+    Attributes:
+        prompts: harmful and harmless parity prompts in one batch, padded once, so hooked and edited
+            logits line up position by position.
+        mask: ``[n, S]`` real (non-padding) positions.
+        logits: ``[n, S, vocab]`` float32 logits of the original with the direction hooked out.
+    """
+
+    prompts: EncodedPrompts
+    mask: torch.Tensor
+    logits: torch.Tensor
+
+
+def parity_reference(
+    config: RunConfig, subject: Subject, inputs: Inputs, chosen: RefusalDirection
+) -> ParityReference:
+    """The reference the gate compares with: the original model with the direction ablated by hooks."""
+    texts = inputs.harmful.parity + inputs.harmless.parity
+    prompts = encode(
+        subject.tokenizer,
+        texts,
+        batch_size=len(texts),
+        system_prompt=config.system_prompt,
+        share_prefix=False,
+    )
+    with ablate_direction(subject.model, subject.adapter, chosen.direction):
+        logits = all_position_logits(subject.model, prompts)
+    return ParityReference(prompts, prompts.batches[0][1], logits)
+
+
+def fold(subject: Subject, chosen: RefusalDirection) -> None:
+    """Fold the direction into every residual writer of the model in memory."""
+    edit.fold_direction(subject.model, subject.adapter, chosen.direction)
+
+
+def check_parity(
+    model: nn.Module,
+    adapter: Adapter,
+    direction: torch.Tensor,
+    reference: ParityReference,
+    dtype_name: str,
+) -> ParityReport:
+    """The parity gate: does the edited model reproduce the hooked original on the parity prompts?
+
+    Args:
+        model: the edited model.
+        adapter: its architecture description.
+        direction: the folded direction (the logit comparison itself does not need it).
+        reference: the parity prompts and the hooked original's logits on them.
+        dtype_name: the model's dtype, which selects the tolerances.
+
+    Returns:
+        The report; ``passed`` is the gate's verdict.
+    """
+    edited = all_position_logits(model, reference.prompts)
+    return compare_logits(reference.logits, edited, dtype_name, reference.mask)
+
+
+def save(directory: Path, config: RunConfig, subject: Subject, chosen: RefusalDirection) -> None:
+    """Write the edited checkpoint, the direction and the candidate scores into ``directory``."""
+    with tqdm(total=3, desc="save", unit="step", disable=not config.progress) as bar:
+        bar.set_postfix_str("weights")
+        checkpoint.save_model(subject.model, subject.tokenizer, directory)
+        bar.update()
+        save_direction(
+            directory / "direction.safetensors",
+            chosen.direction,
+            chosen.layer,
+            chosen.position,
+            config.model,
+            extra={"model_type": subject.model.config.model_type},
+        )
+        bar.update()
+        if chosen.scores:
+            starred = (chosen.position + subject.n_eoi, chosen.layer)
+            plot_candidate_scores(chosen.scores, starred, directory / "candidate_scores.png")
+            scores = {name: _nan_to_none(values.tolist()) for name, values in chosen.scores.items()}
+            (directory / "candidate_scores.json").write_text(json.dumps(scores) + "\n", "utf-8")
+        bar.update()
+
+
+def build_manifest(
+    config: RunConfig,
+    subject: Subject,
+    chosen: RefusalDirection,
+    parity: ParityReport,
+    evaluation: dict[str, Any] | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The ``abliterate.json`` content (keys documented in DESIGN.md)."""
+    import transformers  # only for its version; heavy, and only ``run`` needs it
+
+    return {
         "abliterate_version": __version__,
         "model": {
             "source": config.model,
-            "base_model": loaded.base_model,
-            "model_type": model.config.model_type,
-            "adapter": adapter.name,
-            "dtype": loaded.dtype_name,
-            "n_layers": n_layers,
+            "base_model": subject.loaded.base_model,
+            "model_type": subject.model.config.model_type,
+            "adapter": subject.adapter.name,
+            "dtype": subject.dtype_name,
+            "n_layers": subject.n_layers,
         },
         "direction": {
             "layer": chosen.layer,
             "position": chosen.position,
-            "n_eoi_tokens": n_eoi,
+            "n_eoi_tokens": subject.n_eoi,
             "ablation_score": chosen.ablation_score,
             "steering_score": chosen.steering_score,
             "kl": chosen.kl,
             "selected_by": "user" if config.layer is not None else "search",
             "project_harmless": config.project_harmless,
         },
-        "parity": {**parity.to_dict()},
+        "parity": parity.to_dict(),
         "evaluation": evaluation,
-        "config": {k: v for k, v in vars(config).items() if k not in ("push_to_hub",)},
-        "timings": {},
-        "peak_rss_mib": 0.0,
+        # The configuration as run: ``--batch-size auto`` shows the size it resolved to.
+        "config": {
+            key: value
+            for key, value in {**vars(config), "batch_size": subject.batch_size}.items()
+            if key != "push_to_hub"
+        },
+        "timings": timings,
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
         },
     }
-    if not parity.passed:
-        manifest["timings"] = timer.total()
-        raise ParityError(f"parity check failed: {parity.reason}; nothing was saved or pushed")
 
-    result = RunResult(manifest, output=output)
-    with ExitStack() as cleanup:
-        target = output
-        if target is None:  # push only: stage the checkpoint in a scratch directory
-            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="abliterate-push-"))
-            target = Path(scratch) / "model"
-        save_started = time.perf_counter()
-        bar = cleanup.enter_context(tqdm(total=4, desc="save", unit="step", disable=not config.progress))
-        with atomic_directory(target) as staging:
-            bar.set_postfix_str("weights")
-            save_model(model, tokenizer, staging)
-            bar.update()
-            save_direction(
-                staging / "direction.safetensors",
-                chosen.direction,
-                chosen.layer,
-                chosen.position,
-                config.model,
-                extra={"model_type": model.config.model_type},
-            )
-            bar.update()
-            if chosen.scores:
-                plot_candidate_scores(
-                    chosen.scores, (chosen.position + n_eoi, chosen.layer), staging / "candidate_scores.png"
-                )
-                scores = {name: _nan_to_none(values.tolist()) for name, values in chosen.scores.items()}
-                (staging / "candidate_scores.json").write_text(json.dumps(scores) + "\n", "utf-8")
-            bar.update()
-            # Everything but the final rename and the two small files below counts as saving.
-            timer.timings["save_s"] = round(time.perf_counter() - save_started, 3)
-            manifest["timings"] = timer.total()
-            manifest["peak_rss_mib"] = round(peak_rss_mib(), 1)
-            (staging / "README.md").write_text(model_card(manifest, loaded.base_model), "utf-8")
-            (staging / "abliterate.json").write_text(
-                json.dumps(manifest, indent=2, default=str) + "\n", "utf-8"
-            )
-            bar.update()
-        if config.push_to_hub:
-            result.url = push_folder(target, config.push_to_hub, token, private=config.private, api=hub_api)
-    return result
+
+def write_manifest(directory: Path, manifest: dict[str, Any], base_model: str | None) -> None:
+    """Write the model card and ``abliterate.json``."""
+    (directory / "README.md").write_text(model_card(manifest, base_model), "utf-8")
+    (directory / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")
+
+
+def push(directory: Path, config: RunConfig, token: str | None, hub_api: object | None) -> str | None:
+    """Upload ``directory`` to ``--push-to-hub`` when asked; return the repository URL."""
+    if not config.push_to_hub:
+        return None
+    return push_folder(directory, config.push_to_hub, token, private=config.private, api=hub_api)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@contextmanager
+def _destination(output: Path | None) -> Iterator[Path]:
+    """Where the checkpoint goes: ``output``, or for a push alone a scratch directory kept until pushed."""
+    if output is not None:
+        yield output
+        return
+    with tempfile.TemporaryDirectory(prefix="abliterate-push-") as scratch:
+        yield Path(scratch) / "model"
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _nan_to_none(values: Any) -> Any:
