@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.adapters.spec import Layout, writer_group
+from abliterate.adapters.spec import Layout
 from abliterate.edit import ROWS_WRITE, compute_dtype, orthogonalize_
-from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, read_header, read_tensor
+from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, find_shards, read_header, read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -192,11 +192,8 @@ def read_structure(checkpoint: Path, architecture: str | None = None) -> Structu
     parameters: dict[str, RequiredEdit] = {}
     for embedding in embeddings_of(model, adapter):
         parameters[f"{embedding.name}.weight"] = RequiredEdit("embedding", "embedding", -1)
-    group_of = {writer.path: writer_group(writer) for writer in adapter.writers}
-    blocks_name = locate(model, adapter.blocks) or adapter.blocks
     for writer in resolve_writers(model, adapter):
-        path = writer.name.removeprefix(f"{blocks_name}.{writer.layer}.")
-        group = group_of[path]
+        group = writer.group
         parameters[f"{writer.name}.{writer.weight}"] = RequiredEdit(writer.layout, group, writer.layer)
         if writer.bias_tensor() is not None:
             parameters[f"{writer.name}.{writer.bias}"] = RequiredEdit("embedding", group, writer.layer)
@@ -286,8 +283,6 @@ def certify_checkpoint(
 
 
 def _tensor_index(checkpoint: Path) -> dict[str, tuple[Path, TensorEntry]]:
-    from abliterate.streaming import find_shards
-
     names, _ = find_shards(checkpoint)
     index: dict[str, tuple[Path, TensorEntry]] = {}
     for file in names:

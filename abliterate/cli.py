@@ -27,7 +27,7 @@ _USER_ERRORS = (
 
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
-    from abliterate.pipeline import ParityError
+    from abliterate.gate import ParityError
 
     try:
         yield
@@ -137,24 +137,43 @@ def apply_command(
 @click.argument("original")
 @click.argument("edited")
 @click.option("--direction", "direction_file", required=True, help="direction.safetensors used for the edit.")
-@click.option("--dtype", default="auto", show_default=True, help=help_of("dtype"))
+@click.option(
+    "--dtype", default="auto", show_default=True, help="Dtype of both models (auto: the edited one's)."
+)
 @click.option("--device", default="auto", show_default=True, help=help_of("device"))
 @click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
 @click.option("--trust-remote-code", is_flag=True, help=help_of("trust_remote_code"))
+@click.option(
+    "--forward/--no-forward",
+    default=True,
+    show_default=True,
+    help="Load the models for the completeness check and logit parity (--no-forward: certificate only).",
+)
+@click.option(
+    "--certificate/--no-certificate",
+    default=True,
+    show_default=True,
+    help="Certify the weights tensor by tensor (needs both as safetensors checkpoints).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--progress/--no-progress", default=True, help=help_of("progress"))
 def verify_command(original: str, edited: str, direction_file: str, as_json: bool, **options: Any) -> None:
-    """Check that EDITED equals ORIGINAL with the direction ablated by hooks; exit 2 when it does not."""
+    """Prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
+
+    Runs the weight certificate, the residual-stream completeness check and logit parity (see README,
+    "What the gate proves").
+    """
     with _one_line_errors():
+        from abliterate.report import gate_lines
         from abliterate.verify import verify_checkpoints
 
         report = verify_checkpoints(original, edited, direction_file, **options)
         if as_json:
             click.echo(json.dumps(report, indent=2))
         else:
-            for key, value in report.items():
-                click.echo(f"{key:28s} {value}")
+            click.echo("\n".join(gate_lines(report)))
         if not report["passed"]:
-            click.echo(f"error: parity check failed: {report['reason']}", err=True)
+            click.echo(f"error: parity gate failed: {report['reason']}", err=True)
             sys.exit(2)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, Layout, residual_writers
+from abliterate.adapters import Adapter, Layout, ResolvedWriter, residual_writers
 from abliterate.adapters.resolve import embeddings_of, locate
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
@@ -67,6 +70,13 @@ def orthogonalize_(
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
     r = _unit(direction, weight)
+    with _one_intra_op_thread():
+        _fold_in_place(weight, r, direction, layout, strength)
+
+
+def _fold_in_place(
+    weight: torch.Tensor, r: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
+) -> None:
     if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
         contiguous = weight.contiguous()
         orthogonalize_(contiguous, direction, layout, strength)
@@ -80,6 +90,21 @@ def orthogonalize_(
             _fold_columns(expert, r, strength)
     else:
         _fold_columns(weight, r, strength)
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run the tile loop on one intra-op thread: a tile is too small to split, and on a busy 2-core
+    machine the per-operation barrier of a second thread made the loop up to 80x slower (measured)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float) -> None:
@@ -143,24 +168,31 @@ def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
 
 
 @torch.no_grad()
-def fold_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor) -> int:
+def fold_direction(
+    model: nn.Module,
+    adapter: Adapter,
+    direction: torch.Tensor,
+    writers: Iterable[ResolvedWriter] | None = None,
+) -> int:
     """Edit ``model`` in place so no residual writer can write along ``direction``.
 
     Args:
         model: the causal LM (its weights are replaced in memory; nothing on disk changes).
         adapter: the architecture description.
         direction: ``[d_model]`` refusal direction.
+        writers: edit only these (default: every residual writer); the gate's negative controls
+            (``abliterate.controls``) leave some out.
 
     Returns:
         The number of tensors edited.
     """
     untie_embeddings(model, adapter)
     edited = 0
-    for writer in residual_writers(model, adapter):
+    for writer in residual_writers(model, adapter) if writers is None else writers:
         orthogonalize_(writer.weight_tensor().data, direction, writer.layout)
         edited += 1
         bias = writer.bias_tensor()
         if bias is not None:
-            bias.data.copy_(orthogonalize_bias(bias.data, direction))
+            orthogonalize_(bias.data, direction, "embedding")
             edited += 1
     return edited

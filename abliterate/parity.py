@@ -9,15 +9,46 @@ import torch
 # Gate tolerances per dtype. In float32 the fold and the hooks differ only by rounding order, so the
 # largest logit difference stays near 1e-6 of the logit scale on real models; 1e-3 leaves room for
 # deep models and long prompts while still rejecting any wrong direction (which moves logits by O(1)).
-# In 16-bit formats the edited weights are rounded once to 8 (bf16) or 11 (fp16) mantissa bits, so
-# single logits move by a few percent of their scale; the gate then judges the distributions instead
-# (mean KL and top-1 agreement), which is what a user of the checkpoint observes.
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"max_rel_logit_diff": 1e-3, "mean_kl": 1e-4, "top1_agreement": 0.99},
     "float64": {"max_rel_logit_diff": 1e-6, "mean_kl": 1e-8, "top1_agreement": 0.999},
-    "bfloat16": {"max_rel_logit_diff": float("inf"), "mean_kl": 2e-2, "top1_agreement": 0.9},
-    "float16": {"max_rel_logit_diff": float("inf"), "mean_kl": 1e-2, "top1_agreement": 0.95},
 }
+# In 16-bit formats the edited weights are rounded once to 8 (bf16) or 11 (fp16) mantissa bits, so no
+# constant tolerance separates "rounded differently" from "slightly wrong". The gate measures the
+# model's own rounding floor instead: the distance between two implementations of the same hooks that
+# differ only in where they round (the projection computed in float32, and in the model dtype). The
+# edited model may be at most FLOOR_FACTOR times as far from the reference as that, in mean KL and in
+# top-1 disagreement. Measured on the demo model in bf16 (BENCHMARKS.md §parity): the complete edit
+# sits at 0.4-1.2× the floor, one attention group left unedited at > 10×.
+SIXTEEN_BIT = ("bfloat16", "float16")
+FLOOR_FACTOR = 3.0
+# Below this KL two distributions are the same for every purpose; it keeps the limit above zero when a
+# model is so small or so well conditioned that the floor itself vanishes.
+_KL_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class RoundingFloor:
+    """How far two equally exact 16-bit implementations of the hooked reference are from each other.
+
+    Attributes:
+        mean_kl: mean KL between the two, per position.
+        top1_disagreement: fraction of positions whose argmax differs.
+    """
+
+    mean_kl: float
+    top1_disagreement: float
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse dtypes the gate has no proof for (8-bit floats, integer or unknown formats).
+
+    Raises:
+        ValueError: naming the dtype and the ones that are supported.
+    """
+    if dtype not in TOLERANCES and dtype not in SIXTEEN_BIT:
+        supported = ", ".join([*TOLERANCES, *SIXTEEN_BIT])
+        raise ValueError(f"no parity proof for dtype {dtype}; load the model as one of: {supported}")
 
 
 _CHUNK_ROWS = 64
@@ -36,6 +67,8 @@ class ParityReport:
         dtype: the dtype whose tolerances were applied.
         passed: whether every tolerance for ``dtype`` holds.
         reason: why it failed (empty when passed).
+        floor_mean_kl, floor_top1_disagreement: the measured rounding floor (16-bit only).
+        mean_kl_limit, top1_agreement_limit: the limits applied (16-bit: from the floor).
     """
 
     max_abs_logit_diff: float
@@ -46,6 +79,10 @@ class ParityReport:
     dtype: str
     passed: bool
     reason: str = ""
+    floor_mean_kl: float | None = None
+    floor_top1_disagreement: float | None = None
+    mean_kl_limit: float | None = None
+    top1_agreement_limit: float | None = None
 
     def to_dict(self) -> dict[str, float | int | str | bool]:
         """Plain dictionary for JSON output."""
@@ -60,7 +97,11 @@ def kl_divergence(reference_logits: torch.Tensor, other_logits: torch.Tensor) ->
 
 
 def compare_logits(
-    reference: torch.Tensor, edited: torch.Tensor, dtype: str, mask: torch.Tensor | None = None
+    reference: torch.Tensor,
+    edited: torch.Tensor,
+    dtype: str,
+    mask: torch.Tensor | None = None,
+    floor: RoundingFloor | None = None,
 ) -> ParityReport:
     """Compare two logit tensors ``[..., vocab]`` position by position.
 
@@ -69,10 +110,60 @@ def compare_logits(
         edited: logits of the edited model, same shape.
         dtype: name of the model dtype (selects the tolerances).
         mask: optional boolean ``[...]`` selecting real (non-padding) positions.
+        floor: the measured rounding floor; required for 16-bit dtypes (see ``measure_floor``).
 
     Returns:
-        The parity report, with ``passed`` judged against ``TOLERANCES[dtype]``.
+        The parity report, with ``passed`` judged against the limits of ``dtype``.
     """
+    check_dtype(dtype)
+    diff, scale, kl, top1, rows = logit_distance(reference, edited, mask)
+    if dtype in SIXTEEN_BIT:
+        if floor is None:
+            raise ValueError(f"a {dtype} parity check needs the model's measured rounding floor")
+        limits = {
+            "max_rel_logit_diff": float("inf"),
+            "mean_kl": FLOOR_FACTOR * floor.mean_kl + _KL_EPSILON,
+            "top1_agreement": 1.0 - FLOOR_FACTOR * floor.top1_disagreement - 1.0 / max(rows, 1),
+        }
+    else:
+        limits = TOLERANCES[dtype]
+    failures = []
+    if not diff <= limits["max_rel_logit_diff"] * max(scale, 1e-12):
+        failures.append(
+            f"max |Δlogit| {diff:.3g} > {limits['max_rel_logit_diff']:.0e} × logit scale {scale:.3g}"
+        )
+    if not kl <= limits["mean_kl"]:
+        failures.append(f"mean KL {kl:.3g} > {limits['mean_kl']:.3g}")
+    if not top1 >= limits["top1_agreement"]:
+        failures.append(f"top-1 agreement {top1:.3f} < {limits['top1_agreement']:.3f}")
+    return ParityReport(
+        max_abs_logit_diff=diff,
+        logit_scale=scale,
+        mean_kl=kl,
+        top1_agreement=top1,
+        n_positions=rows,
+        dtype=dtype,
+        passed=not failures,
+        reason="; ".join(failures),
+        floor_mean_kl=None if floor is None else floor.mean_kl,
+        floor_top1_disagreement=None if floor is None else floor.top1_disagreement,
+        mean_kl_limit=limits["mean_kl"],
+        top1_agreement_limit=limits["top1_agreement"],
+    )
+
+
+def measure_floor(
+    reference: torch.Tensor, low_precision: torch.Tensor, mask: torch.Tensor | None
+) -> RoundingFloor:
+    """The rounding floor from two reference runs that differ only in where the hooks round."""
+    _, _, kl, top1, _ = logit_distance(reference, low_precision, mask)
+    return RoundingFloor(kl, 1.0 - top1)
+
+
+def logit_distance(
+    reference: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[float, float, float, float, int]:
+    """``(max |Δlogit|, logit scale, mean KL, top-1 agreement, positions)`` over the masked positions."""
     if reference.shape != edited.shape:
         raise ValueError(f"logit shapes differ: {tuple(reference.shape)} vs {tuple(edited.shape)}")
     vocab = reference.shape[-1]
@@ -90,24 +181,4 @@ def compare_logits(
         kl_sum += kl_divergence(ref, out).sum().item()
         agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
     rows = max(reference.shape[0], 1)
-    kl, top1 = kl_sum / rows, agree / rows
-    tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
-    failures = []
-    if not diff <= tolerance["max_rel_logit_diff"] * max(scale, 1e-12):
-        failures.append(
-            f"max |Δlogit| {diff:.3g} > {tolerance['max_rel_logit_diff']:.0e} × logit scale {scale:.3g}"
-        )
-    if not kl <= tolerance["mean_kl"]:
-        failures.append(f"mean KL {kl:.3g} > {tolerance['mean_kl']:.0e}")
-    if not top1 >= tolerance["top1_agreement"]:
-        failures.append(f"top-1 agreement {top1:.3f} < {tolerance['top1_agreement']}")
-    return ParityReport(
-        max_abs_logit_diff=diff,
-        logit_scale=scale,
-        mean_kl=kl,
-        top1_agreement=top1,
-        n_positions=int(reference.shape[0]),
-        dtype=dtype,
-        passed=not failures,
-        reason="; ".join(failures),
-    )
+    return diff, scale, kl_sum / rows, agree / rows, int(reference.shape[0])

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -30,29 +30,34 @@ from abliterate.adapters import Adapter, resolve_adapter
 from abliterate.adapters.resolve import blocks_of
 from abliterate.batching import (
     EncodedPrompts,
-    all_position_logits,
     auto_batch_size,
     encode,
     eoi_length,
     last_logits,
 )
+from abliterate.certificate import DeclaredEdit, certify_checkpoint
 from abliterate.config import RunConfig
-from abliterate.direction import save_direction
+from abliterate.direction import save_direction, unit_direction
 from abliterate.evaluate import RefusalEvaluation, refusal_rate
 from abliterate.extract import extract_candidates
-from abliterate.hooks import ablate_direction
+from abliterate.gate import (
+    GateReport,
+    HookedReference,
+    ParityError,
+    completeness_on,
+    edited_parity,
+    hooked_reference,
+)
 from abliterate.hub import check_push_auth, push_folder
-from abliterate.parity import ParityReport, compare_logits, kl_divergence
+from abliterate.parity import kl_divergence
 from abliterate.prompts import PromptSplits, load_splits
 from abliterate.report import model_card, plot_candidate_scores
+from abliterate.residual import CompletenessReport
 from abliterate.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
+from abliterate.streaming import local_checkpoint
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class ParityError(RuntimeError):
-    """The edited model does not reproduce the hooked original; nothing was saved or pushed."""
 
 
 @dataclass
@@ -94,16 +99,16 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
-    model, adapter = subject.model, subject.adapter
-    parity = timed("verify", check_parity, model, adapter, chosen.direction, reference, subject.dtype_name)
+    gate = timed("verify", check_parity, subject.model, reference)
     del reference  # [n, S, vocab] logits: free them before evaluating and saving
-    if not parity.passed:
-        raise ParityError(f"parity check failed: {parity.reason}; nothing was saved or pushed")
+    _raise_unless_passed(gate, "nothing was saved or pushed")
     evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
     with _destination(inputs.output) as target:
         with checkpoint.atomic_directory(target) as staging:
             timed("save", save, staging, config, subject, chosen)
-            manifest = build_manifest(config, subject, chosen, parity, evaluation, timed.timings())
+            timed("verify", certify_saved, config, staging, chosen, gate)
+            _raise_unless_passed(gate, "nothing was saved or pushed")
+            manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
             write_manifest(staging, manifest, subject.loaded.base_model)
         url = push(target, config, inputs.token, hub_api)
     return RunResult(manifest, output=inputs.output, url=url)
@@ -265,9 +270,9 @@ def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> torch.Tensor
 def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor) -> RefusalDirection:
     """The candidate given by ``--layer/--position``, or the one the search selects."""
     if config.layer is not None:
-        return direction_at(candidates, config.layer, config.position)
+        return _as_stored(direction_at(candidates, config.layer, config.position))
     harmful, harmless = inputs.harmful, inputs.harmless
-    return select_direction(
+    chosen = select_direction(
         subject.model,
         subject.adapter,
         candidates,
@@ -285,6 +290,13 @@ def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torc
         layer_stride=config.layer_stride,
         progress=config.progress,
     )
+    return _as_stored(chosen)
+
+
+def _as_stored(chosen: RefusalDirection) -> RefusalDirection:
+    """The direction exactly as ``direction.safetensors`` stores it (unit, float32), so the hooks, the
+    fold and anyone re-applying or certifying the saved file all use the same bits."""
+    return replace(chosen, direction=unit_direction(chosen.direction))
 
 
 @dataclass(frozen=True)
@@ -351,18 +363,18 @@ def _generation(config: RunConfig, subject: Subject) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ParityReference:
-    """The held-aside parity prompts and the hooked original's logits on them, taken before the fold.
+    """What the gate measures on the original before the fold.
 
     Attributes:
         prompts: harmful and harmless parity prompts in one batch, padded once, so hooked and edited
             logits line up position by position.
-        mask: ``[n, S]`` real (non-padding) positions.
-        logits: ``[n, S, vocab]`` float32 logits of the original with the direction hooked out.
+        hooked: the hooked original's logits on them (and the 16-bit rounding floor).
+        completeness: the residual-stream completeness check of the adapter's writer list.
     """
 
     prompts: EncodedPrompts
-    mask: torch.Tensor
-    logits: torch.Tensor
+    hooked: HookedReference
+    completeness: CompletenessReport
 
 
 def parity_reference(
@@ -377,9 +389,9 @@ def parity_reference(
         system_prompt=config.system_prompt,
         share_prefix=False,
     )
-    with ablate_direction(subject.model, subject.adapter, chosen.direction):
-        logits = all_position_logits(subject.model, prompts)
-    return ParityReference(prompts, prompts.batches[0][1], logits)
+    completeness = completeness_on(subject.model, subject.adapter, prompts)
+    hooked = hooked_reference(subject.model, subject.adapter, chosen.direction, prompts, subject.dtype_name)
+    return ParityReference(prompts, hooked, completeness)
 
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
@@ -387,27 +399,35 @@ def fold(subject: Subject, chosen: RefusalDirection) -> None:
     edit.fold_direction(subject.model, subject.adapter, chosen.direction)
 
 
-def check_parity(
-    model: nn.Module,
-    adapter: Adapter,
-    direction: torch.Tensor,
-    reference: ParityReference,
-    dtype_name: str,
-) -> ParityReport:
-    """The parity gate: does the edited model reproduce the hooked original on the parity prompts?
-
-    Args:
-        model: the edited model.
-        adapter: its architecture description.
-        direction: the folded direction (the logit comparison itself does not need it).
-        reference: the parity prompts and the hooked original's logits on them.
-        dtype_name: the model's dtype, which selects the tolerances.
+def check_parity(model: nn.Module, reference: ParityReference) -> GateReport:
+    """The in-memory part of the gate: completeness of the writer list, and logit parity of the edited
+    model against the hooked original on the parity prompts.
 
     Returns:
-        The report; ``passed`` is the gate's verdict.
+        The gate report so far; ``certify_saved`` adds the weight certificate of the saved files.
     """
-    edited = all_position_logits(model, reference.prompts)
-    return compare_logits(reference.logits, edited, dtype_name, reference.mask)
+    parity = edited_parity(model, reference.prompts, reference.hooked)
+    return GateReport(completeness=reference.completeness, parity=parity)
+
+
+def certify_saved(config: RunConfig, staging: Path, chosen: RefusalDirection, gate: GateReport) -> None:
+    """Add the weight certificate of the saved checkpoint against its safetensors source to ``gate``."""
+    source, why_not = local_checkpoint(config.model)
+    if source is None:
+        gate.skipped["certificate"] = why_not
+        return
+    gate.certificate = certify_checkpoint(
+        source,
+        staging,
+        DeclaredEdit(chosen.direction),
+        architecture=config.architecture,
+        progress=config.progress,
+    )
+
+
+def _raise_unless_passed(gate: GateReport, consequence: str) -> None:
+    if not gate.passed:
+        raise ParityError(f"parity gate failed: {gate.reason}; {consequence}")
 
 
 def save(directory: Path, config: RunConfig, subject: Subject, chosen: RefusalDirection) -> None:
@@ -437,7 +457,7 @@ def build_manifest(
     config: RunConfig,
     subject: Subject,
     chosen: RefusalDirection,
-    parity: ParityReport,
+    gate: GateReport,
     evaluation: dict[str, Any] | None,
     timings: dict[str, float],
 ) -> dict[str, Any]:
@@ -464,7 +484,7 @@ def build_manifest(
             "selected_by": "user" if config.layer is not None else "search",
             "project_harmless": config.project_harmless,
         },
-        "parity": parity.to_dict(),
+        "parity": gate.to_dict(),
         "evaluation": evaluation,
         # The configuration as run: ``--batch-size auto`` shows the size it resolved to.
         "config": {

@@ -52,6 +52,42 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def gate_lines(gate: dict[str, Any]) -> list[str]:
+    """One line per ingredient of a gate report (``GateReport.to_dict()``), with its margin."""
+    lines = [f"gate          {'PASS' if gate['passed'] else 'FAIL'}"]
+    certificate = gate.get("certificate")
+    if certificate:
+        groups = ", ".join(f"{name} {v['tensors']}" for name, v in certificate["groups"].items())
+        lines.append(
+            f"certificate   {'PASS' if certificate['passed'] else 'FAIL'}  {certificate['n_edited']} edited "
+            f"({certificate['n_exact']} bitwise, {certificate['n_bounded']} within bound; {groups}), "
+            f"{certificate['n_unchanged']} unchanged, {certificate['n_failures']} failed"
+            f"  [{certificate['seconds']:.1f}s]"
+        )
+        lines.extend(f"  {failure}" for failure in certificate["failures"][:5])
+    completeness = gate.get("completeness")
+    if completeness:
+        lines.append(
+            f"completeness  {'PASS' if completeness['passed'] else 'FAIL'}  residual statistic "
+            f"{_fmt(completeness['max_statistic'])} (limit 1; any writer left out: ≥ "
+            f"{_fmt(completeness['min_leave_one_out'])}) over {completeness['n_tokens']} tokens"
+        )
+    parity = gate.get("parity")
+    if parity:
+        line = (
+            f"parity        {'PASS' if parity['passed'] else 'FAIL'}  max|Δlogit| "
+            f"{_fmt(parity['max_abs_logit_diff'])}  KL {_fmt(parity['mean_kl'])}"
+        )
+        if parity.get("floor_mean_kl") is not None:
+            line += f" (limit {_fmt(parity['mean_kl_limit'])}, floor {_fmt(parity['floor_mean_kl'])})"
+        line += f"  top-1 {parity['top1_agreement']:.3f}"
+        if parity.get("top1_agreement_limit") is not None:
+            line += f" (limit {parity['top1_agreement_limit']:.3f})"
+        lines.append(line)
+    lines.extend(f"skipped       {name}: {why}" for name, why in gate.get("skipped", {}).items())
+    return lines
+
+
 def summary_table(manifest: dict[str, Any]) -> str:
     """A small plain-text table of the run's numbers."""
     evaluation = manifest.get("evaluation") or {}
@@ -66,17 +102,11 @@ def summary_table(manifest: dict[str, Any]) -> str:
         )
         rows.append(("KL harmless (1st token)", _fmt(evaluation["kl_harmless"])))
     rows.append(
-        (
-            "parity",
-            f"{'PASS' if parity['passed'] else 'FAIL'}  max|Δlogit| {_fmt(parity['max_abs_logit_diff'])}"
-            f"  KL {_fmt(parity['mean_kl'])}  top-1 {parity['top1_agreement']:.3f}",
-        )
-    )
-    rows.append(
         ("time", "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in manifest["timings"].items()))
     )
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+    table = [f"{name.ljust(width)}  {value}" for name, value in rows]
+    return "\n".join(table + gate_lines(parity))
 
 
 def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
@@ -104,12 +134,16 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         f"- chosen position: {manifest['direction']['position']} (from the end of the chat template)",
         f"- dtype: {manifest['model']['dtype']}",
         "",
-        "## Parity (edited weights vs. the original with the direction ablated by hooks)",
+        "## Proof (edited weights vs. the original with the direction ablated by hooks)",
         "",
-        "| max abs logit diff | mean KL | top-1 agreement | passed |",
-        "|---|---|---|---|",
-        f"| {_fmt(parity['max_abs_logit_diff'])} | {_fmt(parity['mean_kl'])} | "
-        f"{parity['top1_agreement']:.4f} | {parity['passed']} |",
+        "The parity gate of abliterate checked this checkpoint before it was saved: a weight certificate",
+        "(each edited tensor equals the fold of the original, every other tensor is bitwise unchanged),",
+        "a completeness check of the writer list on real prompts, and logit parity against the hooked",
+        "original (in 16-bit, against the model's measured rounding floor).",
+        "",
+        "```",
+        *gate_lines(parity),
+        "```",
         "",
     ]
     if evaluation:

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import platform
+import re
 import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ import torch
 
 # The dtypes that can be read into tensors (and so edited); every other dtype is only ever copied.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 _MAX_HEADER_BYTES = 100 << 20
 _COPY_BLOCK = 64 << 20
 _WRITE_PIECE = 1 << 20
@@ -269,3 +273,44 @@ def write_at(target: BinaryIO, data: memoryview, at: int) -> None:
     target.seek(at)
     while data:
         data = data[target.write(data[:_WRITE_PIECE]) :]
+
+
+def find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
+    """The shard file names of a checkpoint directory, and its index (``None`` for a single file).
+
+    Raises:
+        ValueError: no safetensors weights, a missing index or a shard the index names is missing.
+    """
+    if (checkpoint / INDEX_NAME).is_file():
+        index = read_json(checkpoint / INDEX_NAME, INDEX_NAME)
+        if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+            raise ValueError(f"{checkpoint / INDEX_NAME} has no weight_map")
+        names = sorted(set(index["weight_map"].values()))
+        missing = [name for name in names if not (checkpoint / name).is_file()]
+        if missing:
+            raise ValueError(f"{checkpoint} lacks shard(s) named in {INDEX_NAME}: {', '.join(missing)}")
+        return names, index
+    if (checkpoint / SINGLE_NAME).is_file():
+        return [SINGLE_NAME], None
+    found = sorted(path.name for path in checkpoint.glob("*.safetensors"))
+    if any(SHARD_NAME.fullmatch(name) for name in found):
+        raise ValueError(
+            f"{checkpoint} has shards ({found[0]}, …) but no {INDEX_NAME} mapping tensors to them"
+        )
+    raise ValueError(
+        f"no {SINGLE_NAME} or {INDEX_NAME} in {checkpoint}"
+        + (f" (found only {', '.join(found)})" if found else "; only safetensors checkpoints can be streamed")
+    )
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; ``what`` names it in errors."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent} has no {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if isinstance(data, dict):
+        return data
+    raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")

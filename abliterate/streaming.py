@@ -25,18 +25,27 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
+from abliterate.certificate import Certificate
 from abliterate.checkpoint import atomic_directory, check_output_dir
 from abliterate.direction import unit_direction
 from abliterate.edit import ROWS_WRITE, orthogonalize_
-from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, read_header, reuse_freed_memory, write_shard
+from abliterate.safetensors_io import (
+    DTYPES,
+    INDEX_NAME,
+    SHARD_NAME,
+    Shard,
+    TensorEntry,
+    find_shards,
+    read_header,
+    read_json,
+    reuse_freed_memory,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "tokenizer*", "*.jinja"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 # Weight files the loader could pick up instead of (or beside) the edited shards; never copied.
 _STALE_WEIGHTS = re.compile(
     r"(model|consolidated.*|pytorch_model.*|tf_model|flax_model)\.(safetensors|bin|pth|pt|h5|msgpack)"
@@ -55,6 +64,7 @@ class StreamReport:
         seconds: wall-clock time of the whole call.
         output: the output directory.
         model_type: the adapter's model type that was used.
+        certificate: the weight certificate of the written files, or ``None`` when not asked for.
     """
 
     tensors_total: int
@@ -64,6 +74,7 @@ class StreamReport:
     seconds: float
     output: Path
     model_type: str
+    certificate: Certificate | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ def stream_apply(
     architecture: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    certify: bool = True,
 ) -> StreamReport:
     """Write a copy of ``checkpoint`` with ``direction`` folded out of every residual writer.
 
@@ -97,6 +109,8 @@ def stream_apply(
         architecture: use this registered model type's adapter instead of ``config.json``'s.
         overwrite: replace a non-empty ``output`` (only after everything was written successfully).
         progress: show a progress bar over the bytes processed.
+        certify: run the weight certificate (``abliterate.certificate``) on the written files before
+            they are moved into place; a failure raises ``ParityError`` and leaves nothing behind.
 
     Returns:
         A ``StreamReport``. Tied embeddings are untied: the output stores ``lm_head`` with the original
@@ -118,9 +132,45 @@ def stream_apply(
         reuse_freed_memory()
         with atomic_directory(target) as temp:
             counts = _write_all(plan, source, temp, vector, progress)
+            certificate = _certify(source, temp, vector, architecture, progress) if certify else None
     finally:
         torch.set_num_threads(threads)
-    return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type)
+    return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type, certificate)
+
+
+def _certify(
+    source: Path, written: Path, direction: torch.Tensor, architecture: str | None, progress: bool
+) -> Certificate:
+    from abliterate.certificate import DeclaredEdit, certify_checkpoint
+    from abliterate.gate import ParityError
+
+    certificate = certify_checkpoint(
+        source, written, DeclaredEdit(direction), architecture=architecture, progress=progress
+    )
+    if not certificate.passed:
+        raise ParityError(f"weight certificate failed: {certificate.reason}; nothing was written")
+    return certificate
+
+
+def local_checkpoint(source: str | Path) -> tuple[Path | None, str]:
+    """The local safetensors directory behind a model source, or ``(None, why not)``.
+
+    ``demo`` is its converted cache directory; a Hub id is downloaded (safetensors and JSON only); a
+    GGUF file or a directory without safetensors weights has none.
+    """
+    if str(source) == "demo":
+        from abliterate.demo import converted_demo_dir
+
+        return converted_demo_dir(), ""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return None, f"{source} is a single file, not a safetensors checkpoint directory"
+    try:
+        directory = _resolve_checkpoint(source)
+        find_shards(directory)
+    except ValueError as error:
+        return None, str(error)
+    return directory, ""
 
 
 def _resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -148,7 +198,7 @@ def _resolve_checkpoint(checkpoint: str | Path) -> Path:
 
 def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -> _Plan:
     """Read config and shard headers, decide every edit and validate it before anything is written."""
-    config = _read_json(checkpoint / "config.json", "config.json")
+    config = read_json(checkpoint / "config.json", "config.json")
     adapter, model_type = _pick_adapter(config, architecture, checkpoint)
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     quantization = config.get("quantization_config") or text_config.get("quantization_config")
@@ -241,29 +291,6 @@ def _ties_embeddings(config: dict, model_type: str) -> bool:
         )
         tied = tied or bool(default)
     return tied
-
-
-def find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
-    if (checkpoint / INDEX_NAME).is_file():
-        index = _read_json(checkpoint / INDEX_NAME, INDEX_NAME)
-        if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
-            raise ValueError(f"{checkpoint / INDEX_NAME} has no weight_map")
-        names = sorted(set(index["weight_map"].values()))
-        missing = [name for name in names if not (checkpoint / name).is_file()]
-        if missing:
-            raise ValueError(f"{checkpoint} lacks shard(s) named in {INDEX_NAME}: {', '.join(missing)}")
-        return names, index
-    if (checkpoint / SINGLE_NAME).is_file():
-        return [SINGLE_NAME], None
-    found = sorted(path.name for path in checkpoint.glob("*.safetensors"))
-    if any(_SHARD_NAME.fullmatch(name) for name in found):
-        raise ValueError(
-            f"{checkpoint} has shards ({found[0]}, …) but no {INDEX_NAME} mapping tensors to them"
-        )
-    raise ValueError(
-        f"no {SINGLE_NAME} or {INDEX_NAME} in {checkpoint}"
-        + (f" (found only {', '.join(found)})" if found else "; only safetensors checkpoints can be streamed")
-    )
 
 
 def _check_index(index: dict, shards: tuple[Shard, ...]) -> None:
@@ -370,23 +397,11 @@ def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:
             path = relative / name
             if str(path) in handled or name.startswith("."):
                 continue
-            if _STALE_WEIGHTS.fullmatch(name) or _SHARD_NAME.fullmatch(name) or name.endswith(".gguf"):
+            if _STALE_WEIGHTS.fullmatch(name) or SHARD_NAME.fullmatch(name) or name.endswith(".gguf"):
                 logger.warning("not copying %s: a weight file the edit does not cover", path)
                 continue
             (temp / relative).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(folder) / name, temp / path)
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path.parent} has no {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if isinstance(data, dict):
-        return data
-    raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
 
 
 def _write_json(path: Path, data: dict, sort_keys: bool) -> None:

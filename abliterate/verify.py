@@ -20,70 +20,129 @@ def verify_checkpoints(
     architecture: str | None = None,
     trust_remote_code: bool = False,
     prompts: list[str] | None = None,
+    forward: bool = True,
+    certificate: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Compare ``edited`` with ``original`` under the adapter's writer hooks for the saved direction.
+    """Prove that ``edited`` is ``original`` with the saved direction folded in (see ``abliterate.gate``).
 
-    For post-norm families it also reports the distance to a full residual-stream ablation (hooks on
-    every block input), which is what a weight edit cannot express there.
+    Runs the weight certificate (both checkpoints as safetensors, streamed), then, with ``forward``, the
+    completeness check on the original and logit parity against the hooked original. For post-norm
+    families it also reports the distance to a full residual-stream ablation (hooks on every term
+    added to the residual stream), which is what a weight edit cannot express there.
 
     Args:
         original: the unedited model (hub id, directory, .gguf, or ``demo``).
         edited: the edited checkpoint.
         direction_file: ``direction.safetensors``.
-        dtype: model dtype for both.
+        dtype: dtype of both models for the forward checks (``auto``: the edited checkpoint's).
         device: device for both.
         architecture: adapter override.
         trust_remote_code: allow repository code.
         prompts: prompts to compare on (default: 8 bundled harmful + 8 harmless evaluation prompts).
+        forward: run the checks that load the models (completeness, logit parity).
+        certificate: run the weight certificate.
+        progress: show progress bars.
 
     Returns:
-        The report as a plain dictionary (``passed`` tells the verdict).
+        The gate report as a plain dictionary (``passed`` tells the verdict).
     """
-    from abliterate.adapters import resolve_adapter
+    from abliterate.certificate import DeclaredEdit, certify_checkpoint
     from abliterate.direction import load_direction
-    from abliterate.hooks import ablate_direction
+    from abliterate.gate import GateReport
+    from abliterate.streaming import local_checkpoint
+
+    direction, metadata = load_direction(direction_file)
+    gate = GateReport()
+    if certificate:
+        original_dir, why_not = local_checkpoint(original)
+        edited_dir, why_not_edited = local_checkpoint(edited)
+        if original_dir is not None and edited_dir is not None:
+            gate.certificate = certify_checkpoint(
+                original_dir,
+                edited_dir,
+                DeclaredEdit(direction),
+                architecture=architecture,
+                progress=progress,
+            )
+        else:
+            gate.skipped["certificate"] = why_not or why_not_edited
+    else:
+        gate.skipped["certificate"] = "not asked for (--no-certificate)"
+    extra: dict[str, Any] = {}
+    if forward:
+        if dtype == "auto":
+            dtype = _checkpoint_dtype(edited) or "auto"
+        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        extra = _forward_checks(original, edited, direction, gate, options, architecture, prompts)
+    else:
+        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
+    return {
+        "original": original,
+        "edited": edited,
+        "direction_layer": metadata.get("layer"),
+        "direction_position": metadata.get("position"),
+        **extra,
+        **gate.to_dict(),
+    }
+
+
+def _checkpoint_dtype(checkpoint: str) -> str | None:
+    """The dtype a local checkpoint's config.json declares, if any."""
+    import json
+    from pathlib import Path
+
+    config = Path(checkpoint).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8"))
+    value = data.get("dtype") or data.get("torch_dtype")
+    return value if isinstance(value, str) else None
+
+
+def _forward_checks(
+    original: str,
+    edited: str,
+    direction: torch.Tensor,
+    gate: Any,
+    options: dict[str, Any],
+    architecture: str | None,
+    prompts: list[str] | None,
+) -> dict[str, Any]:
+    """Completeness on the original, then logit parity of the edited model against the hooked original."""
+    from abliterate.adapters import resolve_adapter
+    from abliterate.gate import completeness_on, edited_parity, hooked_reference
     from abliterate.loading import load_model
     from abliterate.parity import compare_logits
 
-    direction, metadata = load_direction(direction_file)
-    options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     reference_model = load_model(original, **options)
-    adapter = resolve_adapter(reference_model.model, architecture)
-    d_model = reference_model.model.get_input_embeddings().weight.shape[-1]
+    model = reference_model.model
+    adapter = resolve_adapter(model, architecture)
+    d_model = model.get_input_embeddings().weight.shape[-1]
     if direction.shape[-1] != d_model:
         raise ValueError(f"direction has {direction.shape[-1]} dimensions, the model has {d_model}")
     prompts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
-    tokenizer = reference_model.tokenizer
-    encoded = encode(tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
-    mask = encoded.batches[0][1]
-    with ablate_direction(reference_model.model, adapter, direction):
-        reference = all_position_logits(reference_model.model, encoded)
-    residual_report = None
+    encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
+    gate.completeness = completeness_on(model, adapter, encoded)
+    reference = hooked_reference(model, adapter, direction, encoded, reference_model.dtype_name)
+    residual_reference = None
     if adapter.post_norm:
         from abliterate.residual import ablate_residual_stream
 
-        with ablate_residual_stream(reference_model.model, adapter, direction):
-            residual_reference = all_position_logits(reference_model.model, encoded)
-    dtype_name = reference_model.dtype_name
-    del reference_model
+        with ablate_residual_stream(model, adapter, direction):
+            residual_reference = all_position_logits(model, encoded)
+    del reference_model, model
     edited_model = load_model(edited, **options)
-    candidate = all_position_logits(edited_model.model, encoded)
-    report = compare_logits(reference, candidate, dtype_name, mask)
-    result: dict[str, Any] = {
-        "original": original,
-        "edited": edited,
-        "adapter": adapter.name,
-        "direction_layer": metadata.get("layer"),
-        "direction_position": metadata.get("position"),
-        **report.to_dict(),
-    }
-    if adapter.post_norm:
-        residual_report = compare_logits(residual_reference, candidate, dtype_name, mask)
-        result["post_norm"] = True
-        result["full_residual_ablation_max_abs_logit_diff"] = residual_report.max_abs_logit_diff
-        result["full_residual_ablation_mean_kl"] = residual_report.mean_kl
-        result["full_residual_ablation_top1_agreement"] = residual_report.top1_agreement
-    return result
+    gate.parity = edited_parity(edited_model.model, encoded, reference)
+    extra: dict[str, Any] = {"adapter": adapter.name}
+    if residual_reference is not None:
+        candidate = all_position_logits(edited_model.model, encoded)
+        residual = compare_logits(residual_reference, candidate, "float32", reference.mask)
+        extra["post_norm"] = True
+        extra["full_residual_ablation_max_abs_logit_diff"] = residual.max_abs_logit_diff
+        extra["full_residual_ablation_mean_kl"] = residual.mean_kl
+        extra["full_residual_ablation_top1_agreement"] = residual.top1_agreement
+    return extra
 
 
 def evaluate_model(

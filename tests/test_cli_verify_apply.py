@@ -54,8 +54,12 @@ def test_verify_accepts_the_right_direction(tiny_qwen2: Path, direction_file: Pa
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] is True
-    assert report["max_abs_logit_diff"] <= 1e-4 * report["logit_scale"]
-    assert report["top1_agreement"] == 1.0
+    parity, certificate = report["parity"], report["certificate"]
+    assert parity["max_abs_logit_diff"] <= 1e-4 * parity["logit_scale"]
+    assert parity["top1_agreement"] == 1.0
+    # apply wrote the checkpoint with this machine's kernel: every edited tensor is bitwise the fold.
+    assert certificate["passed"] and certificate["n_exact"] == certificate["n_edited"] > 0
+    assert report["completeness"]["passed"] and report["completeness"]["min_leave_one_out"] > 10
 
 
 def test_verify_rejects_a_wrong_direction(tiny_qwen2: Path, applied: Path, tmp_path: Path) -> None:
@@ -63,7 +67,8 @@ def test_verify_rejects_a_wrong_direction(tiny_qwen2: Path, applied: Path, tmp_p
     save_direction(wrong, torch.randn(64, generator=torch.Generator().manual_seed(2)), 2, -1, "test")
     result = _invoke("verify", str(tiny_qwen2), str(applied), "--direction", str(wrong))
     assert result.exit_code == 2, result.output
-    assert "parity check failed" in result.output
+    assert "parity gate failed" in result.output
+    assert "certificate:" in result.output and "parity:" in result.output
 
 
 def test_verify_reports_the_post_norm_gap(tmp_path: Path) -> None:
@@ -79,7 +84,7 @@ def test_verify_reports_the_post_norm_gap(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["post_norm"] is True
-    assert report["full_residual_ablation_max_abs_logit_diff"] > 10 * report["max_abs_logit_diff"]
+    assert report["full_residual_ablation_max_abs_logit_diff"] > 10 * report["parity"]["max_abs_logit_diff"]
 
 
 def test_apply_refuses_wrong_size_direction(tiny_qwen2: Path, tmp_path: Path) -> None:

@@ -35,9 +35,13 @@ def test_demo_refusals_drop_and_parity_holds(demo_output: Path) -> None:
     assert evaluation["before"]["refusal_rate"] >= 0.5, "the demo model should refuse most harmful prompts"
     assert evaluation["after"]["refusal_rate"] <= 0.10, evaluation
     assert evaluation["kl_harmless"] <= 0.1
-    parity = manifest["parity"]
-    assert parity["passed"] and parity["top1_agreement"] >= 0.99
+    gate = manifest["parity"]
+    assert gate["passed"], gate["reason"]
+    parity = gate["parity"]
+    assert parity["top1_agreement"] >= 0.99
     assert parity["max_abs_logit_diff"] <= 1e-3 * parity["logit_scale"]
+    assert gate["certificate"]["passed"] and gate["certificate"]["n_exact"] == gate["certificate"]["n_edited"]
+    assert gate["completeness"]["passed"]
     assert manifest["model"]["model_type"] == "qwen2"
 
 

@@ -54,8 +54,12 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
     assert (run_output / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~_umask()
     manifest = json.loads((run_output / "abliterate.json").read_text())
     assert manifest["direction"] == {**manifest["direction"], "layer": 2, "position": -1}
-    assert manifest["parity"]["passed"] is True
-    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-4 * manifest["parity"]["logit_scale"]
+    gate = manifest["parity"]
+    assert gate["passed"] is True
+    assert gate["parity"]["max_abs_logit_diff"] <= 1e-4 * gate["parity"]["logit_scale"]
+    assert gate["completeness"]["passed"] and gate["completeness"]["max_statistic"] <= 1
+    # The source is a safetensors directory, so the saved files were certified too.
+    assert gate["certificate"]["passed"] and gate["certificate"]["n_edited"] > 0
     assert set(manifest["timings"]) >= {
         "load_s",
         "extract_s",

@@ -11,7 +11,7 @@ from torch import nn
 from abliterate.adapters.discovery import discover_adapter
 from abliterate.adapters.paths import locate, module_at
 from abliterate.adapters.registry import get_adapter, registered_model_types
-from abliterate.adapters.spec import Adapter, Layout, writer_role
+from abliterate.adapters.spec import Adapter, Layout, writer_group, writer_role
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class ResolvedWriter:
         weight: attribute name of the weight parameter.
         bias: attribute name of the bias parameter, or ``None``.
         layer: index of the block it lives in, ``-1`` for embeddings.
+        group: ``embedding``, ``attention``, ``mlp``, ``experts`` or ``shared_experts``.
     """
 
     name: str
@@ -35,6 +36,7 @@ class ResolvedWriter:
     weight: str
     bias: str | None
     layer: int
+    group: str = "embedding"
 
     def weight_tensor(self) -> torch.Tensor:
         """The writer's weight parameter."""
@@ -100,7 +102,10 @@ def resolve_writers(model: nn.Module, adapter: Adapter) -> list[ResolvedWriter]:
                     continue
                 raise LookupError(f"adapter {adapter.name!r}: block {index} has no module {writer.path!r}")
             name = f"{blocks_name}.{index}.{writer.path}"
-            writers.append(ResolvedWriter(name, module, writer.layout, writer.weight, writer.bias, index))
+            resolved = ResolvedWriter(
+                name, module, writer.layout, writer.weight, writer.bias, index, writer_group(writer)
+            )
+            writers.append(resolved)
             roles.add(writer_role(writer))
         for role in ("attention", "mlp"):
             if role not in roles:

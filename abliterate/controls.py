@@ -1,0 +1,68 @@
+"""Negative controls for the parity gate: edits that are almost, but not exactly, the declared edit.
+
+Every check abliterate ships must reject these (tests/test_gate.py runs them on every registered family
+in bf16 and fp16; ``benchmarks/gate_controls.py`` measures the margins on the demo model). Each control
+is the complete fold with one part left out or changed:
+
+* ``nothing``: no tensor edited;
+* ``embedding``, ``attention``, ``mlp``, ``experts``, ``shared_experts``: that writer group left unedited;
+* ``layer:N``: every writer of block N left unedited;
+* ``off:DEG``: the fold along a direction DEG degrees away from the declared one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from abliterate.adapters import Adapter, residual_writers
+from abliterate.edit import fold_direction
+
+GROUP_CONTROLS = ("embedding", "attention", "mlp", "experts", "shared_experts")
+
+
+def rotated(direction: torch.Tensor, degrees: float, seed: int = 0) -> torch.Tensor:
+    """A unit vector ``degrees`` away from ``direction``, towards a seeded random orthogonal one."""
+    unit = direction.double() / direction.double().norm()
+    other = torch.randn(unit.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    other = other - (other @ unit) * unit
+    other = other / other.norm()
+    angle = math.radians(degrees)
+    return (math.cos(angle) * unit + math.sin(angle) * other).to(direction.dtype)
+
+
+def available_controls(model: nn.Module, adapter: Adapter) -> list[str]:
+    """The controls that apply to ``model``: the groups it has, its middle block, and a 3° rotation."""
+    writers = residual_writers(model, adapter)
+    groups = [group for group in GROUP_CONTROLS if any(w.group == group for w in writers)]
+    n_layers = 1 + max(w.layer for w in writers)
+    return ["nothing", *groups, f"layer:{n_layers // 2}", "off:3"]
+
+
+def _left_out(control: str) -> tuple[str | None, int | None]:
+    if control in GROUP_CONTROLS:
+        return control, None
+    if control.startswith("layer:"):
+        return None, int(control.split(":", 1)[1])
+    return None, None
+
+
+def fold_control(model: nn.Module, adapter: Adapter, direction: torch.Tensor, control: str) -> int:
+    """Edit ``model`` in place like ``fold_direction``, but as ``control`` says (``complete``: the real fold).
+
+    Returns:
+        The number of tensors edited.
+    """
+    if control.startswith("off:"):
+        direction = rotated(direction, float(control.split(":", 1)[1]))
+    elif control not in ("complete", "nothing") and _left_out(control) == (None, None):
+        raise ValueError(f"unknown control {control!r}")
+    group, layer = _left_out(control)
+    writers = [
+        writer
+        for writer in residual_writers(model, adapter)
+        if control != "nothing" and writer.group != group and writer.layer != layer
+    ]
+    return fold_direction(model, adapter, direction, writers)
