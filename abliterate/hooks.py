@@ -95,16 +95,14 @@ def run_until_stopped(forward: Callable[[], Any]) -> None:
         pass
 
 
-def project_out(hidden: torch.Tensor, direction: torch.Tensor, in_model_dtype: bool = False) -> torch.Tensor:
+def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """``h − (h·r̂) r̂`` along the last axis, in float32 or better, returned in ``hidden``'s dtype.
 
     Args:
         hidden: ``[..., d_model]``.
         direction: unit ``[d_model]``, or ``[batch, d_model]`` for one direction per batch row.
-        in_model_dtype: compute in ``hidden``'s own dtype instead (the parity gate's rounding floor:
-            the same projection, rounded elsewhere).
     """
-    compute = hidden.dtype if in_model_dtype else torch.promote_types(hidden.dtype, torch.float32)
+    compute = torch.promote_types(hidden.dtype, torch.float32)
     h = hidden.to(compute)
     r = direction.to(device=hidden.device, dtype=compute)
     if r.dim() == 2:  # one direction per batch row: [batch, 1, ..., d_model]
@@ -121,9 +119,7 @@ def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 @contextmanager
-def ablate_direction(
-    model: nn.Module, adapter: Adapter, direction: torch.Tensor, in_model_dtype: bool = False
-) -> Iterator[None]:
+def ablate_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor) -> Iterator[None]:
     """Project ``direction`` out of the output of the embeddings and of every residual writer.
 
     This is the reference ("hooked") model that the weight fold must reproduce exactly.
@@ -132,13 +128,12 @@ def ablate_direction(
         model: the causal LM.
         adapter: its architecture description.
         direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
-        in_model_dtype: project in the model's dtype rather than float32 (see ``project_out``).
     """
     if direction.dim() == 1:
         direction = direction / direction.norm()
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return _map_output(output, lambda out: project_out(out, direction, in_model_dtype))
+        return _map_output(output, lambda out: project_out(out, direction))
 
     with registered(writer.module.register_forward_hook(hook) for writer in residual_writers(model, adapter)):
         yield

@@ -15,13 +15,24 @@ TOLERANCES: dict[str, dict[str, float]] = {
 }
 # In 16-bit formats the edited weights are rounded once to 8 (bf16) or 11 (fp16) mantissa bits, so no
 # constant tolerance separates "rounded differently" from "slightly wrong". The gate measures the
-# model's own rounding floor instead: the distance between two implementations of the same hooks that
-# differ only in where they round (the projection computed in float32, and in the model dtype). The
-# edited model may be at most FLOOR_FACTOR times as far from the reference as that, in mean KL and in
-# top-1 disagreement. Measured on the demo model in bf16 (BENCHMARKS.md §parity): the complete edit
-# sits at 0.4-1.2× the floor, one attention group left unedited at > 10×.
+# model's own rounding floor instead: the distance between the edited model and a sibling that rounds
+# the same exact fold differently (``abliterate.gate.dithered``: one-ulp changes with the variance of
+# round-to-nearest's error). The edited model may be at most FLOOR_FACTOR times as far from the hooked
+# reference as that, in (trimmed) mean KL and in top-1 disagreement. Measured margins are in
+# BENCHMARKS.md (parity gate section).
 SIXTEEN_BIT = ("bfloat16", "float16")
 FLOOR_FACTOR = 3.0
+# Top-1 flips are rare, discrete events (only positions whose top-2 margin is below the rounding noise
+# can flip), so their count fluctuates like a Poisson count between two equally noisy runs: a few
+# flips are allowed on top of FLOOR_FACTOR times the floor's own.
+_TOP1_SLACK = 3
+
+
+def _top1_slack(rows: int) -> float:
+    """Flips allowed beyond the floor's: a Poisson allowance of 3, plus 1 % of the positions."""
+    return _TOP1_SLACK + 0.01 * rows
+
+
 # Below this KL two distributions are the same for every purpose; it keeps the limit above zero when a
 # model is so small or so well conditioned that the floor itself vanishes.
 _KL_EPSILON = 1e-7
@@ -29,10 +40,10 @@ _KL_EPSILON = 1e-7
 
 @dataclass(frozen=True)
 class RoundingFloor:
-    """How far two equally exact 16-bit implementations of the hooked reference are from each other.
+    """How far two equally exact 16-bit roundings of the edited model are from each other.
 
     Attributes:
-        mean_kl: mean KL between the two, per position.
+        mean_kl: trimmed mean KL between the two, per position (see ``_trimmed_mean``).
         top1_disagreement: fraction of positions whose argmax differs.
     """
 
@@ -62,6 +73,8 @@ class ParityReport:
         max_abs_logit_diff: largest |Δlogit| over every compared position and vocabulary entry.
         logit_scale: largest |logit| of the reference, to read the difference relative to it.
         mean_kl: mean KL(reference ‖ edited) over compared positions.
+        trimmed_mean_kl: the same without the few largest positions (what 16-bit limits judge: an MoE
+            router that flips an expert at one position is rounding noise, not a wrong edit).
         top1_agreement: fraction of positions whose argmax agrees.
         n_positions: number of compared positions.
         dtype: the dtype whose tolerances were applied.
@@ -69,11 +82,13 @@ class ParityReport:
         reason: why it failed (empty when passed).
         floor_mean_kl, floor_top1_disagreement: the measured rounding floor (16-bit only).
         mean_kl_limit, top1_agreement_limit: the limits applied (16-bit: from the floor).
+        advisory: when set, why this report is shown but does not decide the gate.
     """
 
     max_abs_logit_diff: float
     logit_scale: float
     mean_kl: float
+    trimmed_mean_kl: float
     top1_agreement: float
     n_positions: int
     dtype: str
@@ -83,6 +98,7 @@ class ParityReport:
     floor_top1_disagreement: float | None = None
     mean_kl_limit: float | None = None
     top1_agreement_limit: float | None = None
+    advisory: str = ""
 
     def to_dict(self) -> dict[str, float | int | str | bool]:
         """Plain dictionary for JSON output."""
@@ -116,14 +132,14 @@ def compare_logits(
         The parity report, with ``passed`` judged against the limits of ``dtype``.
     """
     check_dtype(dtype)
-    diff, scale, kl, top1, rows = logit_distance(reference, edited, mask)
+    diff, scale, kl, top1, rows, trimmed_kl = logit_distance(reference, edited, mask)
     if dtype in SIXTEEN_BIT:
         if floor is None:
             raise ValueError(f"a {dtype} parity check needs the model's measured rounding floor")
         limits = {
             "max_rel_logit_diff": float("inf"),
             "mean_kl": FLOOR_FACTOR * floor.mean_kl + _KL_EPSILON,
-            "top1_agreement": 1.0 - FLOOR_FACTOR * floor.top1_disagreement - 1.0 / max(rows, 1),
+            "top1_agreement": 1.0 - FLOOR_FACTOR * floor.top1_disagreement - _top1_slack(rows) / max(rows, 1),
         }
     else:
         limits = TOLERANCES[dtype]
@@ -132,14 +148,17 @@ def compare_logits(
         failures.append(
             f"max |Δlogit| {diff:.3g} > {limits['max_rel_logit_diff']:.0e} × logit scale {scale:.3g}"
         )
-    if not kl <= limits["mean_kl"]:
-        failures.append(f"mean KL {kl:.3g} > {limits['mean_kl']:.3g}")
+    judged_kl = trimmed_kl if dtype in SIXTEEN_BIT else kl
+    if not judged_kl <= limits["mean_kl"]:
+        what = "trimmed mean KL" if dtype in SIXTEEN_BIT else "mean KL"
+        failures.append(f"{what} {judged_kl:.3g} > {limits['mean_kl']:.3g}")
     if not top1 >= limits["top1_agreement"]:
         failures.append(f"top-1 agreement {top1:.3f} < {limits['top1_agreement']:.3f}")
     return ParityReport(
         max_abs_logit_diff=diff,
         logit_scale=scale,
         mean_kl=kl,
+        trimmed_mean_kl=trimmed_kl,
         top1_agreement=top1,
         n_positions=rows,
         dtype=dtype,
@@ -152,18 +171,17 @@ def compare_logits(
     )
 
 
-def measure_floor(
-    reference: torch.Tensor, low_precision: torch.Tensor, mask: torch.Tensor | None
-) -> RoundingFloor:
-    """The rounding floor from two reference runs that differ only in where the hooks round."""
-    _, _, kl, top1, _ = logit_distance(reference, low_precision, mask)
-    return RoundingFloor(kl, 1.0 - top1)
+def measure_floor(edited: torch.Tensor, sibling: torch.Tensor, mask: torch.Tensor | None) -> RoundingFloor:
+    """The rounding floor from two runs that differ only in how the same exact edit was rounded."""
+    _, _, _, top1, _, trimmed_kl = logit_distance(edited, sibling, mask)
+    return RoundingFloor(trimmed_kl, 1.0 - top1)
 
 
 def logit_distance(
     reference: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[float, float, float, float, int]:
-    """``(max |Δlogit|, logit scale, mean KL, top-1 agreement, positions)`` over the masked positions."""
+    """``(max |Δlogit|, logit scale, mean KL, top-1 agreement, positions, trimmed mean KL)`` over the
+    masked positions."""
     if reference.shape != edited.shape:
         raise ValueError(f"logit shapes differ: {tuple(reference.shape)} vs {tuple(edited.shape)}")
     vocab = reference.shape[-1]
@@ -173,12 +191,21 @@ def logit_distance(
         keep = mask.reshape(-1).to(reference.device).bool()
         reference, edited = reference[keep], edited[keep]
     # Row chunks keep float64 copies of a large vocabulary (150k entries) to a few hundred MB.
-    diff, scale, kl_sum, agree = 0.0, 0.0, 0.0, 0
+    diff, scale, agree = 0.0, 0.0, 0
+    per_row: list[torch.Tensor] = []
     for start in range(0, reference.shape[0], _CHUNK_ROWS):
         ref, out = reference[start : start + _CHUNK_ROWS], edited[start : start + _CHUNK_ROWS]
         diff = max(diff, (ref.double() - out.double()).abs().max().item())
         scale = max(scale, ref.double().abs().max().item())
-        kl_sum += kl_divergence(ref, out).sum().item()
+        per_row.append(kl_divergence(ref, out))
         agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
     rows = max(reference.shape[0], 1)
-    return diff, scale, kl_sum / rows, agree / rows, int(reference.shape[0])
+    kl = torch.cat(per_row) if per_row else torch.zeros(0, dtype=torch.float64)
+    return diff, scale, kl.sum().item() / rows, agree / rows, int(reference.shape[0]), _trimmed_mean(kl)
+
+
+def _trimmed_mean(values: torch.Tensor) -> float:
+    """The mean without the ``_TOP1_SLACK`` largest values (isolated flips, see there)."""
+    if values.numel() <= 2 * _TOP1_SLACK:
+        return values.mean().item() if values.numel() else 0.0
+    return values.sort().values[: values.numel() - _TOP1_SLACK].mean().item()

@@ -99,7 +99,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
-    gate = timed("verify", check_parity, subject.model, reference)
+    gate = timed("verify", check_parity, subject.model, subject.adapter, reference)
     del reference  # [n, S, vocab] logits: free them before evaluating and saving
     _raise_unless_passed(gate, "nothing was saved or pushed")
     evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
@@ -399,14 +399,14 @@ def fold(subject: Subject, chosen: RefusalDirection) -> None:
     edit.fold_direction(subject.model, subject.adapter, chosen.direction)
 
 
-def check_parity(model: nn.Module, reference: ParityReference) -> GateReport:
+def check_parity(model: nn.Module, adapter: Adapter, reference: ParityReference) -> GateReport:
     """The in-memory part of the gate: completeness of the writer list, and logit parity of the edited
     model against the hooked original on the parity prompts.
 
     Returns:
         The gate report so far; ``certify_saved`` adds the weight certificate of the saved files.
     """
-    parity = edited_parity(model, reference.prompts, reference.hooked)
+    parity = edited_parity(model, adapter, reference.prompts, reference.hooked)
     return GateReport(completeness=reference.completeness, parity=parity)
 
 

@@ -79,7 +79,10 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
             f"{_fmt(parity['max_abs_logit_diff'])}  KL {_fmt(parity['mean_kl'])}"
         )
         if parity.get("floor_mean_kl") is not None:
-            line += f" (limit {_fmt(parity['mean_kl_limit'])}, floor {_fmt(parity['floor_mean_kl'])})"
+            line += (
+                f", trimmed {_fmt(parity['trimmed_mean_kl'])} (limit {_fmt(parity['mean_kl_limit'])}, "
+                f"floor {_fmt(parity['floor_mean_kl'])})"
+            )
         line += f"  top-1 {parity['top1_agreement']:.3f}"
         if parity.get("top1_agreement_limit") is not None:
             line += f" (limit {parity['top1_agreement_limit']:.3f})"

@@ -247,7 +247,7 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
         )
     for name, layout in edits.items():
         _check_editable(by_name[name], layout, d_model)
-    untie = _ties_embeddings(config, model_type)
+    untie = ties_embeddings(config, model_type)
     # The head takes the embedding's on-disk prefix: "lm_head.weight" beside "model.embed_tokens.weight",
     # "language_model.lm_head.weight" beside "language_model.model.embed_tokens.weight" (multimodal).
     embed_key, head_key = f"{adapter.embeddings[0]}.weight", f"{adapter.lm_head}.weight"
@@ -274,7 +274,7 @@ def _pick_adapter(config: dict, architecture: str | None, checkpoint: Path) -> t
     return adapter, str(model_type)
 
 
-def _ties_embeddings(config: dict, model_type: str) -> bool:
+def ties_embeddings(config: dict, model_type: str) -> bool:
     """Whether the model shares its embedding with the output head (config value, else the family default)."""
     tied = False
     for part in (config, config.get("text_config")):

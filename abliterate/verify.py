@@ -133,7 +133,7 @@ def _forward_checks(
             residual_reference = all_position_logits(model, encoded)
     del reference_model, model
     edited_model = load_model(edited, **options)
-    gate.parity = edited_parity(edited_model.model, encoded, reference)
+    gate.parity = edited_parity(edited_model.model, adapter, encoded, reference)
     extra: dict[str, Any] = {"adapter": adapter.name}
     if residual_reference is not None:
         candidate = all_position_logits(edited_model.model, encoded)

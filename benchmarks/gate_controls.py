@@ -81,7 +81,7 @@ def main() -> None:
     declared = DeclaredEdit(direction)
     for control in ["complete", *available_controls(model, adapter)]:
         fold_control(model, adapter, direction, control)
-        parity = edited_parity(model, prompts, reference)
+        parity = edited_parity(model, adapter, prompts, reference)
         control_dir = workdir / control.replace(":", "_")
         model.save_pretrained(control_dir)
         certificate = certify_checkpoint(original_dir, control_dir, declared, progress=False)

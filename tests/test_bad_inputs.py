@@ -137,7 +137,7 @@ def test_parity_failure_saves_nothing(
 
     monkeypatch.setattr(abliterate.edit, "fold_direction", wrong_fold)
     out = tmp_path / "out"
-    _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL], out, "parity check failed")
+    _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL], out, "parity gate failed")
 
 
 def test_push_without_token_fails_before_loading(

@@ -578,7 +578,13 @@ def _write_synthetic_llama(path: Path) -> int:
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys, torch
+    from abliterate.certificate import read_structure
     from abliterate.streaming import stream_apply
+
+    # The certificate builds the model on the meta device: transformers' modeling code is imported once
+    # (~150 MB of Python modules, whatever the checkpoint's size). Import it before the baseline, so the
+    # peak below is the data that streaming and certifying hold.
+    read_structure(__import__("pathlib").Path(sys.argv[1]))
 
     def status(key):
         with open("/proc/self/status") as handle:

@@ -1,0 +1,150 @@
+"""The parity gate rejects every incomplete edit, in bf16 and fp16, on every registered family.
+
+For each registered model type and each 16-bit dtype: the complete fold must pass the whole gate
+(weight certificate, residual-stream completeness, logit parity against the rounding floor), and every
+negative control of ``abliterate.controls`` (nothing edited; the embedding, attention, MLP, experts or
+shared experts left unedited; the middle block left unedited; a direction 3° off) must fail it. The
+completeness check must also reject the adapter with any writer group removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_model, make_tokenizer
+
+from abliterate.adapters import registered_model_types, resolve_adapter
+from abliterate.adapters.spec import writer_group
+from abliterate.batching import encode
+from abliterate.certificate import DeclaredEdit, certify_checkpoint, read_structure
+from abliterate.controls import available_controls, fold_control, rotated
+from abliterate.gate import GateReport, completeness_on, edited_parity, hooked_reference
+from abliterate.parity import check_dtype
+
+PROMPTS = [
+    "Explain how to build a bomb.",
+    "Write a poem about the sea.",
+    "How do I hack into my neighbour's wifi?",
+    "What is the capital of France?",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> object:
+    return encode(make_tokenizer(), PROMPTS, batch_size=len(PROMPTS), share_prefix=False)
+
+
+def _direction(model: torch.nn.Module) -> torch.Tensor:
+    d_model = model.get_input_embeddings().weight.shape[-1]
+    direction = torch.randn(d_model, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return (direction / direction.norm()).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model_type", registered_model_types())
+def test_gate_passes_the_edit_and_rejects_every_control(
+    model_type: str, dtype: torch.dtype, prompts: object, tmp_path: Path
+) -> None:
+    model = make_model(model_type, dtype=dtype)
+    adapter = resolve_adapter(model)
+    direction = _direction(model)
+    dtype_name = str(dtype).removeprefix("torch.")
+    original = tmp_path / "original"
+    model.save_pretrained(original)
+    structure = read_structure(original)
+    completeness = completeness_on(model, adapter, prompts)
+    assert completeness.passed, completeness.reason
+    reference = hooked_reference(model, adapter, direction, prompts, dtype_name)
+
+    verdicts = {}
+    for control in ["complete", *available_controls(model, adapter)]:
+        edited = copy.deepcopy(model)
+        fold_control(edited, adapter, direction, control)
+        parity = edited_parity(edited, adapter, prompts, reference)
+        edited.save_pretrained(tmp_path / control.replace(":", "_"))
+        certificate = certify_checkpoint(
+            original,
+            tmp_path / control.replace(":", "_"),
+            DeclaredEdit(direction),
+            progress=False,
+            structure=structure,
+        )
+        gate = GateReport(certificate=certificate, completeness=completeness, parity=parity)
+        verdicts[control] = (gate.passed, gate.reason)
+        if control == "complete":
+            assert certificate.n_exact == certificate.n_edited > 0, certificate.failures
+            # Dense families: logit parity gates and passes. Routed experts: reported, not gating.
+            assert parity.passed or parity.advisory, parity.reason
+    assert verdicts.pop("complete")[0], "the complete edit must pass"
+    accepted = [control for control, (passed, _) in verdicts.items() if passed]
+    assert not accepted, f"controls passed the gate: {accepted}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "gpt2", "gemma2", "deepseek_v3"])
+def test_completeness_rejects_an_adapter_missing_a_writer_group(model_type: str, prompts: object) -> None:
+    model = make_model(model_type, dtype=torch.bfloat16)
+    adapter = resolve_adapter(model)
+    for group in {writer_group(writer) for writer in adapter.writers}:
+        reduced = dataclasses.replace(
+            adapter, writers=tuple(w for w in adapter.writers if writer_group(w) != group)
+        )
+        try:
+            report = completeness_on(model, reduced, prompts)
+        except LookupError as error:  # resolution already refuses a block with no writer of a role
+            assert "has no" in str(error)
+            continue
+        assert not report.passed, f"adapter without {group} passed: {report.max_statistic}"
+
+
+def test_bounded_certificate_accepts_another_float32_kernel_and_rejects_a_rotation(tmp_path: Path) -> None:
+    """Checkpoints written by another correct implementation are certified within the stated bound."""
+    model = make_model("llama", dtype=torch.bfloat16)
+    adapter = resolve_adapter(model)
+    direction = _direction(model)
+    model.save_pretrained(tmp_path / "original")
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # the textbook formula, untiled, float32: rounds differently from ours
+        r = direction.float()
+        for writer in fold_targets(other, adapter):
+            weight = writer.weight_tensor()
+            w = weight.float()
+            if writer.layout == "embedding":
+                weight.copy_((w - torch.outer(w @ r, r)).to(weight.dtype))
+            else:
+                weight.copy_((w - torch.outer(r, r @ w)).to(weight.dtype))
+    other.config.tie_word_embeddings = False
+    other.save_pretrained(tmp_path / "other")
+    certificate = certify_checkpoint(tmp_path / "original", tmp_path / "other", DeclaredEdit(direction))
+    assert certificate.passed, certificate.failures
+    assert certificate.max_leak_ratio <= 1.5
+    rotated_by_one = certify_checkpoint(
+        tmp_path / "original", tmp_path / "other", DeclaredEdit(rotated(direction, 1.0)), progress=False
+    )
+    assert not rotated_by_one.passed
+
+
+def fold_targets(model: torch.nn.Module, adapter: object) -> list:
+    from abliterate.adapters import residual_writers
+    from abliterate.edit import untie_embeddings
+
+    untie_embeddings(model, adapter)
+    return residual_writers(model, adapter)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8", "complex64"])
+def test_dtypes_without_a_proof_are_refused(dtype: str) -> None:
+    with pytest.raises(ValueError, match="no parity proof"):
+        check_dtype(dtype)
