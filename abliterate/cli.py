@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +16,8 @@ import click
 from abliterate import __version__
 from abliterate.config import help_of
 
-# Errors a user can cause and fix: reported as one line, exit code 1, no traceback.
+_PACKAGE = Path(__file__).resolve().parent
+# Errors a user can cause and fix: reported as one line, exit code 1, no traceback (``-v`` shows it too).
 _USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
@@ -35,8 +38,10 @@ def _one_line_errors() -> Iterator[None]:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     except _USER_ERRORS as error:
-        if isinstance(error, (KeyError, IndexError)):
-            raise  # a bug of ours, not the user's input: keep the traceback
+        if not _is_user_error(error):
+            raise  # a bug, ours or a library's, not the user's input: keep the traceback
+        if _verbose():
+            traceback.print_exc()
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         click.echo(f"error: {message}", err=True)
         sys.exit(1)
@@ -45,13 +50,33 @@ def _one_line_errors() -> Iterator[None]:
         sys.exit(130)
 
 
+def _is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is a user error abliterate raised itself, as opposed to a bug.
+
+    File-system errors always are (a path the user gave). A ``ValueError`` or ``LookupError`` is only when
+    abliterate's own code raised it: the same types raised inside torch, transformers or the standard
+    library mean something went wrong that one line would hide. ``KeyError``/``IndexError`` never are.
+    """
+    if isinstance(error, (KeyError, IndexError)):
+        return False
+    if isinstance(error, OSError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
+def _verbose() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("verbose"))
+
+
 def _option(name: str, *flags: str, **kwargs: Any) -> Callable:
     return click.option(*flags, help=help_of(name), **kwargs)
 
 
 @click.group()
 @click.version_option(__version__, prog_name="abliterate")
-@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more, and show the traceback of every error.")
 def main(verbose: bool) -> None:
     """Remove the refusal direction from a chat model's weights, proven by a parity check."""
     logging.basicConfig(

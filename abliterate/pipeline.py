@@ -54,6 +54,7 @@ from abliterate.prompts import PromptSplits, load_splits
 from abliterate.report import model_card, plot_candidate_scores
 from abliterate.residual import CompletenessReport
 from abliterate.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
+from abliterate.sources import check_layer, describe_source, refuse_output_in_source, refuse_prequantized
 from abliterate.streaming import local_checkpoint
 
 P = ParamSpec("P")
@@ -160,7 +161,13 @@ class Inputs:
 
 
 def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
-    """Check the output directory and the Hub token and read the prompts: bad input fails here, early."""
+    """Check the source, the output directory and the Hub token and read the prompts: bad input fails
+    here, early."""
+    source = describe_source(config.model)
+    refuse_prequantized(source)
+    check_layer(config.layer, source.n_layers)
+    if config.output:
+        refuse_output_in_source(config.output, source)
     output = checkpoint.check_output_dir(config.output, config.overwrite) if config.output else None
     token = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
     sizes = dict(
@@ -231,6 +238,11 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         allow_pickle=config.allow_pickle,
     )
     adapter = resolve_adapter(loaded.model, config.architecture)
+    n_layers = len(blocks_of(loaded.model, adapter)[1])
+    n_eoi = eoi_length(loaded.tokenizer, config.system_prompt)
+    check_layer(config.layer, n_layers)
+    if config.position is not None and not -n_eoi <= config.position < n_eoi:
+        raise ValueError(f"--position {config.position} is out of range: there are {n_eoi} EOI tokens")
     batch_size = config.batch_size
     if batch_size == "auto":
         prompts = inputs.harmful.train + inputs.harmless.train
@@ -238,8 +250,8 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
     return Subject(
         loaded,
         adapter,
-        n_layers=len(blocks_of(loaded.model, adapter)[1]),
-        n_eoi=eoi_length(loaded.tokenizer, config.system_prompt),
+        n_layers=n_layers,
+        n_eoi=n_eoi,
         batch_size=batch_size,
         system_prompt=config.system_prompt,
     )

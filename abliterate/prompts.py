@@ -163,17 +163,25 @@ def load_splits(
     if source is None:
         train, val, evaluation = (bundled(kind, split) for split in _SPLITS)
         rng.shuffle(train)
-        parity = train[n_train : n_train + n_parity] or val[-n_parity:]
-        return PromptSplits(train[:n_train], val[:n_val], evaluation[:n_eval], parity)
-    prompts = read_prompts(source)
+        return PromptSplits(
+            train[:n_train],
+            val[:n_val],
+            evaluation[:n_eval],
+            _held_aside(train[n_train:] + val[n_val:], train[:n_train] + val[:n_val], n_parity, kind),
+        )
+    # A prompt listed twice must not land in two splits: keep its first occurrence only.
+    prompts = list(dict.fromkeys(read_prompts(source)))
     rng.shuffle(prompts)
     if len(prompts) < 4:
-        raise ValueError(f"{source}: needs at least 4 prompts, found {len(prompts)}")
+        raise ValueError(f"{source}: needs at least 4 distinct prompts, found {len(prompts)}")
     wanted = n_train + n_val + n_eval + n_parity
     if len(prompts) < wanted:
         # Shrink every split in proportion so all four stay disjoint and non-empty.
         scale = len(prompts) / wanted
-        n_val, n_eval, n_parity = (max(1, int(n * scale)) for n in (n_val, n_eval, n_parity))
+        others = [max(1, int(n * scale)) for n in (n_val, n_eval, n_parity)]
+        while sum(others) > len(prompts) - 1:
+            others[others.index(max(others))] -= 1
+        n_val, n_eval, n_parity = others
         n_train = len(prompts) - n_val - n_eval - n_parity
     cuts = [n_train, n_train + n_val, n_train + n_val + n_eval]
     return PromptSplits(
@@ -182,3 +190,19 @@ def load_splits(
         prompts[cuts[1] : cuts[2]],
         prompts[cuts[2] : cuts[2] + n_parity],
     )
+
+
+def _held_aside(unused: list[str], selection: list[str], n_parity: int, kind: str) -> list[str]:
+    """``n_parity`` prompts from ``unused`` that are not among the prompts selection sees.
+
+    Raises:
+        ValueError: ``--n-train``/``--n-val`` leave no bundled prompt for the parity check.
+    """
+    seen = set(selection)
+    parity = [prompt for prompt in dict.fromkeys(unused) if prompt not in seen][:n_parity]
+    if not parity:
+        raise ValueError(
+            f"--n-train/--n-val use every bundled {kind} prompt: none is left for the parity check; "
+            "lower them or give --harmful/--harmless"
+        )
+    return parity

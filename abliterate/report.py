@@ -169,3 +169,38 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         "",
     ]
     return "\n".join(header + lines)
+
+
+def apply_card(source: str, model_type: str, certificate: Any, base_model: object) -> str:
+    """The README.md model card ``abliterate apply`` writes (never the source's own card).
+
+    Args:
+        source: the checkpoint the direction was folded into, as the user named it.
+        model_type: the adapter's model type.
+        certificate: the weight certificate of the written files, or ``None``.
+        base_model: truthy when ``source`` is a Hub id to name as ``base_model``.
+    """
+    header = ["---", "tags:", "- abliterated", "- abliterate", "- refusal-direction"]
+    if base_model:
+        header += [f"base_model: {source}", "base_model_relation: finetune"]
+    lines = [
+        "---",
+        "",
+        f"# {Path(source).name} (abliterated)",
+        "",
+        f"Made with [abliterate](https://pypi.org/project/abliterate/) `apply` from `{source}` "
+        f"(model type `{model_type}`): a saved refusal direction r̂ was folded into every residual writer, "
+        "`W ← W − r̂ r̂ᵀ W`, tensor by tensor; every other tensor is copied unchanged.",
+        "",
+    ]
+    if certificate is not None:
+        lines += [
+            "## Proof",
+            "",
+            "```",
+            *gate_lines({"passed": certificate.passed, "certificate": certificate.to_dict()}),
+            "```",
+            "",
+        ]
+    lines += ["This model will follow requests that the original refuses. Use it responsibly.", ""]
+    return "\n".join(header + lines)

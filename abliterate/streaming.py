@@ -29,6 +29,7 @@ from abliterate.certificate import Certificate
 from abliterate.checkpoint import atomic_directory, check_output_dir
 from abliterate.direction import unit_direction
 from abliterate.edit import ROWS_WRITE, orthogonalize_
+from abliterate.report import apply_card
 from abliterate.safetensors_io import (
     DTYPES,
     INDEX_NAME,
@@ -41,6 +42,7 @@ from abliterate.safetensors_io import (
     reuse_freed_memory,
     write_shard,
 )
+from abliterate.sources import describe_source, refuse_prequantized
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ def stream_apply(
     unit_direction(direction, "the direction")  # validation only: it raises on a bad vector
     # The vector goes to ``orthogonalize`` as given, like the in-memory fold, so both edits are bitwise equal.
     vector = direction.detach().cpu()
+    refuse_prequantized(describe_source(str(checkpoint)), command="apply")
     source = _resolve_checkpoint(checkpoint)
     plan = _plan(source, vector, architecture)
     target = Path(output).expanduser().absolute()
@@ -133,6 +136,8 @@ def stream_apply(
         with atomic_directory(target) as temp:
             counts = _write_all(plan, source, temp, vector, progress)
             certificate = _certify(source, temp, vector, architecture, progress) if certify else None
+            card = apply_card(str(checkpoint), plan.model_type, certificate, _HUB_ID.match(str(checkpoint)))
+            (temp / "README.md").write_text(card, "utf-8")
     finally:
         torch.set_num_threads(threads)
     return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type, certificate)
@@ -204,7 +209,10 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
     quantization = config.get("quantization_config") or text_config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
-        raise ValueError(f"{checkpoint} is quantized ({method}); streaming apply needs unquantized weights")
+        raise ValueError(
+            f"{checkpoint} is pre-quantized ({method}); apply edits full-precision weights only: "
+            "apply the direction to its unquantized release"
+        )
     if not adapter.checkpoint_writers or not adapter.checkpoint_embeddings:
         raise ValueError(
             f"the {adapter.name} adapter has no checkpoint patterns; use `abliterate run` instead"
@@ -379,7 +387,9 @@ def _write_all(
         _write_json(temp / "config.json", config, sort_keys=False)
     else:
         shutil.copyfile(source / "config.json", temp / "config.json")
-    _copy_other_files(source, temp, {shard.path.name for shard in plan.shards} | {INDEX_NAME, "config.json"})
+    # The source's README.md is its own model card: the edited checkpoint gets one of its own instead.
+    handled = {shard.path.name for shard in plan.shards} | {INDEX_NAME, "config.json", "README.md"}
+    _copy_other_files(source, temp, handled)
     return tensors, edited, read, written
 
 
