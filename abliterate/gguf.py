@@ -18,3 +18,19 @@ def drop_gguf_quantization(model: nn.Module) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+
+
+# The dtype a GGUF run saves for each ``--dtype``: bf16 unless asked otherwise (float32 is twice the size
+# and the quantized source never had float32 precision to keep).
+_GGUF_OUTPUT = {"auto": "bfloat16", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def gguf_output_dtype(dtype: str) -> str:
+    """The dtype a run on a GGUF file saves for ``--dtype`` (``auto`` → bfloat16).
+
+    Such a run loads the dequantized weights in float32, computes the fold from them and casts once, at
+    the end: one rounding instead of two (to 16 bits on load, then again after the fold).
+    """
+    if dtype not in _GGUF_OUTPUT:
+        raise ValueError(f"--dtype {dtype!r}: choose {', '.join(_GGUF_OUTPUT)}")
+    return _GGUF_OUTPUT[dtype]

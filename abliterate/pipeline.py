@@ -6,6 +6,7 @@ dataclasses defined here, and ``StageTimer`` times every one of them the same wa
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -48,6 +49,7 @@ from abliterate.gate import (
     edited_parity,
     hooked_reference,
 )
+from abliterate.gguf import gguf_output_dtype
 from abliterate.hub import check_push_auth, push_folder
 from abliterate.parity import kl_divergence
 from abliterate.prompts import PromptSplits, load_splits
@@ -193,6 +195,8 @@ class Subject:
         n_eoi: end-of-instruction tokens of its chat template.
         batch_size: prompts per forward pass (``--batch-size auto`` resolved).
         system_prompt: system message of every chat, or ``None``.
+        cast_to: dtype the model is cast to right after the fold (a GGUF source: the fold is computed
+            from the dequantized float32 weights and rounded once), or ``None``.
     """
 
     loaded: loading.LoadedModel
@@ -201,6 +205,7 @@ class Subject:
     n_eoi: int
     batch_size: int
     system_prompt: str | None
+    cast_to: str | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -230,9 +235,10 @@ class Subject:
 
 def load(config: RunConfig, inputs: Inputs) -> Subject:
     """Load the model and tokenizer, find the adapter, and resolve ``--batch-size auto``."""
+    from_gguf = Path(config.model).suffix == ".gguf"
     loaded = loading.load_model(
         config.model,
-        dtype=config.dtype,
+        dtype="float32" if from_gguf else config.dtype,
         device=config.device,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
@@ -254,7 +260,15 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         n_eoi=n_eoi,
         batch_size=batch_size,
         system_prompt=config.system_prompt,
+        cast_to=_cast_after_fold(config, loaded),
     )
+
+
+def _cast_after_fold(config: RunConfig, loaded: loading.LoadedModel) -> str | None:
+    if not loaded.from_gguf:
+        return None
+    wanted = gguf_output_dtype(config.dtype)
+    return None if wanted == loaded.dtype_name else wanted
 
 
 def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> torch.Tensor:
@@ -402,13 +416,23 @@ def parity_reference(
         share_prefix=False,
     )
     completeness = completeness_on(subject.model, subject.adapter, prompts)
-    hooked = hooked_reference(subject.model, subject.adapter, chosen.direction, prompts, subject.dtype_name)
+    if subject.cast_to is None:
+        hooked = hooked_reference(
+            subject.model, subject.adapter, chosen.direction, prompts, subject.dtype_name
+        )
+    else:
+        # The gate of the saved dtype: the reference is the original rounded to it once, then hooked.
+        rounded = copy.deepcopy(subject.model).to(getattr(torch, subject.cast_to))
+        hooked = hooked_reference(rounded, subject.adapter, chosen.direction, prompts, subject.cast_to)
+        del rounded
     return ParityReference(prompts, hooked, completeness)
 
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
-    """Fold the direction into every residual writer of the model in memory."""
+    """Fold the direction into every residual writer of the model in memory (then cast, for GGUF)."""
     edit.fold_direction(subject.model, subject.adapter, chosen.direction)
+    if subject.cast_to is not None:
+        subject.model.to(getattr(torch, subject.cast_to))
 
 
 def check_parity(model: nn.Module, adapter: Adapter, reference: ParityReference) -> GateReport:
