@@ -112,6 +112,7 @@ def main(verbose: bool) -> None:
 @_option("system_prompt", "--system-prompt")
 @_option("project_harmless", "--project-harmless", is_flag=True)
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
+@_option("direction_only", "--direction-only", is_flag=True)
 @_option("trust_remote_code", "--trust-remote-code", is_flag=True)
 @_option("allow_pickle", "--allow-pickle", is_flag=True)
 @_option("overwrite", "--overwrite", is_flag=True)
@@ -134,6 +135,8 @@ def run_command(**options: Any) -> None:
             click.echo(f"saved to {result.output}")
         if result.url is not None:
             click.echo(f"pushed to {result.url}")
+        for message in result.messages:
+            click.echo(message)
 
 
 @main.command("apply")

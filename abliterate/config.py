@@ -71,6 +71,13 @@ class RunConfig:
     )
     evaluate: bool = field(default=True, metadata=_help("Measure refusal rate and KL before and after."))
     progress: bool = field(default=True, metadata=_help("Show progress bars."))
+    direction_only: bool = field(
+        default=False,
+        metadata=_help(
+            "Find and check the direction (hooks only) and write it with the manifest, no weights; "
+            "`abliterate apply` folds it into a checkpoint later."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if (self.layer is None) != (self.position is None):
@@ -82,6 +89,8 @@ class RunConfig:
         for name in ("n_train", "n_val", "n_parity") + (("batch_size",) if self.batch_size != "auto" else ()):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.direction_only and self.push_to_hub is not None:
+            raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
         if self.output is None and self.push_to_hub is None:
             raise ValueError("nothing to do: give --output DIR and/or --push-to-hub REPO_ID")
 

@@ -50,6 +50,7 @@ from abliterate.gate import (
     hooked_reference,
 )
 from abliterate.gguf import gguf_output_dtype
+from abliterate.hooks import ablate_direction
 from abliterate.hub import check_push_auth, push_folder
 from abliterate.parity import kl_divergence
 from abliterate.prompts import PromptSplits, load_splits
@@ -99,6 +100,8 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     subject = timed("load", load, config, inputs)
     candidates = timed("extract", extract, config, subject, inputs)
     chosen = timed("select", select, config, subject, inputs, candidates)
+    if config.direction_only:
+        return run_direction_only(config, inputs, subject, chosen, timed)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
@@ -115,6 +118,43 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             write_manifest(staging, manifest, subject.loaded.base_model)
         url = push(target, config, inputs.token, hub_api)
     return RunResult(manifest, output=inputs.output, url=url)
+
+
+def run_direction_only(
+    config: RunConfig, inputs: Inputs, subject: Subject, chosen: RefusalDirection, timed: StageTimer
+) -> RunResult:
+    """``run --direction-only`` after selection: check the direction with hooks, write it, no weights.
+
+    The evaluation after the edit runs on the hooked original (which the fold reproduces exactly), and
+    the completeness check proves the adapter's writer list, so ``abliterate apply`` (whose weight
+    certificate proves the files it writes) completes the proof later.
+    """
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    with ablate_direction(subject.model, subject.adapter, chosen.direction):
+        evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+    gate = GateReport(skipped=dict(_DIRECTION_ONLY_SKIPS))
+    gate.completeness = timed(
+        "verify", completeness_on, subject.model, subject.adapter, _parity_prompts(config, subject, inputs)
+    )
+    _raise_unless_passed(gate, "nothing was written")
+    assert inputs.output is not None  # RunConfig: --direction-only needs --output
+    with checkpoint.atomic_directory(inputs.output) as staging:
+        timed("save", save_direction_files, staging, config, subject, chosen)
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        manifest["weights"] = None
+        (staging / "model_card.md").write_text(model_card(manifest, subject.loaded.base_model), "utf-8")
+        (staging / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")
+    hint = (
+        f"no weights written (--direction-only); fold the direction into a safetensors checkpoint with: "
+        f"abliterate apply CHECKPOINT --direction {inputs.output / 'direction.safetensors'} --output DIR"
+    )
+    return RunResult(manifest, output=inputs.output, messages=[hint])
+
+
+_DIRECTION_ONLY_SKIPS = {
+    "certificate": "--direction-only: no weights written (abliterate apply certifies the files it writes)",
+    "parity": "--direction-only: no edited model; evaluated with the direction ablated by hooks",
+}
 
 
 class StageTimer:
@@ -166,7 +206,7 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
     """Check the source, the output directory and the Hub token and read the prompts: bad input fails
     here, early."""
     source = describe_source(config.model)
-    refuse_prequantized(source)
+    refuse_prequantized(source, direction_only=config.direction_only)
     check_layer(config.layer, source.n_layers)
     if config.output:
         refuse_output_in_source(config.output, source)
@@ -407,14 +447,7 @@ def parity_reference(
     config: RunConfig, subject: Subject, inputs: Inputs, chosen: RefusalDirection
 ) -> ParityReference:
     """The reference the gate compares with: the original model with the direction ablated by hooks."""
-    texts = inputs.harmful.parity + inputs.harmless.parity
-    prompts = encode(
-        subject.tokenizer,
-        texts,
-        batch_size=len(texts),
-        system_prompt=config.system_prompt,
-        share_prefix=False,
-    )
+    prompts = _parity_prompts(config, subject, inputs)
     completeness = completeness_on(subject.model, subject.adapter, prompts)
     if subject.cast_to is None:
         hooked = hooked_reference(
@@ -426,6 +459,18 @@ def parity_reference(
         hooked = hooked_reference(rounded, subject.adapter, chosen.direction, prompts, subject.cast_to)
         del rounded
     return ParityReference(prompts, hooked, completeness)
+
+
+def _parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> EncodedPrompts:
+    """Harmful and harmless parity prompts in one batch, padded once, no shared prefix."""
+    texts = inputs.harmful.parity + inputs.harmless.parity
+    return encode(
+        subject.tokenizer,
+        texts,
+        batch_size=len(texts),
+        system_prompt=config.system_prompt,
+        share_prefix=False,
+    )
 
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
@@ -468,25 +513,31 @@ def _raise_unless_passed(gate: GateReport, consequence: str) -> None:
 
 def save(directory: Path, config: RunConfig, subject: Subject, chosen: RefusalDirection) -> None:
     """Write the edited checkpoint, the direction and the candidate scores into ``directory``."""
-    with tqdm(total=3, desc="save", unit="step", disable=not config.progress) as bar:
+    with tqdm(total=2, desc="save", unit="step", disable=not config.progress) as bar:
         bar.set_postfix_str("weights")
         checkpoint.save_model(subject.model, subject.tokenizer, directory)
         bar.update()
-        save_direction(
-            directory / "direction.safetensors",
-            chosen.direction,
-            chosen.layer,
-            chosen.position,
-            config.model,
-            extra={"model_type": subject.model.config.model_type},
-        )
+        save_direction_files(directory, config, subject, chosen)
         bar.update()
-        if chosen.scores:
-            starred = (chosen.position + subject.n_eoi, chosen.layer)
-            plot_candidate_scores(chosen.scores, starred, directory / "candidate_scores.png")
-            scores = {name: _nan_to_none(values.tolist()) for name, values in chosen.scores.items()}
-            (directory / "candidate_scores.json").write_text(json.dumps(scores) + "\n", "utf-8")
-        bar.update()
+
+
+def save_direction_files(
+    directory: Path, config: RunConfig, subject: Subject, chosen: RefusalDirection
+) -> None:
+    """Write ``direction.safetensors`` and, after a search, the candidate scores (PNG and JSON)."""
+    save_direction(
+        directory / "direction.safetensors",
+        chosen.direction,
+        chosen.layer,
+        chosen.position,
+        config.model,
+        extra={"model_type": subject.model.config.model_type},
+    )
+    if chosen.scores:
+        starred = (chosen.position + subject.n_eoi, chosen.layer)
+        plot_candidate_scores(chosen.scores, starred, directory / "candidate_scores.png")
+        scores = {name: _nan_to_none(values.tolist()) for name, values in chosen.scores.items()}
+        (directory / "candidate_scores.json").write_text(json.dumps(scores) + "\n", "utf-8")
 
 
 def build_manifest(
