@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import re
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit import ROWS_WRITE, compute_dtype, orthogonalize_
+from abliterate.edit import ROWS_WRITE, compute_dtype, one_intra_op_thread, orthogonalize_
 from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, find_shards, read_header, read_tensor
 
 logger = logging.getLogger(__name__)
@@ -72,15 +75,29 @@ class DeclaredEdit:
         strengths: ``s`` per writer group (``embedding``, ``attention``, ``mlp``, ``experts``,
             ``shared_experts``); a group not named has strength ``default_strength``.
         default_strength: the strength of every group not in ``strengths``.
+        layer_strengths: per group, one strength per decoder block (a layer profile); where given it
+            overrides ``strengths`` for that group's writers in blocks ``0 … len − 1``.
     """
 
     direction: torch.Tensor
     strengths: dict[str, float] = field(default_factory=dict)
     default_strength: float = 1.0
+    layer_strengths: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def strength(self, group: str) -> float:
         """The strength the declared edit applies to writers of ``group``."""
         return self.strengths.get(group, self.default_strength)
+
+    def strength_for(self, group: str, layer: int) -> float:
+        """The strength at the writers of ``group`` in block ``layer`` (``-1``: embeddings).
+
+        ``layer_strengths[group][layer]`` when the edit declares a per-layer profile for the group,
+        else ``strength(group)``.
+        """
+        profile = self.layer_strengths.get(group)
+        if profile is not None and 0 <= layer < len(profile):
+            return float(profile[layer])
+        return self.strength(group)
 
 
 @dataclass(frozen=True)
@@ -396,28 +413,27 @@ class _Tally:
 
 
 class _Reader:
-    """Reads tensors from shards through one reusable buffer and compares file ranges in chunks.
+    """Reads stored tensors through memory maps, one range at a time, and compares them at memory speed.
 
-    Memory stays at the largest tensor plus two comparison chunks, as in streaming ``apply``; only a
+    Comparisons map ``_COMPARE_CHUNK`` bytes of each file at a time, so resident memory stays at the
+    one tensor being folded (a reused buffer, as in streaming ``apply``) plus two chunks; only a
     tensor that is not bitwise equal to this machine's fold (the bounded path) is read a second time
     into memory of its own.
     """
 
     def __init__(self) -> None:
-        self.handles: dict[Path, BinaryIO] = {}
+        self.files: dict[Path, BinaryIO] = {}
         self.buffer = bytearray(0)
-        self.left = bytearray(_COMPARE_CHUNK)
-        self.right = bytearray(_COMPARE_CHUNK)
         self.bytes_read = 0
 
     def close(self) -> None:
-        for handle in self.handles.values():
+        for handle in self.files.values():
             handle.close()
 
-    def _handle(self, path: Path) -> BinaryIO:
-        if path not in self.handles:
-            self.handles[path] = open(path, "rb")
-        return self.handles[path]
+    def _file(self, path: Path) -> BinaryIO:
+        if path not in self.files:
+            self.files[path] = open(path, "rb")
+        return self.files[path]
 
     def tensor(self, location: tuple[Path, TensorEntry], fresh: bool = False) -> torch.Tensor:
         """The tensor at ``location``, in the shared buffer (or its own memory with ``fresh``)."""
@@ -429,47 +445,66 @@ class _Reader:
             if len(self.buffer) < size:
                 self.buffer = bytearray(size)
             buffer = self.buffer
-        _, tensor = read_tensor(self._handle(path), entry, buffer)
+        _, tensor = read_tensor(self._file(path), entry, buffer)
         self.bytes_read += size
         return tensor
 
-    def _chunks(self, location: tuple[Path, TensorEntry], into: bytearray) -> Iterator[memoryview]:
-        """The stored bytes of ``location`` in consecutive chunks of ``len(into)`` (the last shorter)."""
-        path, entry = location
-        handle = self._handle(path)
-        handle.seek(entry.start)
-        remaining = entry.end - entry.start
-        while remaining:
-            view = memoryview(into)[: min(remaining, len(into))]
-            filled = 0
-            while filled < len(view):
-                count = handle.readinto(view[filled:])
-                if not count:
-                    raise ValueError(f"{path}: unexpected end of file in {entry.name}")
-                filled += count
-            self.bytes_read += filled
-            remaining -= filled
+    @contextmanager
+    def _mapped(self, path: Path, start: int, length: int) -> Iterator[torch.Tensor]:
+        """``length`` bytes of ``path`` from ``start`` as a read-only uint8 tensor over a memory map."""
+        if length == 0:
+            yield torch.zeros(0, dtype=torch.uint8)
+            return
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(
+            self._file(path).fileno(), length + start - aligned, offset=aligned, access=mmap.ACCESS_READ
+        )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the view is only ever read
+                view = torch.frombuffer(mapping, dtype=torch.uint8, offset=start - aligned, count=length)
+            self.bytes_read += length
             yield view
+            del view
+        finally:
+            try:
+                mapping.close()
+            except BufferError:  # a view is still referenced (an exception in flight): the GC closes it
+                pass
+
+    def _ranges(self, entry: TensorEntry) -> Iterator[tuple[int, int]]:
+        for offset in range(0, entry.end - entry.start, _COMPARE_CHUNK):
+            yield offset, min(_COMPARE_CHUNK, entry.end - entry.start - offset)
 
     def same_bytes(self, first: tuple[Path, TensorEntry], second: tuple[Path, TensorEntry]) -> bool:
         """Whether two stored tensors of the same size hold the same bytes."""
-        pairs = zip(self._chunks(first, self.left), self._chunks(second, self.right), strict=True)
-        return all(torch.equal(_as_bytes(left), _as_bytes(right)) for left, right in pairs)
+        (left_path, left), (right_path, right) = first, second
+        for offset, length in self._ranges(right):
+            with self._mapped(left_path, left.start + offset, length) as a:
+                with self._mapped(right_path, right.start + offset, length) as b:
+                    if not _equal_bytes(a, b):
+                        return False
+        return True
 
     def matches(self, expected: torch.Tensor, location: tuple[Path, TensorEntry]) -> bool:
         """Whether the stored tensor at ``location`` has exactly the bytes of ``expected``."""
+        path, entry = location
         flat = expected.contiguous().view(-1).view(torch.uint8)
-        at = 0
-        for chunk in self._chunks(location, self.right):
-            if not torch.equal(flat[at : at + len(chunk)], _as_bytes(chunk)):
-                return False
-            at += len(chunk)
-        return at == flat.numel()
+        if flat.numel() != entry.end - entry.start:
+            return False
+        for offset, length in self._ranges(entry):
+            with self._mapped(path, entry.start + offset, length) as stored:
+                if not _equal_bytes(flat[offset : offset + length], stored):
+                    return False
+        return True
 
 
-def _as_bytes(view: memoryview) -> torch.Tensor:
-    # memoryview's own == unpacks item by item (0.3 GB/s measured); torch.equal compares at memory speed.
-    return torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.zeros(0, dtype=torch.uint8)
+def _equal_bytes(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Bytewise equality of two uint8 tensors, eight bytes at a time where aligned (7x faster measured)."""
+    with one_intra_op_thread():
+        if first.numel() % 8 == 0 and first.data_ptr() % 8 == 0 and second.data_ptr() % 8 == 0:
+            return torch.equal(first.view(torch.int64), second.view(torch.int64))
+        return torch.equal(first, second)
 
 
 def _certify_tensor(
@@ -504,7 +539,7 @@ def _certify_tensor(
         else:
             tally.fail(f"{name}: changed, but the structure says no residual writer lives there")
         return
-    strength = declared.strength(required.group)
+    strength = declared.strength_for(required.group, required.layer)
     orthogonalize_(expected, declared.direction, required.layout, strength)
     if reader.matches(expected, edited):
         tally.edited(required.group, required.layer, exact=True, leak=1.0)

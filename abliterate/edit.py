@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +16,8 @@ from abliterate.adapters.resolve import embeddings_of, locate
 # Layouts whose last axis is d_model (rows are written into the residual stream).
 ROWS_WRITE = ("conv1d", "experts_t", "embedding")
 
+
+T = TypeVar("T")
 
 # Elements per tile of the in-place kernel: 1 MiB of float32, small enough to stay in a core's cache
 # between the reads and writes of one tile (measured fastest of 2^14 … 2^20 on the development VM).
@@ -62,39 +66,47 @@ def orthogonalize_(
 ) -> None:
     """``weight ← orthogonalize(weight)`` in place, tile by tile (see ``TILE_ELEMENTS``).
 
-    The tiles depend only on the tensor's shape, and every reduction runs in a fixed order, so the
-    in-memory fold, streaming ``apply`` and the certificate produce the same bits on one machine
-    whatever the thread count. Temporaries stay at one tile (an embedding of 150k × 4k never needs a
-    full-size float copy).
+    The tiles depend only on the tensor's shape, every tile is computed by the same operations on
+    whichever thread runs it, and the one reduction across tiles adds their partial sums in tile order,
+    so the in-memory fold, streaming ``apply`` and the certificate produce the same bits on one machine
+    whatever the thread count. On the CPU the tiles are spread over ``torch.get_num_threads()`` Python
+    threads (torch releases the GIL inside each operation), each running single-threaded operations.
+    Temporaries stay at a few tiles (an embedding of 150k × 4k never needs a full-size float copy).
     """
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
     r = _unit(direction, weight)
-    with _one_intra_op_thread():
-        _fold_in_place(weight, r, direction, layout, strength)
+    workers = torch.get_num_threads() if weight.device.type == "cpu" else 1
+    with one_intra_op_thread():
+        _fold_in_place(weight, r, direction, layout, strength, workers)
 
 
 def _fold_in_place(
-    weight: torch.Tensor, r: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    strength: float,
+    workers: int,
 ) -> None:
     if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
         contiguous = weight.contiguous()
-        orthogonalize_(contiguous, direction, layout, strength)
+        _fold_in_place(contiguous, r, direction, layout, strength, workers)
         weight.copy_(contiguous)
         return
     if layout in ROWS_WRITE:
         # [..., d_model]: W' = W − s (W r̂) r̂ᵀ, each row on its own.
-        _fold_rows(weight.view(-1, weight.shape[-1]), r, strength)
+        _fold_rows(weight.view(-1, weight.shape[-1]), r, strength, workers)
     elif layout == "experts":
         for expert in weight:  # [d_model, d_in] each
-            _fold_columns(expert, r, strength)
+            _fold_columns(expert, r, strength, workers)
     else:
-        _fold_columns(weight, r, strength)
+        _fold_columns(weight, r, strength, workers)
 
 
 @contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """Run the tile loop on one intra-op thread: a tile is too small to split, and on a busy 2-core
+def one_intra_op_thread() -> Iterator[None]:
+    """Run torch operations on one intra-op thread: a tile is too small to split, and on a busy 2-core
     machine the per-operation barrier of a second thread made the loop up to 80x slower (measured)."""
     threads = torch.get_num_threads()
     if threads == 1:
@@ -107,28 +119,47 @@ def _one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float) -> None:
+def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> list[T]:
+    """``[function(start) for start in starts]``, spread over ``workers`` threads when worth it."""
+    if workers <= 1 or len(starts) < 4:
+        return [function(start) for start in starts]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, starts))
+
+
+def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float, workers: int) -> None:
     # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ.
     step = max(1, TILE_ELEMENTS // weight.shape[1])
-    for first in range(0, weight.shape[0], step):
+
+    def tile(first: int) -> None:
         rows = weight[first : first + step]
         block = rows.to(r.dtype)
         coefficients = (block * r).sum(-1)
         block.addr_(coefficients, r, alpha=-strength)
         rows.copy_(block)
 
+    _map_tiles(tile, range(0, weight.shape[0], step), workers)
 
-def _fold_columns(weight: torch.Tensor, r: torch.Tensor, strength: float) -> None:
-    # weight [d_model, d_in]: p = r̂ᵀ W accumulated over row tiles in a fixed order, then W −= s r̂ pᵀ.
+
+def _fold_columns(weight: torch.Tensor, r: torch.Tensor, strength: float, workers: int) -> None:
+    # weight [d_model, d_in]: p = r̂ᵀ W from per-tile partial sums added in tile order, then W −= s r̂ pᵀ.
     step = max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
+    starts = range(0, weight.shape[0], step)
+
+    def partial(first: int) -> torch.Tensor:
+        return (weight[first : first + step].to(r.dtype) * r[first : first + step, None]).sum(0)
+
     coefficients = torch.zeros(weight.shape[1], dtype=r.dtype, device=weight.device)
-    for first in range(0, weight.shape[0], step):
-        coefficients += (weight[first : first + step].to(r.dtype) * r[first : first + step, None]).sum(0)
-    for first in range(0, weight.shape[0], step):
+    for part in _map_tiles(partial, starts, workers):
+        coefficients += part
+
+    def update(first: int) -> None:
         rows = weight[first : first + step]
         block = rows.to(r.dtype)
         block.addr_(r[first : first + step], coefficients, alpha=-strength)
         rows.copy_(block)
+
+    _map_tiles(update, starts, workers)
 
 
 def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -173,6 +204,7 @@ def fold_direction(
     adapter: Adapter,
     direction: torch.Tensor,
     writers: Iterable[ResolvedWriter] | None = None,
+    strength_of: Callable[[ResolvedWriter], float] | None = None,
 ) -> int:
     """Edit ``model`` in place so no residual writer can write along ``direction``.
 
@@ -182,6 +214,8 @@ def fold_direction(
         direction: ``[d_model]`` refusal direction.
         writers: edit only these (default: every residual writer); the gate's negative controls
             (``abliterate.controls``) leave some out.
+        strength_of: ``s`` of ``I − s r̂ r̂ᵀ`` per writer (weight and bias), default 1 everywhere;
+            the hook equivalent is ``abliterate.hooks.ablate_with_strengths``.
 
     Returns:
         The number of tensors edited.
@@ -189,10 +223,11 @@ def fold_direction(
     untie_embeddings(model, adapter)
     edited = 0
     for writer in residual_writers(model, adapter) if writers is None else writers:
-        orthogonalize_(writer.weight_tensor().data, direction, writer.layout)
+        strength = 1.0 if strength_of is None else float(strength_of(writer))
+        orthogonalize_(writer.weight_tensor().data, direction, writer.layout, strength)
         edited += 1
         bias = writer.bias_tensor()
         if bias is not None:
-            orthogonalize_(bias.data, direction, "embedding")
+            orthogonalize_(bias.data, direction, "embedding", strength)
             edited += 1
     return edited

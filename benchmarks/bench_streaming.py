@@ -36,24 +36,35 @@ _SHAPES = {"full": (2048, 5632, 256, 32000, 500 << 20), "short": (1024, 2816, 25
 
 _CHILD = """
 import json, resource, sys, time, torch
+from pathlib import Path
+from abliterate.certificate import DeclaredEdit, certify_checkpoint, read_structure
 from abliterate.streaming import stream_apply
 
 def status(key):
     with open("/proc/self/status") as handle:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key + ":"))
 
-direction = torch.randn(int(sys.argv[3]), generator=torch.Generator().manual_seed(0))
+source, output, d_model, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+direction = torch.randn(d_model, generator=torch.Generator().manual_seed(0))
+read_structure(source)  # imports transformers' modeling code (~150 MB, once) before the baseline
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # reset VmHWM to the current RSS: the peak below is this call's own
 baseline = status("VmRSS")
 started = time.perf_counter()
-report = stream_apply(sys.argv[1], direction, sys.argv[2], progress=False)
+if mode == "certify":
+    certificate = certify_checkpoint(source, output, DeclaredEdit(direction), progress=False)
+    assert certificate.passed, certificate.failures
+    edited, total = certificate.n_edited, certificate.n_tensors
+else:
+    report = stream_apply(source, direction, output, progress=False, certify=mode == "apply+certify")
+    edited, total = report.tensors_edited, report.tensors_total
 seconds = time.perf_counter() - started
 print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": status("VmHWM"),
                   "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "edited": report.tensors_edited, "total": report.tensors_total,
-                  "bytes_written": report.bytes_written}))
+                  "edited": edited, "total": total}))
 """
+
+MODES = ("apply", "certify", "apply+certify")
 
 
 def write_checkpoint(path: Path, target_bytes: int, shape: str) -> dict[str, float]:
@@ -145,10 +156,11 @@ def time_cp(source: Path, destination: Path) -> float:
     return seconds
 
 
-def time_ours(source: Path, destination: Path, d_model: int) -> dict[str, float]:
+def time_ours(source: Path, destination: Path, d_model: int, mode: str) -> dict[str, float]:
+    """Run ``mode`` in a fresh process; ``certify`` reads ``destination`` (kept), the others write it."""
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(source), str(destination), str(d_model)],
+        [sys.executable, "-c", _CHILD, str(source), str(destination), str(d_model), mode],
         check=True,
         capture_output=True,
         text=True,
@@ -156,7 +168,8 @@ def time_ours(source: Path, destination: Path, d_model: int) -> dict[str, float]
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     measured["process_seconds"] = time.perf_counter() - started
-    shutil.rmtree(destination)
+    if mode != "certify":
+        shutil.rmtree(destination)
     return measured
 
 
@@ -166,6 +179,7 @@ def main() -> None:
     parser.add_argument("--short", action="store_true", help="~200 MB with smaller shapes, for CI")
     parser.add_argument("--dir", type=Path, default=None, help="where to put the temporary files")
     parser.add_argument("--repeat", type=int, default=3, help="runs per order (default 3)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="what to time")
     args = parser.parse_args()
     target = int(0.2e9) if args.short else int(args.gb * 1e9)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-streaming-") as scratch:
@@ -180,45 +194,54 @@ def main() -> None:
             f"{info['largest_shard'] / 2**20:.0f} MiB, edited share {info['edited_share']:.0%} "
             f"(written in {write_seconds:.1f} s)"
         )
-        runs: dict[str, list[tuple[float, dict[str, float]]]] = {
-            "cp first, then ours": [],
-            "ours first, then cp": [],
-        }
-        for _ in range(args.repeat):
-            cp_seconds = time_cp(source, root / "cp")
-            runs["cp first, then ours"].append(
-                (cp_seconds, time_ours(source, root / "ours", info["d_model"]))
-            )
-            ours = time_ours(source, root / "ours", info["d_model"])
-            runs["ours first, then cp"].append((time_cp(source, root / "cp"), ours))
-        print(f"\nmedian of {args.repeat} runs per order (best in brackets)\n")
-        print("| order | cp -r (s) | stream_apply (s) | cp GB/s | stream_apply GB/s | throughput ours/cp |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for order, pairs in runs.items():
-            cp_times = [cp for cp, _ in pairs]
-            ours_times = [ours["seconds"] for _, ours in pairs]
-            ratios = [cp / ours["seconds"] for cp, ours in pairs]
-            print(
-                f"| {order} | {median(cp_times):.2f} ({min(cp_times):.2f}) | {median(ours_times):.2f} "
-                f"({min(ours_times):.2f}) | {gb / median(cp_times):.2f} | {gb / median(ours_times):.2f} | "
-                f"{median(ratios):.2f} ({max(ratios):.2f}) |"
-            )
-        measured = [ours for pairs in runs.values() for _, ours in pairs]
-        peak = max(ours["peak"] - ours["baseline"] for ours in measured)
-        process = median([ours["process_seconds"] for ours in measured])
+        edited_copy = root / "edited"  # what ``certify`` reads: one apply, kept for every run
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from abliterate.streaming import stream_apply; import torch;"
+                "stream_apply(sys.argv[1], torch.randn(int(sys.argv[3]), generator=torch.Generator()"
+                ".manual_seed(0)), sys.argv[2], progress=False, certify=False)",
+                str(source),
+                str(edited_copy),
+                str(info["d_model"]),
+            ],
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        print(f"\nmedian of {args.repeat} runs per order (best in brackets); ratio = cp time / ours\n")
+        print("| mode | order | cp -r (s) | ours (s) | cp GB/s | ours GB/s | throughput ours/cp |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        measured = []
+        for mode in args.modes:
+            runs: dict[str, list[tuple[float, dict[str, float]]]] = {"cp first": [], "ours first": []}
+            target_dir = edited_copy if mode == "certify" else root / "ours"
+            for _ in range(args.repeat):
+                cp_seconds = time_cp(source, root / "cp")
+                runs["cp first"].append((cp_seconds, time_ours(source, target_dir, info["d_model"], mode)))
+                ours = time_ours(source, target_dir, info["d_model"], mode)
+                runs["ours first"].append((time_cp(source, root / "cp"), ours))
+            for order, pairs in runs.items():
+                cp_times = [cp for cp, _ in pairs]
+                ours_times = [ours["seconds"] for _, ours in pairs]
+                ratios = [cp / ours["seconds"] for cp, ours in pairs]
+                print(
+                    f"| {mode} | {order} | {median(cp_times):.2f} ({min(cp_times):.2f}) | "
+                    f"{median(ours_times):.2f} ({min(ours_times):.2f}) | {gb / median(cp_times):.2f} | "
+                    f"{gb / median(ours_times):.2f} | {median(ratios):.2f} ({max(ratios):.2f}) |"
+                )
+                measured += [(mode, ours) for _, ours in pairs]
         print()
-        print(
-            "| peak RSS increase of stream_apply (max) | largest shard | ratio | ru_maxrss (incl. parent's) |"
-        )
-        print("|---:|---:|---:|---:|")
-        print(
-            f"| {peak / 2**20:.0f} MiB | {info['largest_shard'] / 2**20:.0f} MiB | "
-            f"{peak / info['largest_shard']:.2f} | {max(m['ru_maxrss'] for m in measured) / 2**20:.0f} MiB |"
-        )
-        print(
-            f"\ntensors edited {measured[0]['edited']} of {measured[0]['total']}; whole subprocess "
-            f"(Python start, imports, stream_apply) median {process:.2f} s"
-        )
+        print("| mode | peak RSS increase (max) | largest shard | ratio |")
+        print("|---|---:|---:|---:|")
+        for mode in args.modes:
+            peak = max(ours["peak"] - ours["baseline"] for m, ours in measured if m == mode)
+            print(
+                f"| {mode} | {peak / 2**20:.0f} MiB | {info['largest_shard'] / 2**20:.0f} MiB | "
+                f"{peak / info['largest_shard']:.2f} |"
+            )
+        first = measured[0][1]
+        print(f"\ntensors edited {first['edited']} of {first['total']}")
 
 
 if __name__ == "__main__":
