@@ -47,6 +47,8 @@ from abliterate.sources import describe_source, refuse_prequantized
 logger = logging.getLogger(__name__)
 
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "tokenizer*", "*.jinja"]
+# The module names attention blocks use on disk (``self_attn``, ``attn``, ``attention``, ``self_attention``).
+_ATTENTION_NAME = re.compile(r"\.(self_attn|attn|attention|self_attention)\.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Weight files the loader could pick up instead of (or beside) the edited shards; never copied.
 _STALE_WEIGHTS = re.compile(
@@ -255,6 +257,7 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
         )
     for name, layout in edits.items():
         _check_editable(by_name[name], layout, d_model)
+    _check_every_block(edits, by_name, config, adapter, checkpoint)
     untie = ties_embeddings(config, model_type)
     # The head takes the embedding's on-disk prefix: "lm_head.weight" beside "model.embed_tokens.weight",
     # "language_model.lm_head.weight" beside "language_model.model.embed_tokens.weight" (multimodal).
@@ -265,6 +268,47 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
     has_head = any(name == head_key or name.endswith("." + head_key) for name in by_name)
     add_head = head if untie and not has_head else None
     return _Plan(shards, index, config, model_type, edits, token_embedding, add_head, untie)
+
+
+def _check_every_block(
+    edits: dict[str, Layout],
+    by_name: dict[str, TensorEntry],
+    config: dict,
+    adapter: Adapter,
+    checkpoint: Path,
+) -> None:
+    """Every decoder block must have at least one attention and one MLP writer among the matched tensors.
+
+    A checkpoint whose names the patterns only partly cover (a renamed MLP in some blocks, a missing
+    shard) would otherwise be edited incompletely, and the output would silently keep the direction.
+    """
+    from abliterate.certificate import layer_of
+
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    n_layers = next(
+        (
+            part[key]
+            for part in (config, text_config)
+            for key in ("num_hidden_layers", "n_layer", "num_layers")
+            if isinstance(part.get(key), int)
+        ),
+        None,
+    )
+    if n_layers is None:
+        return
+    roles: dict[int, set[str]] = {layer: set() for layer in range(n_layers)}
+    for name in edits:
+        layer = layer_of(name)
+        if layer in roles and len(by_name[name].shape) >= 2:  # weights, not biases
+            roles[layer].add("attention" if _ATTENTION_NAME.search(name) else "mlp")
+    for layer, found in roles.items():
+        missing = {"attention", "mlp"} - found
+        if missing:
+            raise ValueError(
+                f"block {layer} of {checkpoint} has no {' or '.join(sorted(missing))} writer among the "
+                f"tensors the {adapter.name} adapter's patterns match; nothing was written "
+                "(is --architecture right?)"
+            )
 
 
 def _pick_adapter(config: dict, architecture: str | None, checkpoint: Path) -> tuple[Adapter, str]:

@@ -148,3 +148,88 @@ def fold_targets(model: torch.nn.Module, adapter: object) -> list:
 def test_dtypes_without_a_proof_are_refused(dtype: str) -> None:
     with pytest.raises(ValueError, match="no parity proof"):
         check_dtype(dtype)
+
+
+# ------------------------------------------------------------------ completeness by construction
+
+
+def _tiny_checkpoint(path: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[Path, torch.Tensor]:
+    model = make_model("llama", dtype=dtype)
+    model.save_pretrained(path)
+    return path, _direction(model)
+
+
+def _rewrite(checkpoint: Path, change: object) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file(change(tensors), checkpoint / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_apply_refuses_a_block_whose_mlp_writer_is_not_found(tmp_path: Path) -> None:
+    from abliterate.streaming import stream_apply
+
+    checkpoint, direction = _tiny_checkpoint(tmp_path / "original")
+
+    def rename(tensors: dict) -> dict:
+        tensors["model.layers.2.mlp.down_projection.weight"] = tensors.pop(
+            "model.layers.2.mlp.down_proj.weight"
+        )
+        return tensors
+
+    _rewrite(checkpoint, rename)
+    with pytest.raises(ValueError, match=r"block 2 .* has no mlp writer"):
+        stream_apply(checkpoint, direction, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_refuses_an_eight_bit_float_writer(tmp_path: Path) -> None:
+    from abliterate.streaming import stream_apply
+
+    checkpoint, direction = _tiny_checkpoint(tmp_path / "original")
+
+    def to_fp8(tensors: dict) -> dict:
+        name = "model.layers.1.self_attn.o_proj.weight"
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+        return tensors
+
+    _rewrite(checkpoint, to_fp8)
+    with pytest.raises(ValueError, match="dtype F8_E4M3"):
+        stream_apply(checkpoint, direction, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_cannot_resolve_a_block_without_mlp_writers() -> None:
+    from abliterate.adapters import Writer, resolve_writers
+
+    model = make_model("qwen3_moe")
+    adapter = resolve_adapter(model)
+    # Every MLP writer optional and misspelt: each block would resolve attention only.
+    broken = dataclasses.replace(
+        adapter,
+        writers=(
+            Writer("self_attn.o_proj"),
+            Writer("mlp.expertz", layout="experts", weight="down_proj", bias=None, optional=True),
+            Writer("mlp.down_projection", optional=True),
+        ),
+    )
+    with pytest.raises(LookupError, match="block 0 has no mlp writer"):
+        resolve_writers(model, broken)
+
+
+def test_certificate_lists_structural_tensors_the_checkpoint_lacks(tmp_path: Path) -> None:
+    """The certificate's list comes from the meta model, so a tensor missing on disk is reported."""
+    checkpoint, direction = _tiny_checkpoint(tmp_path / "original")
+    edited = tmp_path / "edited"
+    from abliterate.streaming import stream_apply
+
+    stream_apply(checkpoint, direction, edited, progress=False, certify=False)
+
+    def drop(tensors: dict) -> dict:
+        del tensors["model.layers.3.mlp.down_proj.weight"]
+        return tensors
+
+    _rewrite(edited, drop)
+    certificate = certify_checkpoint(checkpoint, edited, DeclaredEdit(direction), progress=False)
+    assert not certificate.passed
+    assert any("layers.3.mlp.down_proj.weight" in line for line in certificate.failures)
