@@ -25,6 +25,8 @@ _USER_ERRORS = (
     ValueError,
     LookupError,
     NotADirectoryError,
+    ConnectionError,  # abliterate.hub.PushError: the Hub refused or could not be reached
+    OSError,  # a disk that is full or too small, a file that cannot be read: the path is in the message
 )
 
 
@@ -145,8 +147,19 @@ def run_command(**options: Any) -> None:
 @click.option("--output", "-o", required=True, help="Output directory.")
 @click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
 @click.option("--overwrite", is_flag=True, help=help_of("overwrite"))
+@click.option(
+    "--certify/--no-certify",
+    default=True,
+    show_default=True,
+    help="Certify the written weights against CHECKPOINT before moving them into place (exit 2 if not).",
+)
 def apply_command(
-    checkpoint: str, direction_file: str, output: str, architecture: str | None, overwrite: bool
+    checkpoint: str,
+    direction_file: str,
+    output: str,
+    architecture: str | None,
+    overwrite: bool,
+    certify: bool,
 ) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
@@ -154,11 +167,19 @@ def apply_command(
         from abliterate.streaming import stream_apply
 
         direction, _ = load_direction(direction_file)
-        report = stream_apply(checkpoint, direction, output, architecture=architecture, overwrite=overwrite)
+        report = stream_apply(
+            checkpoint, direction, output, architecture=architecture, overwrite=overwrite, certify=certify
+        )
         click.echo(
             f"edited {report.tensors_edited} of {report.tensors_total} tensors "
             f"({report.bytes_written / 2**20:.0f} MiB) in {report.seconds:.1f}s; saved to {output}"
         )
+        if report.certificate is not None:
+            from abliterate.report import gate_lines
+
+            click.echo(
+                "\n".join(gate_lines({"passed": True, "certificate": report.certificate.to_dict()})[1:])
+            )
 
 
 @main.command("verify")

@@ -11,8 +11,8 @@ import json
 import math
 import platform
 import resource
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,8 +51,8 @@ from abliterate.gate import (
 )
 from abliterate.gguf import gguf_output_dtype
 from abliterate.hooks import ablate_direction
-from abliterate.hub import check_push_auth, push_folder
-from abliterate.parity import kl_divergence
+from abliterate.hub import PushError, PushResult, PushTarget, check_push_auth, push_folder, staging_directory
+from abliterate.parity import check_dtype, kl_divergence
 from abliterate.prompts import PromptSplits, load_splits
 from abliterate.report import model_card, plot_candidate_scores
 from abliterate.residual import CompletenessReport
@@ -109,15 +109,17 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     del reference  # [n, S, vocab] logits: free them before evaluating and saving
     _raise_unless_passed(gate, "nothing was saved or pushed")
     evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
-    with _destination(inputs.output) as target:
+    with _destination(inputs.output, inputs.staging) as target:
         with checkpoint.atomic_directory(target) as staging:
             timed("save", save, staging, config, subject, chosen)
             timed("verify", certify_saved, config, staging, chosen, gate)
             _raise_unless_passed(gate, "nothing was saved or pushed")
             manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
             write_manifest(staging, manifest, subject.loaded.base_model)
-        url = push(target, config, inputs.token, hub_api)
-    return RunResult(manifest, output=inputs.output, url=url)
+        pushed = push(target, config, inputs.push_target, hub_api)
+    if pushed is None:
+        return RunResult(manifest, output=inputs.output)
+    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
 
 
 def run_direction_only(
@@ -191,15 +193,17 @@ class Inputs:
 
     Attributes:
         output: the checked output directory, or ``None`` (push only).
-        token: the checked Hub token, or ``None`` (no push).
+        push_target: the checked Hub repository and token, or ``None`` (no push).
         harmful: harmful prompts, split into train/val/eval/parity.
         harmless: harmless prompts, split the same way.
+        staging: where a push without ``--output`` stages the checkpoint, else ``None``.
     """
 
     output: Path | None
-    token: str | None
+    push_target: PushTarget | None
     harmful: PromptSplits
     harmless: PromptSplits
+    staging: Path | None = None
 
 
 def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
@@ -211,7 +215,10 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
     if config.output:
         refuse_output_in_source(config.output, source)
     output = checkpoint.check_output_dir(config.output, config.overwrite) if config.output else None
-    token = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
+    target = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
+    staging = None
+    if target is not None and output is None:
+        staging = staging_directory(target.repo_id, source.weights_bytes)
     sizes = dict(
         n_train=config.n_train,
         n_val=config.n_val,
@@ -221,7 +228,7 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
     )
     harmful = load_splits("harmful", config.harmful, **sizes)
     harmless = load_splits("harmless", config.harmless, **sizes)
-    return Inputs(output, token, harmful, harmless)
+    return Inputs(output, target, harmful, harmless, staging)
 
 
 @dataclass(frozen=True)
@@ -283,6 +290,7 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
     )
+    check_dtype(loaded.dtype_name)  # no parity proof for 8-bit floats or unknown formats: refuse now
     adapter = resolve_adapter(loaded.model, config.architecture)
     n_layers = len(blocks_of(loaded.model, adapter)[1])
     n_eoi = eoi_length(loaded.tokenizer, config.system_prompt)
@@ -595,24 +603,37 @@ def write_manifest(directory: Path, manifest: dict[str, Any], base_model: str | 
     (directory / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")
 
 
-def push(directory: Path, config: RunConfig, token: str | None, hub_api: object | None) -> str | None:
-    """Upload ``directory`` to ``--push-to-hub`` when asked; return the repository URL."""
-    if not config.push_to_hub:
+def push(
+    directory: Path, config: RunConfig, target: PushTarget | None, hub_api: object | None
+) -> PushResult | None:
+    """Upload ``directory`` to ``--push-to-hub`` when asked; return where it went."""
+    if target is None:
         return None
-    return push_folder(directory, config.push_to_hub, token, private=config.private, api=hub_api)
+    return push_folder(directory, target, private=config.private, api=hub_api)
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
 @contextmanager
-def _destination(output: Path | None) -> Iterator[Path]:
-    """Where the checkpoint goes: ``output``, or for a push alone a scratch directory kept until pushed."""
+def _destination(output: Path | None, staging: Path | None) -> Iterator[Path]:
+    """Where the checkpoint goes: ``output``, or for a push alone ``staging``, removed once pushed.
+
+    A failed upload keeps the staged checkpoint (the error says where, and how to retry); any other
+    failure removes it.
+    """
     if output is not None:
         yield output
         return
-    with tempfile.TemporaryDirectory(prefix="abliterate-push-") as scratch:
-        yield Path(scratch) / "model"
+    assert staging is not None  # RunConfig: no --output means --push-to-hub, and prepare staged it
+    try:
+        yield staging
+    except PushError:
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def peak_rss_mib() -> float:

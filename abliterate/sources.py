@@ -47,6 +47,16 @@ class SourceInfo:
         return quantization_method(self.config or {})
 
     @property
+    def weights_bytes(self) -> int | None:
+        """Bytes of the weights an edited copy will take, roughly: the safetensors files, or four times a
+        GGUF file (4-bit quantized, saved as bf16); ``None`` when unknown (a hub id)."""
+        if self.path is None or not self.path.exists():
+            return None
+        if self.path.is_file():
+            return 4 * self.path.stat().st_size if self.is_gguf else None
+        return sum(path.stat().st_size for path in self.path.glob("*.safetensors")) or None
+
+    @property
     def n_layers(self) -> int | None:
         """Decoder blocks declared by the config, when it says."""
         for part in (self.config or {}, (self.config or {}).get("text_config") or {}):

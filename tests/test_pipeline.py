@@ -158,7 +158,7 @@ def test_selection_runs_and_draws_heatmap(tiny_qwen2: Path, tmp_path: Path) -> N
 
 
 def test_push_uses_the_api_and_never_prints_the_token(
-    tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A recording fake stands in for huggingface_hub.HfApi (no network in tests)."""
     calls: list[tuple[str, dict]] = []
@@ -167,6 +167,14 @@ def test_push_uses_the_api_and_never_prints_the_token(
         def whoami(self, token: str | None = None) -> dict:
             calls.append(("whoami", {"token": token}))
             return {"name": "someone"}
+
+        def repo_info(self, repo_id: str, **kwargs: object) -> None:
+            import httpx2
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            calls.append(("repo_info", {"repo_id": repo_id}))
+            response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co"))
+            raise RepositoryNotFoundError("404 Client Error. Repository Not Found", response=response)
 
         def create_repo(self, repo_id: str, **kwargs: object) -> None:
             calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
@@ -177,6 +185,7 @@ def test_push_uses_the_api_and_never_prints_the_token(
 
     secret = "hf_secret_token_value_123"
     monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path))  # where a push without --output stages
     monkeypatch.setattr("abliterate.hub._default_api", lambda: RecordingApi())
     result = _run(
         str(tiny_qwen2),
@@ -192,9 +201,10 @@ def test_push_uses_the_api_and_never_prints_the_token(
     assert result.exit_code == 0, result.output
     assert secret not in result.output
     names = [name for name, _ in calls]
-    assert names == ["whoami", "create_repo", "upload_folder"]
-    assert calls[1][1]["private"] is True and calls[1][1]["repo_id"] == "someone/tiny-abliterated"
+    assert names == ["whoami", "repo_info", "create_repo", "upload_folder"]
+    assert calls[2][1]["private"] is True and calls[2][1]["repo_id"] == "someone/tiny-abliterated"
     assert {"README.md", "abliterate.json", "direction.safetensors", "model.safetensors"} <= set(
-        calls[2][1]["files"]
+        calls[3][1]["files"]
     )
+    assert not (tmp_path / "push" / "someone--tiny-abliterated").exists(), "staged copy left after the push"
     assert "https://huggingface.co/someone/tiny-abliterated" in result.output
