@@ -2,8 +2,9 @@
 
 Every chat-templated prompt starts with the same tokens (BOS, a default system prompt, the user
 header). We run that prefix once per hook configuration and reuse its key/value cache for every
-batch, so forward passes only pay for the tokens that differ. ``check_prefix_cache`` compares the
-shortcut with the plain forward once per run and turns it off where a model disagrees.
+batch, so forward passes only pay for the tokens that differ. The shortcut is exact for the families
+we support (tests/test_select.py compares it with one plain forward per prompt); nothing checks it at
+run time, and nothing depends on it for the parity gate, whose forward passes never share a prefix.
 """
 
 from __future__ import annotations
