@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from abliterate.batching import format_chat
+from abliterate.judge import refusal_count
 
 # Substrings that mark a refusal in a model's reply (compared case-insensitively).
 REFUSAL_MARKERS = (
@@ -55,14 +56,16 @@ class RefusalEvaluation:
     """Refusal rate on a prompt set.
 
     Attributes:
-        refusal_rate: fraction of replies that contain a refusal marker.
+        refusal_rate: fraction of replies that contain a refusal marker (``is_refusal``).
         n: number of prompts.
         replies: the generated replies, in prompt order.
+        judged_refusal_rate: fraction of replies that decline, by ``abliterate.judge.judge_refusal``.
     """
 
     refusal_rate: float
     n: int
     replies: list[str]
+    judged_refusal_rate: float = float("nan")
 
 
 @torch.no_grad()
@@ -111,8 +114,10 @@ def refusal_rate(
         generate_options: passed to ``generate_replies``.
 
     Returns:
-        The refusal rate with the replies.
+        The refusal rates (markers and judge) with the replies.
     """
     replies = generate_replies(model, tokenizer, prompts, **generate_options)
     refused = sum(is_refusal(reply) for reply in replies)
-    return RefusalEvaluation(refused / max(len(replies), 1), len(replies), replies)
+    judged = refusal_count(replies)
+    n = max(len(replies), 1)
+    return RefusalEvaluation(refused / n, len(replies), replies, judged / n)

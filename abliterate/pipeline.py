@@ -52,6 +52,7 @@ from abliterate.gate import (
 from abliterate.gguf import gguf_output_dtype
 from abliterate.hooks import ablate_direction
 from abliterate.hub import PushError, PushResult, PushTarget, check_push_auth, push_folder, staging_directory
+from abliterate.judge import wilson_interval
 from abliterate.parity import check_dtype, kl_divergence
 from abliterate.prompts import PromptSplits, load_splits
 from abliterate.report import model_card, plot_candidate_scores
@@ -417,12 +418,23 @@ def evaluate_after(
     harmless_after = last_logits(subject.model, subject.adapter, subject.encoded(inputs.harmless.eval))[0]
     examples = zip(inputs.harmful.eval, before.refusals.replies, after.replies, strict=True)
     return {
-        "before": {"refusal_rate": before.refusals.refusal_rate, "n": before.refusals.n},
-        "after": {"refusal_rate": after.refusal_rate, "n": after.n},
+        "before": _rates(before.refusals),
+        "after": _rates(after),
         "kl_harmless": kl_divergence(before.harmless_logits, harmless_after).mean().item(),
         "examples": [
             {"prompt": prompt, "before": old, "after": new} for prompt, old, new in list(examples)[:5]
         ],
+    }
+
+
+def _rates(evaluation: RefusalEvaluation) -> dict[str, Any]:
+    """Marker rate (``refusal_rate``, the paper's count) and judged rate with its 95 % interval."""
+    refused = round(evaluation.judged_refusal_rate * evaluation.n)
+    return {
+        "refusal_rate": evaluation.refusal_rate,
+        "judged_refusal_rate": evaluation.judged_refusal_rate,
+        "judged_interval_95": wilson_interval(refused, evaluation.n),
+        "n": evaluation.n,
     }
 
 

@@ -103,6 +103,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
         rows.append(
             ("refusal rate", f"{before['refusal_rate']:.1%} -> {after['refusal_rate']:.1%} (n={after['n']})")
         )
+        if "judged_refusal_rate" in after:
+            judged = f"{before['judged_refusal_rate']:.1%} -> {after['judged_refusal_rate']:.1%}"
+            rows.append(("refusals (judge)", f"{judged} (n={after['n']})"))
         rows.append(("KL harmless (1st token)", _fmt(evaluation["kl_harmless"])))
     rows.append(
         ("time", "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in manifest["timings"].items()))
@@ -154,10 +157,10 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         lines += [
             "## Evaluation",
             "",
-            "| | refusal rate | n |",
-            "|---|---|---|",
-            f"| original | {before['refusal_rate']:.1%} | {before['n']} |",
-            f"| abliterated | {after['refusal_rate']:.1%} | {after['n']} |",
+            "| | refusals (judge) | refusal markers | n |",
+            "|---|---|---|---|",
+            f"| original | {_judged(before)} | {before['refusal_rate']:.1%} | {before['n']} |",
+            f"| abliterated | {_judged(after)} | {after['refusal_rate']:.1%} | {after['n']} |",
             "",
             f"First-token KL on harmless prompts: {_fmt(evaluation['kl_harmless'])}.",
             "",
@@ -204,3 +207,11 @@ def apply_card(source: str, model_type: str, certificate: Any, base_model: objec
         ]
     lines += ["This model will follow requests that the original refuses. Use it responsibly.", ""]
     return "\n".join(header + lines)
+
+
+def _judged(rates: dict[str, Any]) -> str:
+    """The judge's refusal rate with its 95 % interval, or a dash for manifests without it."""
+    if "judged_refusal_rate" not in rates:
+        return "—"
+    low, high = rates["judged_interval_95"]
+    return f"{rates['judged_refusal_rate']:.1%} (95 % CI {low:.0%}–{high:.0%})"

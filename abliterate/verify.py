@@ -159,29 +159,39 @@ def evaluate_model(
     """Refusal rate of ``model`` on harmful prompts, and first-token KL to ``baseline`` on harmless ones.
 
     Returns:
-        ``{"refusal_rate", "n", ...}`` plus ``baseline_refusal_rate`` and ``kl_harmless`` with a baseline.
+        ``{"refusal_rate" (markers), "judged_refusal_rate" (judge), "judged_interval_95", "n", ...}`` plus
+        ``baseline_refusal_rate``, ``baseline_judged_refusal_rate`` and ``kl_harmless`` with a baseline.
     """
     from abliterate.evaluate import refusal_rate
+    from abliterate.judge import wilson_interval
     from abliterate.loading import load_model
     from abliterate.parity import kl_divergence
 
     harmful_prompts = (read_prompts(harmful) if harmful else bundled("harmful", "eval"))[:n_prompts]
     harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
 
-    def measure(source: str) -> tuple[float, int, torch.Tensor]:
+    def measure(source: str) -> tuple[Any, torch.Tensor]:
         loaded = load_model(source, dtype=dtype, device=device)
         evaluation = refusal_rate(
             loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
         )
         encoded = encode(loaded.tokenizer, harmless_prompts, batch_size=32)
         logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(loaded.model, encoded)])
-        return evaluation.refusal_rate, evaluation.n, logits
+        return evaluation, logits
 
-    rate, n, logits = measure(model)
-    result: dict[str, Any] = {"model": model, "refusal_rate": rate, "n": n}
+    evaluation, logits = measure(model)
+    judged = round(evaluation.judged_refusal_rate * evaluation.n)
+    result: dict[str, Any] = {
+        "model": model,
+        "refusal_rate": evaluation.refusal_rate,
+        "judged_refusal_rate": evaluation.judged_refusal_rate,
+        "judged_interval_95": wilson_interval(judged, evaluation.n),
+        "n": evaluation.n,
+    }
     if baseline is not None:
-        base_rate, _, base_logits = measure(baseline)
+        base, base_logits = measure(baseline)
         result["baseline"] = baseline
-        result["baseline_refusal_rate"] = base_rate
+        result["baseline_refusal_rate"] = base.refusal_rate
+        result["baseline_judged_refusal_rate"] = base.judged_refusal_rate
         result["kl_harmless"] = kl_divergence(base_logits, logits).mean().item()
     return result
