@@ -19,21 +19,22 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter
+from abliterate.chat import ChatFormat
 from abliterate.hooks import StopForward, ablate_direction, add_to_block_input
 
 # Builds the hook context for one forward pass: (rows in the pass, whether it is the shared prefix).
 HookFactory = Callable[[int, bool], AbstractContextManager]
 
 
-def format_chat(tokenizer: object, prompts: list[str], system_prompt: str | None = None) -> list[str]:
-    """Wrap each prompt in the model's chat template with the generation prompt appended."""
-    texts = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return texts
+def format_chat(
+    tokenizer: object, prompts: list[str], system_prompt: str | None = None, *, chat: ChatFormat | None = None
+) -> list[str]:
+    """Wrap each prompt in the model's chat template with the generation prompt appended.
+
+    ``chat`` (template kwargs, a closed thinking block) replaces ``system_prompt`` when given.
+    """
+    chat = chat or ChatFormat(system_prompt)
+    return [chat.render(tokenizer, prompt) for prompt in prompts]
 
 
 def _token_ids(tokenizer: object, texts: list[str]) -> list[list[int]]:
@@ -41,14 +42,14 @@ def _token_ids(tokenizer: object, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def eoi_length(tokenizer: object, system_prompt: str | None = None) -> int:
+def eoi_length(tokenizer: object, system_prompt: str | None = None, *, chat: ChatFormat | None = None) -> int:
     """Number of end-of-instruction tokens: the template tokens that follow every instruction.
 
     Derived from the template itself, as the longest token suffix shared by chats with different
     instructions (their last characters differ, so the instruction's own tokens never match).
     """
     probes = ["Name a colour.", "What is 2 + 2?", "Say hi!", "Tell me about cats", "ok"]
-    sequences = _token_ids(tokenizer, format_chat(tokenizer, probes, system_prompt))
+    sequences = _token_ids(tokenizer, format_chat(tokenizer, probes, system_prompt, chat=chat))
     length = 0
     while all(len(ids) > length for ids in sequences) and len({ids[-1 - length] for ids in sequences}) == 1:
         length += 1
@@ -83,6 +84,7 @@ def encode(
     share_prefix: bool = True,
     keep_last: int = 1,
     sort_by_length: bool = True,
+    chat: ChatFormat | None = None,
 ) -> EncodedPrompts:
     """Tokenize chat-formatted prompts into left-padded batches after their common prefix.
 
@@ -94,8 +96,9 @@ def encode(
         share_prefix: split off the common token prefix (``False``: ``prefix`` is empty).
         keep_last: tokens every prompt keeps after the prefix (at least the EOI tokens).
         sort_by_length: batch prompts of similar length together (rows then follow ``order``).
+        chat: the chat format (replaces ``system_prompt`` when given).
     """
-    sequences = _token_ids(tokenizer, format_chat(tokenizer, prompts, system_prompt))
+    sequences = _token_ids(tokenizer, format_chat(tokenizer, prompts, system_prompt, chat=chat))
     order = list(range(len(sequences)))
     if sort_by_length:
         order.sort(key=lambda index: len(sequences[index]))

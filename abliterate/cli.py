@@ -115,6 +115,8 @@ def main(verbose: bool) -> None:
 @_option("project_harmless", "--project-harmless", is_flag=True)
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
 @_option("direction_only", "--direction-only", is_flag=True)
+@_option("chat_template_kwargs", "--chat-template-kwargs", metavar="JSON")
+@_option("max_thinking_tokens", "--max-thinking-tokens", type=int, default=512, show_default=True)
 @_option("trust_remote_code", "--trust-remote-code", is_flag=True)
 @_option("allow_pickle", "--allow-pickle", is_flag=True)
 @_option("overwrite", "--overwrite", is_flag=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from abliterate.chat import parse_template_kwargs
+
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
@@ -71,6 +73,14 @@ class RunConfig:
     )
     evaluate: bool = field(default=True, metadata=_help("Measure refusal rate and KL before and after."))
     progress: bool = field(default=True, metadata=_help("Show progress bars."))
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata=_help("JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'."),
+    )
+    max_thinking_tokens: int = field(
+        default=512,
+        metadata=_help("Extra tokens generated per reply when the template opens a thinking block."),
+    )
     direction_only: bool = field(
         default=False,
         metadata=_help(
@@ -89,6 +99,7 @@ class RunConfig:
         for name in ("n_train", "n_val", "n_parity") + (("batch_size",) if self.batch_size != "auto" else ()):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
         if self.direction_only and self.push_to_hub is not None:
             raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
         if self.output is None and self.push_to_hub is None:

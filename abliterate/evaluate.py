@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from abliterate.batching import format_chat
+from abliterate.chat import ChatFormat
 from abliterate.judge import refusal_count
 
 # Substrings that mark a refusal in a model's reply (compared case-insensitively).
@@ -79,10 +80,16 @@ def generate_replies(
     system_prompt: str | None = None,
     progress: bool = True,
     description: str = "generate",
+    chat: ChatFormat | None = None,
 ) -> list[str]:
-    """Greedy replies to chat-formatted prompts (left-padded batches)."""
+    """Greedy replies to chat-formatted prompts (left-padded batches).
+
+    With a ``chat`` format whose thinking is marked by special tokens (gpt-oss channels), those tokens
+    are kept in the replies so the thinking can be told from the answer.
+    """
     device = model.get_input_embeddings().weight.device
-    texts = format_chat(tokenizer, prompts, system_prompt)
+    texts = format_chat(tokenizer, prompts, system_prompt, chat=chat)
+    keep_special = chat is not None and chat.thinking is not None and chat.thinking.name == "harmony"
     replies: list[str] = []
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", disable=not progress):
         batch = tokenizer(
@@ -98,7 +105,7 @@ def generate_replies(
             pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=not keep_special))
     return replies
 
 

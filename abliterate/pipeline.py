@@ -37,9 +37,10 @@ from abliterate.batching import (
     last_logits,
 )
 from abliterate.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.chat import ChatFormat, detect_thinking, parse_template_kwargs, split_reply
 from abliterate.config import RunConfig
 from abliterate.direction import save_direction, unit_direction
-from abliterate.evaluate import RefusalEvaluation, refusal_rate
+from abliterate.evaluate import RefusalEvaluation, is_refusal, refusal_rate
 from abliterate.extract import extract_candidates
 from abliterate.gate import (
     GateReport,
@@ -245,6 +246,8 @@ class Subject:
         system_prompt: system message of every chat, or ``None``.
         cast_to: dtype the model is cast to right after the fold (a GGUF source: the fold is computed
             from the dequantized float32 weights and rounded once), or ``None``.
+        chat: the chat format of extraction, selection and parity (any thinking block closed).
+        replies: the chat format the evaluation generates with (the template as the user runs it).
     """
 
     loaded: loading.LoadedModel
@@ -254,6 +257,8 @@ class Subject:
     batch_size: int
     system_prompt: str | None
     cast_to: str | None = None
+    chat: ChatFormat = field(default_factory=ChatFormat)
+    replies: ChatFormat = field(default_factory=ChatFormat)
 
     @property
     def model(self) -> nn.Module:
@@ -276,8 +281,8 @@ class Subject:
             self.tokenizer,
             prompts,
             batch_size=self.batch_size,
-            system_prompt=self.system_prompt,
             keep_last=self.n_eoi,
+            chat=self.chat,
         )
 
 
@@ -294,7 +299,8 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
     check_dtype(loaded.dtype_name)  # no parity proof for 8-bit floats or unknown formats: refuse now
     adapter = resolve_adapter(loaded.model, config.architecture)
     n_layers = len(blocks_of(loaded.model, adapter)[1])
-    n_eoi = eoi_length(loaded.tokenizer, config.system_prompt)
+    chat, replies = _chat_formats(config, loaded.tokenizer)
+    n_eoi = eoi_length(loaded.tokenizer, chat=chat)
     check_layer(config.layer, n_layers)
     if config.position is not None and not -n_eoi <= config.position < n_eoi:
         raise ValueError(f"--position {config.position} is out of range: there are {n_eoi} EOI tokens")
@@ -310,7 +316,17 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         batch_size=batch_size,
         system_prompt=config.system_prompt,
         cast_to=_cast_after_fold(config, loaded),
+        chat=chat,
+        replies=replies,
     )
+
+
+def _chat_formats(config: RunConfig, tokenizer: object) -> tuple[ChatFormat, ChatFormat]:
+    """The scoring format (thinking closed) and the format replies are generated with."""
+    thinking = detect_thinking(tokenizer)
+    kwargs = parse_template_kwargs(config.chat_template_kwargs)
+    scoring = ChatFormat(config.system_prompt, kwargs, thinking, close_thinking=True)
+    return scoring, ChatFormat(config.system_prompt, kwargs, thinking)
 
 
 def _cast_after_fold(config: RunConfig, loaded: loading.LoadedModel) -> str | None:
@@ -421,6 +437,7 @@ def evaluate_after(
         "before": _rates(before.refusals),
         "after": _rates(after),
         "kl_harmless": kl_divergence(before.harmless_logits, harmless_after).mean().item(),
+        "thinking": _thinking_split(subject, before.refusals, after),
         "examples": [
             {"prompt": prompt, "before": old, "after": new} for prompt, old, new in list(examples)[:5]
         ],
@@ -439,12 +456,33 @@ def _rates(evaluation: RefusalEvaluation) -> dict[str, Any]:
 
 
 def _generation(config: RunConfig, subject: Subject) -> dict[str, Any]:
+    thinking = subject.replies.opens_thinking(subject.tokenizer)
     return dict(
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens + (config.max_thinking_tokens if thinking else 0),
         batch_size=subject.batch_size,
-        system_prompt=config.system_prompt,
         progress=config.progress,
+        chat=subject.replies,
     )
+
+
+def _thinking_split(subject: Subject, *evaluations: RefusalEvaluation) -> dict[str, Any] | None:
+    """For replies that open a thinking block: per evaluation, the refusal rate in the answer and inside
+    the block, and how many replies never closed it (raise ``--max-thinking-tokens``); else ``None``."""
+    thinking = subject.replies.thinking
+    if thinking is None or not subject.replies.opens_thinking(subject.tokenizer):
+        return None
+    inside = subject.replies.render(subject.tokenizer, "Hi").rstrip().endswith(thinking.open)
+    split: dict[str, Any] = {"format": thinking.name}
+    for name, evaluation in zip(("before", "after"), evaluations, strict=False):
+        parts = [split_reply(reply, thinking, inside) for reply in evaluation.replies]
+        n = max(len(parts), 1)
+        split[name] = {
+            "refusal_rate_in_answer": sum(is_refusal(part.answer) for part in parts) / n,
+            "refusal_rate_in_thinking": sum(is_refusal(part.thinking) for part in parts) / n,
+            "unfinished": sum(not part.finished for part in parts),
+            "n": len(parts),
+        }
+    return split
 
 
 @dataclass(frozen=True)
@@ -484,13 +522,7 @@ def parity_reference(
 def _parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> EncodedPrompts:
     """Harmful and harmless parity prompts in one batch, padded once, no shared prefix."""
     texts = inputs.harmful.parity + inputs.harmless.parity
-    return encode(
-        subject.tokenizer,
-        texts,
-        batch_size=len(texts),
-        system_prompt=config.system_prompt,
-        share_prefix=False,
-    )
+    return encode(subject.tokenizer, texts, batch_size=len(texts), share_prefix=False, chat=subject.chat)
 
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
