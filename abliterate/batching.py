@@ -20,6 +20,7 @@ from torch import nn
 
 from abliterate.adapters import Adapter
 from abliterate.chat import ChatFormat
+from abliterate.dispatch import input_device
 from abliterate.hooks import StopForward, ablate_direction, add_to_block_input
 
 # Builds the hook context for one forward pass: (rows in the pass, whether it is the shared prefix).
@@ -132,7 +133,7 @@ def _cache_keyword(model: nn.Module) -> str:
 def _prefix_cache(model: nn.Module, prefix: torch.Tensor, copies: int, hooks: HookFactory) -> object:
     from transformers import DynamicCache
 
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     # Our own cache object fills block by block, so it stays usable when a hook ends the pass early.
     cache = DynamicCache(config=model.config)
     with hooks(copies, True):
@@ -178,7 +179,7 @@ def forward_batches(
         ``[copies × B, vocab]`` last-position logits (``[copies × B, S, vocab]`` with
         ``all_positions``), or ``None`` when ``logits`` is off.
     """
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     prefix_length = encoded.prefix.shape[1]
     cache = _prefix_cache(model, encoded.prefix, copies, hooks) if prefix_length else None
     for input_ids, attention_mask in encoded.batches:
@@ -271,7 +272,7 @@ def auto_batch_size(
         start: first batch size tried.
         limit: largest batch size tried.
     """
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     if device.type != "cuda":
         return start * 4
     longest = sorted(prompts, key=len, reverse=True)

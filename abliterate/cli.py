@@ -76,6 +76,26 @@ def _option(name: str, *flags: str, **kwargs: Any) -> Callable:
     return click.option(*flags, help=help_of(name), **kwargs)
 
 
+def _dispatch_options(command: Callable) -> Callable:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder``, as ``run`` has them."""
+    for name, flag, metavar in reversed(_DISPATCH_FLAGS):
+        command = click.option(flag, name, metavar=metavar, help=help_of(name))(command)
+    return command
+
+
+_DISPATCH_FLAGS = (
+    ("device_map", "--device-map", "auto|balanced|sequential|FILE.json"),
+    ("max_memory", "--max-memory", "DEVICE=SIZE,…"),
+    ("offload_folder", "--offload-folder", "DIR"),
+)
+
+
+def _pop_dispatch(options: dict[str, Any]) -> Any:
+    from abliterate.dispatch import parse_dispatch
+
+    return parse_dispatch(*(options.pop(name) for name, _, _ in _DISPATCH_FLAGS))
+
+
 @click.group()
 @click.version_option(__version__, prog_name="abliterate")
 @click.option("-v", "--verbose", is_flag=True, help="Log more, and show the traceback of every error.")
@@ -115,6 +135,10 @@ def main(verbose: bool) -> None:
 @_option("project_harmless", "--project-harmless", is_flag=True)
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
 @_option("direction_only", "--direction-only", is_flag=True)
+@_option("device_map", "--device-map", metavar="auto|balanced|sequential|FILE.json")
+@_option("max_memory", "--max-memory", metavar="DEVICE=SIZE,…")
+@_option("offload_folder", "--offload-folder", metavar="DIR")
+@_option("load_in_4bit", "--load-in-4bit", is_flag=True)
 @_option("chat_template_kwargs", "--chat-template-kwargs", metavar="JSON")
 @_option("max_thinking_tokens", "--max-thinking-tokens", type=int, default=512, show_default=True)
 @_option("trust_remote_code", "--trust-remote-code", is_flag=True)
@@ -207,6 +231,7 @@ def apply_command(
     help="Certify the weights tensor by tensor (needs both as safetensors checkpoints).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_dispatch_options
 @click.option("--progress/--no-progress", default=True, help=help_of("progress"))
 def verify_command(original: str, edited: str, direction_file: str, as_json: bool, **options: Any) -> None:
     """Prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
@@ -218,7 +243,9 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
         from abliterate.report import gate_lines
         from abliterate.verify import verify_checkpoints
 
-        report = verify_checkpoints(original, edited, direction_file, **options)
+        report = verify_checkpoints(
+            original, edited, direction_file, dispatch=_pop_dispatch(options), **options
+        )
         if as_json:
             click.echo(json.dumps(report, indent=2))
         else:
@@ -237,12 +264,13 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
 @click.option("--dtype", default="auto", show_default=True, help=help_of("dtype"))
 @click.option("--device", default="auto", show_default=True, help=help_of("device"))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_dispatch_options
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
     """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
     with _one_line_errors():
         from abliterate.verify import evaluate_model
 
-        result = evaluate_model(model, **options)
+        result = evaluate_model(model, dispatch=_pop_dispatch(options), **options)
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from abliterate.chat import parse_template_kwargs
+
+if TYPE_CHECKING:
+    from abliterate.dispatch import Dispatch
 
 
 def _help(text: str) -> dict[str, str]:
@@ -81,6 +85,26 @@ class RunConfig:
         default=512,
         metadata=_help("Extra tokens generated per reply when the template opens a thinking block."),
     )
+    device_map: str | None = field(
+        default=None,
+        metadata=_help(
+            "auto, balanced, sequential or FILE.json ({module: device}): spread the model over GPUs, CPU "
+            "and disk with accelerate; the output is then streamed from the source files."
+        ),
+    )
+    max_memory: str | None = field(
+        default=None, metadata=_help("Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
+    )
+    offload_folder: str | None = field(
+        default=None, metadata=_help("Folder for weights --device-map offloads to disk.")
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata=_help(
+            "Find the direction on a 4-bit (bitsandbytes, GPU) copy; the output is streamed from the "
+            "full-precision source files."
+        ),
+    )
     direction_only: bool = field(
         default=False,
         metadata=_help(
@@ -100,10 +124,18 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
+        self.dispatch  # noqa: B018 - parses the dispatch flags: raises on a malformed one
         if self.direction_only and self.push_to_hub is not None:
             raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
         if self.output is None and self.push_to_hub is None:
             raise ValueError("nothing to do: give --output DIR and/or --push-to-hub REPO_ID")
+
+    @property
+    def dispatch(self) -> Dispatch:
+        """``--device-map``, ``--max-memory``, ``--offload-folder`` and ``--load-in-4bit``, parsed."""
+        from abliterate.dispatch import parse_dispatch
+
+        return parse_dispatch(self.device_map, self.max_memory, self.offload_folder, self.load_in_4bit)
 
 
 def help_of(name: str) -> str:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from abliterate.batching import format_chat
 from abliterate.chat import ChatFormat
+from abliterate.dispatch import input_device
 from abliterate.judge import refusal_count
 
 # Substrings that mark a refusal in a model's reply (compared case-insensitively).
@@ -87,7 +88,7 @@ def generate_replies(
     With a ``chat`` format whose thinking is marked by special tokens (gpt-oss channels), those tokens
     are kept in the replies so the thinking can be told from the answer.
     """
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     texts = format_chat(tokenizer, prompts, system_prompt, chat=chat)
     keep_special = chat is not None and chat.thinking is not None and chat.thinking.name == "harmony"
     replies: list[str] = []

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from abliterate.demo import DEMO_BASE_MODEL, converted_demo_dir
+from abliterate.dispatch import Dispatch, input_device
 from abliterate.gguf import drop_gguf_quantization
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class LoadedModel:
 
     @property
     def input_device(self) -> torch.device:
-        """Device of the input embedding (where input ids go)."""
-        return self.model.get_input_embeddings().weight.device
+        """Device of the input embedding (where input ids go; never ``meta``)."""
+        return input_device(self.model)
 
 
 def resolve_device(device: str) -> tuple[str | None, str | dict | None]:
@@ -92,6 +93,7 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    dispatch: Dispatch | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for abliteration.
 
@@ -101,6 +103,8 @@ def load_model(
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         trust_remote_code: allow code shipped with the checkpoint (off by default).
         allow_pickle: allow pickled ``.bin`` weights; safetensors only by default.
+        dispatch: ``--device-map``/``--max-memory``/``--offload-folder``/``--load-in-4bit``; when active,
+            accelerate places the model and ``device`` is not used.
 
     Returns:
         The loaded model.
@@ -121,6 +125,9 @@ def load_model(
         from_gguf = gguf_file is not None
         base_model = source if not Path(source).expanduser().exists() else None
     move_to, device_map = resolve_device(device)
+    placement: dict = {"device_map": device_map}
+    if dispatch is not None and dispatch.active:
+        move_to, placement = None, dispatch.from_pretrained_kwargs()
     common = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
@@ -135,7 +142,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             directory,
             dtype=_dtype_arg(dtype),
-            device_map=device_map,
+            **placement,
             use_safetensors=None if (allow_pickle or gguf_file) else True,
             **common,
         )

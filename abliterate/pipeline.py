@@ -60,7 +60,7 @@ from abliterate.report import model_card, plot_candidate_scores
 from abliterate.residual import CompletenessReport
 from abliterate.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
 from abliterate.sources import check_layer, describe_source, refuse_output_in_source, refuse_prequantized
-from abliterate.streaming import local_checkpoint
+from abliterate.streaming import local_checkpoint, stream_into
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -105,6 +105,8 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     if config.direction_only:
         return run_direction_only(config, inputs, subject, chosen, timed)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
+    if config.dispatch.active:
+        return run_streamed(config, inputs, subject, chosen, before, timed, hub_api)
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
     gate = timed("verify", check_parity, subject.model, subject.adapter, reference)
@@ -116,6 +118,55 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
             timed("save", save, staging, config, subject, chosen)
             timed("verify", certify_saved, config, staging, chosen, gate)
             _raise_unless_passed(gate, "nothing was saved or pushed")
+            manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+            write_manifest(staging, manifest, subject.loaded.base_model)
+        pushed = push(target, config, inputs.push_target, hub_api)
+    if pushed is None:
+        return RunResult(manifest, output=inputs.output)
+    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
+
+
+def run_streamed(
+    config: RunConfig,
+    inputs: Inputs,
+    subject: Subject,
+    chosen: RefusalDirection,
+    before: Baseline | None,
+    timed: StageTimer,
+    hub_api: object | None,
+) -> RunResult:
+    """The rest of a run on a dispatched (or 4-bit) model: the output is streamed from the source files.
+
+    Offloaded weights cannot be edited in place (accelerate reads them from the source files), so the
+    checkpoint is written by the same streaming fold ``apply`` uses. The proof is the weight certificate
+    of the written files plus the completeness check of the adapter's writer list on the dispatched
+    original; the evaluation after the edit runs on the original with the direction hooked out, which
+    the certified fold reproduces.
+    """
+    source, why_not = local_checkpoint(config.model)
+    if source is None:
+        raise ValueError(f"--device-map/--load-in-4bit stream the output from safetensors files: {why_not}")
+    if getattr(chosen, "edit_point", None) is not None:
+        raise ValueError("a dispatched run streams the paper's full-strength edit only: add --search none")
+    prompts = _parity_prompts(config, subject, inputs)
+    gate = GateReport(completeness=timed("verify", completeness_on, subject.model, subject.adapter, prompts))
+    gate.skipped["parity"] = "dispatched model: the streamed files are proven by the weight certificate"
+    _raise_unless_passed(gate, "nothing was saved or pushed")
+    with ablate_direction(subject.model, subject.adapter, chosen.direction):
+        evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+    with _destination(inputs.output, inputs.staging) as target:
+        with checkpoint.atomic_directory(target) as staging:
+            streamed = timed(
+                "save",
+                stream_into,
+                source,
+                chosen.direction,
+                staging,
+                architecture=config.architecture,
+                progress=config.progress,
+            )
+            gate.certificate = streamed.certificate
+            save_direction_files(staging, config, subject, chosen)
             manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
             write_manifest(staging, manifest, subject.loaded.base_model)
         pushed = push(target, config, inputs.push_target, hub_api)
@@ -214,6 +265,16 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
     source = describe_source(config.model)
     refuse_prequantized(source, direction_only=config.direction_only)
     check_layer(config.layer, source.n_layers)
+    if (
+        config.dispatch.active
+        and not config.direction_only
+        and (source.is_gguf or source.weights_bytes is None)
+    ):
+        if source.path is not None:  # a hub id is checked once downloaded
+            raise ValueError(
+                f"--device-map/--load-in-4bit write the output by streaming the source's safetensors files, "
+                f"and {config.model} has none: convert it to safetensors first, or run without them"
+            )
     if config.output:
         refuse_output_in_source(config.output, source)
     output = checkpoint.check_output_dir(config.output, config.overwrite) if config.output else None
@@ -295,6 +356,7 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         device=config.device,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
+        dispatch=config.dispatch,
     )
     check_dtype(loaded.dtype_name)  # no parity proof for 8-bit floats or unknown formats: refuse now
     adapter = resolve_adapter(loaded.model, config.architecture)

@@ -75,7 +75,7 @@ def describe_source(source: str) -> SourceInfo:
         from abliterate.demo import cache_dir
 
         directory = cache_dir() / "safetensors"
-        return SourceInfo(source, cache_dir(), _read_config(directory / "config.json"))
+        return SourceInfo(source, directory, _read_config(directory / "config.json"))
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or path.is_file():
         return SourceInfo(source, path.absolute(), None)

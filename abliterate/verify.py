@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from abliterate.batching import all_position_logits, encode, forward_batches
+from abliterate.dispatch import Dispatch
 from abliterate.prompts import bundled, read_prompts
 
 
@@ -19,6 +20,7 @@ def verify_checkpoints(
     device: str = "auto",
     architecture: str | None = None,
     trust_remote_code: bool = False,
+    dispatch: Dispatch | None = None,
     prompts: list[str] | None = None,
     forward: bool = True,
     certificate: bool = True,
@@ -73,7 +75,7 @@ def verify_checkpoints(
     if forward:
         if dtype == "auto":
             dtype = _checkpoint_dtype(edited) or "auto"
-        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
         extra = _forward_checks(original, edited, direction, gate, options, architecture, prompts)
     else:
         gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
@@ -155,6 +157,7 @@ def evaluate_model(
     dtype: str = "auto",
     device: str = "auto",
     max_new_tokens: int = 24,
+    dispatch: Dispatch | None = None,
 ) -> dict[str, Any]:
     """Refusal rate of ``model`` on harmful prompts, and first-token KL to ``baseline`` on harmless ones.
 
@@ -171,7 +174,7 @@ def evaluate_model(
     harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
 
     def measure(source: str) -> tuple[Any, torch.Tensor]:
-        loaded = load_model(source, dtype=dtype, device=device)
+        loaded = load_model(source, dtype=dtype, device=device, dispatch=dispatch)
         evaluation = refusal_rate(
             loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
         )
