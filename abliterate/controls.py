@@ -12,13 +12,21 @@ is the complete fold with one part left out or changed:
 
 from __future__ import annotations
 
+import copy
 import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
 from abliterate.edit import fold_direction
+
+if TYPE_CHECKING:
+    from abliterate.batching import EncodedPrompts
+    from abliterate.gate import GateReport
 
 GROUP_CONTROLS = ("embedding", "attention", "mlp", "experts", "shared_experts")
 
@@ -66,3 +74,49 @@ def fold_control(model: nn.Module, adapter: Adapter, direction: torch.Tensor, co
         if control != "nothing" and writer.group != group and writer.layer != layer
     ]
     return fold_direction(model, adapter, direction, writers)
+
+
+def gate_on_controls(
+    model: nn.Module,
+    adapter: Adapter,
+    direction: torch.Tensor,
+    prompts: EncodedPrompts,
+    workdir: Path,
+    controls: list[str] | None = None,
+) -> dict[str, GateReport]:
+    """Run the whole gate on the complete edit and on every control, each saved as a checkpoint.
+
+    Args:
+        model: the unedited model, in the dtype to test (left unchanged: controls edit copies).
+        adapter: its architecture description.
+        direction: the declared direction.
+        prompts: one batch of parity prompts.
+        workdir: an empty directory for the original and the control checkpoints.
+        controls: which to run (default: ``complete`` and ``available_controls``).
+
+    Returns:
+        Control name → the gate's report (``complete`` must pass, every other must fail).
+    """
+    from abliterate.certificate import DeclaredEdit, certify_checkpoint, read_structure
+    from abliterate.gate import GateReport, completeness_on, edited_parity, hooked_reference
+
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    original = workdir / "original"
+    model.save_pretrained(original)
+    structure = read_structure(original)
+    completeness = completeness_on(model, adapter, prompts)
+    reference = hooked_reference(model, adapter, direction, prompts, dtype_name)
+    reports = {}
+    for control in controls or ["complete", *available_controls(model, adapter)]:
+        edited = copy.deepcopy(model)
+        fold_control(edited, adapter, direction, control)
+        parity = edited_parity(edited, adapter, prompts, reference)
+        saved = workdir / control.replace(":", "_")
+        edited.save_pretrained(saved)
+        del edited
+        certificate = certify_checkpoint(
+            original, saved, DeclaredEdit(direction), progress=False, structure=structure
+        )
+        shutil.rmtree(saved)
+        reports[control] = GateReport(certificate=certificate, completeness=completeness, parity=parity)
+    return reports
