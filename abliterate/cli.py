@@ -128,7 +128,10 @@ def main(verbose: bool) -> None:
 @_option("layer", "--layer", type=int)
 @_option("position", "--position", type=int)
 @_option("batch_size", "--batch-size", default="32", show_default=True)
-@_option("max_kl", "--max-kl", type=float, default=0.1, show_default=True)
+@_option("max_kl", "--max-kl", type=float)
+@_option("search", "--search", type=click.Choice(["tpe", "none"]), default="tpe", show_default=True)
+@_option("trials", "--trials", type=int, default=48, show_default=True)
+@_option("search_budget", "--search-budget", type=float, default=150.0, show_default=True, metavar="SECONDS")
 @_option("min_steering", "--min-steering", type=float)
 @_option("architecture", "--architecture", metavar="MODEL_TYPE")
 @_option("system_prompt", "--system-prompt")
@@ -190,11 +193,18 @@ def apply_command(
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
         from abliterate.direction import load_direction
+        from abliterate.search import declared_from_file
         from abliterate.streaming import stream_apply
 
-        direction, _ = load_direction(direction_file)
+        direction, metadata = load_direction(direction_file)
         report = stream_apply(
-            checkpoint, direction, output, architecture=architecture, overwrite=overwrite, certify=certify
+            checkpoint,
+            direction,
+            output,
+            architecture=architecture,
+            overwrite=overwrite,
+            certify=certify,
+            declared=declared_from_file(direction, metadata),  # a searched edit's strengths
         )
         click.echo(
             f"edited {report.tensors_edited} of {report.tensors_total} tensors "

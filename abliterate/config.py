@@ -52,7 +52,27 @@ class RunConfig:
     max_layer_fraction: float = field(
         default=0.8, metadata=_help("Discard candidates at layer >= this fraction.")
     )
-    max_kl: float = field(default=0.1, metadata=_help("Discard candidates whose harmless KL exceeds this."))
+    max_kl: float | None = field(
+        default=None,
+        metadata=_help(
+            "First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
+            "(default 0.05); with --search none, the paper's candidate filter (default 0.1)."
+        ),
+    )
+    search: str = field(
+        default="tpe",
+        metadata=_help(
+            "Search a family of exact edits with Optuna TPE ('tpe'), or keep the paper's rule ('none')."
+        ),
+    )
+    trials: int = field(default=48, metadata=_help("Cheap trials of the search (batched per forward)."))
+    search_budget: float = field(default=150.0, metadata=_help("Seconds the search's trials may take."))
+    search_prompts: int = field(
+        default=8, metadata=_help("Harmful and harmless validation prompts each cheap trial is scored on.")
+    )
+    finalists: int = field(
+        default=3, metadata=_help("Trials confirmed by greedy generation (besides the paper's point).")
+    )
     min_steering: float | None = field(
         default=None,
         metadata=_help(
@@ -124,11 +144,27 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
+        if self.search not in ("tpe", "none"):
+            raise ValueError(f"--search {self.search!r}: choose 'tpe' or 'none'")
+        if self.trials < 1 or self.finalists < 0 or self.search_prompts < 1:
+            raise ValueError("--trials and the search's prompt count must be at least 1")
         self.dispatch  # noqa: B018 - parses the dispatch flags: raises on a malformed one
         if self.direction_only and self.push_to_hub is not None:
             raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
         if self.output is None and self.push_to_hub is None:
             raise ValueError("nothing to do: give --output DIR and/or --push-to-hub REPO_ID")
+
+    @property
+    def selection_max_kl(self) -> float:
+        """The paper's candidate filter: ``--max-kl`` with ``--search none``, else its default 0.1."""
+        if self.search == "none" and self.max_kl is not None:
+            return self.max_kl
+        return 0.1 if self.max_kl is None else max(self.max_kl, 0.1)
+
+    @property
+    def search_max_kl(self) -> float:
+        """The KL bound the search's choice must meet (default 0.05)."""
+        return 0.05 if self.max_kl is None else self.max_kl
 
     @property
     def dispatch(self) -> Dispatch:

@@ -121,6 +121,27 @@ def extract_candidates(
     Returns:
         ``[n_positions, layers, d_model]`` float64 candidates.
     """
+    harmful_means, harmless_means = extract_means(
+        model, adapter, harmful, harmless, n_positions, layers, progress=progress
+    )
+    return candidate_directions(harmful_means, harmless_means, project_harmless)
+
+
+def extract_means(
+    model: nn.Module,
+    adapter: Adapter,
+    harmful: EncodedPrompts,
+    harmless: EncodedPrompts,
+    n_positions: int,
+    layers: int | None = None,
+    *,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Harmful and harmless mean block inputs, ``[n_positions, layers, d_model]`` float64 each.
+
+    ``candidate_directions`` turns them into candidates; the search also uses the harmless means
+    (directions orthogonal to them).
+    """
     _, blocks = blocks_of(model, adapter)
     layers = len(blocks) if layers is None else layers
     harmful_means = mean_block_inputs(
@@ -129,4 +150,4 @@ def extract_candidates(
     harmless_means = mean_block_inputs(
         model, adapter, harmless, n_positions, layers, progress=progress, description="extract harmless"
     )
-    return candidate_directions(harmful_means, harmless_means, project_harmless)
+    return harmful_means, harmless_means

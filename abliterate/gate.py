@@ -27,7 +27,7 @@ from torch import nn
 from abliterate.adapters import Adapter, residual_writers
 from abliterate.batching import EncodedPrompts, all_position_logits
 from abliterate.certificate import Certificate
-from abliterate.hooks import ablate_direction
+from abliterate.hooks import StrengthOf, ablate_direction, ablate_with_strengths
 from abliterate.parity import (
     SIXTEEN_BIT,
     ParityReport,
@@ -107,15 +107,28 @@ class HookedReference:
 
 
 def hooked_reference(
-    model: nn.Module, adapter: Adapter, direction: torch.Tensor, prompts: EncodedPrompts, dtype: str
+    model: nn.Module,
+    adapter: Adapter,
+    direction: torch.Tensor,
+    prompts: EncodedPrompts,
+    dtype: str,
+    strength_of: StrengthOf | None = None,
 ) -> HookedReference:
     """Run the hooked original on ``prompts`` (one batch).
+
+    Args:
+        strength_of: per-writer strengths of the declared edit (default: 1 everywhere), the same
+            function the fold is given.
 
     Raises:
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    with ablate_direction(model, adapter, direction):
+    if strength_of is None:
+        hooks = ablate_direction(model, adapter, direction)
+    else:
+        hooks = ablate_with_strengths(model, adapter, direction, strength_of)
+    with hooks:
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, residual_writers
+from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
 from abliterate.adapters.resolve import blocks_of
 
 HiddenCallback = Callable[[int, torch.Tensor], None]
+# The strength of the projection at one residual writer: a float, or ``[batch]`` (one per batch row).
+StrengthOf = Callable[[ResolvedWriter], "float | torch.Tensor"]
 
 
 def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -136,6 +138,62 @@ def ablate_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor
         return _map_output(output, lambda out: project_out(out, direction))
 
     with registered(writer.module.register_forward_hook(hook) for writer in residual_writers(model, adapter)):
+        yield
+
+
+def project_out_scaled(
+    hidden: torch.Tensor, direction: torch.Tensor, strength: float | torch.Tensor
+) -> torch.Tensor:
+    """``h − s (h·r̂) r̂`` along the last axis (``project_out`` with a strength ``s``).
+
+    Args:
+        hidden: ``[..., d_model]``.
+        direction: unit ``[d_model]``, or ``[batch, d_model]`` for one direction per batch row.
+        strength: a float, or ``[batch]`` for one strength per batch row.
+    """
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    h = hidden.to(compute)
+    r = direction.to(device=hidden.device, dtype=compute)
+    shape = (-1, *([1] * (h.dim() - 1)))
+    if r.dim() == 2:
+        r = r.view(r.shape[0], *([1] * (h.dim() - 2)), r.shape[-1])
+    if isinstance(strength, torch.Tensor):
+        strength = strength.to(device=hidden.device, dtype=compute).view(shape)
+    return (h - strength * (h * r).sum(-1, keepdim=True) * r).to(hidden.dtype)
+
+
+@contextmanager
+def ablate_with_strengths(
+    model: nn.Module, adapter: Adapter, direction: torch.Tensor, strength_of: StrengthOf
+) -> Iterator[None]:
+    """Project ``s · (h·r̂) r̂`` out of every residual writer's output, ``s = strength_of(writer)``.
+
+    The hook equivalent of folding ``I − s r̂ r̂ᵀ`` with a per-writer strength into the weights (a
+    writer of strength 0 gets no hook). With ``[batch, d_model]`` directions and ``[batch]``
+    strengths, every batch row is its own edit, so many edits share one forward pass.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
+        strength_of: the strength of each writer.
+    """
+    if direction.dim() == 1:
+        direction = direction / direction.norm()
+
+    def make_hook(strength: float | torch.Tensor) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            return _map_output(output, lambda out: project_out_scaled(out, direction, strength))
+
+        return hook
+
+    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
+        for writer in residual_writers(model, adapter):
+            strength = strength_of(writer)
+            if isinstance(strength, torch.Tensor) or strength != 0:
+                yield writer.module.register_forward_hook(make_hook(strength))
+
+    with registered(handles()):
         yield
 
 

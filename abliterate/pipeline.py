@@ -15,8 +15,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 # checkpoint, edit and loading are called through their modules, so tests can replace a stage's core
 # (a broken fold, an interrupted save, a load that must not happen) by patching the module attribute.
 from abliterate import __version__, checkpoint, edit, loading
+from abliterate import search as family
 from abliterate.adapters import Adapter, resolve_adapter
 from abliterate.adapters.resolve import blocks_of
 from abliterate.batching import (
@@ -36,12 +37,12 @@ from abliterate.batching import (
     eoi_length,
     last_logits,
 )
-from abliterate.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.certificate import certify_checkpoint
 from abliterate.chat import ChatFormat, detect_thinking, parse_template_kwargs, split_reply
 from abliterate.config import RunConfig
 from abliterate.direction import save_direction, unit_direction
 from abliterate.evaluate import RefusalEvaluation, is_refusal, refusal_rate
-from abliterate.extract import extract_candidates
+from abliterate.extract import candidate_directions, extract_means
 from abliterate.gate import (
     GateReport,
     HookedReference,
@@ -51,9 +52,9 @@ from abliterate.gate import (
     hooked_reference,
 )
 from abliterate.gguf import gguf_output_dtype
-from abliterate.hooks import ablate_direction
+from abliterate.hooks import ablate_direction, ablate_with_strengths
 from abliterate.hub import PushError, PushResult, PushTarget, check_push_auth, push_folder, staging_directory
-from abliterate.judge import wilson_interval
+from abliterate.judge import refusal_count, wilson_interval
 from abliterate.parity import check_dtype, kl_divergence
 from abliterate.prompts import PromptSplits, load_splits
 from abliterate.report import model_card, plot_candidate_scores
@@ -100,8 +101,9 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     inputs = prepare(config, hub_api)
     timed = StageTimer()
     subject = timed("load", load, config, inputs)
-    candidates = timed("extract", extract, config, subject, inputs)
+    candidates, harmless_means = timed("extract", extract, config, subject, inputs)
     chosen = timed("select", select, config, subject, inputs, candidates)
+    chosen = timed("search", search, config, subject, inputs, candidates, harmless_means, chosen)
     if config.direction_only:
         return run_direction_only(config, inputs, subject, chosen, timed)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
@@ -116,7 +118,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     with _destination(inputs.output, inputs.staging) as target:
         with checkpoint.atomic_directory(target) as staging:
             timed("save", save, staging, config, subject, chosen)
-            timed("verify", certify_saved, config, staging, chosen, gate)
+            timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
             _raise_unless_passed(gate, "nothing was saved or pushed")
             manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
             write_manifest(staging, manifest, subject.loaded.base_model)
@@ -185,7 +187,7 @@ def run_direction_only(
     certificate proves the files it writes) completes the proof later.
     """
     before = timed("evaluate", evaluate_before, config, subject, inputs)
-    with ablate_direction(subject.model, subject.adapter, chosen.direction):
+    with _hooked_edit(subject, chosen):
         evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
     gate = GateReport(skipped=dict(_DIRECTION_ONLY_SKIPS))
     gate.completeness = timed(
@@ -398,8 +400,9 @@ def _cast_after_fold(config: RunConfig, loaded: loading.LoadedModel) -> str | No
     return None if wanted == loaded.dtype_name else wanted
 
 
-def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> torch.Tensor:
-    """Candidates ``[n_eoi, n_extracted, d_model]``: harmful minus harmless mean block inputs.
+def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ``[n_eoi, n_extracted, d_model]``: harmful minus harmless mean block inputs, and the
+    harmless means (the search's directions may be made orthogonal to them).
 
     Selection never looks at layers past the fraction (or past ``--layer``), so the forward passes stop
     there and ``n_extracted`` may be less than the model's depth.
@@ -408,16 +411,16 @@ def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> torch.Tensor
         limit = min(subject.n_layers, max(1, math.ceil(config.max_layer_fraction * subject.n_layers)))
     else:
         limit = min(subject.n_layers, config.layer + 1)
-    return extract_candidates(
+    harmful_means, harmless_means = extract_means(
         subject.model,
         subject.adapter,
         subject.encoded(inputs.harmful.train),
         subject.encoded(inputs.harmless.train),
         subject.n_eoi,
         limit,
-        project_harmless=config.project_harmless,
         progress=config.progress,
     )
+    return candidate_directions(harmful_means, harmless_means, config.project_harmless), harmless_means
 
 
 def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor) -> RefusalDirection:
@@ -435,7 +438,7 @@ def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torc
         refusal_token_ids(subject.tokenizer),
         harmless_screen=subject.encoded(harmless.val[: config.screen_prompts]),
         max_layer_fraction=config.max_layer_fraction,
-        max_kl=config.max_kl,
+        max_kl=config.selection_max_kl,
         min_steering=config.min_steering,
         screen_keep=config.screen_keep,
         batch_size=subject.batch_size,
@@ -444,6 +447,67 @@ def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torc
         progress=config.progress,
     )
     return _as_stored(chosen)
+
+
+def search(
+    config: RunConfig,
+    subject: Subject,
+    inputs: Inputs,
+    candidates: torch.Tensor,
+    harmless_means: torch.Tensor,
+    chosen: RefusalDirection,
+) -> RefusalDirection:
+    """Search the family of exact edits around the paper's choice (``abliterate.search``), on the
+    validation split only; ``--search none`` or ``--layer/--position`` keep the paper's edit.
+
+    Raises:
+        ValueError: no confirmed point meets ``--max-kl`` (nothing is written).
+    """
+    if config.search == "none" or config.layer is not None:
+        return chosen
+    model, adapter = subject.model, subject.adapter
+    harmful, harmless = inputs.harmful.val, inputs.harmless.val
+    trial_harmless = subject.encoded(harmless[: config.search_prompts])
+    data = family.SearchData(
+        subject.encoded(harmful[: config.search_prompts]),
+        trial_harmless,
+        last_logits(model, adapter, trial_harmless)[0],
+        refusal_token_ids(subject.tokenizer),
+    )
+    anchor = family.EditPoint.paper(chosen.layer, chosen.position, config.project_harmless)
+    space = family.SearchSpace(candidates, harmless_means, subject.n_layers, anchor)
+    confirm_harmless = subject.encoded(harmless)
+    reference = last_logits(model, adapter, confirm_harmless)[0]
+
+    def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
+        with ablate_with_strengths(model, adapter, direction, point.strength_of):
+            replies = refusal_rate(model, subject.tokenizer, harmful, **_generation(config, subject)).replies
+            logits = last_logits(model, adapter, confirm_harmless)[0]
+        return refusal_count(replies), len(replies), kl_divergence(reference, logits).mean().item()
+
+    per_forward = max(1, subject.batch_size // config.search_prompts)
+    settings = family.SearchSettings(
+        config.trials, config.search_budget, per_forward, config.finalists, config.search_max_kl, config.seed
+    )
+    result = family.search_edit(model, adapter, space, data, confirm, settings)
+    best = result.chosen
+    if best.point == anchor:
+        return replace(chosen, search=result)
+    direction = family.point_direction(best.point, candidates, harmless_means)
+    return _as_stored(
+        replace(chosen, direction=direction, kl=best.confirm_kl, edit_point=best.point, search=result)
+    )
+
+
+def _strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
+    return family.strength_function(chosen.edit_point)
+
+
+def _hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextManager:
+    """The hook equivalent of the chosen edit (the paper's or a searched point)."""
+    if chosen.edit_point is None:
+        return ablate_direction(subject.model, subject.adapter, chosen.direction)
+    return ablate_with_strengths(subject.model, subject.adapter, chosen.direction, _strengths(chosen))
 
 
 def _as_stored(chosen: RefusalDirection) -> RefusalDirection:
@@ -571,12 +635,14 @@ def parity_reference(
     completeness = completeness_on(subject.model, subject.adapter, prompts)
     if subject.cast_to is None:
         hooked = hooked_reference(
-            subject.model, subject.adapter, chosen.direction, prompts, subject.dtype_name
+            subject.model, subject.adapter, chosen.direction, prompts, subject.dtype_name, _strengths(chosen)
         )
     else:
         # The gate of the saved dtype: the reference is the original rounded to it once, then hooked.
         rounded = copy.deepcopy(subject.model).to(getattr(torch, subject.cast_to))
-        hooked = hooked_reference(rounded, subject.adapter, chosen.direction, prompts, subject.cast_to)
+        hooked = hooked_reference(
+            rounded, subject.adapter, chosen.direction, prompts, subject.cast_to, _strengths(chosen)
+        )
         del rounded
     return ParityReference(prompts, hooked, completeness)
 
@@ -589,7 +655,7 @@ def _parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> Enco
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
     """Fold the direction into every residual writer of the model in memory (then cast, for GGUF)."""
-    edit.fold_direction(subject.model, subject.adapter, chosen.direction)
+    edit.fold_direction(subject.model, subject.adapter, chosen.direction, strength_of=_strengths(chosen))
     if subject.cast_to is not None:
         subject.model.to(getattr(torch, subject.cast_to))
 
@@ -605,8 +671,11 @@ def check_parity(model: nn.Module, adapter: Adapter, reference: ParityReference)
     return GateReport(completeness=reference.completeness, parity=parity)
 
 
-def certify_saved(config: RunConfig, staging: Path, chosen: RefusalDirection, gate: GateReport) -> None:
-    """Add the weight certificate of the saved checkpoint against its safetensors source to ``gate``."""
+def certify_saved(
+    config: RunConfig, staging: Path, chosen: RefusalDirection, gate: GateReport, n_layers: int
+) -> None:
+    """Add the weight certificate of the saved checkpoint against its safetensors source to ``gate``
+    (``n_layers``: the model's depth, over which a searched edit declares its strength profile)."""
     source, why_not = local_checkpoint(config.model)
     if source is None:
         gate.skipped["certificate"] = why_not
@@ -614,7 +683,7 @@ def certify_saved(config: RunConfig, staging: Path, chosen: RefusalDirection, ga
     gate.certificate = certify_checkpoint(
         source,
         staging,
-        DeclaredEdit(chosen.direction),
+        family.declared_edit(chosen.direction, chosen.edit_point, n_layers),
         architecture=config.architecture,
         progress=config.progress,
     )
@@ -645,13 +714,22 @@ def save_direction_files(
         chosen.layer,
         chosen.position,
         config.model,
-        extra={"model_type": subject.model.config.model_type},
+        extra={"model_type": subject.model.config.model_type, **_point_metadata(chosen, subject)},
     )
+    if chosen.search is not None:
+        png = directory / "pareto_front.png"
+        family.save_front(chosen.search, config.search_max_kl, directory / "pareto_front.json", png)
     if chosen.scores:
         starred = (chosen.position + subject.n_eoi, chosen.layer)
         plot_candidate_scores(chosen.scores, starred, directory / "candidate_scores.png")
         scores = {name: _nan_to_none(values.tolist()) for name, values in chosen.scores.items()}
         (directory / "candidate_scores.json").write_text(json.dumps(scores) + "\n", "utf-8")
+
+
+def _point_metadata(chosen: RefusalDirection, subject: Subject) -> dict[str, str]:
+    if chosen.edit_point is None:
+        return {}
+    return family.point_metadata(chosen.edit_point, subject.n_layers)
 
 
 def build_manifest(
@@ -684,7 +762,9 @@ def build_manifest(
             "kl": chosen.kl,
             "selected_by": "user" if config.layer is not None else "search",
             "project_harmless": config.project_harmless,
+            "edit_point": None if chosen.edit_point is None else asdict(chosen.edit_point),
         },
+        "search": None if chosen.search is None else family.summary(chosen.search),
         "parity": gate.to_dict(),
         "evaluation": evaluation,
         # The configuration as run: ``--batch-size auto`` shows the size it resolved to.

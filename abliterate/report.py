@@ -165,6 +165,7 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
             f"First-token KL on harmless prompts: {_fmt(evaluation['kl_harmless'])}.",
             "",
         ]
+    lines += search_lines(manifest.get("search"))
     lines += [
         "This model will follow requests that the original refuses. Use it responsibly.",
         "",
@@ -215,3 +216,33 @@ def _judged(rates: dict[str, Any]) -> str:
         return "—"
     low, high = rates["judged_interval_95"]
     return f"{rates['judged_refusal_rate']:.1%} (95 % CI {low:.0%}–{high:.0%})"
+
+
+def search_lines(search: dict[str, Any] | None) -> list[str]:
+    """The model card's summary of the edit search: the paper's point, the finalists, the choice."""
+    if not search:
+        return []
+    lines = [
+        "## Edit search",
+        "",
+        f"{search['trials']} cheap trials (Optuna TPE; first-token refusal score and KL on validation "
+        f"prompts only), Pareto front of {search['front_size']} points (`pareto_front.json`, "
+        "`pareto_front.png`); finalists confirmed by greedy generation on the validation prompts:",
+        "",
+        "| point | refusals (judge) | KL (harmless val) | embedding / attention / MLP strength | profile |",
+        "|---|---|---|---|---|",
+    ]
+    chosen = search["chosen"]["point"]
+    for index, trial in enumerate(search["confirmed"]):
+        point = trial["point"]
+        name = "paper rule" if index == 0 else ("**chosen**" if point == chosen else "finalist")
+        if index == 0 and point == chosen:
+            name = "paper rule (**chosen**)"
+        profile = "flat" if point["width"] <= 0 else f"peak {point['peak']:.1f}, width {point['width']:.1f}"
+        lines.append(
+            f"| {name}: layer {point['layer']:.2f}, pos {point['position']}"
+            f"{', ⊥ harmless mean' if point['orthogonal'] else ''} "
+            f"| {trial['refusals']}/{trial['n_confirm']} | {_fmt(trial['confirm_kl'])} "
+            f"| {point['embedding']:.2f} / {point['attention']:.2f} / {point['mlp']:.2f} | {profile} |"
+        )
+    return [*lines, ""]

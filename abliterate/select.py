@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,9 @@ class RefusalDirection:
         kl: first-token KL on harmless prompts with it ablated.
         scores: ``{"ablation", "steering", "kl", "screen"}`` → ``[n_positions, n_layers]`` (NaN = not
             computed) for plots and the manifest.
+        edit_point: the searched edit (``abliterate.search.EditPoint``: direction options and per-writer
+            strengths); ``None`` is the paper's edit, strength 1 on every writer.
+        search: the search's record (every trial, the Pareto front, the finalists), or ``None``.
     """
 
     direction: torch.Tensor
@@ -53,6 +57,8 @@ class RefusalDirection:
     steering_score: float = math.nan
     kl: float = math.nan
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    edit_point: Any = None
+    search: Any = field(default=None, repr=False)
 
 
 def refusal_token_ids(tokenizer: object, prefixes: tuple[str, ...] = REFUSAL_PREFIXES) -> list[int]:

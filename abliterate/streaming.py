@@ -17,7 +17,8 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
-from abliterate.certificate import Certificate
+from abliterate.certificate import Certificate, DeclaredEdit
 from abliterate.checkpoint import atomic_directory, check_output_dir
 from abliterate.direction import unit_direction
 from abliterate.edit import ROWS_WRITE, orthogonalize_
@@ -102,6 +103,7 @@ def stream_apply(
     overwrite: bool = False,
     progress: bool = True,
     certify: bool = True,
+    declared: DeclaredEdit | None = None,
 ) -> StreamReport:
     """Write a copy of ``checkpoint`` with ``direction`` folded out of every residual writer.
 
@@ -115,6 +117,9 @@ def stream_apply(
         progress: show a progress bar over the bytes processed.
         certify: run the weight certificate (``abliterate.certificate``) on the written files before
             they are moved into place; a failure raises ``ParityError`` and leaves nothing behind.
+        declared: per-writer strengths of a searched edit (``abliterate.search``; its direction is
+            ignored); ``None`` folds at strength 1 everywhere. Each tensor's group and block come from
+            the model's structure (``certificate.read_structure``), as the certificate reads them.
 
     Returns:
         A ``StreamReport``. Tied embeddings are untied: the output stores ``lm_head`` with the original
@@ -129,8 +134,11 @@ def stream_apply(
     plan = _plan(source, vector, architecture)
     target = Path(output).expanduser().absolute()
     _check_output(target, source, overwrite)
+    declared = _declared(vector, declared)
     with atomic_directory(target) as temp:
-        counts, certificate = _write_and_certify(plan, source, temp, vector, architecture, progress, certify)
+        counts, certificate = _write_and_certify(
+            plan, source, temp, declared, architecture, progress, certify
+        )
         card = apply_card(str(checkpoint), plan.model_type, certificate, _HUB_ID.match(str(checkpoint)))
         (temp / "README.md").write_text(card, "utf-8")
     return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type, certificate)
@@ -143,6 +151,7 @@ def stream_into(
     *,
     architecture: str | None = None,
     progress: bool = True,
+    declared: DeclaredEdit | None = None,
 ) -> StreamReport:
     """``stream_apply`` into an existing, empty ``directory`` that the caller moves into place itself
     (``run`` of a dispatched model writes its staging directory this way), certificate included.
@@ -153,7 +162,8 @@ def stream_into(
     started = time.perf_counter()
     vector = direction.detach().cpu()
     plan = _plan(source, vector, architecture)
-    counts, certificate = _write_and_certify(plan, source, directory, vector, architecture, progress, True)
+    declared = _declared(vector, declared)
+    counts, certificate = _write_and_certify(plan, source, directory, declared, architecture, progress, True)
     return StreamReport(*counts, time.perf_counter() - started, directory, plan.model_type, certificate)
 
 
@@ -161,33 +171,59 @@ def _write_and_certify(
     plan: _Plan,
     source: Path,
     temp: Path,
-    vector: torch.Tensor,
+    declared: DeclaredEdit,
     architecture: str | None,
     progress: bool,
     certify: bool,
 ) -> tuple[tuple[int, ...], Certificate | None]:
+    strength_of = _strength_by_name(source, architecture, declared, plan)
     threads = torch.get_num_threads()
     try:
         # Slices this small gain nothing from intra-op threads, which only add a barrier per operation
         # (measured 3-10x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
         reuse_freed_memory()
-        counts = _write_all(plan, source, temp, vector, progress)
-        certificate = _certify(source, temp, vector, architecture, progress) if certify else None
+        counts = _write_all(plan, source, temp, declared.direction, progress, strength_of)
+        certificate = _certify(source, temp, declared, architecture, progress) if certify else None
     finally:
         torch.set_num_threads(threads)
     return counts, certificate
 
 
+def _declared(vector: torch.Tensor, declared: DeclaredEdit | None) -> DeclaredEdit:
+    return DeclaredEdit(vector) if declared is None else replace(declared, direction=vector)
+
+
+def _strength_by_name(
+    source: Path, architecture: str | None, declared: DeclaredEdit, plan: _Plan
+) -> Callable[[str], float] | None:
+    """Each edited tensor's strength by its on-disk name, or ``None`` for strength 1 everywhere."""
+    from abliterate.certificate import canonical, read_structure
+
+    if not declared.strengths and not declared.layer_strengths and declared.default_strength == 1.0:
+        return None
+    required = read_structure(source, architecture).edits
+    missing = [name for name in plan.edits if canonical(name) not in required]
+    if missing:
+        raise ValueError(
+            f"cannot tell the writer group of {missing[0]} from the model's structure, so a per-group "
+            "strength cannot be applied to it; fold with `abliterate run` instead"
+        )
+
+    def strength(name: str) -> float:
+        edit = required[canonical(name)]
+        return declared.strength_for(edit.group, edit.layer)
+
+    return strength
+
+
 def _certify(
-    source: Path, written: Path, direction: torch.Tensor, architecture: str | None, progress: bool
+    source: Path, written: Path, declared: DeclaredEdit, architecture: str | None, progress: bool
 ) -> Certificate:
-    from abliterate.certificate import DeclaredEdit, certify_checkpoint
+    from abliterate.certificate import certify_checkpoint
     from abliterate.gate import ParityError
 
-    certificate = certify_checkpoint(
-        source, written, DeclaredEdit(direction), architecture=architecture, progress=progress
-    )
+    certificate = certify_checkpoint(source, written, declared, architecture=architecture, progress=progress)
     if not certificate.passed:
         raise ParityError(f"weight certificate failed: {certificate.reason}; nothing was written")
     return certificate
@@ -425,7 +461,12 @@ def _check_output(target: Path, source: Path, overwrite: bool) -> None:
 
 
 def _write_all(
-    plan: _Plan, source: Path, temp: Path, direction: torch.Tensor, progress: bool
+    plan: _Plan,
+    source: Path,
+    temp: Path,
+    direction: torch.Tensor,
+    progress: bool,
+    strength_of: Callable[[str], float] | None = None,
 ) -> tuple[int, ...]:
     """Write every shard, the index, config.json and the other files; return the report's counts."""
     head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
@@ -436,7 +477,8 @@ def _write_all(
 
     def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
         """Fold the direction out of one tensor that ``write_shard`` read, in place."""
-        _orthogonalize_in_place(weight, direction, plan.edits[entry.name])
+        strength = 1.0 if strength_of is None else strength_of(entry.name)
+        _orthogonalize_in_place(weight, direction, plan.edits[entry.name], strength)
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
     head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
@@ -471,9 +513,11 @@ def _write_all(
     return tensors, edited, read, written
 
 
-def _orthogonalize_in_place(weight: torch.Tensor, direction: torch.Tensor, layout: Layout) -> None:
+def _orthogonalize_in_place(
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float = 1.0
+) -> None:
     """``weight ← orthogonalize(weight)``, tile by tile, exactly as the in-memory fold computes it."""
-    orthogonalize_(weight, direction, layout)
+    orthogonalize_(weight, direction, layout, strength)
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

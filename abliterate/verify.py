@@ -49,12 +49,14 @@ def verify_checkpoints(
     Returns:
         The gate report as a plain dictionary (``passed`` tells the verdict).
     """
-    from abliterate.certificate import DeclaredEdit, certify_checkpoint
+    from abliterate.certificate import certify_checkpoint
     from abliterate.direction import load_direction
     from abliterate.gate import GateReport
+    from abliterate.search import declared_from_file
     from abliterate.streaming import local_checkpoint
 
     direction, metadata = load_direction(direction_file)
+    declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
     if certificate:
         original_dir, why_not = local_checkpoint(original)
@@ -63,7 +65,7 @@ def verify_checkpoints(
             gate.certificate = certify_checkpoint(
                 original_dir,
                 edited_dir,
-                DeclaredEdit(direction),
+                declared,
                 architecture=architecture,
                 progress=progress,
             )
@@ -76,7 +78,7 @@ def verify_checkpoints(
         if dtype == "auto":
             dtype = _checkpoint_dtype(edited) or "auto"
         options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
-        extra = _forward_checks(original, edited, direction, gate, options, architecture, prompts)
+        extra = _forward_checks(original, edited, declared, gate, options, architecture, prompts)
     else:
         gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
     return {
@@ -105,7 +107,7 @@ def _checkpoint_dtype(checkpoint: str) -> str | None:
 def _forward_checks(
     original: str,
     edited: str,
-    direction: torch.Tensor,
+    declared: Any,
     gate: Any,
     options: dict[str, Any],
     architecture: str | None,
@@ -116,7 +118,9 @@ def _forward_checks(
     from abliterate.gate import completeness_on, edited_parity, hooked_reference
     from abliterate.loading import load_model
     from abliterate.parity import compare_logits
+    from abliterate.search import writer_strengths
 
+    direction = declared.direction
     reference_model = load_model(original, **options)
     model = reference_model.model
     adapter = resolve_adapter(model, architecture)
@@ -126,7 +130,9 @@ def _forward_checks(
     prompts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
     encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
     gate.completeness = completeness_on(model, adapter, encoded)
-    reference = hooked_reference(model, adapter, direction, encoded, reference_model.dtype_name)
+    reference = hooked_reference(
+        model, adapter, direction, encoded, reference_model.dtype_name, writer_strengths(declared)
+    )
     residual_reference = None
     if adapter.post_norm:
         from abliterate.residual import ablate_residual_stream

@@ -132,8 +132,8 @@ def test_parity_failure_saves_nothing(
 
     real_fold = abliterate.edit.fold_direction
 
-    def wrong_fold(model: object, adapter: object, direction: torch.Tensor) -> int:
-        return real_fold(model, adapter, torch.roll(direction, 1))
+    def wrong_fold(model: object, adapter: object, direction: torch.Tensor, **options: object) -> int:
+        return real_fold(model, adapter, torch.roll(direction, 1), **options)
 
     monkeypatch.setattr(abliterate.edit, "fold_direction", wrong_fold)
     out = tmp_path / "out"

@@ -64,3 +64,29 @@ def test_demo_checkpoint_reloads_and_answers(demo_output: Path) -> None:
         output = model.generate(**batch, max_new_tokens=24, do_sample=False)
     reply = tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert reply.strip() and not is_refusal(reply), reply
+
+
+def test_gate_rejects_every_control_on_the_demo_in_bf16(demo_output: Path, tmp_path: Path) -> None:
+    """The whole gate on the real model in bf16: the complete edit passes, every control fails."""
+    from abliterate.adapters import resolve_adapter
+    from abliterate.batching import encode
+    from abliterate.controls import gate_on_controls
+    from abliterate.direction import load_direction
+    from abliterate.loading import load_model
+    from abliterate.prompts import bundled
+
+    direction, _ = load_direction(demo_output / "direction.safetensors")
+    loaded = load_model("demo", dtype="bfloat16", device="cpu")
+    adapter = resolve_adapter(loaded.model)
+    texts = bundled("harmful", "eval")[-3:] + bundled("harmless", "eval")[-3:]
+    prompts = encode(loaded.tokenizer, texts, batch_size=len(texts), share_prefix=False)
+    reports = gate_on_controls(loaded.model, adapter, direction, prompts, tmp_path)
+    complete = reports.pop("complete")
+    assert complete.passed, complete.reason
+    assert complete.certificate.n_exact == complete.certificate.n_edited == 49
+    assert complete.completeness.max_statistic <= 1 < complete.completeness.min_leave_one_out
+    accepted = [control for control, report in reports.items() if report.passed]
+    assert not accepted, f"controls passed the gate on the demo model: {accepted}"
+    # The big three fail logit parity on their own too, not only the certificate.
+    for control in ("nothing", "attention", "mlp"):
+        assert not reports[control].parity.passed, control

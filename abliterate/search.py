@@ -1,0 +1,520 @@
+"""Search a family of exact edits for the fewest refusals under a KL bound (issue 9).
+
+Every point of the family is a weight edit ``W ← (I − s r̂ r̂ᵀ) W`` per residual writer, with
+
+* a direction ``r̂``: the candidate at a (fractional) layer — a blend of the two neighbouring layers'
+  candidates — and EOI position, optionally made orthogonal to the harmless mean at that layer;
+* a strength ``s`` per writer: a peak strength per group (embedding, attention writers, MLP writers
+  incl. experts), shaped over the layers by a triangular kernel ``max(0, 1 − |layer − peak| / width)``
+  (``width = 0`` means flat: the same strength in every block).
+
+The paper's point (its candidate, strength 1 everywhere) is ``EditPoint.paper``. Each point has an exact
+hook equivalent (``abliterate.hooks.ablate_with_strengths``), so the parity gate and the certificate
+(``DeclaredEdit.layer_strengths``) prove the folded result like the paper's edit.
+
+The search (Optuna TPE, two objectives) scores trials cheaply: the mean first-token refusal score on a
+few harmful validation prompts and the first-token KL on a few harmless ones, several trials batched per
+forward pass (one edit per batch row). The best trials under the KL bound are confirmed by greedy
+generation on the full validation split, counted by ``abliterate.judge``; the evaluation split is never
+seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from abliterate.adapters import Adapter, ResolvedWriter
+from abliterate.batching import EncodedPrompts, forward_batches
+from abliterate.certificate import DeclaredEdit
+from abliterate.hooks import ablate_with_strengths
+from abliterate.parity import kl_divergence
+from abliterate.select import refusal_scores
+
+GROUPS = ("embedding", "attention", "mlp")
+# Writer groups that take the MLP strength.
+MLP_GROUPS = ("mlp", "experts", "shared_experts")
+MAX_STRENGTH = 1.5
+
+
+@dataclass(frozen=True)
+class EditPoint:
+    """One member of the edit family.
+
+    Attributes:
+        layer: layer of the direction; a fraction blends the candidates of the two layers around it.
+        position: EOI position of the candidate (negative, from the end).
+        orthogonal: remove the direction's component along the harmless mean at ``round(layer)``.
+        embedding: strength at the embedding.
+        attention: peak strength of the attention writers.
+        mlp: peak strength of the MLP writers (and experts).
+        peak: block where the profile peaks.
+        width: blocks from the peak to where the strength reaches 0; 0 = flat profile.
+    """
+
+    layer: float
+    position: int
+    orthogonal: bool = False
+    embedding: float = 1.0
+    attention: float = 1.0
+    mlp: float = 1.0
+    peak: float = 0.0
+    width: float = 0.0
+
+    @classmethod
+    def paper(cls, layer: int, position: int, orthogonal: bool = False) -> EditPoint:
+        """The paper's edit: the candidate at ``(layer, position)``, strength 1 on every writer."""
+        return cls(float(layer), position, orthogonal)
+
+    def strength(self, group: str, layer: int) -> float:
+        """The strength at a writer of ``group`` in block ``layer`` (``-1``: the embedding)."""
+        if group == "embedding" or layer < 0:
+            return self.embedding
+        peak_strength = self.mlp if group in MLP_GROUPS else self.attention
+        if self.width <= 0:
+            return peak_strength
+        return peak_strength * max(0.0, 1.0 - abs(layer - self.peak) / self.width)
+
+    def strength_of(self, writer: ResolvedWriter) -> float:
+        """``strength`` for a resolved writer (what the fold and the hooks are given)."""
+        return self.strength(writer.group, writer.layer)
+
+    def layer_strengths(self, n_layers: int) -> dict[str, tuple[float, ...]]:
+        """Per group, one strength per block (``DeclaredEdit.layer_strengths``, the direction file)."""
+        groups = ("attention", *MLP_GROUPS)
+        return {group: tuple(self.strength(group, layer) for layer in range(n_layers)) for group in groups}
+
+    def is_paper(self) -> bool:
+        """Whether this is a plain candidate at strength 1 everywhere."""
+        flat = self.width <= 0 and self.embedding == self.attention == self.mlp == 1.0
+        return flat and float(self.layer).is_integer()
+
+
+def point_direction(point: EditPoint, candidates: torch.Tensor, harmless_means: torch.Tensor) -> torch.Tensor:
+    """The unit direction ``[d_model]`` (float32) of ``point``.
+
+    Args:
+        point: the edit.
+        candidates: ``[n_positions, n_layers, d_model]`` raw candidates (harmful − harmless means).
+        harmless_means: ``[n_positions, n_layers, d_model]`` harmless mean block inputs.
+    """
+    n_positions, n_layers, _ = candidates.shape
+    index = point.position % n_positions
+    low = min(math.floor(point.layer), n_layers - 1)
+    high = min(low + 1, n_layers - 1)
+    fraction = point.layer - low
+    # Blend the unit candidates so neither layer dominates by its norm alone.
+    units = candidates[index, [low, high]].double()
+    units = units / units.norm(dim=-1, keepdim=True)
+    vector = (1 - fraction) * units[0] + fraction * units[1]
+    if point.orthogonal:
+        mean = harmless_means[index, min(round(point.layer), n_layers - 1)].double()
+        mean = mean / mean.norm()
+        vector = vector - (vector @ mean) * mean
+    return (vector / vector.norm()).float()
+
+
+@dataclass(frozen=True)
+class TrialScore:
+    """What one point scored.
+
+    Attributes:
+        point: the edit.
+        refusal_score: mean first-token refusal log-odds on the harmful trial prompts (lower is better).
+        kl: mean first-token KL on the harmless trial prompts.
+        refusals: refusals among greedy replies to the harmful val prompts (confirmed points only).
+        n_confirm: prompts those replies were generated for.
+        confirm_kl: first-token KL on every harmless val prompt (confirmed points only).
+    """
+
+    point: EditPoint
+    refusal_score: float
+    kl: float
+    refusals: int | None = None
+    n_confirm: int = 0
+    confirm_kl: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dictionary for the Pareto JSON."""
+        return {**asdict(self), "point": asdict(self.point)}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search may vary, and the data it needs.
+
+    Attributes:
+        candidates: ``[n_positions, n_layers, d_model]`` raw candidates.
+        harmless_means: the harmless mean block inputs, same shape.
+        n_layers: depth of the model (the profile spans every block).
+        anchor: the paper's point; the direction's layer varies within ``layer_radius`` of it.
+        layer_radius: how far (in layers) the direction may move from the anchor.
+    """
+
+    candidates: torch.Tensor
+    harmless_means: torch.Tensor
+    n_layers: int
+    anchor: EditPoint
+    layer_radius: float = 2.0
+
+    def suggest(self, trial: object) -> EditPoint:
+        """An Optuna trial's point."""
+        n_positions, n_extracted, _ = self.candidates.shape
+        low = max(0.0, self.anchor.layer - self.layer_radius)
+        high = min(float(n_extracted - 1), self.anchor.layer + self.layer_radius)
+        return EditPoint(
+            layer=trial.suggest_float("layer", low, high),
+            position=trial.suggest_int("position", -n_positions, -1),
+            orthogonal=trial.suggest_categorical("orthogonal", [False, True]),
+            embedding=trial.suggest_float("embedding", 0.0, MAX_STRENGTH),
+            attention=trial.suggest_float("attention", 0.0, MAX_STRENGTH),
+            mlp=trial.suggest_float("mlp", 0.0, MAX_STRENGTH),
+            peak=trial.suggest_float("peak", 0.0, float(self.n_layers - 1)),
+            width=trial.suggest_float("width", 0.0, float(self.n_layers)),
+        )
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The prompts and references a search scores against (all from the validation split).
+
+    Attributes:
+        harmful: a few harmful val prompts for the cheap trials.
+        harmless: a few harmless val prompts for the cheap trials.
+        harmless_reference: the unedited model's last-position logits on ``harmless``.
+        refusal_ids: refusal first-token ids.
+    """
+
+    harmful: EncodedPrompts
+    harmless: EncodedPrompts
+    harmless_reference: torch.Tensor
+    refusal_ids: list[int]
+
+
+@torch.no_grad()
+def batched_logits(
+    model: nn.Module,
+    adapter: Adapter,
+    encoded: EncodedPrompts,
+    points: list[EditPoint],
+    directions: torch.Tensor,
+) -> torch.Tensor:
+    """Last-position logits ``[n_points, n_prompts, vocab]`` with each point's edit hooked on its rows."""
+    copies = len(points)
+
+    @contextmanager
+    def hooks(rows: int, prefix: bool) -> Iterator[None]:
+        per_copy = rows // copies
+        per_row = directions.repeat_interleave(per_copy, dim=0)
+
+        def strength_of(writer: ResolvedWriter) -> torch.Tensor:
+            values = torch.tensor([point.strength_of(writer) for point in points], dtype=torch.float32)
+            return values.repeat_interleave(per_copy)
+
+        with ablate_with_strengths(model, adapter, per_row, strength_of):
+            yield
+
+    chunks = [logits.float().cpu() for logits in forward_batches(model, encoded, hooks=hooks, copies=copies)]
+    sizes = [batch[0].shape[0] for batch in encoded.batches]
+    per_copy = [chunk.view(copies, size, -1) for chunk, size in zip(chunks, sizes, strict=True)]
+    return torch.cat(per_copy, dim=1)
+
+
+def score_points(
+    model: nn.Module, adapter: Adapter, space: SearchSpace, data: SearchData, points: list[EditPoint]
+) -> list[TrialScore]:
+    """Cheap scores of ``points``, all in the same forward passes."""
+    directions = torch.stack([point_direction(p, space.candidates, space.harmless_means) for p in points])
+    harmful = batched_logits(model, adapter, data.harmful, points, directions)
+    harmless = batched_logits(model, adapter, data.harmless, points, directions)
+    scores = []
+    for point, refusal_rows, harmless_rows in zip(points, harmful, harmless, strict=True):
+        refusal = refusal_scores(refusal_rows, data.refusal_ids).mean().item()
+        kl = kl_divergence(data.harmless_reference, harmless_rows).mean().item()
+        scores.append(TrialScore(point, refusal, kl))
+    return scores
+
+
+@dataclass
+class SearchResult:
+    """Everything the search evaluated.
+
+    Attributes:
+        trials: every cheap trial, the paper's point first.
+        confirmed: the finalists with their generation counts, best first.
+        chosen: the confirmed point with the fewest refusals under the KL bound.
+        seconds: per phase: ``trials``, ``confirm``.
+    """
+
+    trials: list[TrialScore]
+    confirmed: list[TrialScore]
+    chosen: TrialScore
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, max_kl: float) -> dict[str, object]:
+        """The Pareto JSON: every trial, the front, the finalists and the choice."""
+        front = pareto_front(self.trials)
+        return {
+            "max_kl": max_kl,
+            "trials": [trial.to_dict() for trial in self.trials],
+            "front": [self.trials.index(trial) for trial in front],
+            "confirmed": [trial.to_dict() for trial in self.confirmed],
+            "chosen": self.chosen.to_dict(),
+            "paper": self.trials[0].to_dict(),
+            "seconds": self.seconds,
+        }
+
+
+def pareto_front(trials: list[TrialScore]) -> list[TrialScore]:
+    """Trials no other trial beats on both refusal score and KL, by increasing KL."""
+    ordered = sorted(trials, key=lambda trial: (trial.kl, trial.refusal_score))
+    front: list[TrialScore] = []
+    for trial in ordered:
+        if not front or trial.refusal_score < front[-1].refusal_score:
+            front.append(trial)
+    return front
+
+
+Confirm = Callable[[EditPoint, torch.Tensor], tuple[int, int, float]]
+
+
+def run_trials(
+    model: nn.Module,
+    adapter: Adapter,
+    space: SearchSpace,
+    data: SearchData,
+    *,
+    trials: int,
+    budget_s: float,
+    per_forward: int,
+    seed: int = 0,
+) -> list[TrialScore]:
+    """Optuna TPE over the family, two objectives (refusal score, KL), ``per_forward`` trials at a time.
+
+    The paper's point is the first trial evaluated, so the front always contains it or something
+    better on both objectives.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(16, trials))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    anchor = space.anchor
+    study.enqueue_trial(
+        {
+            "layer": anchor.layer,
+            "position": anchor.position,
+            "orthogonal": anchor.orthogonal,
+            "embedding": 1.0,
+            "attention": 1.0,
+            "mlp": 1.0,
+            "peak": 0.0,
+            "width": 0.0,
+        }
+    )
+    started = time.perf_counter()
+    results: list[TrialScore] = []
+    while len(results) < trials and (not results or time.perf_counter() - started < budget_s):
+        asked = [study.ask() for _ in range(min(per_forward, trials - len(results)))]
+        points = [space.suggest(trial) for trial in asked]
+        if not results:
+            points[0] = anchor  # exactly the paper's point, whatever the sampler's float rounding
+        for trial, score in zip(asked, score_points(model, adapter, space, data, points), strict=True):
+            study.tell(trial, [score.refusal_score, score.kl])
+            results.append(score)
+    return results
+
+
+def finalists(trials: list[TrialScore], max_kl: float, count: int) -> list[TrialScore]:
+    """The paper's point and the ``count`` lowest-refusal-score trials under ``1.5 × max_kl``.
+
+    The cheap KL comes from a few prompts, so the confirmation re-measures it on the whole harmless
+    val split; the margin keeps points whose cheap estimate was slightly high.
+    """
+    under = [trial for trial in trials[1:] if trial.kl <= 1.5 * max_kl]
+    best = sorted(under, key=lambda trial: trial.refusal_score)[:count]
+    return [trials[0], *best]
+
+
+def choose(confirmed: list[TrialScore], max_kl: float) -> TrialScore:
+    """The fewest confirmed refusals with KL ≤ ``max_kl``, lower KL on ties.
+
+    Raises:
+        ValueError: no confirmed point meets the bound (one line: the lowest KL reached, the flag).
+    """
+    passing = [trial for trial in confirmed if trial.confirm_kl is not None and trial.confirm_kl <= max_kl]
+    if not passing:
+        lowest = min(trial.confirm_kl for trial in confirmed if trial.confirm_kl is not None)
+        raise ValueError(
+            f"no searched edit reaches first-token KL ≤ {max_kl:g} (lowest: {lowest:.4f}); "
+            f"raise --max-kl (e.g. --max-kl {math.ceil(lowest * 100) / 100:g}) or use --search none"
+        )
+    return min(passing, key=lambda trial: (trial.refusals, trial.confirm_kl))
+
+
+def confirm_points(points: list[TrialScore], confirm: Confirm, space: SearchSpace) -> list[TrialScore]:
+    """Run ``confirm`` (greedy generation + judge, full-val KL) on each finalist."""
+    confirmed = []
+    for trial in points:
+        direction = point_direction(trial.point, space.candidates, space.harmless_means)
+        refusals, n, kl = confirm(trial.point, direction)
+        confirmed.append(replace(trial, refusals=refusals, n_confirm=n, confirm_kl=kl))
+    return confirmed
+
+
+def save_front(result: SearchResult, max_kl: float, json_path: object, png_path: object) -> None:
+    """Write the Pareto JSON and a refusal-score-vs-KL plot, the paper's and the chosen point marked."""
+    from pathlib import Path
+
+    Path(json_path).write_text(json.dumps(result.to_dict(max_kl), indent=1) + "\n", "utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    axes.scatter([t.kl for t in result.trials], [t.refusal_score for t in result.trials], s=10, c="0.6")
+    front = pareto_front(result.trials)
+    axes.plot([t.kl for t in front], [t.refusal_score for t in front], "-o", ms=3, label="Pareto front")
+    paper, chosen = result.trials[0], result.chosen
+    axes.scatter([paper.kl], [paper.refusal_score], marker="s", s=60, c="tab:orange", label="paper rule")
+    axes.scatter([chosen.kl], [chosen.refusal_score], marker="*", s=160, c="tab:red", label="chosen")
+    axes.axvline(max_kl, ls="--", c="0.4", lw=1)
+    axes.set_xscale("symlog", linthresh=1e-2)
+    axes.set_xlabel("first-token KL, harmless val (trial prompts)")
+    axes.set_ylabel("refusal score, harmful val (trial prompts)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    pyplot.close(figure)
+
+
+# Metadata key of ``direction.safetensors`` that holds a searched point (absent: strength 1 everywhere).
+POINT_KEY = "edit_point"
+STRENGTHS_KEY = "strengths"
+
+
+def point_metadata(point: EditPoint, n_layers: int) -> dict[str, str]:
+    """``direction.safetensors`` metadata for ``point``: the point itself and its resolved strengths.
+
+    ``strengths`` holds what ``apply`` and the certificate need (the embedding's strength and one
+    strength per block for every writer group), so a reader needs no knowledge of the profile's form.
+    """
+    strengths = {"embedding": point.embedding, "layers": point.layer_strengths(n_layers)}
+    return {POINT_KEY: json.dumps(asdict(point)), STRENGTHS_KEY: json.dumps(strengths)}
+
+
+def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
+    """The strengths a direction file declares, as a ``DeclaredEdit`` whose direction is left empty.
+
+    Old direction files (no ``strengths`` key) declare strength 1 on every writer.
+
+    Raises:
+        ValueError: the ``strengths`` entry is not what ``point_metadata`` writes.
+    """
+    if STRENGTHS_KEY not in metadata:
+        return DeclaredEdit(torch.empty(0))
+    try:
+        stored = json.loads(metadata[STRENGTHS_KEY])
+        layers = {group: tuple(float(s) for s in values) for group, values in stored["layers"].items()}
+        return DeclaredEdit(torch.empty(0), {"embedding": float(stored["embedding"])}, 1.0, layers)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"the direction file's {STRENGTHS_KEY!r} metadata is malformed: {error}") from error
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How much the search may spend and what it must meet.
+
+    Attributes:
+        trials: cheap trials at most.
+        budget_s: seconds the cheap trials may take (the paper's point always runs).
+        per_forward: trials batched into one forward pass.
+        finalists: trials confirmed by generation besides the paper's point.
+        max_kl: the KL bound of the choice.
+        seed: the sampler's seed.
+    """
+
+    trials: int
+    budget_s: float
+    per_forward: int
+    finalists: int
+    max_kl: float
+    seed: int = 0
+
+
+def search_edit(
+    model: nn.Module,
+    adapter: Adapter,
+    space: SearchSpace,
+    data: SearchData,
+    confirm: Confirm,
+    settings: SearchSettings,
+) -> SearchResult:
+    """Cheap trials, then the finalists confirmed by ``confirm``, then the choice under the KL bound.
+
+    Raises:
+        ValueError: no finalist meets ``settings.max_kl`` (see ``choose``).
+    """
+    started = time.perf_counter()
+    trials = run_trials(
+        model,
+        adapter,
+        space,
+        data,
+        trials=settings.trials,
+        budget_s=settings.budget_s,
+        per_forward=settings.per_forward,
+        seed=settings.seed,
+    )
+    searched = time.perf_counter()
+    confirmed = confirm_points(finalists(trials, settings.max_kl, settings.finalists), confirm, space)
+    seconds = {"trials": searched - started, "confirm": time.perf_counter() - searched}
+    chosen = choose(confirmed, settings.max_kl)
+    return SearchResult(trials, confirmed, chosen, {k: round(v, 3) for k, v in seconds.items()})
+
+
+def strength_function(point: EditPoint | None) -> Callable[[ResolvedWriter], float] | None:
+    """What the fold and the hooks are given for a chosen point (``None``: strength 1 everywhere)."""
+    return None if point is None else point.strength_of
+
+
+def declared_edit(direction: torch.Tensor, point: EditPoint | None, n_layers: int) -> DeclaredEdit:
+    """The edit the certificate checks: ``direction`` with ``point``'s strengths."""
+    if point is None:
+        return DeclaredEdit(direction)
+    return DeclaredEdit(direction, {"embedding": point.embedding}, 1.0, point.layer_strengths(n_layers))
+
+
+def summary(result: SearchResult) -> dict[str, object]:
+    """The manifest's ``search`` entry: sizes, the paper's and the chosen point, the front's extent."""
+    front = pareto_front(result.trials)
+    paper = next((trial for trial in result.confirmed if trial.point == result.trials[0].point), None)
+    return {
+        "trials": len(result.trials),
+        "front_size": len(front),
+        "seconds": result.seconds,
+        "paper": None if paper is None else paper.to_dict(),
+        "chosen": result.chosen.to_dict(),
+        "confirmed": [trial.to_dict() for trial in result.confirmed],
+    }
+
+
+def declared_from_file(direction: torch.Tensor, metadata: dict[str, str]) -> DeclaredEdit:
+    """The edit a direction file declares: its direction with its strengths (1 for old files)."""
+    return replace(strengths_from_metadata(metadata), direction=direction)
+
+
+def writer_strengths(declared: DeclaredEdit) -> Callable[[ResolvedWriter], float] | None:
+    """The hooks' and the fold's per-writer strength for a declared edit; ``None`` when it is the
+    plain strength-1 edit (so callers keep the paper's code path)."""
+    if not declared.strengths and not declared.layer_strengths and declared.default_strength == 1.0:
+        return None
+    return lambda writer: declared.strength_for(writer.group, writer.layer)

@@ -1,0 +1,282 @@
+"""The searched edit family: each point's fold equals its hooks, batched trials equal single ones, the
+certificate proves per-layer strengths, and the choice honours the KL bound."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_model, make_tokenizer
+
+from abliterate.adapters import resolve_adapter
+from abliterate.batching import all_position_logits, encode, last_logits
+from abliterate.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.direction import load_direction, save_direction
+from abliterate.edit import fold_direction
+from abliterate.hooks import ablate_with_strengths
+from abliterate.search import (
+    EditPoint,
+    SearchData,
+    SearchSpace,
+    TrialScore,
+    batched_logits,
+    choose,
+    pareto_front,
+    point_direction,
+    run_trials,
+)
+
+PROFILE = EditPoint(layer=1.4, position=-1, embedding=0.3, attention=1.2, mlp=0.6, peak=1.0, width=2.0)
+PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
+
+
+def _direction(model: torch.nn.Module, seed: int = 3) -> torch.Tensor:
+    d_model = model.get_input_embeddings().weight.shape[1]
+    vector = torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
+    return vector / vector.norm()
+
+
+def _encoded(batch_size: int = 8) -> object:
+    return encode(make_tokenizer(), PROMPTS, batch_size=batch_size, share_prefix=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3_moe"])
+def test_fold_with_a_profile_equals_its_hooks(model_type: str) -> None:
+    model = make_model(model_type)
+    adapter = resolve_adapter(model)
+    direction = _direction(model)
+    prompts = _encoded()
+    with ablate_with_strengths(model, adapter, direction, PROFILE.strength_of):
+        hooked = all_position_logits(model, prompts)
+    folded = copy.deepcopy(model)
+    fold_direction(folded, adapter, direction, strength_of=PROFILE.strength_of)
+    edited = all_position_logits(folded, prompts)
+    scale = hooked.abs().max()
+    assert (hooked - edited).abs().max() <= 1e-4 * scale
+    # Negative control: the paper's flat strength-1 fold is a different edit.
+    flat = copy.deepcopy(model)
+    fold_direction(flat, adapter, direction)
+    assert (hooked - all_position_logits(flat, prompts)).abs().max() > 1e-2 * scale
+
+
+def test_profile_strengths() -> None:
+    assert PROFILE.strength("embedding", -1) == 0.3
+    assert PROFILE.strength("attention", 1) == pytest.approx(1.2)
+    assert PROFILE.strength("mlp", 2) == pytest.approx(0.3)
+    assert PROFILE.strength("experts", 3) == 0.0
+    assert EditPoint.paper(2, -1).is_paper() and not PROFILE.is_paper()
+    assert EditPoint.paper(2, -1).strength("mlp", 3) == 1.0
+
+
+def test_batched_trials_equal_single_trials() -> None:
+    model = make_model("llama")
+    adapter = resolve_adapter(model)
+    candidates = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    means = torch.randn_like(candidates)
+    points = [PROFILE, EditPoint.paper(2, -2, orthogonal=True), EditPoint(0.5, -1, attention=0.0, mlp=1.5)]
+    directions = torch.stack([point_direction(p, candidates, means) for p in points])
+    prompts = encode(make_tokenizer(), PROMPTS, batch_size=8)
+    batched = batched_logits(model, adapter, prompts, points, directions)
+    for index, point in enumerate(points):
+        with ablate_with_strengths(model, adapter, directions[index], point.strength_of):
+            single = last_logits(model, adapter, prompts)[0]
+        torch.testing.assert_close(batched[index], single, atol=1e-4, rtol=1e-4)
+    assert (batched[0] - batched[1]).abs().max() > 1e-3  # the rows really carry different edits
+
+
+def test_point_direction_options() -> None:
+    candidates = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    means = torch.randn_like(candidates)
+    plain = point_direction(EditPoint.paper(1, -1), candidates, means)
+    torch.testing.assert_close(plain, (candidates[1, 1] / candidates[1, 1].norm()).float())
+    blended = point_direction(EditPoint(1.5, -1), candidates, means)
+    assert 0.2 < float(blended @ plain) < 0.999
+    orthogonal = point_direction(EditPoint(2.0, -2, orthogonal=True), candidates, means)
+    assert abs(float(orthogonal.double() @ means[0, 2])) < 1e-5 * means[0, 2].norm()
+    assert abs(float(point_direction(EditPoint(2.0, -2), candidates, means).double() @ means[0, 2])) > 1e-3
+
+
+def test_certificate_proves_a_layer_profile(tmp_path: Path) -> None:
+    model = make_model("llama")
+    adapter = resolve_adapter(model)
+    direction = _direction(model)
+    model.save_pretrained(tmp_path / "original")
+    fold_direction(model, adapter, direction, strength_of=PROFILE.strength_of)
+    model.save_pretrained(tmp_path / "edited")
+    n_layers = model.config.num_hidden_layers
+    declared = DeclaredEdit(
+        direction,
+        strengths={"embedding": PROFILE.embedding},
+        layer_strengths=PROFILE.layer_strengths(n_layers),
+    )
+    certificate = certify_checkpoint(tmp_path / "original", tmp_path / "edited", declared, progress=False)
+    assert certificate.passed, certificate.failures
+    for wrong in (
+        DeclaredEdit(direction),
+        DeclaredEdit(direction, layer_strengths={"attention": (1.0,) * 4}),
+    ):
+        assert not certify_checkpoint(
+            tmp_path / "original", tmp_path / "edited", wrong, progress=False
+        ).passed
+
+
+def test_direction_file_keeps_the_point(tmp_path: Path) -> None:
+    from abliterate.search import point_metadata, strengths_from_metadata
+
+    direction = torch.randn(16)
+    path = save_direction(tmp_path / "d.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, 4))
+    _, metadata = load_direction(path)
+    declared = strengths_from_metadata(metadata)
+    for group, layer in [("embedding", -1), ("attention", 0), ("attention", 1), ("mlp", 2), ("experts", 3)]:
+        assert declared.strength_for(group, layer) == pytest.approx(PROFILE.strength(group, layer))
+    old = save_direction(tmp_path / "old.safetensors", direction, 1, -1, "x")
+    assert strengths_from_metadata(load_direction(old)[1]).strength_for("mlp", 2) == 1.0
+
+
+def _trial(
+    refusal: float, kl: float, refusals: int | None = None, confirm_kl: float | None = None
+) -> TrialScore:
+    return TrialScore(EditPoint.paper(1, -1), refusal, kl, refusals, 8, confirm_kl)
+
+
+def test_pareto_front_and_choice() -> None:
+    trials = [_trial(0.0, 0.05), _trial(-1.0, 0.2), _trial(0.5, 0.01), _trial(0.2, 0.1), _trial(-0.5, 0.02)]
+    assert [trial.kl for trial in pareto_front(trials)] == [0.01, 0.02, 0.2]
+    confirmed = [_trial(0, 0, 3, 0.04), _trial(0, 0, 1, 0.06), _trial(0, 0, 2, 0.03), _trial(0, 0, 2, 0.02)]
+    assert choose(confirmed, 0.05).confirm_kl == 0.02
+    assert choose(confirmed, 0.1).refusals == 1
+    with pytest.raises(ValueError, match=r"lowest: 0\.0200.*--max-kl"):
+        choose(confirmed, 0.01)
+
+
+def test_search_evaluates_the_paper_point_first() -> None:
+    model = make_model("llama")
+    adapter = resolve_adapter(model)
+    tokenizer = make_tokenizer()
+    candidates = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    space = SearchSpace(candidates, torch.randn_like(candidates), 4, EditPoint.paper(2, -1))
+    harmless = encode(tokenizer, PROMPTS[::2], batch_size=8)
+    ids = [tokenizer("I", add_special_tokens=False)["input_ids"][0]]
+    data = SearchData(
+        encode(tokenizer, PROMPTS[1:2], batch_size=8), harmless, last_logits(model, adapter, harmless)[0], ids
+    )
+    trials = run_trials(model, adapter, space, data, trials=6, budget_s=60, per_forward=4)
+    assert len(trials) == 6 and trials[0].point == space.anchor
+    assert trials[0].kl == pytest.approx(
+        torch.nn.functional.kl_div(
+            torch.log_softmax(_paper_logits(model, adapter, space, harmless), -1),
+            torch.log_softmax(data.harmless_reference, -1),
+            log_target=True,
+            reduction="none",
+        )
+        .sum(-1)
+        .mean()
+        .item(),
+        rel=1e-3,
+        abs=1e-6,
+    )
+    assert len({trial.point for trial in trials}) == 6
+
+
+def _paper_logits(
+    model: torch.nn.Module, adapter: object, space: SearchSpace, encoded: object
+) -> torch.Tensor:
+    direction = point_direction(space.anchor, space.candidates, space.harmless_means)
+    return last_logits(model, adapter, encoded, ablate=direction[None])[0]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gpt2"])
+def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: Path) -> None:
+    """``apply`` streams a searched point bitwise like the in-memory fold; ``verify`` proves it; a file
+    without the strengths (the paper's edit) gives other weights and fails verification."""
+    from click.testing import CliRunner
+    from conftest import save_tiny
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from abliterate.cli import main
+    from abliterate.search import point_metadata
+
+    source = save_tiny(tmp_path / "original", model_type)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    adapter = resolve_adapter(model)
+    direction = _direction(model)
+    fold_direction(model, adapter, direction, strength_of=PROFILE.strength_of)
+    model.save_pretrained(tmp_path / "folded")
+    n_layers = model.config.num_hidden_layers if model_type != "gpt2" else model.config.n_layer
+    searched = save_direction(
+        tmp_path / "searched.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, n_layers)
+    )
+    plain = save_direction(tmp_path / "plain.safetensors", direction, 1, -1, "x")
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["apply", str(source), "--direction", str(searched), "--output", str(tmp_path / "applied")]
+    )
+    assert result.exit_code == 0, result.output
+    folded, applied = load_file(tmp_path / "folded" / "model.safetensors"), {}
+    for path in (tmp_path / "applied").glob("*.safetensors"):
+        applied.update(load_file(path))
+    for name, tensor in folded.items():
+        assert torch.equal(applied[name], tensor), name
+    verified = runner.invoke(
+        main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(searched), "--json"]
+    )
+    assert verified.exit_code == 0, verified.output
+    wrong = runner.invoke(
+        main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(plain), "--no-forward"]
+    )
+    assert wrong.exit_code == 2, wrong.output
+
+
+def _search_config(source: Path, output: Path) -> object:
+    from abliterate import RunConfig
+
+    return RunConfig(
+        model=str(source),
+        output=str(output),
+        n_train=8,
+        n_val=4,
+        n_eval=2,
+        screen_prompts=2,
+        screen_keep=3,
+        max_kl=float("inf"),
+        min_steering=-float("inf"),
+        trials=8,
+        search_prompts=2,
+        finalists=2,
+        progress=False,
+    )
+
+
+def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp_path: Path) -> None:
+    import json
+
+    from abliterate import run
+    from abliterate.search import strengths_from_metadata
+
+    result = run(_search_config(tiny_qwen2, tmp_path / "out"))
+    front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())
+    assert len(front["trials"]) == 8 and front["paper"]["point"]["width"] == 0.0
+    assert front["confirmed"][0]["point"] == front["paper"]["point"]  # the paper's point is a finalist
+    assert (tmp_path / "out" / "pareto_front.png").stat().st_size > 1000
+    manifest = result.manifest
+    assert manifest["search"]["trials"] == 8 and manifest["parity"]["passed"]
+    assert manifest["parity"]["certificate"]["passed"]
+    assert "## Edit search" in (tmp_path / "out" / "README.md").read_text()
+    _, metadata = load_direction(tmp_path / "out" / "direction.safetensors")
+    chosen = EditPoint(**front["chosen"]["point"])
+    declared = strengths_from_metadata(metadata)
+    assert declared.strength_for("mlp", 2) == pytest.approx(chosen.strength("mlp", 2))
+
+
+def test_run_stops_when_no_point_meets_the_kl_bound(
+    tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from abliterate import RunConfig, run
+
+    monkeypatch.setattr(RunConfig, "search_max_kl", property(lambda self: 0.0))
+    with pytest.raises(ValueError, match=r"no searched edit reaches first-token KL ≤ 0 \(lowest: .*--max-kl"):
+        run(_search_config(tiny_qwen2, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
