@@ -148,13 +148,11 @@ def run_streamed(
     source, why_not = local_checkpoint(config.model)
     if source is None:
         raise ValueError(f"--device-map/--load-in-4bit stream the output from safetensors files: {why_not}")
-    if getattr(chosen, "edit_point", None) is not None:
-        raise ValueError("a dispatched run streams the paper's full-strength edit only: add --search none")
     prompts = _parity_prompts(config, subject, inputs)
     gate = GateReport(completeness=timed("verify", completeness_on, subject.model, subject.adapter, prompts))
     gate.skipped["parity"] = "dispatched model: the streamed files are proven by the weight certificate"
     _raise_unless_passed(gate, "nothing was saved or pushed")
-    with ablate_direction(subject.model, subject.adapter, chosen.direction):
+    with _hooked_edit(subject, chosen):
         evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
     with _destination(inputs.output, inputs.staging) as target:
         with checkpoint.atomic_directory(target) as staging:
@@ -166,6 +164,7 @@ def run_streamed(
                 staging,
                 architecture=config.architecture,
                 progress=config.progress,
+                declared=family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
             )
             gate.certificate = streamed.certificate
             save_direction_files(staging, config, subject, chosen)
