@@ -182,6 +182,14 @@ def run_command(**options: Any) -> None:
     show_default=True,
     help="Certify the written weights against CHECKPOINT before moving them into place (exit 2 if not).",
 )
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["checkpoint", "lora"]),
+    default="checkpoint",
+    show_default=True,
+    help="A full checkpoint (streamed), or an exact PEFT LoRA adapter (loads the model; parity via peft).",
+)
 def apply_command(
     checkpoint: str,
     direction_file: str,
@@ -189,6 +197,7 @@ def apply_command(
     architecture: str | None,
     overwrite: bool,
     certify: bool,
+    output_format: str,
 ) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
@@ -197,6 +206,21 @@ def apply_command(
         from abliterate.streaming import stream_apply
 
         direction, metadata = load_direction(direction_file)
+        if output_format == "lora":
+            from abliterate.lora import adapter_size, apply_lora
+
+            target, parity = apply_lora(
+                checkpoint,
+                declared_from_file(direction, metadata),
+                output,
+                architecture=architecture,
+                overwrite=overwrite,
+            )
+            click.echo(
+                f"LoRA adapter ({adapter_size(target) / 2**20:.1f} MiB) saved to {target}; parity through "
+                f"peft: max|Δlogit| {parity.max_abs_logit_diff:.3g}, top-1 {parity.top1_agreement:.3f}"
+            )
+            return
         report = stream_apply(
             checkpoint,
             direction,
