@@ -138,6 +138,9 @@ def main(verbose: bool) -> None:
 @_option("project_harmless", "--project-harmless", is_flag=True)
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
 @_option("direction_only", "--direction-only", is_flag=True)
+@_option(
+    "format", "--format", type=click.Choice(["checkpoint", "lora"]), default="checkpoint", show_default=True
+)
 @_option("device_map", "--device-map", metavar="auto|balanced|sequential|FILE.json")
 @_option("max_memory", "--max-memory", metavar="DEVICE=SIZE,…")
 @_option("offload_folder", "--offload-folder", metavar="DIR")

@@ -132,6 +132,10 @@ class RunConfig:
             "`abliterate apply` folds it into a checkpoint later."
         ),
     )
+    format: str = field(
+        default="checkpoint",
+        metadata=_help("Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora')."),
+    )
 
     def __post_init__(self) -> None:
         if (self.layer is None) != (self.position is None):
@@ -144,6 +148,8 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
+        if self.format not in ("checkpoint", "lora"):
+            raise ValueError(f"--format {self.format!r}: choose 'checkpoint' or 'lora'")
         if self.search not in ("tpe", "none"):
             raise ValueError(f"--search {self.search!r}: choose 'tpe' or 'none'")
         if self.trials < 1 or self.finalists < 0 or self.search_prompts < 1:

@@ -106,6 +106,8 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     chosen = timed("search", search, config, subject, inputs, candidates, harmless_means, chosen)
     if config.direction_only:
         return run_direction_only(config, inputs, subject, chosen, timed)
+    if config.format == "lora":
+        return run_lora(config, inputs, subject, chosen, timed, hub_api)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     if config.dispatch.active:
         return run_streamed(config, inputs, subject, chosen, before, timed, hub_api)
@@ -170,6 +172,59 @@ def run_streamed(
             save_direction_files(staging, config, subject, chosen)
             manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
             write_manifest(staging, manifest, subject.loaded.base_model)
+        pushed = push(target, config, inputs.push_target, hub_api)
+    if pushed is None:
+        return RunResult(manifest, output=inputs.output)
+    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
+
+
+def run_lora(
+    config: RunConfig,
+    inputs: Inputs,
+    subject: Subject,
+    chosen: RefusalDirection,
+    timed: StageTimer,
+    hub_api: object | None,
+) -> RunResult:
+    """``run --format lora``: the edit as an exact PEFT adapter (``abliterate.lora``), no weights.
+
+    The gate: completeness of the writer list, and logit parity of the original with the adapter loaded
+    through peft against the hooked original (no weight certificate: no checkpoint is written).
+    """
+    from abliterate import lora
+
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    with _hooked_edit(subject, chosen):
+        evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+    model, adapter = subject.model, subject.adapter
+    prompts = _parity_prompts(config, subject, inputs)
+    gate = GateReport(completeness=timed("verify", completeness_on, model, adapter, prompts))
+    gate.skipped["certificate"] = "--format lora: no checkpoint written; parity is checked through peft"
+    declared = family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
+    base_model = subject.loaded.base_model or config.model
+    with _destination(inputs.output, inputs.staging) as target:
+        with checkpoint.atomic_directory(target) as staging:
+            timed(
+                "save",
+                lora.write_lora,
+                model,
+                adapter,
+                chosen.direction,
+                staging,
+                base_model=base_model,
+                strength_of=_strengths(chosen),
+            )
+            gate.parity = timed(
+                "verify", lora.peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
+            )
+            _raise_unless_passed(gate, "nothing was saved or pushed")
+            save_direction_files(staging, config, subject, chosen)
+            manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+            manifest["weights"] = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
+            write_manifest(staging, manifest, subject.loaded.base_model)
+            # The run's card (method, search, evaluation) beside the adapter's own README.
+            (staging / "model_card.md").write_text((staging / "README.md").read_text("utf-8"), "utf-8")
+            (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity), "utf-8")
         pushed = push(target, config, inputs.push_target, hub_api)
     if pushed is None:
         return RunResult(manifest, output=inputs.output)

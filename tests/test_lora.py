@@ -93,3 +93,29 @@ def test_apply_format_lora_from_a_direction_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     assert "parity through peft" in result.output
+
+
+def test_run_format_lora_writes_an_adapter_proven_through_peft(tiny_qwen2: Path, tmp_path: Path) -> None:
+    from abliterate import RunConfig, run
+
+    output = tmp_path / "lora"
+    result = run(
+        RunConfig(
+            model=str(tiny_qwen2),
+            output=str(output),
+            format="lora",
+            layer=1,
+            position=-1,
+            n_train=8,
+            n_val=4,
+            n_eval=2,
+            progress=False,
+        )
+    )
+    manifest = result.manifest
+    assert manifest["parity"]["passed"] and manifest["parity"]["parity"]["top1_agreement"] == 1.0
+    assert "certificate" in manifest["parity"]["skipped"]
+    assert manifest["weights"]["format"] == "lora"
+    assert not list(output.glob("model*.safetensors"))
+    assert (output / "adapter_config.json").is_file() and (output / "direction.safetensors").is_file()
+    assert "PeftModel.from_pretrained" in (output / "README.md").read_text()
