@@ -1,15 +1,22 @@
 """The support matrix, generated from the adapter registry (``python -m abliterate.adapters.matrix``).
 
-Every column is read from data: the adapter (writers, layouts, biases, post-norm), and the default
-configuration transformers ships for the model type (tied embeddings). The parity columns say "yes"
-for every registered type because ``tests/test_adapters.py`` parametrizes its fp32 and bf16 parity
-test over ``registered_model_types()``; a test there checks that it still does.
+Every column is read from data: the adapter (writers, layouts, biases, post-norm), the default
+configuration transformers ships for the model type (tied embeddings), and for the parity columns the
+measurement ``benchmarks/gate_by_family.py`` wrote to ``measured_gate.json`` beside this file (the
+whole gate on a tiny model of the type, per dtype: does the complete edit pass, and how many negative
+controls are rejected). ``tests/test_gate.py`` runs the same measurement in CI.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter
+
+MEASURED_GATE = Path(__file__).with_name("measured_gate.json")
+_MEASURED_DTYPES = (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"))
 
 MATRIX_START = "<!-- support-matrix:start -->"
 MATRIX_END = "<!-- support-matrix:end -->"
@@ -22,8 +29,7 @@ _COLUMNS = (
     "writer biases folded (when present)",
     "experts",
     "post-norm",
-    "parity fp32",
-    "parity bf16",
+    *(f"gate {short}" for _, short in _MEASURED_DTYPES),
 )
 
 
@@ -54,6 +60,15 @@ def _biases(adapter: Adapter) -> str:
     return "yes, except " + ", ".join(without)
 
 
+def _gate(measured: dict, model_type: str, dtype: str) -> str:
+    row = measured.get(model_type, {}).get(dtype)
+    if row is None:
+        return "not measured"
+    verdict = "passes" if row["complete_passes"] else "FAILS"
+    advisory = " (logits advisory)" if row.get("logits_advisory") else ""
+    return f"{verdict}{advisory}, {row['controls_rejected']}/{row['controls']} controls rejected"
+
+
 def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -64,6 +79,7 @@ def support_matrix_markdown() -> str:
     Returns:
         The table (header, separator, rows), ending with a newline.
     """
+    measured = json.loads(MEASURED_GATE.read_text()) if MEASURED_GATE.is_file() else {}
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for model_type in registered_model_types():
         adapter = get_adapter(model_type)
@@ -76,8 +92,7 @@ def support_matrix_markdown() -> str:
             _biases(adapter),
             _experts(adapter),
             _yes_no(adapter.post_norm),
-            "yes",
-            "yes",
+            *(_gate(measured, model_type, dtype) for dtype, _ in _MEASURED_DTYPES),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
