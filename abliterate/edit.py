@@ -187,7 +187,10 @@ def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
         return False
     head = model.get_submodule(head_name)
     embedding = embeddings_of(model, adapter)[0].module
-    tied = head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr()
+    # Meta tensors (offloaded weights) all report data_ptr 0: only identity can tell a tie there.
+    on_meta = head.weight.device.type == "meta" or embedding.weight.device.type == "meta"
+    same_storage = not on_meta and head.weight.data_ptr() == embedding.weight.data_ptr()
+    tied = head.weight is embedding.weight or same_storage
     if tied:
         head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
     for config in (model.config, getattr(model.config, "text_config", None)):

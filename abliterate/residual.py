@@ -22,6 +22,7 @@ from torch import nn
 from abliterate.adapters import Adapter
 from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
+from abliterate.dispatch import input_device
 from abliterate.hooks import _map_output, project_out, registered
 
 
@@ -218,7 +219,7 @@ def check_completeness(
     """
     _, blocks = blocks_of(model, adapter)
     recorder = _Recorder(len(blocks))
-    device = next(model.parameters()).device
+    device = input_device(model)  # never a meta tensor's device: the embedding may be offloaded
     with registered(recorder.handles(model, adapter)):
         model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
     mask = mask.cpu()
