@@ -548,9 +548,17 @@ def search(
     if best.point == anchor:
         return replace(chosen, search=result)
     direction = family.point_direction(best.point, candidates, harmless_means)
-    return _as_stored(
-        replace(chosen, direction=direction, kl=best.confirm_kl, edit_point=best.point, search=result)
+    searched = replace(
+        chosen,
+        direction=direction,
+        layer=min(round(best.point.layer), candidates.shape[1] - 1),
+        position=best.point.position,
+        ablation_score=best.refusal_score,
+        kl=best.confirm_kl,
+        edit_point=best.point,
+        search=result,
     )
+    return _as_stored(searched)
 
 
 def _strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
