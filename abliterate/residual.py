@@ -83,15 +83,20 @@ class CompletenessReport:
     output norms of post-norm families) up to rounding: ``Δ = Σ c_k t_k + e`` with the coefficients
     fitted per token (they absorb scalar multipliers and per-token gates such as a shared expert's).
     The statistic is ``|e| / |rounding bound|`` over the block's tokens: at most 1 when the list is
-    complete. Leaving out any one listed term must push it far above 1; that is the check's built-in
-    negative control, reported as ``min_leave_one_out`` (the smallest statistic over blocks and terms
-    with that term removed).
+    complete. The check's built-in negative control removes one listed writer from the adapter (from
+    every block) and reports what the statistic would then be: ``leave_one_out`` per writer (the
+    largest over blocks), and its smallest value ``min_leave_one_out``, which must be far above 1 for
+    the check to see any missing writer. (In a single block a writer's output can be within rounding
+    of the residual stream's size, e.g. a bf16 model's massive-activation layers: ``per_block`` shows
+    where.)
 
     Attributes:
         passed: ``max_statistic <= 1``.
         max_statistic: the largest per-block statistic with every listed term.
-        min_leave_one_out: the smallest per-block statistic with one listed term left out.
-        per_block: ``[block, statistic, min leave-one-out]`` rows (block -1: the embeddings).
+        min_leave_one_out: the smallest, over listed writers, of the statistic without that writer.
+        leave_one_out: writer path (``embedding:…`` for embeddings) → statistic without it.
+        per_block: ``[block, statistic, smallest statistic with one term left out]`` rows
+            (block -1: the embeddings).
         n_tokens: tokens measured.
         reason: why it failed (empty when passed).
     """
@@ -99,6 +104,7 @@ class CompletenessReport:
     passed: bool
     max_statistic: float
     min_leave_one_out: float
+    leave_one_out: dict[str, float]
     per_block: list[list[float]]
     n_tokens: int
     reason: str = ""
@@ -112,13 +118,13 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def block_terms(block: nn.Module, adapter: Adapter) -> list[nn.Module]:
-    """The modules of one block whose outputs are added to the residual stream (present ones only)."""
+def block_terms(block: nn.Module, adapter: Adapter) -> list[tuple[str, nn.Module]]:
+    """``(writer path, module)`` of one block whose outputs are added to the residual stream."""
     terms = []
     for writer in adapter.writers:
         module = module_at(block, writer.output_norm or writer.path)
         if module is not None:
-            terms.append(module)
+            terms.append((writer.path, module))
     return terms
 
 
@@ -127,7 +133,7 @@ class _Recorder:
 
     def __init__(self, n_blocks: int) -> None:
         self.inputs: dict[int, torch.Tensor] = {}
-        self.terms: dict[int, list[torch.Tensor]] = {index: [] for index in range(-1, n_blocks)}
+        self.terms: dict[int, list[tuple[str, torch.Tensor]]] = {index: [] for index in range(-1, n_blocks)}
         self.last_output: torch.Tensor | None = None
 
     def handles(self, model: nn.Module, adapter: Adapter) -> Iterator[torch.utils.hooks.RemovableHandle]:
@@ -139,9 +145,9 @@ class _Recorder:
 
             return hook
 
-        def term_output(index: int) -> Any:
+        def term_output(index: int, name: str) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                self.terms[index].append(_first_tensor(output).detach().clone())
+                self.terms[index].append((name, _first_tensor(output).detach().clone()))
 
             return hook
 
@@ -149,11 +155,11 @@ class _Recorder:
             self.last_output = _first_tensor(output).detach().clone()
 
         for embedding in embeddings_of(model, adapter):
-            yield embedding.module.register_forward_hook(term_output(-1))
+            yield embedding.module.register_forward_hook(term_output(-1, f"embedding:{embedding.name}"))
         for index, block in enumerate(blocks):
             yield block.register_forward_pre_hook(block_input(index), with_kwargs=True)
-            for module in block_terms(block, adapter):
-                yield module.register_forward_hook(term_output(index))
+            for name, module in block_terms(block, adapter):
+                yield module.register_forward_hook(term_output(index, name))
         yield blocks[len(blocks) - 1].register_forward_hook(final_output)
 
 
@@ -177,12 +183,13 @@ def _fit_residuals(increment: torch.Tensor, terms: torch.Tensor) -> torch.Tensor
 
 
 def _block_statistics(
-    before: torch.Tensor, after: torch.Tensor, terms: list[torch.Tensor], mask: torch.Tensor
-) -> tuple[float, float]:
-    """(statistic with all terms, smallest statistic with one term left out) for one block."""
+    before: torch.Tensor, after: torch.Tensor, terms: list[tuple[str, torch.Tensor]], mask: torch.Tensor
+) -> tuple[float, dict[str, float]]:
+    """(statistic with all terms, term name → statistic with that term left out) for one block."""
     dtype = after.dtype
     keep = mask.reshape(-1).bool()
-    flat = [_as_stream(term, after)[keep].double() for term in terms]
+    names = [name for name, _ in terms]
+    flat = [_as_stream(term, after)[keep].double() for _, term in terms]
     start = before.reshape(-1, before.shape[-1])[keep].double()
     end = after.reshape(-1, after.shape[-1])[keep].double()
     stacked = torch.stack(flat, dim=-1) if flat else end.new_zeros((*end.shape, 0))
@@ -196,10 +203,11 @@ def _block_statistics(
         return (_fit_residuals(increment, columns).pow(2).sum().sqrt() / bound_norm).item()
 
     full = statistic(stacked)
-    left_out = [
-        statistic(torch.cat([stacked[..., :k], stacked[..., k + 1 :]], dim=-1)) for k in range(len(flat))
-    ]
-    return full, min(left_out, default=float("inf"))
+    left_out: dict[str, float] = {}
+    for name in set(names):  # a module called twice in a block is left out with all its calls
+        kept = [k for k, other in enumerate(names) if other != name]
+        left_out[name] = statistic(stacked[..., kept])
+    return full, left_out
 
 
 @torch.no_grad()
@@ -224,15 +232,18 @@ def check_completeness(
         model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
     mask = mask.cpu()
     rows = []
+    leave_one_out: dict[str, float] = {}
     zero = torch.zeros_like(recorder.inputs[0])
     for index in range(-1, len(blocks)):
         before = zero if index == -1 else recorder.inputs[index]
         after = recorder.inputs[index + 1] if index + 1 < len(blocks) else recorder.last_output
-        terms = [term.to("cpu") for term in recorder.terms[index]]
+        terms = [(name, term.to("cpu")) for name, term in recorder.terms[index]]
         full, left_out = _block_statistics(before.cpu(), after.cpu(), terms, mask)
-        rows.append([index, full, left_out])
+        rows.append([index, full, min(left_out.values(), default=float("inf"))])
+        for name, value in left_out.items():
+            leave_one_out[name] = max(leave_one_out.get(name, 0.0), value)
     worst = max(row[1] for row in rows)
-    least = min(row[2] for row in rows)
+    least = min(leave_one_out.values(), default=float("inf"))
     failing = [row for row in rows if not row[1] <= 1.0]
     reason = ""
     if failing:
@@ -242,4 +253,4 @@ def check_completeness(
             f"the adapter's writers do not account for the residual stream at {where} "
             f"(statistic {failing[0][1]:.3g} > 1): a residual writer is missing from adapter {adapter.name!r}"
         )
-    return CompletenessReport(not failing, worst, least, rows, int(mask.sum()), reason)
+    return CompletenessReport(not failing, worst, least, leave_one_out, rows, int(mask.sum()), reason)
