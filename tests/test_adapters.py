@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,14 +58,7 @@ BF16_TOP1_FACTOR = 2
 BF16_TOP1_SLACK = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, which only add a barrier per operation (on a
-    # busy 2-core machine this module took 10x longer with 2 threads than with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
