@@ -24,7 +24,6 @@ check's job (``abliterate.residual.completeness``), which runs on real prompts.
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import re
@@ -548,8 +547,9 @@ def _certify_tensor(
     source = reader.tensor(original, fresh=True).to(target_dtype)
     target = reader.tensor(edited, fresh=True)
     where = f"{name} ({required.group} {required.layer})"
-    leak = _leak_ratio(source, target, declared.direction, required.layout, strength)
-    worst = _worst_bound_ratio(source, target, declared.direction, required.layout, strength)
+    exact = _exact_fold(source, declared.direction, required.layout, strength)
+    leak = _leak_ratio(exact, target, declared.direction, required.layout)
+    worst = _worst_bound_ratio(source, exact, target)
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if worst > 1.0:
         tally.fail(
@@ -576,11 +576,8 @@ def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(exponent - _MANTISSA_BITS[dtype])
 
 
-def _worst_bound_ratio(
-    source: torch.Tensor, target: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
-) -> float:
+def _worst_bound_ratio(source: torch.Tensor, exact: torch.Tensor, target: torch.Tensor) -> float:
     """The largest |edited − exact fold| over its bound (1 ulp + working precision); ≤ 1 passes."""
-    exact = _exact_fold(source, direction, layout, strength)
     error = (target.to(torch.float64) - exact).abs()
     bound = _ulp(exact, target.dtype)
     if compute_dtype(target.dtype) != torch.float64:
@@ -597,18 +594,10 @@ def _along(tensor: torch.Tensor, r: torch.Tensor, layout: Layout) -> torch.Tenso
     return torch.einsum("d,...di->...i", r, tensor)
 
 
-def _leak_ratio(
-    source: torch.Tensor, target: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
-) -> float:
+def _leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tensor, layout: Layout) -> float:
     """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold)."""
-    exact = _exact_fold(source, direction, layout, strength)
     rounded = exact.to(target.dtype).to(torch.float64)
     r = direction.to(torch.float64) / direction.to(torch.float64).norm()
     leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
     floor = _along(rounded - exact, r, layout).norm().item()
     return leak / max(floor, torch.finfo(torch.float64).tiny)
-
-
-def save_certificate(certificate: Certificate, path: Path) -> None:
-    """Write the certificate as JSON."""
-    path.write_text(json.dumps(certificate.to_dict(), indent=2) + "\n", encoding="utf-8")
