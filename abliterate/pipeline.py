@@ -117,17 +117,16 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     del reference  # [n, S, vocab] logits: free them before evaluating and saving
     _raise_unless_passed(gate, "nothing was saved or pushed")
     evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
-    with _destination(inputs.output, inputs.staging) as target:
-        with checkpoint.atomic_directory(target) as staging:
-            timed("save", save, staging, config, subject, chosen)
-            timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
-            _raise_unless_passed(gate, "nothing was saved or pushed")
-            manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
-            write_manifest(staging, manifest, subject.loaded.base_model)
-        pushed = push(target, config, inputs.push_target, hub_api)
-    if pushed is None:
-        return RunResult(manifest, output=inputs.output)
-    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
+
+    def write(staging: Path) -> dict[str, Any]:
+        timed("save", save, staging, config, subject, chosen)
+        timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
+        _raise_unless_passed(gate, "nothing was saved or pushed")
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        write_manifest(staging, manifest, subject.loaded.base_model)
+        return manifest
+
+    return _publish(config, inputs, hub_api, write)
 
 
 def run_streamed(
@@ -156,26 +155,25 @@ def run_streamed(
     _raise_unless_passed(gate, "nothing was saved or pushed")
     with _hooked_edit(subject, chosen):
         evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
-    with _destination(inputs.output, inputs.staging) as target:
-        with checkpoint.atomic_directory(target) as staging:
-            streamed = timed(
-                "save",
-                stream_into,
-                source,
-                chosen.direction,
-                staging,
-                architecture=config.architecture,
-                progress=config.progress,
-                declared=family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
-            )
-            gate.certificate = streamed.certificate
-            save_direction_files(staging, config, subject, chosen)
-            manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
-            write_manifest(staging, manifest, subject.loaded.base_model)
-        pushed = push(target, config, inputs.push_target, hub_api)
-    if pushed is None:
-        return RunResult(manifest, output=inputs.output)
-    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
+
+    def write(staging: Path) -> dict[str, Any]:
+        streamed = timed(
+            "save",
+            stream_into,
+            source,
+            chosen.direction,
+            staging,
+            architecture=config.architecture,
+            progress=config.progress,
+            declared=family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
+        )
+        gate.certificate = streamed.certificate
+        save_direction_files(staging, config, subject, chosen)
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        write_manifest(staging, manifest, subject.loaded.base_model)
+        return manifest
+
+    return _publish(config, inputs, hub_api, write)
 
 
 def run_lora(
@@ -202,33 +200,32 @@ def run_lora(
     gate.skipped["certificate"] = "--format lora: no checkpoint written; parity is checked through peft"
     declared = family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
     base_model = subject.loaded.base_model or config.model
-    with _destination(inputs.output, inputs.staging) as target:
-        with checkpoint.atomic_directory(target) as staging:
-            timed(
-                "save",
-                lora.write_lora,
-                model,
-                adapter,
-                chosen.direction,
-                staging,
-                base_model=base_model,
-                strength_of=_strengths(chosen),
-            )
-            gate.parity = timed(
-                "verify", lora.peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
-            )
-            _raise_unless_passed(gate, "nothing was saved or pushed")
-            save_direction_files(staging, config, subject, chosen)
-            manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
-            manifest["weights"] = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
-            write_manifest(staging, manifest, subject.loaded.base_model)
-            # The run's card (method, search, evaluation) beside the adapter's own README.
-            (staging / "model_card.md").write_text((staging / "README.md").read_text("utf-8"), "utf-8")
-            (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity), "utf-8")
-        pushed = push(target, config, inputs.push_target, hub_api)
-    if pushed is None:
-        return RunResult(manifest, output=inputs.output)
-    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
+
+    def write(staging: Path) -> dict[str, Any]:
+        timed(
+            "save",
+            lora.write_lora,
+            model,
+            adapter,
+            chosen.direction,
+            staging,
+            base_model=base_model,
+            strength_of=_strengths(chosen),
+        )
+        gate.parity = timed(
+            "verify", lora.peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
+        )
+        _raise_unless_passed(gate, "nothing was saved or pushed")
+        save_direction_files(staging, config, subject, chosen)
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        manifest["weights"] = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
+        write_manifest(staging, manifest, subject.loaded.base_model)
+        # The run's card (method, search, evaluation) beside the adapter's own README.
+        (staging / "model_card.md").write_text((staging / "README.md").read_text("utf-8"), "utf-8")
+        (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity), "utf-8")
+        return manifest
+
+    return _publish(config, inputs, hub_api, write)
 
 
 def run_direction_only(
@@ -861,6 +858,19 @@ def push(
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def _publish(
+    config: RunConfig, inputs: Inputs, hub_api: object | None, write: Callable[[Path], dict[str, Any]]
+) -> RunResult:
+    """Write the output atomically with ``write(staging) -> manifest``, then push it when asked."""
+    with _destination(inputs.output, inputs.staging) as target:
+        with checkpoint.atomic_directory(target) as staging:
+            manifest = write(staging)
+        pushed = push(target, config, inputs.push_target, hub_api)
+    if pushed is None:
+        return RunResult(manifest, output=inputs.output)
+    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
 
 
 @contextmanager
