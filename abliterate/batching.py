@@ -251,6 +251,14 @@ def last_logits(
         with context:
             yield
 
+    return copied_last_logits(model, encoded, hooks, copies)
+
+
+def copied_last_logits(
+    model: nn.Module, encoded: EncodedPrompts, hooks: HookFactory, copies: int
+) -> torch.Tensor:
+    """Last-position logits ``[copies, n_prompts, vocab]`` (float32, CPU) of every prompt run ``copies``
+    times per forward pass, each copy under its own share of ``hooks``' rows."""
     chunks = [logits.float().cpu() for logits in forward_batches(model, encoded, hooks=hooks, copies=copies)]
     sizes = [batch[0].shape[0] for batch in encoded.batches]
     per_copy = [chunk.view(copies, size, -1) for chunk, size in zip(chunks, sizes, strict=True)]

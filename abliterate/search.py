@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, ResolvedWriter
-from abliterate.batching import EncodedPrompts, forward_batches
+from abliterate.batching import EncodedPrompts, copied_last_logits
 from abliterate.certificate import DeclaredEdit
 from abliterate.hooks import ablate_with_strengths
 from abliterate.parity import kl_divergence
@@ -221,10 +221,7 @@ def batched_logits(
         with ablate_with_strengths(model, adapter, per_row, strength_of):
             yield
 
-    chunks = [logits.float().cpu() for logits in forward_batches(model, encoded, hooks=hooks, copies=copies)]
-    sizes = [batch[0].shape[0] for batch in encoded.batches]
-    per_copy = [chunk.view(copies, size, -1) for chunk, size in zip(chunks, sizes, strict=True)]
-    return torch.cat(per_copy, dim=1)
+    return copied_last_logits(model, encoded, hooks, copies)
 
 
 def score_points(
