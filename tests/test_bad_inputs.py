@@ -7,22 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import save_tiny
+from tiny import quick_run_args
 
 from abliterate.cli import main
 
-SMALL = [
-    "--n-train",
-    "8",
-    "--n-val",
-    "4",
-    "--n-eval",
-    "2",
-    "--no-progress",
-    "--layer",
-    "1",
-    "--position",
-    "-1",
-]
+SMALL = quick_run_args(8, 4, layer=1)
 
 
 def _fails_cleanly(args: list[str], output: Path | None, expect: str) -> None:

@@ -10,22 +10,11 @@ import torch
 from click.testing import CliRunner
 from conftest import save_tiny
 from safetensors.torch import load_file
+from tiny import quick_run_args
 
 from abliterate.cli import main
 
-SMALL = [
-    "--n-train",
-    "8",
-    "--n-val",
-    "4",
-    "--n-eval",
-    "2",
-    "--no-progress",
-    "--layer",
-    "2",
-    "--position",
-    "-1",
-]
+SMALL = quick_run_args(8, 4, layer=2)
 
 
 def _invoke(*args: str) -> object:

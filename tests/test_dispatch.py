@@ -10,22 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny import quick_run_args
 
 from abliterate.cli import main
 
-SMALL = [
-    "--n-train",
-    "6",
-    "--n-val",
-    "2",
-    "--n-eval",
-    "2",
-    "--no-progress",
-    "--layer",
-    "2",
-    "--position",
-    "-1",
-]
+SMALL = quick_run_args(6, 2, layer=2)
 OFFLOADED = {
     "model.embed_tokens": "cpu",
     "model.layers.0": "cpu",

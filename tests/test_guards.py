@@ -11,12 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import save_tiny
+from tiny import quick_run_args
 
 from abliterate.cli import main
 from abliterate.direction import save_direction
 from abliterate.prompts import load_splits
 
-FAST = ["--n-train", "4", "--n-val", "2", "--n-eval", "2", "--no-progress", "--no-evaluate"]
+FAST = quick_run_args(4, 2, evaluate=False)
 MANUAL = ["--layer", "1", "--position", "-1"]
 
 

@@ -9,11 +9,12 @@ import httpx2
 import pytest
 from click.testing import CliRunner
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from tiny import quick_run_args
 
 from abliterate.cli import main
 from abliterate.hub import write_refusal
 
-FAST = ["--n-train", "4", "--n-val", "2", "--n-eval", "2", "--no-progress", "--no-evaluate"]
+FAST = quick_run_args(4, 2, evaluate=False)
 MANUAL = ["--layer", "1", "--position", "-1"]
 SECRET = "hf_secret_token_value_456"
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny import quick_run_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.cli import main
 
-SMALL = ["--n-train", "8", "--n-val", "4", "--n-eval", "4", "--no-progress"]
+SMALL = quick_run_args(8, 4, n_eval=4)
 
 
 def _umask() -> int:

@@ -10,23 +10,12 @@ import torch
 from click.testing import CliRunner
 from conftest import save_tiny
 from safetensors.torch import load_file
+from tiny import quick_run_args
 
 from abliterate.cli import main
 from abliterate.direction import save_direction
 
-FAST = [
-    "--n-train",
-    "4",
-    "--n-val",
-    "2",
-    "--n-eval",
-    "2",
-    "--no-progress",
-    "--layer",
-    "1",
-    "--position",
-    "-1",
-]
+FAST = quick_run_args(4, 2, layer=1)
 
 
 def _quantized(directory: Path, method: str, nested: bool = False) -> Path:

@@ -257,3 +257,16 @@ def make_multimodal_model(seed: int = 0) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _scale_up(model)
     return model.eval()
+
+
+def quick_run_args(
+    n_train: int, n_val: int, n_eval: int = 2, layer: int | None = None, evaluate: bool = True
+) -> list[str]:
+    """``abliterate run`` flags for a fast run on a tiny model: few prompts, no progress bars, and with
+    ``layer`` the candidate at that layer and EOI position −1 instead of the selection."""
+    args = ["--n-train", str(n_train), "--n-val", str(n_val), "--n-eval", str(n_eval), "--no-progress"]
+    if not evaluate:
+        args.append("--no-evaluate")
+    if layer is not None:
+        args += ["--layer", str(layer), "--position", "-1"]
+    return args
