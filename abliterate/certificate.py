@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit import ROWS_WRITE, compute_dtype, one_intra_op_thread, orthogonalize_
+from abliterate.edit import ROWS_WRITE, compute_dtype, one_intra_op_thread, orthogonalize_, ulp
 from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, find_shards, read_header, read_tensor
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ LEAK_RATIO_LIMIT = 2.0
 # The float32 working precision of a 16-bit fold, as a fraction of the terms of ``w − s r_i p_j``: 2^-16
 # leaves a factor 128 over float32's 2^-23 for the few operations per element and the reduction in p_j.
 _WORKING_PRECISION = 2.0**-16
-_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 _TEXT_PREFIXES = (
     "model.language_model.",
     "language_model.model.",
@@ -570,16 +569,10 @@ def _exact_fold(
     return wide
 
 
-def _ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One unit in the last place of ``dtype`` at the magnitude of ``values`` (float64)."""
-    exponent = torch.floor(torch.log2(values.abs().clamp_min(torch.finfo(dtype).tiny)))
-    return torch.exp2(exponent - _MANTISSA_BITS[dtype])
-
-
 def _worst_bound_ratio(source: torch.Tensor, exact: torch.Tensor, target: torch.Tensor) -> float:
     """The largest |edited − exact fold| over its bound (1 ulp + working precision); ≤ 1 passes."""
     error = (target.to(torch.float64) - exact).abs()
-    bound = _ulp(exact, target.dtype)
+    bound = ulp(exact, target.dtype)
     if compute_dtype(target.dtype) != torch.float64:
         # The float32 working precision, relative to the terms of ``w − s r_i p_j``: |w| and |w − exact|.
         wide = source.to(torch.float64)

@@ -38,6 +38,16 @@ def compute_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> tor
     return torch.float64
 
 
+# Explicit mantissa bits per floating dtype; a dtype not listed is treated as float32.
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at the magnitude of each of ``values`` (a float64 tensor)."""
+    exponent = torch.floor(torch.log2(values.abs().clamp_min(torch.finfo(dtype).tiny)))
+    return torch.exp2(exponent - MANTISSA_BITS.get(dtype, 23))
+
+
 def orthogonalize(
     weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float = 1.0
 ) -> torch.Tensor:

@@ -23,6 +23,7 @@ from abliterate.adapters import Adapter
 from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
 from abliterate.dispatch import input_device
+from abliterate.edit import ulp
 from abliterate.hooks import _map_output, project_out, registered
 
 
@@ -66,12 +67,6 @@ def ablate_residual_stream(model: nn.Module, adapter: Adapter, direction: torch.
 
     with registered(module.register_forward_hook(hook) for module in residual_terms(model, adapter)):
         yield
-
-
-# Each residual add rounds its result to the model dtype; a block adds a few terms (and may scale them
-# first), so the increment of the residual stream over a block can differ from the sum of the listed
-# terms by a few units in the last place per element. The bound below allows ``terms + 1`` of them.
-_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
 
 
 @dataclass(frozen=True)
@@ -194,8 +189,10 @@ def _block_statistics(
     end = after.reshape(-1, after.shape[-1])[keep].double()
     stacked = torch.stack(flat, dim=-1) if flat else end.new_zeros((*end.shape, 0))
     magnitude = torch.maximum(start.abs(), end.abs()) + stacked.abs().sum(-1)
-    exponent = torch.floor(torch.log2(magnitude.clamp_min(torch.finfo(dtype).tiny)))
-    bound = (len(flat) + 1) * torch.exp2(exponent - _MANTISSA_BITS.get(dtype, 23))
+    # Each residual add rounds its result to the model dtype; a block adds a few terms (and may scale them
+    # first), so its increment can differ from the sum of the listed terms by a few ulps per element:
+    # the bound allows ``terms + 1`` of them.
+    bound = (len(flat) + 1) * ulp(magnitude, dtype)
     bound_norm = bound.norm(dim=-1).pow(2).sum().sqrt().clamp_min(1e-300)
     increment = end - start
 
