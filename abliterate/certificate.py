@@ -75,12 +75,29 @@ class DeclaredEdit:
         default_strength: the strength of every group not in ``strengths``.
         layer_strengths: per group, one strength per decoder block (a layer profile); where given it
             overrides ``strengths`` for that group's writers in blocks ``0 … len − 1``.
+        weights: for a subspace ``direction`` ``[k, d_model]`` (orthonormal rows ``q_i``), the weight
+            ``w_i`` of each row: a writer of strength ``s`` gets ``W ← (I − Σ_i s w_i q_i q_iᵀ) W``.
     """
 
     direction: torch.Tensor
     strengths: dict[str, float] = field(default_factory=dict)
     default_strength: float = 1.0
     layer_strengths: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    weights: tuple[float, ...] = ()
+
+    def is_plain(self) -> bool:
+        """Strength 1 on every writer along one direction: the paper's edit."""
+        plain = not self.strengths and not self.layer_strengths and self.default_strength == 1.0
+        return plain and self.direction.dim() == 1 and not self.weights
+
+    def scales_for(self, group: str, layer: int) -> float | tuple[float, ...]:
+        """What the fold of a writer of ``group`` in block ``layer`` is given: ``strength_for``, or for a
+        subspace ``[k, d_model]`` that strength times each row's weight (``weights``; 1 when empty)."""
+        strength = self.strength_for(group, layer)
+        if self.direction.dim() != 2:
+            return strength
+        weights = self.weights or (1.0,) * self.direction.shape[0]
+        return tuple(strength * weight for weight in weights)
 
     def strength(self, group: str) -> float:
         """The strength the declared edit applies to writers of ``group``."""
@@ -537,7 +554,7 @@ def _certify_tensor(
         else:
             tally.fail(f"{name}: changed, but the structure says no residual writer lives there")
         return
-    strength = declared.strength_for(required.group, required.layer)
+    strength = declared.scales_for(required.group, required.layer)
     orthogonalize_(expected, declared.direction, required.layout, strength)
     if reader.matches(expected, edited):
         tally.edited(required.group, required.layer, exact=True, leak=1.0)
@@ -561,7 +578,7 @@ def _certify_tensor(
 
 
 def _exact_fold(
-    source: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float
+    source: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float | tuple[float, ...]
 ) -> torch.Tensor:
     """The fold in float64, unrounded (the reference of the bound)."""
     wide = source.to(torch.float64)
@@ -581,16 +598,19 @@ def _worst_bound_ratio(source: torch.Tensor, exact: torch.Tensor, target: torch.
 
 
 def _along(tensor: torch.Tensor, r: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The component of each written vector along r̂: ``W r̂`` (rows layouts) or ``r̂ᵀ W`` (column layouts)."""
+    """The component of each written vector along r̂: ``W r̂`` (rows layouts) or ``r̂ᵀ W`` (column layouts);
+    for a subspace ``r`` ``[k, d_model]``, along each of its rows."""
     if layout in ROWS_WRITE:
-        return tensor @ r
-    return torch.einsum("d,...di->...i", r, tensor)
+        return tensor @ (r if r.dim() == 1 else r.T)
+    return torch.einsum("d,...di->...i" if r.dim() == 1 else "kd,...di->...ki", r, tensor)
 
 
 def _leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tensor, layout: Layout) -> float:
-    """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold)."""
+    """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold); for a
+    subspace, the components along all of its rows together."""
     rounded = exact.to(target.dtype).to(torch.float64)
-    r = direction.to(torch.float64) / direction.to(torch.float64).norm()
+    wide = direction.to(torch.float64)
+    r = wide / wide.norm(dim=-1, keepdim=True)
     leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
     floor = _along(rounded - exact, r, layout).norm().item()
     return leak / max(floor, torch.finfo(torch.float64).tiny)

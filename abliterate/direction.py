@@ -8,6 +8,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from abliterate.edit import check_basis
+
 TENSOR_NAME = "direction"
 
 
@@ -76,17 +78,28 @@ def unit_direction(vector: torch.Tensor, what: str = "the direction") -> torch.T
         vector: the candidate direction, ``[d_model]``, any floating dtype and device.
         what: how error messages name it, e.g. ``"the direction in FILE"``.
 
+    A subspace ``[k, d_model]`` (``1 ≤ k ≤ MAX_RANK``) is accepted too: its rows must be orthogonal
+    (each is normalized; ``abliterate.edit.check_basis`` states the tolerance).
+
     Returns:
-        ``vector / |vector|`` (normalized in float64), float32, on the CPU.
+        ``vector / |vector|`` (normalized in float64), float32, on the CPU; for a subspace, each row so.
     """
-    if vector.dim() != 1:
-        raise ValueError(f"{what} must be 1-D [d_model], got shape {list(vector.shape)}")
+    if vector.dim() not in (1, 2):
+        raise ValueError(
+            f"{what} must be [d_model] (or a subspace [k, d_model]), got shape {list(vector.shape)}"
+        )
     if not vector.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor, got {vector.dtype}")
     wide = vector.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(wide).all()):
         raise ValueError(f"{what} contains NaN or infinite values")
-    norm = wide.norm()
-    if norm == 0:
-        raise ValueError(f"{what} is the zero vector")
-    return (wide / norm).to(torch.float32)
+    norm = wide.norm(dim=-1, keepdim=True)
+    if bool((norm == 0).any()):
+        raise ValueError(f"{what} is the zero vector" if vector.dim() == 1 else f"{what} has a zero row")
+    unit = (wide / norm).to(torch.float32)
+    if unit.dim() == 2:
+        try:
+            check_basis(unit)
+        except ValueError as error:
+            raise ValueError(f"{what}: {error}") from None
+    return unit

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
@@ -18,6 +18,9 @@ ROWS_WRITE = ("conv1d", "experts_t", "embedding")
 
 
 T = TypeVar("T")
+
+# A fold's strength: one float, or one per row of a subspace ``[k, d_model]``.
+Strength = float | Sequence[float]
 
 # Elements per tile of the in-place kernel: 1 MiB of float32, small enough to stay in a core's cache
 # between the reads and writes of one tile (measured fastest of 2^14 … 2^20 on the development VM).
@@ -49,7 +52,7 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def orthogonalize(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float = 1.0
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
 ) -> torch.Tensor:
     """Remove ``direction`` from everything ``weight`` can write into the residual stream.
 
@@ -59,9 +62,12 @@ def orthogonalize(
         weight: the writer's weight, laid out as ``layout`` says:
             linear ``[d_model, d_in]``, conv1d ``[d_in, d_model]``, experts ``[E, d_model, d_in]``,
             experts_t ``[E, d_in, d_model]``, embedding ``[vocab, d_model]``.
-        direction: ``[d_model]``; normalized here, so any non-zero vector is accepted.
+        direction: ``[d_model]``, normalized here, so any non-zero vector is accepted; or a subspace
+            ``[k, d_model]`` of orthonormal rows ``q_i`` (``check_basis``), which folds
+            ``W' = (I − Σ_i s_i q_i q_iᵀ) W`` in one pass (one rounding per element).
         layout: the weight layout.
-        strength: ``s`` in ``W' = (I − s r̂ r̂ᵀ) W``; 1 removes the direction completely.
+        strength: ``s`` in ``W' = (I − s r̂ r̂ᵀ) W``; 1 removes the direction completely. For a subspace,
+            one strength per row (a single float applies to every row).
 
     Returns:
         A new tensor ``W'`` with ``r̂ᵀ W' = (1 − s) r̂ᵀ W`` along the model axis, same shape and dtype.
@@ -72,7 +78,7 @@ def orthogonalize(
 
 
 def orthogonalize_(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float = 1.0
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
 ) -> None:
     """``weight ← orthogonalize(weight)`` in place, tile by tile (see ``TILE_ELEMENTS``).
 
@@ -85,23 +91,25 @@ def orthogonalize_(
     """
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
-    r = _unit(direction, weight)
+    if direction.dim() == 2:
+        r: torch.Tensor = _basis(direction, weight)
+        strength = _row_strengths(strength, r)
+    else:
+        r = _unit(direction, weight)
+        if isinstance(strength, Sequence):
+            raise ValueError("a single direction takes a single strength")
+        strength = float(strength)
     workers = torch.get_num_threads() if weight.device.type == "cpu" else 1
     with one_intra_op_thread():
-        _fold_in_place(weight, r, direction, layout, strength, workers)
+        _fold_in_place(weight, r, layout, strength, workers)
 
 
 def _fold_in_place(
-    weight: torch.Tensor,
-    r: torch.Tensor,
-    direction: torch.Tensor,
-    layout: Layout,
-    strength: float,
-    workers: int,
+    weight: torch.Tensor, r: torch.Tensor, layout: Layout, strength: float | torch.Tensor, workers: int
 ) -> None:
     if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
         contiguous = weight.contiguous()
-        _fold_in_place(contiguous, r, direction, layout, strength, workers)
+        _fold_in_place(contiguous, r, layout, strength, workers)
         weight.copy_(contiguous)
         return
     if layout in ROWS_WRITE:
@@ -137,36 +145,56 @@ def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> lis
         return list(pool.map(function, starts))
 
 
-def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float, workers: int) -> None:
-    # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ.
+def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float | torch.Tensor, workers: int) -> None:
+    # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ (a subspace: P = W Qᵀ, W −= (P diag s) Q).
     step = max(1, TILE_ELEMENTS // weight.shape[1])
 
     def tile(first: int) -> None:
         rows = weight[first : first + step]
         block = rows.to(r.dtype)
-        coefficients = (block * r).sum(-1)
-        block.addr_(coefficients, r, alpha=-strength)
+        if r.dim() == 1:
+            coefficients = (block * r).sum(-1)
+            block.addr_(coefficients, r, alpha=-strength)
+        else:
+            block.addmm_(block @ r.T * strength, r, alpha=-1.0)
         rows.copy_(block)
 
     _map_tiles(tile, range(0, weight.shape[0], step), workers)
 
 
-def _fold_columns(weight: torch.Tensor, r: torch.Tensor, strength: float, workers: int) -> None:
-    # weight [d_model, d_in]: p = r̂ᵀ W from per-tile partial sums added in tile order, then W −= s r̂ pᵀ.
+def _fold_columns(
+    weight: torch.Tensor, r: torch.Tensor, strength: float | torch.Tensor, workers: int
+) -> None:
+    # weight [d_model, d_in]: p = r̂ᵀ W from per-tile partial sums added in tile order, then W −= s r̂ pᵀ
+    # (a subspace: P = Q W the same way, then W −= Qᵀ diag(s) P).
     step = max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
     starts = range(0, weight.shape[0], step)
+    rows_of = (
+        (lambda first: r[first : first + step])
+        if r.dim() == 1
+        else (lambda first: r[:, first : first + step])
+    )
 
     def partial(first: int) -> torch.Tensor:
-        return (weight[first : first + step].to(r.dtype) * r[first : first + step, None]).sum(0)
+        block = weight[first : first + step].to(r.dtype)
+        if r.dim() == 1:
+            return (block * rows_of(first)[:, None]).sum(0)
+        return rows_of(first) @ block
 
-    coefficients = torch.zeros(weight.shape[1], dtype=r.dtype, device=weight.device)
+    shape = (weight.shape[1],) if r.dim() == 1 else (r.shape[0], weight.shape[1])
+    coefficients = torch.zeros(shape, dtype=r.dtype, device=weight.device)
     for part in _map_tiles(partial, starts, workers):
         coefficients += part
+    if r.dim() == 2:
+        coefficients *= strength[:, None]
 
     def update(first: int) -> None:
         rows = weight[first : first + step]
         block = rows.to(r.dtype)
-        block.addr_(r[first : first + step], coefficients, alpha=-strength)
+        if r.dim() == 1:
+            block.addr_(rows_of(first), coefficients, alpha=-strength)
+        else:
+            block.addmm_(rows_of(first).T, coefficients, alpha=-1.0)
         rows.copy_(block)
 
     _map_tiles(update, starts, workers)
@@ -175,6 +203,40 @@ def _fold_columns(weight: torch.Tensor, r: torch.Tensor, strength: float, worker
 def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Remove ``direction`` from a bias ``[d_model]`` or per-expert bias ``[E, d_model]``."""
     return orthogonalize(bias, direction, "embedding")
+
+
+# The largest subspace the fold and the hooks accept, and how far from orthonormal its rows may be.
+MAX_RANK = 4
+BASIS_TOLERANCE = 1e-5
+
+
+def check_basis(basis: torch.Tensor) -> torch.Tensor:
+    """``basis`` ``[k, d_model]`` as float64, after checking its rows are orthonormal (within
+    ``BASIS_TOLERANCE``) and ``1 ≤ k ≤ MAX_RANK``; the rank-k fold is exact only for such rows."""
+    if basis.dim() != 2 or not 1 <= basis.shape[0] <= MAX_RANK:
+        raise ValueError(f"a subspace must be [k, d_model] with 1 ≤ k ≤ {MAX_RANK}, got {list(basis.shape)}")
+    wide = basis.detach().to(torch.float64)
+    if not bool(torch.isfinite(wide).all()):
+        raise ValueError("the subspace contains NaN or infinite values")
+    gram = wide @ wide.T
+    off = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
+    if off > BASIS_TOLERANCE:
+        raise ValueError(f"the subspace's rows must be orthonormal (|QQᵀ − I| = {off:.2g})")
+    return wide
+
+
+def _basis(basis: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    compute = compute_dtype(like.dtype, like.device)
+    return check_basis(basis).to(device=like.device, dtype=compute)
+
+
+def _row_strengths(strength: Strength, r: torch.Tensor) -> torch.Tensor:
+    values = (
+        [float(s) for s in strength] if isinstance(strength, Sequence) else [float(strength)] * r.shape[0]
+    )
+    if len(values) != r.shape[0]:
+        raise ValueError(f"{len(values)} strengths for a subspace of {r.shape[0]} directions")
+    return torch.tensor(values, dtype=r.dtype, device=r.device)
 
 
 def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -217,18 +279,19 @@ def fold_direction(
     adapter: Adapter,
     direction: torch.Tensor,
     writers: Iterable[ResolvedWriter] | None = None,
-    strength_of: Callable[[ResolvedWriter], float] | None = None,
+    strength_of: Callable[[ResolvedWriter], Strength] | None = None,
 ) -> int:
     """Edit ``model`` in place so no residual writer can write along ``direction``.
 
     Args:
         model: the causal LM (its weights are replaced in memory; nothing on disk changes).
         adapter: the architecture description.
-        direction: ``[d_model]`` refusal direction.
+        direction: ``[d_model]`` refusal direction, or an orthonormal subspace ``[k, d_model]``.
         writers: edit only these (default: every residual writer); the gate's negative controls
             (``abliterate.controls``) leave some out.
         strength_of: ``s`` of ``I − s r̂ r̂ᵀ`` per writer (weight and bias), default 1 everywhere;
-            the hook equivalent is ``abliterate.hooks.ablate_with_strengths``.
+            the hook equivalent is ``abliterate.hooks.ablate_edit``. For a subspace, one strength per
+            row (``DeclaredEdit.scales_for``).
 
     Returns:
         The number of tensors edited.
@@ -236,7 +299,7 @@ def fold_direction(
     untie_embeddings(model, adapter)
     edited = 0
     for writer in residual_writers(model, adapter) if writers is None else writers:
-        strength = 1.0 if strength_of is None else float(strength_of(writer))
+        strength = 1.0 if strength_of is None else strength_of(writer)
         orthogonalize_(writer.weight_tensor().data, direction, writer.layout, strength)
         edited += 1
         bias = writer.bias_tensor()

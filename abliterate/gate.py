@@ -28,7 +28,7 @@ from abliterate.adapters import Adapter, residual_writers
 from abliterate.batching import EncodedPrompts, all_position_logits
 from abliterate.certificate import Certificate
 from abliterate.dispatch import offloaded
-from abliterate.hooks import StrengthOf, ablate_direction, ablate_with_strengths
+from abliterate.hooks import StrengthOf, ablate_edit
 from abliterate.parity import (
     SIXTEEN_BIT,
     ParityReport,
@@ -125,11 +125,7 @@ def hooked_reference(
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    if strength_of is None:
-        hooks = ablate_direction(model, adapter, direction)
-    else:
-        hooks = ablate_with_strengths(model, adapter, direction, strength_of)
-    with hooks:
+    with ablate_edit(model, adapter, direction, strength_of):
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 

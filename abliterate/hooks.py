@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -195,6 +196,75 @@ def ablate_with_strengths(
 
     with registered(handles()):
         yield
+
+
+def project_out_subspace(hidden: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``h − Σ_i s_i (h·q_i) q_i`` along the last axis, in float32 or better (rank-k ``project_out_scaled``).
+
+    Args:
+        hidden: ``[batch, ..., d_model]``.
+        basis: orthonormal rows ``[k, d_model]``, or ``[batch, k, d_model]`` for one subspace per batch row.
+        scales: ``[k]``, or ``[batch, k]`` with a per-row basis.
+    """
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    h = hidden.to(compute)
+    q = basis.to(device=hidden.device, dtype=compute)
+    s = scales.to(device=hidden.device, dtype=compute)
+    if q.dim() == 2:
+        return (h - (h @ q.T * s) @ q).to(hidden.dtype)
+    flat = h.reshape(h.shape[0], -1, h.shape[-1])  # [batch, tokens, d_model]
+    coefficients = torch.bmm(flat, q.transpose(1, 2)) * s[:, None, :]  # [batch, tokens, k]
+    return (flat - torch.bmm(coefficients, q)).reshape(h.shape).to(hidden.dtype)
+
+
+# Per-writer scales of a subspace edit: ``[k]`` (a sequence or tensor), or ``[batch, k]``.
+ScalesOf = Callable[[ResolvedWriter], Any]
+
+
+@contextmanager
+def ablate_subspace(
+    model: nn.Module, adapter: Adapter, basis: torch.Tensor, scales_of: ScalesOf
+) -> Iterator[None]:
+    """Project ``Σ_i s_i (h·q_i) q_i`` out of every residual writer's output, ``s = scales_of(writer)``:
+    the hook equivalent of folding ``I − Q diag(s) Qᵀ`` (``abliterate.edit.orthogonalize_`` with a
+    ``[k, d_model]`` direction). A writer whose scales are all 0 gets no hook.
+
+    Args:
+        basis: orthonormal rows ``[k, d_model]``, or ``[batch, k, d_model]`` (one edit per batch row,
+            ``scales_of`` then gives ``[batch, k]``).
+    """
+
+    def make_hook(scales: torch.Tensor) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            return _map_output(output, lambda out: project_out_subspace(out, basis, scales))
+
+        return hook
+
+    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
+        for writer in residual_writers(model, adapter):
+            scales = torch.as_tensor(scales_of(writer), dtype=torch.float64)
+            if bool((scales != 0).any()):
+                yield writer.module.register_forward_hook(make_hook(scales))
+
+    with registered(handles()):
+        yield
+
+
+def ablate_edit(
+    model: nn.Module,
+    adapter: Adapter,
+    direction: torch.Tensor,
+    strength_of: Callable[[ResolvedWriter], Any] | None,
+) -> contextlib.AbstractContextManager[None]:
+    """The hooked reference of a fold: ``direction`` ``[d_model]`` with ``strength_of`` (``None``: 1
+    everywhere, the paper's edit), or a subspace ``[k, d_model]`` whose ``strength_of`` gives one
+    strength per row (``DeclaredEdit.scales_for``)."""
+    if direction.dim() == 2:
+        rows = direction.shape[0]
+        return ablate_subspace(model, adapter, direction, strength_of or (lambda writer: [1.0] * rows))
+    if strength_of is None:
+        return ablate_direction(model, adapter, direction)
+    return ablate_with_strengths(model, adapter, direction, strength_of)
 
 
 @contextmanager

@@ -52,7 +52,7 @@ from abliterate.gate import (
     hooked_reference,
 )
 from abliterate.gguf import gguf_output_dtype
-from abliterate.hooks import ablate_direction, ablate_with_strengths
+from abliterate.hooks import ablate_edit
 from abliterate.hub import PushError, PushResult, PushTarget, check_push_auth, push_folder, staging_directory
 from abliterate.judge import refusal_count, wilson_interval
 from abliterate.parity import check_dtype, kl_divergence
@@ -531,7 +531,7 @@ def search(
     reference = last_logits(model, adapter, confirm_harmless)[0]
 
     def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
-        with ablate_with_strengths(model, adapter, direction, point.strength_of):
+        with ablate_edit(model, adapter, direction, point.strength_of):
             replies = refusal_rate(model, subject.tokenizer, harmful, **_generation(config, subject)).replies
             logits = last_logits(model, adapter, confirm_harmless)[0]
         return refusal_count(replies), len(replies), kl_divergence(reference, logits).mean().item()
@@ -564,9 +564,7 @@ def _strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
 
 def _hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextManager:
     """The hook equivalent of the chosen edit (the paper's or a searched point)."""
-    if chosen.edit_point is None:
-        return ablate_direction(subject.model, subject.adapter, chosen.direction)
-    return ablate_with_strengths(subject.model, subject.adapter, chosen.direction, _strengths(chosen))
+    return ablate_edit(subject.model, subject.adapter, chosen.direction, _strengths(chosen))
 
 
 def _as_stored(chosen: RefusalDirection) -> RefusalDirection:

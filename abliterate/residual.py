@@ -24,7 +24,7 @@ from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
 from abliterate.dispatch import input_device
 from abliterate.edit import ulp
-from abliterate.hooks import _map_output, project_out, registered
+from abliterate.hooks import _map_output, project_out, project_out_subspace, registered
 
 
 def residual_terms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
@@ -58,12 +58,17 @@ def ablate_residual_stream(model: nn.Module, adapter: Adapter, direction: torch.
     Args:
         model: the causal LM.
         adapter: its architecture description.
-        direction: ``[d_model]``; normalized here.
+        direction: ``[d_model]``, normalized here; or an orthonormal subspace ``[k, d_model]``.
     """
-    unit = direction / direction.norm()
+    unit = direction / direction.norm(dim=-1, keepdim=True)
+
+    def ablate(hidden: torch.Tensor) -> torch.Tensor:
+        if unit.dim() == 2:
+            return project_out_subspace(hidden, unit, torch.ones(unit.shape[0]))
+        return project_out(hidden, unit)
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return _map_output(output, lambda hidden: project_out(hidden, unit))
+        return _map_output(output, ablate)
 
     with registered(module.register_forward_hook(hook) for module in residual_terms(model, adapter)):
         yield

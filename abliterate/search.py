@@ -4,6 +4,10 @@ Every point of the family is a weight edit ``W ← (I − s r̂ r̂ᵀ) W`` per 
 
 * a direction ``r̂``: the candidate at a (fractional) layer — a blend of the two neighbouring layers'
   candidates — and EOI position, optionally made orthogonal to the harmless mean at that layer;
+* optionally a second direction ``q₂`` of weight ``w₂``: the candidate of another EOI position at the same
+  (fractional) layer, made orthogonal to ``r̂``, so a writer of strength ``s`` gets the rank-2 edit
+  ``W ← (I − s r̂ r̂ᵀ − s w₂ q₂ q₂ᵀ) W`` (the fold, the hooks and the certificate take any orthonormal
+  subspace of up to ``abliterate.edit.MAX_RANK`` rows);
 * a strength ``s`` per writer: a peak strength per group (embedding, attention writers, MLP writers
   incl. experts), shaped over the layers by a triangular kernel ``max(0, 1 − |layer − peak| / width)``
   (``width = 0`` means flat: the same strength in every block).
@@ -34,7 +38,8 @@ from torch import nn
 from abliterate.adapters import Adapter, ResolvedWriter
 from abliterate.batching import EncodedPrompts, copied_last_logits
 from abliterate.certificate import DeclaredEdit
-from abliterate.hooks import ablate_with_strengths
+from abliterate.edit import Strength
+from abliterate.hooks import ablate_subspace
 from abliterate.parity import kl_divergence
 from abliterate.select import refusal_scores
 
@@ -42,6 +47,8 @@ GROUPS = ("embedding", "attention", "mlp")
 # Writer groups that take the MLP strength.
 MLP_GROUPS = ("mlp", "experts", "shared_experts")
 MAX_STRENGTH = 1.5
+# A second direction weighted less than this is dropped (the point stays rank 1).
+MIN_SECOND_WEIGHT = 0.05
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class EditPoint:
         mlp: peak strength of the MLP writers (and experts).
         peak: block where the profile peaks.
         width: blocks from the peak to where the strength reaches 0; 0 = flat profile.
+        second: EOI position of a second direction (same layer), made orthogonal to the first.
+        second_weight: its weight ``w₂`` relative to the first; 0 (or ``second`` unset) = rank 1.
     """
 
     layer: float
@@ -67,6 +76,8 @@ class EditPoint:
     mlp: float = 1.0
     peak: float = 0.0
     width: float = 0.0
+    second: int | None = None
+    second_weight: float = 0.0
 
     @classmethod
     def paper(cls, layer: int, position: int, orthogonal: bool = False) -> EditPoint:
@@ -82,9 +93,20 @@ class EditPoint:
             return peak_strength
         return peak_strength * max(0.0, 1.0 - abs(layer - self.peak) / self.width)
 
-    def strength_of(self, writer: ResolvedWriter) -> float:
-        """``strength`` for a resolved writer (what the fold and the hooks are given)."""
-        return self.strength(writer.group, writer.layer)
+    @property
+    def rank(self) -> int:
+        """1, or 2 with a second direction of non-zero weight."""
+        return 2 if self.second is not None and self.second_weight != 0 else 1
+
+    def weights(self) -> tuple[float, ...]:
+        """Each direction's weight (``DeclaredEdit.weights``): empty for rank 1."""
+        return () if self.rank == 1 else (1.0, self.second_weight)
+
+    def strength_of(self, writer: ResolvedWriter) -> float | tuple[float, ...]:
+        """What the fold and the hooks are given for a resolved writer: ``strength``, or for rank 2 that
+        strength times each direction's weight."""
+        strength = self.strength(writer.group, writer.layer)
+        return strength if self.rank == 1 else (strength, strength * self.second_weight)
 
     def layer_strengths(self, n_layers: int) -> dict[str, tuple[float, ...]]:
         """Per group, one strength per block (``DeclaredEdit.layer_strengths``, the direction file)."""
@@ -94,19 +116,36 @@ class EditPoint:
     def is_paper(self) -> bool:
         """Whether this is a plain candidate at strength 1 everywhere."""
         flat = self.width <= 0 and self.embedding == self.attention == self.mlp == 1.0
-        return flat and float(self.layer).is_integer()
+        return flat and float(self.layer).is_integer() and self.rank == 1
 
 
 def point_direction(point: EditPoint, candidates: torch.Tensor, harmless_means: torch.Tensor) -> torch.Tensor:
-    """The unit direction ``[d_model]`` (float32) of ``point``.
+    """The unit direction ``[d_model]`` (float32) of ``point``, or ``[2, d_model]`` orthonormal rows for a
+    rank-2 point (its first row the rank-1 direction).
 
     Args:
         point: the edit.
         candidates: ``[n_positions, n_layers, d_model]`` raw candidates (harmful − harmless means).
         harmless_means: ``[n_positions, n_layers, d_model]`` harmless mean block inputs.
     """
+    first = _blended(point, point.position, candidates, harmless_means)
+    if point.rank == 1:
+        return first.float()
+    second = _blended(point, point.second, candidates, harmless_means)
+    second = second - (second @ first) * first
+    basis = torch.stack([first, second / second.norm()])
+    # One more Gram-Schmidt pass in float64 keeps the float32 rows orthonormal to rounding.
+    basis[1] -= (basis[1] @ basis[0]) * basis[0]
+    return (basis / basis.norm(dim=-1, keepdim=True)).float()
+
+
+def _blended(
+    point: EditPoint, position: int, candidates: torch.Tensor, harmless_means: torch.Tensor
+) -> torch.Tensor:
+    """The unit float64 candidate at ``point.layer`` (blended) and ``position``, optionally ⊥ the
+    harmless mean."""
     n_positions, n_layers, _ = candidates.shape
-    index = point.position % n_positions
+    index = position % n_positions
     low = min(math.floor(point.layer), n_layers - 1)
     high = min(low + 1, n_layers - 1)
     fraction = point.layer - low
@@ -118,7 +157,7 @@ def point_direction(point: EditPoint, candidates: torch.Tensor, harmless_means: 
         mean = harmless_means[index, min(round(point.layer), n_layers - 1)].double()
         mean = mean / mean.norm()
         vector = vector - (vector @ mean) * mean
-    return (vector / vector.norm()).float()
+    return vector / vector.norm()
 
 
 @dataclass(frozen=True)
@@ -156,6 +195,7 @@ class SearchSpace:
         n_layers: depth of the model (the profile spans every block).
         anchor: the paper's point; the direction's layer varies within ``layer_radius`` of it.
         layer_radius: how far (in layers) the direction may move from the anchor.
+        subspace: whether points may add a second direction (rank 2).
     """
 
     candidates: torch.Tensor
@@ -163,22 +203,36 @@ class SearchSpace:
     n_layers: int
     anchor: EditPoint
     layer_radius: float = 2.0
+    subspace: bool = True
 
     def suggest(self, trial: object) -> EditPoint:
         """An Optuna trial's point."""
         n_positions, n_extracted, _ = self.candidates.shape
         low = max(0.0, self.anchor.layer - self.layer_radius)
         high = min(float(n_extracted - 1), self.anchor.layer + self.layer_radius)
+        position = trial.suggest_int("position", -n_positions, -1)
         return EditPoint(
             layer=trial.suggest_float("layer", low, high),
-            position=trial.suggest_int("position", -n_positions, -1),
+            position=position,
             orthogonal=trial.suggest_categorical("orthogonal", [False, True]),
             embedding=trial.suggest_float("embedding", 0.0, MAX_STRENGTH),
             attention=trial.suggest_float("attention", 0.0, MAX_STRENGTH),
             mlp=trial.suggest_float("mlp", 0.0, MAX_STRENGTH),
             peak=trial.suggest_float("peak", 0.0, float(self.n_layers - 1)),
             width=trial.suggest_float("width", 0.0, float(self.n_layers)),
+            **self._second(trial, position, n_positions),
         )
+
+    def _second(self, trial: object, position: int, n_positions: int) -> dict[str, object]:
+        """The second direction: another EOI position (an offset from the first), and its weight; a
+        weight under ``MIN_SECOND_WEIGHT`` (or a single EOI position) keeps the point rank 1."""
+        if not self.subspace or n_positions < 2:
+            return {}
+        offset = trial.suggest_int("second_offset", 1, n_positions - 1)
+        weight = trial.suggest_float("second_weight", 0.0, 1.0)
+        if weight < MIN_SECOND_WEIGHT:
+            return {}
+        return {"second": (position + offset) % n_positions - n_positions, "second_weight": weight}
 
 
 @dataclass(frozen=True)
@@ -206,7 +260,11 @@ def batched_logits(
     points: list[EditPoint],
     directions: torch.Tensor,
 ) -> torch.Tensor:
-    """Last-position logits ``[n_points, n_prompts, vocab]`` with each point's edit hooked on its rows."""
+    """Last-position logits ``[n_points, n_prompts, vocab]`` with each point's edit hooked on its rows.
+
+    Args:
+        directions: ``[n_points, 2, d_model]``: each point's basis (``padded_bases``).
+    """
     copies = len(points)
 
     @contextmanager
@@ -214,21 +272,37 @@ def batched_logits(
         per_copy = rows // copies
         per_row = directions.repeat_interleave(per_copy, dim=0)
 
-        def strength_of(writer: ResolvedWriter) -> torch.Tensor:
-            values = torch.tensor([point.strength_of(writer) for point in points], dtype=torch.float32)
-            return values.repeat_interleave(per_copy)
+        def scales_of(writer: ResolvedWriter) -> torch.Tensor:
+            values = torch.tensor([_padded_scales(point, writer) for point in points], dtype=torch.float32)
+            return values.repeat_interleave(per_copy, dim=0)
 
-        with ablate_with_strengths(model, adapter, per_row, strength_of):
+        with ablate_subspace(model, adapter, per_row, scales_of):
             yield
 
     return copied_last_logits(model, encoded, hooks, copies)
+
+
+def padded_bases(points: list[EditPoint], space: SearchSpace) -> torch.Tensor:
+    """``[n_points, 2, d_model]``: each point's direction, with a zero second row for rank-1 points."""
+    bases = []
+    for point in points:
+        direction = point_direction(point, space.candidates, space.harmless_means)
+        bases.append(
+            direction if direction.dim() == 2 else torch.stack([direction, torch.zeros_like(direction)])
+        )
+    return torch.stack(bases)
+
+
+def _padded_scales(point: EditPoint, writer: ResolvedWriter) -> tuple[float, float]:
+    scales = point.strength_of(writer)
+    return (scales, 0.0) if isinstance(scales, float) else scales
 
 
 def score_points(
     model: nn.Module, adapter: Adapter, space: SearchSpace, data: SearchData, points: list[EditPoint]
 ) -> list[TrialScore]:
     """Cheap scores of ``points``, all in the same forward passes."""
-    directions = torch.stack([point_direction(p, space.candidates, space.harmless_means) for p in points])
+    directions = padded_bases(points, space)
     harmful = batched_logits(model, adapter, data.harmful, points, directions)
     harmless = batched_logits(model, adapter, data.harmless, points, directions)
     scores = []
@@ -314,6 +388,7 @@ def run_trials(
             "mlp": 1.0,
             "peak": 0.0,
             "width": 0.0,
+            **({"second_offset": 1, "second_weight": 0.0} if space.subspace else {}),
         }
     )
     started = time.perf_counter()
@@ -405,6 +480,8 @@ def point_metadata(point: EditPoint, n_layers: int) -> dict[str, str]:
     strength per block for every writer group), so a reader needs no knowledge of the profile's form.
     """
     strengths = {"embedding": point.embedding, "layers": point.layer_strengths(n_layers)}
+    if point.rank > 1:
+        strengths["weights"] = list(point.weights())
     return {POINT_KEY: json.dumps(asdict(point)), STRENGTHS_KEY: json.dumps(strengths)}
 
 
@@ -421,7 +498,8 @@ def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
     try:
         stored = json.loads(metadata[STRENGTHS_KEY])
         layers = {group: tuple(float(s) for s in values) for group, values in stored["layers"].items()}
-        return DeclaredEdit(torch.empty(0), {"embedding": float(stored["embedding"])}, 1.0, layers)
+        weights = tuple(float(w) for w in stored.get("weights", ()))
+        return DeclaredEdit(torch.empty(0), {"embedding": float(stored["embedding"])}, 1.0, layers, weights)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"the direction file's {STRENGTHS_KEY!r} metadata is malformed: {error}") from error
 
@@ -478,7 +556,7 @@ def search_edit(
     return SearchResult(trials, confirmed, chosen, {k: round(v, 3) for k, v in seconds.items()})
 
 
-def strength_function(point: EditPoint | None) -> Callable[[ResolvedWriter], float] | None:
+def strength_function(point: EditPoint | None) -> Callable[[ResolvedWriter], Strength] | None:
     """What the fold and the hooks are given for a chosen point (``None``: strength 1 everywhere)."""
     return None if point is None else point.strength_of
 
@@ -487,7 +565,8 @@ def declared_edit(direction: torch.Tensor, point: EditPoint | None, n_layers: in
     """The edit the certificate checks: ``direction`` with ``point``'s strengths."""
     if point is None:
         return DeclaredEdit(direction)
-    return DeclaredEdit(direction, {"embedding": point.embedding}, 1.0, point.layer_strengths(n_layers))
+    layers = point.layer_strengths(n_layers)
+    return DeclaredEdit(direction, {"embedding": point.embedding}, 1.0, layers, point.weights())
 
 
 def summary(result: SearchResult) -> dict[str, object]:
@@ -509,9 +588,9 @@ def declared_from_file(direction: torch.Tensor, metadata: dict[str, str]) -> Dec
     return replace(strengths_from_metadata(metadata), direction=direction)
 
 
-def writer_strengths(declared: DeclaredEdit) -> Callable[[ResolvedWriter], float] | None:
-    """The hooks' and the fold's per-writer strength for a declared edit; ``None`` when it is the
-    plain strength-1 edit (so callers keep the paper's code path)."""
-    if not declared.strengths and not declared.layer_strengths and declared.default_strength == 1.0:
+def writer_strengths(declared: DeclaredEdit) -> Callable[[ResolvedWriter], Strength] | None:
+    """The hooks' and the fold's per-writer strength for a declared edit (per row for a subspace);
+    ``None`` when it is the plain strength-1 edit (so callers keep the paper's code path)."""
+    if declared.is_plain():
         return None
-    return lambda writer: declared.strength_for(writer.group, writer.layer)
+    return lambda writer: declared.scales_for(writer.group, writer.layer)

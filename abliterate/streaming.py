@@ -29,7 +29,7 @@ from abliterate.adapters.spec import Adapter, Layout
 from abliterate.certificate import Certificate, DeclaredEdit
 from abliterate.checkpoint import atomic_directory, check_output_dir
 from abliterate.direction import unit_direction
-from abliterate.edit import ROWS_WRITE, orthogonalize_
+from abliterate.edit import ROWS_WRITE, Strength, orthogonalize_
 from abliterate.report import apply_card
 from abliterate.safetensors_io import (
     DTYPES,
@@ -110,7 +110,8 @@ def stream_apply(
     Args:
         checkpoint: a local directory with ``config.json`` and ``model.safetensors`` or a sharded
             ``model.safetensors.index.json``, or a Hub id ``owner/name`` (downloaded when not a local path).
-        direction: ``[d_model]`` refusal direction, any non-zero length (``orthogonalize`` normalizes it).
+        direction: ``[d_model]`` refusal direction, any non-zero length (``orthogonalize`` normalizes it),
+            or an orthonormal subspace ``[k, d_model]`` (its row weights in ``declared.weights``).
         output: directory to create; written atomically (temporary sibling, renamed at the end).
         architecture: use this registered model type's adapter instead of ``config.json``'s.
         overwrite: replace a non-empty ``output`` (only after everything was written successfully).
@@ -196,11 +197,11 @@ def _declared(vector: torch.Tensor, declared: DeclaredEdit | None) -> DeclaredEd
 
 def _strength_by_name(
     source: Path, architecture: str | None, declared: DeclaredEdit, plan: _Plan
-) -> Callable[[str], float] | None:
+) -> Callable[[str], Strength] | None:
     """Each edited tensor's strength by its on-disk name, or ``None`` for strength 1 everywhere."""
     from abliterate.certificate import canonical, read_structure
 
-    if not declared.strengths and not declared.layer_strengths and declared.default_strength == 1.0:
+    if declared.is_plain():
         return None
     required = read_structure(source, architecture).edits
     missing = [name for name in plan.edits if canonical(name) not in required]
@@ -210,9 +211,9 @@ def _strength_by_name(
             "strength cannot be applied to it; fold with `abliterate run` instead"
         )
 
-    def strength(name: str) -> float:
+    def strength(name: str) -> float | tuple[float, ...]:
         edit = required[canonical(name)]
-        return declared.strength_for(edit.group, edit.layer)
+        return declared.scales_for(edit.group, edit.layer)
 
     return strength
 
@@ -319,9 +320,9 @@ def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -
     ]
     token_embedding = (named_like or found_embeddings)[0]
     d_model = token_embedding.shape[-1]
-    if direction.shape[0] != d_model:
+    if direction.shape[-1] != d_model:
         raise ValueError(
-            f"the direction has {direction.shape[0]} entries but {checkpoint}'s embedding "
+            f"the direction has {direction.shape[-1]} entries but {checkpoint}'s embedding "
             f"{token_embedding.name} is {list(token_embedding.shape)} (d_model={d_model}): "
             "the direction belongs to another model"
         )
@@ -466,7 +467,7 @@ def _write_all(
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
-    strength_of: Callable[[str], float] | None = None,
+    strength_of: Callable[[str], Strength] | None = None,
 ) -> tuple[int, ...]:
     """Write every shard, the index, config.json and the other files; return the report's counts."""
     head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
@@ -514,7 +515,7 @@ def _write_all(
 
 
 def _orthogonalize_in_place(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float = 1.0
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
 ) -> None:
     """``weight ← orthogonalize(weight)``, tile by tile, exactly as the in-memory fold computes it."""
     orthogonalize_(weight, direction, layout, strength)

@@ -4,6 +4,7 @@ certificate proves per-layer strengths, and the choice honours the KL bound."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from abliterate.batching import all_position_logits, encode, last_logits
 from abliterate.certificate import DeclaredEdit, certify_checkpoint
 from abliterate.direction import load_direction, save_direction
 from abliterate.edit import fold_direction
-from abliterate.hooks import ablate_with_strengths
+from abliterate.hooks import ablate_edit, ablate_with_strengths
 from abliterate.search import (
     EditPoint,
     SearchData,
@@ -23,12 +24,14 @@ from abliterate.search import (
     TrialScore,
     batched_logits,
     choose,
+    padded_bases,
     pareto_front,
     point_direction,
     run_trials,
 )
 
 PROFILE = EditPoint(layer=1.4, position=-1, embedding=0.3, attention=1.2, mlp=0.6, peak=1.0, width=2.0)
+RANK2 = EditPoint(layer=1.0, position=-1, mlp=0.8, second=-2, second_weight=0.6)
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 
 
@@ -75,15 +78,25 @@ def test_batched_trials_equal_single_trials() -> None:
     adapter = resolve_adapter(model)
     candidates = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     means = torch.randn_like(candidates)
-    points = [PROFILE, EditPoint.paper(2, -2, orthogonal=True), EditPoint(0.5, -1, attention=0.0, mlp=1.5)]
-    directions = torch.stack([point_direction(p, candidates, means) for p in points])
+    points = [
+        PROFILE,
+        EditPoint.paper(2, -2, orthogonal=True),
+        EditPoint(0.5, -1, attention=0.0, mlp=1.5),
+        RANK2,
+    ]
+    space = SearchSpace(candidates, means, 4, EditPoint.paper(2, -1))
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8)
-    batched = batched_logits(model, adapter, prompts, points, directions)
+    batched = batched_logits(model, adapter, prompts, points, padded_bases(points, space))
     for index, point in enumerate(points):
-        with ablate_with_strengths(model, adapter, directions[index], point.strength_of):
+        direction = point_direction(point, candidates, means)
+        with ablate_edit(model, adapter, direction, point.strength_of):
             single = last_logits(model, adapter, prompts)[0]
         torch.testing.assert_close(batched[index], single, atol=1e-4, rtol=1e-4)
     assert (batched[0] - batched[1]).abs().max() > 1e-3  # the rows really carry different edits
+    rank1 = replace(RANK2, second=None, second_weight=0.0)
+    with ablate_edit(model, adapter, point_direction(rank1, candidates, means), rank1.strength_of):
+        without_second = last_logits(model, adapter, prompts)[0]
+    assert (batched[3] - without_second).abs().max() > 1e-3  # the second direction changes the logits
 
 
 def test_point_direction_options() -> None:
