@@ -200,6 +200,34 @@ def _fold_columns(
     _map_tiles(update, starts, workers)
 
 
+def norm_factors(
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
+) -> torch.Tensor:
+    """The diagonal ``D`` of the column-norm-preserving fold ``W' = (I − s r̂ r̂ᵀ) W D``.
+
+    Every vector the writer can emit for one input coordinate (a column of ``W`` in the linear layout, a
+    row in the rows layouts, one token's embedding) keeps its original length: with ``n = |w|²`` and
+    ``p_i = q_iᵀ w``, ``|(I − Σ s_i q_i q_iᵀ) w|² = n − Σ s_i (2 − s_i) p_i²`` in exact arithmetic, so
+    ``D = sqrt(n / that)`` (1 where the projected vector is zero). Computed in float64 from ``weight``.
+
+    Returns:
+        ``[d_in]`` (linear, conv1d), ``[vocab]`` (embedding), ``[E, d_in]`` (experts, experts_t).
+    """
+    basis = direction.reshape(-1, direction.shape[-1]).to(device=weight.device, dtype=torch.float64)
+    basis = basis / basis.norm(dim=-1, keepdim=True)
+    scales = _row_strengths(strength, basis)
+    wide = weight.detach().to(torch.float64)
+    if layout in ROWS_WRITE:
+        along, squared = wide @ basis.T, (wide * wide).sum(-1)  # [..., k], [...]
+    else:
+        along, squared = torch.einsum("kd,...di->...ik", basis, wide), (wide * wide).sum(-2)
+    projected = squared - (along.square() * scales * (2 - scales)).sum(-1)
+    tiny = torch.finfo(torch.float64).tiny
+    return torch.where(
+        projected > tiny, (squared / projected.clamp_min(tiny)).sqrt(), torch.ones_like(squared)
+    )
+
+
 def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Remove ``direction`` from a bias ``[d_model]`` or per-expert bias ``[E, d_model]``."""
     return orthogonalize(bias, direction, "embedding")

@@ -250,6 +250,69 @@ def ablate_subspace(
         yield
 
 
+@contextmanager
+def ablate_norm_preserving(
+    model: nn.Module, adapter: Adapter, direction: torch.Tensor, strength_of: Callable[[ResolvedWriter], Any]
+) -> Iterator[None]:
+    """The hook equivalent of the column-norm-preserving fold ``W' = (I − s r̂ r̂ᵀ) W D``
+    (``abliterate.edit.norm_factors``): scale what each writer reads by ``D``, then project its output.
+
+    An embedding's ``D`` is per token, so its hook scales each output row by ``D[token]``. Fused experts
+    have no module boundary between the expert choice and their weights, so they are refused.
+
+    Args:
+        direction: ``[d_model]``, or an orthonormal subspace ``[k, d_model]``.
+        strength_of: each writer's strength (per row of a subspace).
+    """
+    from abliterate.edit import norm_factors
+
+    basis = direction.reshape(-1, direction.shape[-1])
+    basis = basis / basis.norm(dim=-1, keepdim=True)
+
+    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
+        for writer in residual_writers(model, adapter):
+            if writer.layout in ("experts", "experts_t"):
+                raise ValueError(f"{writer.name}: a norm-preserving edit cannot scale a fused expert's input")
+            strength = strength_of(writer)
+            scales = torch.as_tensor(strength, dtype=torch.float64).expand(basis.shape[0])
+            factors = norm_factors(writer.weight_tensor(), basis, writer.layout, tuple(scales.tolist()))
+            yield writer.module.register_forward_hook(
+                _projecting(basis, scales, factors, writer.group == "embedding")
+            )
+            if writer.group != "embedding":
+                yield writer.module.register_forward_pre_hook(_scaling_input(factors))
+
+    with registered(list(handles())):
+        yield
+
+
+def _scaling_input(factors: torch.Tensor) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+        hidden = args[0]
+        scaled = (hidden.to(torch.float32) * factors.to(device=hidden.device, dtype=torch.float32)).to(
+            hidden.dtype
+        )
+        return (scaled, *args[1:])
+
+    return hook
+
+
+def _projecting(
+    basis: torch.Tensor, scales: torch.Tensor, factors: torch.Tensor, per_token: bool
+) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        def ablate(out: torch.Tensor) -> torch.Tensor:
+            projected = project_out_subspace(out, basis, scales)
+            if not per_token:
+                return projected
+            row_scale = factors.to(out.device)[args[0]].to(torch.float32)[..., None]
+            return (projected.to(torch.float32) * row_scale).to(out.dtype)
+
+        return _map_output(output, ablate)
+
+    return hook
+
+
 def ablate_edit(
     model: nn.Module,
     adapter: Adapter,

@@ -222,7 +222,8 @@ def run_lora(
         write_manifest(staging, manifest, subject.loaded.base_model)
         # The run's card (method, search, evaluation) beside the adapter's own README.
         (staging / "model_card.md").write_text((staging / "README.md").read_text("utf-8"), "utf-8")
-        (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity), "utf-8")
+        rank = int(lora.describe(staging)["r"])
+        (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity, rank=rank), "utf-8")
         return manifest
 
     return _publish(config, inputs, hub_api, write)

@@ -378,19 +378,8 @@ def run_trials(
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(16, trials))
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     anchor = space.anchor
-    study.enqueue_trial(
-        {
-            "layer": anchor.layer,
-            "position": anchor.position,
-            "orthogonal": anchor.orthogonal,
-            "embedding": 1.0,
-            "attention": 1.0,
-            "mlp": 1.0,
-            "peak": 0.0,
-            "width": 0.0,
-            **({"second_offset": 1, "second_weight": 0.0} if space.subspace else {}),
-        }
-    )
+    for params in warm_starts(space):
+        study.enqueue_trial(params)
     started = time.perf_counter()
     results: list[TrialScore] = []
     while len(results) < trials and (not results or time.perf_counter() - started < budget_s):
@@ -402,6 +391,33 @@ def run_trials(
             study.tell(trial, [score.refusal_score, score.kl])
             results.append(score)
     return results
+
+
+def warm_starts(space: SearchSpace) -> list[dict[str, object]]:
+    """The trials evaluated before the sampler's own: the paper's point first, then the points the
+    issue's hook measurements on the demo found best at low KL (the direction ⊥ the harmless mean; a
+    second EOI position's direction at weight 0.25; both; and a profile that fades the late writers),
+    so TPE starts from what is known instead of rediscovering it."""
+    anchor = space.anchor
+    paper = {
+        "layer": anchor.layer,
+        "position": anchor.position,
+        "orthogonal": anchor.orthogonal,
+        "embedding": 1.0,
+        "attention": 1.0,
+        "mlp": 1.0,
+        "peak": 0.0,
+        "width": 0.0,
+    }
+    n_positions = space.candidates.shape[0]
+    if space.subspace and n_positions > 1:
+        paper.update(second_offset=n_positions - 1, second_weight=0.0)  # offset n − 1: position − 1
+    starts = [paper, {**paper, "orthogonal": True}]
+    faded = {**paper, "orthogonal": True, "peak": anchor.layer, "width": float(space.n_layers)}
+    starts.append(faded)
+    if "second_weight" in paper:
+        starts += [{**paper, "second_weight": 0.25}, {**paper, "orthogonal": True, "second_weight": 0.25}]
+    return starts
 
 
 def finalists(trials: list[TrialScore], max_kl: float, count: int) -> list[TrialScore]:

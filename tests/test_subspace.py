@@ -176,3 +176,53 @@ def test_direction_file_and_apply_reproduce_a_rank2_point(tmp_path: Path) -> Non
         main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(first), "--no-forward"]
     )
     assert wrong.exit_code == 2, wrong.output
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "embedding"])
+def test_norm_factors_keep_every_written_vector_length(layout: str) -> None:
+    """``(I − s Q Qᵀ) W D`` keeps the length of every vector the writer emits per input coordinate."""
+    from abliterate.edit import norm_factors
+
+    d = 24
+    shape = {"linear": (d, 16), "conv1d": (16, d), "embedding": (40, d)}[layout]
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    basis, scales = _basis(d).double(), (0.9, 0.3)
+    factors = norm_factors(weight, basis, layout, scales)
+    folded = orthogonalize(weight, basis, layout, scales)
+    columns = layout == "linear"
+    scaled = folded * (factors[None, :] if columns else factors[:, None])
+    lengths = (lambda w: w.norm(dim=0)) if columns else (lambda w: w.norm(dim=1))
+    torch.testing.assert_close(lengths(scaled), lengths(weight))
+    assert (lengths(folded) < lengths(weight) - 1e-6).any()  # the plain fold does shorten them
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
+    """The norm-preserving hooks equal a model whose weights hold ``(I − s r̂ r̂ᵀ) W D`` and whose biases
+    hold ``(I − s r̂ r̂ᵀ) b``."""
+    from abliterate.adapters import residual_writers
+    from abliterate.edit import norm_factors
+    from abliterate.hooks import ablate_norm_preserving
+
+    model = make_model(model_type)
+    adapter = resolve_adapter(model)
+    direction = _basis(model.config.hidden_size)[0]
+    prompts = encode(make_tokenizer(), PROMPTS, batch_size=8, share_prefix=False)
+    with ablate_norm_preserving(model, adapter, direction, lambda writer: 0.8):
+        hooked = all_position_logits(model, prompts)
+    edited = copy.deepcopy(model)
+    fold_direction(edited, adapter, direction, writers=[])  # unties a tied head, edits nothing
+    for writer in residual_writers(edited, adapter):
+        weight = writer.weight_tensor()
+        factors = norm_factors(weight, direction, writer.layout, 0.8).to(weight.dtype)
+        folded = orthogonalize(weight, direction, writer.layout, 0.8)
+        rows = writer.layout in ("conv1d", "embedding")
+        weight.data.copy_(folded * (factors[:, None] if rows else factors[None, :]))
+        bias = writer.bias_tensor()
+        if bias is not None:
+            bias.data.copy_(orthogonalize(bias, direction, "embedding", 0.8))
+    scale = hooked.abs().max()
+    assert (hooked - all_position_logits(edited, prompts)).abs().max() <= 1e-4 * scale
+    plain = copy.deepcopy(model)
+    fold_direction(plain, adapter, direction, strength_of=lambda writer: 0.8)
+    assert (hooked - all_position_logits(plain, prompts)).abs().max() > 1e-3 * scale  # a different edit
