@@ -49,6 +49,8 @@ MLP_GROUPS = ("mlp", "experts", "shared_experts")
 MAX_STRENGTH = 1.5
 # A second direction weighted less than this is dropped (the point stays rank 1).
 MIN_SECOND_WEIGHT = 0.05
+# The finalists' KL bounds, as multiples of --max-kl (``finalists``).
+LADDER = (1.3, 1.0, 0.8, 0.6, 0.45, 0.3)
 
 
 @dataclass(frozen=True)
@@ -396,8 +398,8 @@ def run_trials(
 def warm_starts(space: SearchSpace) -> list[dict[str, object]]:
     """The trials evaluated before the sampler's own: the paper's point first, then the points the
     issue's hook measurements on the demo found best at low KL (the direction ⊥ the harmless mean; a
-    second EOI position's direction at weight 0.25; both; and a profile that fades the late writers),
-    so TPE starts from what is known instead of rediscovering it."""
+    second EOI position's direction at weight 0.25; both; a profile that fades the late writers; and
+    uniform strengths below 1), so TPE starts from what is known instead of rediscovering it."""
     anchor = space.anchor
     paper = {
         "layer": anchor.layer,
@@ -412,23 +414,40 @@ def warm_starts(space: SearchSpace) -> list[dict[str, object]]:
     n_positions = space.candidates.shape[0]
     if space.subspace and n_positions > 1:
         paper.update(second_offset=n_positions - 1, second_weight=0.0)  # offset n − 1: position − 1
-    starts = [paper, {**paper, "orthogonal": True}]
-    faded = {**paper, "orthogonal": True, "peak": anchor.layer, "width": float(space.n_layers)}
-    starts.append(faded)
+    orthogonal = {**paper, "orthogonal": True}
+    starts = [paper, orthogonal]
+    starts.append({**orthogonal, "peak": anchor.layer, "width": float(space.n_layers)})
     if "second_weight" in paper:
-        starts += [{**paper, "second_weight": 0.25}, {**paper, "orthogonal": True, "second_weight": 0.25}]
+        starts += [{**paper, "second_weight": 0.25}, {**orthogonal, "second_weight": 0.25}]
+    # A uniform strength below 1 trades refusals for KL smoothly (0.9: KL 0.076 → 0.062 at the same
+    # 1/32 refusals on the demo, benchmarks/edit_levers.py).
+    for strength in (0.85, 0.75):
+        uniform = {"embedding": strength, "attention": strength, "mlp": strength}
+        starts += [{**paper, **uniform}, {**orthogonal, **uniform}]
     return starts
 
 
 def finalists(trials: list[TrialScore], max_kl: float, count: int) -> list[TrialScore]:
-    """The paper's point and the ``count`` lowest-refusal-score trials under ``1.5 × max_kl``.
+    """The paper's point and up to ``count`` trials on a ladder of KL bounds below and around ``max_kl``.
 
     The cheap KL comes from a few prompts, so the confirmation re-measures it on the whole harmless
-    val split; the margin keeps points whose cheap estimate was slightly high.
+    val split. Rather than the ``count`` lowest refusal scores (which crowd at the top of the allowed
+    KL and tend to fail the re-measured bound together), finalist ``i`` is the lowest-refusal-score trial
+    not yet picked whose cheap KL is under ``LADDER[i] × max_kl``; unused rungs fall back to the next
+    best trial under the top rung.
     """
-    under = [trial for trial in trials[1:] if trial.kl <= 1.5 * max_kl]
-    best = sorted(under, key=lambda trial: trial.refusal_score)[:count]
-    return [trials[0], *best]
+    picked: list[TrialScore] = []
+    ranked = sorted(trials[1:], key=lambda trial: trial.refusal_score)
+    for rung in LADDER[:count]:
+        best = next((t for t in ranked if t.kl <= rung * max_kl and t not in picked), None)
+        if best is not None:
+            picked.append(best)
+    for trial in ranked:
+        if len(picked) >= count:
+            break
+        if trial.kl <= LADDER[0] * max_kl and trial not in picked:
+            picked.append(trial)
+    return [trials[0], *picked]
 
 
 def choose(confirmed: list[TrialScore], max_kl: float) -> TrialScore:
