@@ -32,7 +32,7 @@ _EXPORTS = {
     "ParityError": "abliterate.gate",
     "CompletenessReport": "abliterate.residual",
     "check_completeness": "abliterate.residual",
-    "RunResult": "abliterate.pipeline",
+    "RunResult": "abliterate.stages.publishing",
     "run": "abliterate.pipeline",
     "RefusalDirection": "abliterate.select",
     "select_direction": "abliterate.select",

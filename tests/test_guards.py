@@ -98,13 +98,13 @@ def test_layer_unknown_to_the_config_fails_before_extraction(
     from abliterate.sources import SourceInfo
 
     monkeypatch.setattr(
-        "abliterate.pipeline.describe_source", lambda name: SourceInfo(name, Path(name), None)
+        "abliterate.stages.subject.describe_source", lambda name: SourceInfo(name, Path(name), None)
     )
 
     def must_not_extract(*args: object, **kwargs: object) -> None:
         raise AssertionError("extraction ran with an impossible --position")
 
-    monkeypatch.setattr("abliterate.pipeline.extract_means", must_not_extract)
+    monkeypatch.setattr("abliterate.stages.finding.extract_means", must_not_extract)
     args = ["run", str(source), "-o", str(tmp_path / "out"), "--layer", "0", "--position", "-99", *FAST]
     _one_line_error(CliRunner().invoke(main, args), "--position -99 is out of range")
 

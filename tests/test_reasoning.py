@@ -116,10 +116,11 @@ def test_run_scores_closed_and_evaluates_past_the_block(
     r1_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import abliterate.evaluate
-    import abliterate.pipeline
+    import abliterate.stages.gating
+    import abliterate.stages.subject
 
     encodings: list[bool] = []
-    real_encode = abliterate.pipeline.encode
+    real_encode = abliterate.stages.subject.encode
 
     def recording_encode(*args: object, chat: ChatFormat | None = None, **kwargs: object) -> object:
         encodings.append(chat is not None and chat.close_thinking)
@@ -137,7 +138,9 @@ def test_run_scores_closed_and_evaluates_past_the_block(
         generations.append(options)
         return next(canned)
 
-    monkeypatch.setattr(abliterate.pipeline, "encode", recording_encode)
+    # Subject.encoded (extraction, selection, evaluation) and the parity prompts both encode.
+    monkeypatch.setattr(abliterate.stages.subject, "encode", recording_encode)
+    monkeypatch.setattr(abliterate.stages.gating, "encode", recording_encode)
     monkeypatch.setattr(abliterate.evaluate, "generate_replies", fake_generate)
     output = tmp_path / "out"
     args = ["run", str(r1_model), "-o", str(output), "--layer", "1", "--position", "-1", "--n-train", "4"]
@@ -178,17 +181,17 @@ def test_run_scores_closed_and_evaluates_past_the_block(
 def test_template_kwargs_reach_the_template(
     r1_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import abliterate.pipeline
+    import abliterate.stages.subject
 
     seen: list[dict] = []
-    real = abliterate.pipeline._chat_formats
+    real = abliterate.stages.subject._chat_formats
 
     def recording(config: object, tokenizer: object) -> tuple[ChatFormat, ChatFormat]:
         formats = real(config, tokenizer)
         seen.append(formats[1].template_kwargs)
         return formats
 
-    monkeypatch.setattr(abliterate.pipeline, "_chat_formats", recording)
+    monkeypatch.setattr(abliterate.stages.subject, "_chat_formats", recording)
     args = [
         "run",
         str(r1_model),
