@@ -25,23 +25,19 @@ check's job (``abliterate.residual.completeness``), which runs on real prompts.
 from __future__ import annotations
 
 import logging
-import mmap
 import re
 import time
-import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit import ROWS_WRITE, compute_dtype, one_intra_op_thread, orthogonalize_, ulp
-from abliterate.safetensors_io import DTYPES, Shard, TensorEntry, find_shards, read_header, read_tensor
+from abliterate.edit import ROWS_WRITE, compute_dtype, orthogonalize_, ulp
+from abliterate.safetensors_io import DTYPES, ChunkedReader, Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +57,6 @@ _TEXT_PREFIXES = (
 )
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _MAX_LISTED_FAILURES = 20
-_COMPARE_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -319,7 +314,7 @@ def certify_checkpoint(
     _check_names(structure, source, target, tally)
     _check_config(original, edited, structure, declared, tally)
     total = sum(entry.end - entry.start for _, entry in target.values())
-    reader = _Reader()
+    reader = ChunkedReader()
     try:
         with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
             for name, (path, entry) in target.items():
@@ -427,101 +422,6 @@ class _Tally:
         )
 
 
-class _Reader:
-    """Reads stored tensors through memory maps, one range at a time, and compares them at memory speed.
-
-    Comparisons map ``_COMPARE_CHUNK`` bytes of each file at a time, so resident memory stays at the
-    one tensor being folded (a reused buffer, as in streaming ``apply``) plus two chunks; only a
-    tensor that is not bitwise equal to this machine's fold (the bounded path) is read a second time
-    into memory of its own.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[Path, BinaryIO] = {}
-        self.buffer = bytearray(0)
-        self.bytes_read = 0
-
-    def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()
-
-    def _file(self, path: Path) -> BinaryIO:
-        if path not in self.files:
-            self.files[path] = open(path, "rb")
-        return self.files[path]
-
-    def tensor(self, location: tuple[Path, TensorEntry], fresh: bool = False) -> torch.Tensor:
-        """The tensor at ``location``, in the shared buffer (or its own memory with ``fresh``)."""
-        path, entry = location
-        size = entry.end - entry.start
-        if fresh:
-            buffer = bytearray(size)
-        else:
-            if len(self.buffer) < size:
-                self.buffer = bytearray(size)
-            buffer = self.buffer
-        _, tensor = read_tensor(self._file(path), entry, buffer)
-        self.bytes_read += size
-        return tensor
-
-    @contextmanager
-    def _mapped(self, path: Path, start: int, length: int) -> Iterator[torch.Tensor]:
-        """``length`` bytes of ``path`` from ``start`` as a read-only uint8 tensor over a memory map."""
-        if length == 0:
-            yield torch.zeros(0, dtype=torch.uint8)
-            return
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(
-            self._file(path).fileno(), length + start - aligned, offset=aligned, access=mmap.ACCESS_READ
-        )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the view is only ever read
-                view = torch.frombuffer(mapping, dtype=torch.uint8, offset=start - aligned, count=length)
-            self.bytes_read += length
-            yield view
-            del view
-        finally:
-            try:
-                mapping.close()
-            except BufferError:  # a view is still referenced (an exception in flight): the GC closes it
-                pass
-
-    def _ranges(self, entry: TensorEntry) -> Iterator[tuple[int, int]]:
-        for offset in range(0, entry.end - entry.start, _COMPARE_CHUNK):
-            yield offset, min(_COMPARE_CHUNK, entry.end - entry.start - offset)
-
-    def same_bytes(self, first: tuple[Path, TensorEntry], second: tuple[Path, TensorEntry]) -> bool:
-        """Whether two stored tensors of the same size hold the same bytes."""
-        (left_path, left), (right_path, right) = first, second
-        for offset, length in self._ranges(right):
-            with self._mapped(left_path, left.start + offset, length) as a:
-                with self._mapped(right_path, right.start + offset, length) as b:
-                    if not _equal_bytes(a, b):
-                        return False
-        return True
-
-    def matches(self, expected: torch.Tensor, location: tuple[Path, TensorEntry]) -> bool:
-        """Whether the stored tensor at ``location`` has exactly the bytes of ``expected``."""
-        path, entry = location
-        flat = expected.contiguous().view(-1).view(torch.uint8)
-        if flat.numel() != entry.end - entry.start:
-            return False
-        for offset, length in self._ranges(entry):
-            with self._mapped(path, entry.start + offset, length) as stored:
-                if not _equal_bytes(flat[offset : offset + length], stored):
-                    return False
-        return True
-
-
-def _equal_bytes(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Bytewise equality of two uint8 tensors, eight bytes at a time where aligned (7x faster measured)."""
-    with one_intra_op_thread():
-        if first.numel() % 8 == 0 and first.data_ptr() % 8 == 0 and second.data_ptr() % 8 == 0:
-            return torch.equal(first.view(torch.int64), second.view(torch.int64))
-        return torch.equal(first, second)
-
-
 def _certify_tensor(
     name: str,
     original: tuple[Path, TensorEntry],
@@ -529,7 +429,7 @@ def _certify_tensor(
     required: RequiredEdit | None,
     declared: DeclaredEdit,
     tally: _Tally,
-    reader: _Reader,
+    reader: ChunkedReader,
 ) -> None:
     tally.n_tensors += 1
     source_entry, target_entry = original[1], edited[1]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from abliterate.adapters import Adapter, Layout, ResolvedWriter, residual_writers
 from abliterate.adapters.resolve import embeddings_of, locate
+from abliterate.threads import one_intra_op_thread
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
 ROWS_WRITE = ("conv1d", "experts_t", "embedding")
@@ -120,21 +120,6 @@ def _fold_in_place(
             _fold_columns(expert, r, strength, workers)
     else:
         _fold_columns(weight, r, strength, workers)
-
-
-@contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Run torch operations on one intra-op thread: a tile is too small to split, and on a busy 2-core
-    machine the per-operation barrier of a second thread made the loop up to 80x slower (measured)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> list[T]:
