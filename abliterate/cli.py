@@ -205,7 +205,7 @@ def apply_command(
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
         from abliterate.direction import load_direction
-        from abliterate.search import declared_from_file
+        from abliterate.search_io import declared_from_file
         from abliterate.streaming import stream_apply
 
         direction, metadata = load_direction(direction_file)

@@ -292,7 +292,7 @@ def peft_parity(
     """
     from abliterate.gate import dithered, hooked_reference
     from abliterate.parity import SIXTEEN_BIT, RoundingFloor, compare_logits, measure_floor
-    from abliterate.search import writer_strengths
+    from abliterate.search_io import writer_strengths
 
     strength_of = writer_strengths(declared)
     reference = hooked_reference(model, adapter, declared.direction, prompts, dtype, strength_of)
@@ -349,7 +349,7 @@ def apply_lora(
     from abliterate.gate import ParityError
     from abliterate.loading import load_model
     from abliterate.prompts import bundled
-    from abliterate.search import writer_strengths
+    from abliterate.search_io import writer_strengths
 
     target = check_output_dir(output, overwrite)
     loaded = load_model(checkpoint)

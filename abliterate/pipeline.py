@@ -13,8 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from abliterate import checkpoint
-from abliterate import search as family
+from abliterate import checkpoint, search_io
 from abliterate.config import RunConfig
 from abliterate.gate import GateReport, completeness_on
 from abliterate.report import model_card
@@ -128,7 +127,7 @@ def run_streamed(
             staging,
             architecture=config.architecture,
             progress=config.progress,
-            declared=family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
+            declared=search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
         )
         gate.certificate = streamed.certificate
         save_direction_files(staging, config, subject, chosen)
@@ -161,7 +160,7 @@ def run_lora(
     prompts = parity_prompts(config, subject, inputs)
     gate = GateReport(completeness=timed("verify", completeness_on, model, adapter, prompts))
     gate.skipped["certificate"] = "--format lora: no checkpoint written; parity is checked through peft"
-    declared = family.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
+    declared = search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
     base_model = subject.loaded.base_model or config.model
 
     def write(staging: Path) -> dict[str, Any]:

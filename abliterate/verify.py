@@ -52,7 +52,7 @@ def verify_checkpoints(
     from abliterate.certificate import certify_checkpoint
     from abliterate.direction import load_direction
     from abliterate.gate import GateReport
-    from abliterate.search import declared_from_file
+    from abliterate.search_io import declared_from_file
     from abliterate.streaming import local_checkpoint
 
     direction, metadata = load_direction(direction_file)
@@ -118,7 +118,7 @@ def _forward_checks(
     from abliterate.gate import completeness_on, edited_parity, hooked_reference
     from abliterate.loading import load_model
     from abliterate.parity import compare_logits
-    from abliterate.search import writer_strengths
+    from abliterate.search_io import writer_strengths
 
     direction = declared.direction
     reference_model = load_model(original, **options)

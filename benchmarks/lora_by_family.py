@@ -41,7 +41,8 @@ from abliterate.adapters import registered_model_types, residual_writers, resolv
 from abliterate.batching import encode  # noqa: E402
 from abliterate.certificate import DeclaredEdit  # noqa: E402
 from abliterate.lora import adapter_size, describe, peft_parity, write_lora  # noqa: E402
-from abliterate.search import EditPoint, declared_edit, writer_strengths  # noqa: E402
+from abliterate.search import EditPoint  # noqa: E402
+from abliterate.search_io import declared_edit, writer_strengths  # noqa: E402
 
 COMMAND = "python benchmarks/lora_by_family.py"
 POINT = EditPoint(

@@ -16,7 +16,8 @@ from abliterate.adapters import registered_model_types, residual_writers, resolv
 from abliterate.batching import encode
 from abliterate.certificate import DeclaredEdit
 from abliterate.lora import describe, lora_state, peft_parity, write_lora
-from abliterate.search import EditPoint, declared_edit, writer_strengths
+from abliterate.search import EditPoint
+from abliterate.search_io import declared_edit, writer_strengths
 
 pytest.importorskip("peft")
 
@@ -193,7 +194,7 @@ def test_apply_format_lora_writes_a_rank2_adapter_and_a_rank1_file_fails_against
 
     from abliterate.cli import main
     from abliterate.direction import load_direction, save_direction
-    from abliterate.search import declared_from_file, point_metadata
+    from abliterate.search_io import declared_from_file, point_metadata
 
     source = save_tiny(tmp_path / "model", "qwen2")
     model = AutoModelForCausalLM.from_pretrained(source).eval()

@@ -136,7 +136,7 @@ def test_certificate_proves_a_layer_profile(tmp_path: Path) -> None:
 
 
 def test_direction_file_keeps_the_point(tmp_path: Path) -> None:
-    from abliterate.search import point_metadata, strengths_from_metadata
+    from abliterate.search_io import point_metadata, strengths_from_metadata
 
     direction = torch.randn(16)
     path = save_direction(tmp_path / "d.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, 4))
@@ -228,7 +228,7 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
-    from abliterate.search import point_metadata
+    from abliterate.search_io import point_metadata
 
     source = save_tiny(tmp_path / "original", model_type)
     model = AutoModelForCausalLM.from_pretrained(source)
@@ -285,7 +285,7 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     import json
 
     from abliterate import run
-    from abliterate.search import strengths_from_metadata
+    from abliterate.search_io import strengths_from_metadata
 
     result = run(_search_config(tiny_qwen2, tmp_path / "out"))
     front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())

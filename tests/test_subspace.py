@@ -17,7 +17,8 @@ from abliterate.certificate import DeclaredEdit, certify_checkpoint
 from abliterate.direction import load_direction, save_direction, unit_direction
 from abliterate.edit import check_basis, fold_direction, orthogonalize
 from abliterate.hooks import ablate_edit
-from abliterate.search import EditPoint, declared_from_file, point_direction, point_metadata
+from abliterate.search import EditPoint, point_direction
+from abliterate.search_io import declared_from_file, point_metadata
 
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 POINT = EditPoint(

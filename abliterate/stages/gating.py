@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 # edit is called through its module, so tests can replace the fold (a broken one) by patching it.
-from abliterate import edit
+from abliterate import edit, search_io
 from abliterate import search as family
 from abliterate.adapters import Adapter
 from abliterate.batching import (
@@ -117,7 +117,7 @@ def certify_saved(
     gate.certificate = certify_checkpoint(
         source,
         staging,
-        family.declared_edit(chosen.direction, chosen.edit_point, n_layers),
+        search_io.declared_edit(chosen.direction, chosen.edit_point, n_layers),
         architecture=config.architecture,
         progress=config.progress,
     )

@@ -17,8 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 # checkpoint is called through its module, so tests can replace the save (an interrupted one) by patching it.
-from abliterate import __version__, checkpoint
-from abliterate import search as family
+from abliterate import __version__, checkpoint, search_io
 from abliterate.config import RunConfig
 from abliterate.direction import save_direction
 from abliterate.gate import GateReport
@@ -68,7 +67,7 @@ def save_direction_files(
     )
     if chosen.search is not None:
         png = directory / "pareto_front.png"
-        family.save_front(chosen.search, config.search_max_kl, directory / "pareto_front.json", png)
+        search_io.save_front(chosen.search, config.search_max_kl, directory / "pareto_front.json", png)
     if chosen.scores:
         starred = (chosen.position + subject.n_eoi, chosen.layer)
         plot_candidate_scores(chosen.scores, starred, directory / "candidate_scores.png")
@@ -79,7 +78,7 @@ def save_direction_files(
 def _point_metadata(chosen: RefusalDirection, subject: Subject) -> dict[str, str]:
     if chosen.edit_point is None:
         return {}
-    return family.point_metadata(chosen.edit_point, subject.n_layers)
+    return search_io.point_metadata(chosen.edit_point, subject.n_layers)
 
 
 def build_manifest(
@@ -114,7 +113,7 @@ def build_manifest(
             "project_harmless": config.project_harmless,
             "edit_point": None if chosen.edit_point is None else asdict(chosen.edit_point),
         },
-        "search": None if chosen.search is None else family.summary(chosen.search),
+        "search": None if chosen.search is None else search_io.summary(chosen.search),
         "parity": gate.to_dict(),
         "evaluation": evaluation,
         # The configuration as run: ``--batch-size auto`` shows the size it resolved to.
