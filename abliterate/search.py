@@ -48,7 +48,7 @@ MAX_STRENGTH = 1.5
 # A second direction weighted less than this is dropped (the point stays rank 1).
 MIN_SECOND_WEIGHT = 0.05
 # The finalists' KL bounds, as multiples of --max-kl (``finalists``).
-LADDER = (1.3, 1.0, 0.8, 0.6, 0.45, 0.3)
+LADDER = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)
 
 
 @dataclass(frozen=True)
@@ -426,13 +426,12 @@ def warm_starts(space: SearchSpace) -> list[dict[str, object]]:
 
 
 def finalists(trials: list[TrialScore], max_kl: float, count: int) -> list[TrialScore]:
-    """The paper's point and up to ``count`` trials on a ladder of KL bounds below and around ``max_kl``.
+    """The paper's point and up to ``count`` trials on a ladder of KL bounds at and below ``max_kl``.
 
-    The cheap KL comes from a few prompts, so the confirmation re-measures it on the whole harmless
-    val split. Rather than the ``count`` lowest refusal scores (which crowd at the top of the allowed
-    KL and tend to fail the re-measured bound together), finalist ``i`` is the lowest-refusal-score trial
-    not yet picked whose cheap KL is under ``LADDER[i] × max_kl``; unused rungs fall back to the next
-    best trial under the top rung.
+    Rather than the ``count`` lowest refusal scores (which crowd at the top of the allowed KL and share
+    its risk), finalist ``i`` is the lowest-refusal-score trial not yet picked whose trial KL is under
+    ``LADDER[i] × max_kl``; unused rungs fall back to the next best trial under the top rung. The
+    confirmation then counts refusals by generation, where the cheap refusal score can mislead.
     """
     picked: list[TrialScore] = []
     ranked = sorted(trials[1:], key=lambda trial: trial.refusal_score)

@@ -168,18 +168,18 @@ def test_finalists_climb_a_ladder_of_kl_bounds() -> None:
     from abliterate.search import finalists
 
     paper = _trial(-3.0, 0.08)
-    crowded = [_trial(-2.9 + 0.01 * i, 0.062) for i in range(4)]  # all just under 1.3 × 0.05
-    lower = [_trial(-2.0, 0.049), _trial(-1.5, 0.039), _trial(-1.0, 0.01)]
+    crowded = [_trial(-2.9 + 0.01 * i, 0.049) for i in range(4)]  # all just under the bound 0.05
+    lower = [_trial(-2.0, 0.039), _trial(-1.5, 0.029), _trial(-1.0, 0.01)]
     picked = finalists([paper, *crowded, *lower], 0.05, 4)
     assert picked[0] is paper
-    assert [trial.kl for trial in picked[1:]] == [0.062, 0.049, 0.039, 0.01]  # one per rung
+    assert [trial.kl for trial in picked[1:]] == [0.049, 0.039, 0.029, 0.01]  # one per rung
     # Without trials at the lower rungs, the remaining slots go to the next best under the top rung.
     assert [trial.refusal_score for trial in finalists([paper, *crowded], 0.05, 3)[1:]] == [
         -2.9,
         -2.89,
         -2.88,
     ]
-    assert finalists([paper, _trial(-5.0, 0.5)], 0.05, 3) == [paper]  # nothing over 1.3 × the bound
+    assert finalists([paper, _trial(-5.0, 0.051)], 0.05, 3) == [paper]  # nothing over the bound
 
 
 def test_search_evaluates_the_paper_point_first() -> None:

@@ -406,9 +406,10 @@ def test_missing_local_path_that_is_no_hub_id(tmp_path: Path) -> None:
         (_direction(size=D_MODEL + 1), r"65 entries .*d_model=64.*another model"),
         (torch.zeros(D_MODEL), "zero vector"),
         (torch.full((D_MODEL,), math.nan), "NaN or infinite"),
-        (torch.ones(2, D_MODEL), "must be 1-D"),
+        (torch.ones(2, D_MODEL), "orthonormal"),  # a subspace's rows must be orthogonal
+        (torch.ones(2, 3, D_MODEL), r"must be \[d_model\]"),
     ],
-    ids=["wrong-size", "zero", "nan", "2d"],
+    ids=["wrong-size", "zero", "nan", "2d-not-orthogonal", "3d"],
 )
 def test_bad_direction(llama_checkpoint: Path, tmp_path: Path, direction: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -496,7 +497,8 @@ def test_direction_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no tensor named 'direction'.*other"):
         load_direction(tmp_path / "other.safetensors")
     for name, tensor, message in [
-        ("matrix", torch.ones(2, 4), "must be 1-D"),
+        ("matrix", torch.ones(2, 4), "orthonormal"),
+        ("cube", torch.ones(2, 2, 4), r"must be \[d_model\]"),
         ("nan", torch.tensor([1.0, math.inf]), "NaN or infinite"),
         ("zero", torch.zeros(4), "zero vector"),
     ]:

@@ -88,17 +88,18 @@ def search(
         return chosen
     model, adapter = subject.model, subject.adapter
     harmful, harmless = inputs.harmful.val, inputs.harmless.val
-    trial_harmless = subject.encoded(harmless[: config.search_prompts])
+    # The trials' KL is measured on every harmless val prompt, the same prompts the choice is judged on:
+    # KL is heavy-tailed over prompts, and on 8 of them it read half the 32-prompt value on the demo.
+    confirm_harmless = subject.encoded(harmless)
+    reference = last_logits(model, adapter, confirm_harmless)[0]
     data = family.SearchData(
         subject.encoded(harmful[: config.search_prompts]),
-        trial_harmless,
-        last_logits(model, adapter, trial_harmless)[0],
+        confirm_harmless,
+        reference,
         refusal_token_ids(subject.tokenizer),
     )
     anchor = family.EditPoint.paper(chosen.layer, chosen.position, config.project_harmless)
     space = family.SearchSpace(candidates, harmless_means, subject.n_layers, anchor)
-    confirm_harmless = subject.encoded(harmless)
-    reference = last_logits(model, adapter, confirm_harmless)[0]
 
     def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
         with ablate_edit(model, adapter, direction, point.strength_of):
