@@ -291,8 +291,11 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
     return {
         "tensor": name,
         "shape": list(source.shape),
-        "device_fold_bound_ratio": round(_worst_bound_ratio(source, exact, device_fold), 4),
-        "cpu_fold_bound_ratio": round(_worst_bound_ratio(source, exact, cpu_fold), 4),
+        "device_fold_bound_ratio": round(
+            _worst_bound_ratio(source, exact, device_fold, direction, layout, 1.0), 4
+        ),
+        "cpu_fold_bound_ratio": round(_worst_bound_ratio(source, exact, cpu_fold, direction, layout, 1.0), 4),
+        "device_fold_old_bound_ratio": round(float(ratio.max()), 4),
         "elements_device_ne_cpu": int((device_fold != cpu_fold).sum()),
         "worst": {
             "index": [row, column],
