@@ -44,3 +44,28 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama checkpoint with tied embeddings."""
     return save_tiny(tmp_path_factory.mktemp("tiny-llama-tied"), "llama", tie_word_embeddings=True)
+
+
+def assert_apply_equals_fold(source: Path, direction_file: Path, folded: Path, output: Path) -> None:
+    """``abliterate apply`` of ``direction_file`` onto ``source`` writes exactly the tensors of the
+    in-memory fold saved in ``folded``, and ``abliterate verify`` proves it."""
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from abliterate.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["apply", str(source), "--direction", str(direction_file), "--output", str(output)]
+    )
+    assert result.exit_code == 0, result.output
+    expected, applied = load_file(folded / "model.safetensors"), {}
+    for shard in output.glob("*.safetensors"):
+        applied.update(load_file(shard))
+    for name, tensor in expected.items():
+        assert torch.equal(applied[name], tensor), name
+    verified = runner.invoke(
+        main, ["verify", str(source), str(output), "--direction", str(direction_file), "--json"]
+    )
+    assert verified.exit_code == 0, verified.output

@@ -223,8 +223,7 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
     """``apply`` streams a searched point bitwise like the in-memory fold; ``verify`` proves it; a file
     without the strengths (the paper's edit) gives other weights and fails verification."""
     from click.testing import CliRunner
-    from conftest import save_tiny
-    from safetensors.torch import load_file
+    from conftest import assert_apply_equals_fold, save_tiny
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
@@ -241,21 +240,8 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
         tmp_path / "searched.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, n_layers)
     )
     plain = save_direction(tmp_path / "plain.safetensors", direction, 1, -1, "x")
-    runner = CliRunner()
-    result = runner.invoke(
-        main, ["apply", str(source), "--direction", str(searched), "--output", str(tmp_path / "applied")]
-    )
-    assert result.exit_code == 0, result.output
-    folded, applied = load_file(tmp_path / "folded" / "model.safetensors"), {}
-    for path in (tmp_path / "applied").glob("*.safetensors"):
-        applied.update(load_file(path))
-    for name, tensor in folded.items():
-        assert torch.equal(applied[name], tensor), name
-    verified = runner.invoke(
-        main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(searched), "--json"]
-    )
-    assert verified.exit_code == 0, verified.output
-    wrong = runner.invoke(
+    assert_apply_equals_fold(source, searched, tmp_path / "folded", tmp_path / "applied")
+    wrong = CliRunner().invoke(
         main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(plain), "--no-forward"]
     )
     assert wrong.exit_code == 2, wrong.output

@@ -135,8 +135,7 @@ def test_direction_file_and_apply_reproduce_a_rank2_point(tmp_path: Path) -> Non
     """A searched rank-2 point: its file keeps Q and the weights, ``apply`` streams it bitwise like the
     in-memory fold and certifies it, ``verify`` proves it; a file holding only the first row fails."""
     from click.testing import CliRunner
-    from conftest import save_tiny
-    from safetensors.torch import load_file
+    from conftest import assert_apply_equals_fold, save_tiny
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
@@ -156,24 +155,11 @@ def test_direction_file_and_apply_reproduce_a_rank2_point(tmp_path: Path) -> Non
     assert declared.weights == (1.0, 0.4) and stored.shape == (2, d_model)
     fold_direction(model, adapter, stored, strength_of=POINT.strength_of)
     model.save_pretrained(tmp_path / "folded")
-    runner = CliRunner()
-    result = runner.invoke(
-        main, ["apply", str(source), "--direction", str(path), "--output", str(tmp_path / "applied")]
-    )
-    assert result.exit_code == 0, result.output
-    folded, applied = load_file(tmp_path / "folded" / "model.safetensors"), {}
-    for shard in (tmp_path / "applied").glob("*.safetensors"):
-        applied.update(load_file(shard))
-    for name, tensor in folded.items():
-        assert torch.equal(applied[name], tensor), name
-    verified = runner.invoke(
-        main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(path)]
-    )
-    assert verified.exit_code == 0, verified.output
+    assert_apply_equals_fold(source, path, tmp_path / "folded", tmp_path / "applied")
     first = save_direction(
         tmp_path / "first.safetensors", stored[0], 1, -1, "x", extra=point_metadata(POINT, n_layers)
     )
-    wrong = runner.invoke(
+    wrong = CliRunner().invoke(
         main, ["verify", str(source), str(tmp_path / "applied"), "--direction", str(first), "--no-forward"]
     )
     assert wrong.exit_code == 2, wrong.output

@@ -33,11 +33,16 @@ def evaluate_before(config: RunConfig, subject: Subject, inputs: Inputs) -> Base
     """Measure the original model (``None`` with ``--no-evaluate``)."""
     if not config.evaluate:
         return None
+    return _measure(config, subject, inputs, "evaluate before")
+
+
+def _measure(config: RunConfig, subject: Subject, inputs: Inputs, description: str) -> Baseline:
+    """Greedy replies to the harmful eval prompts, and last-position logits on the harmless ones."""
     refusals = refusal_rate(
         subject.model,
         subject.tokenizer,
         inputs.harmful.eval,
-        description="evaluate before",
+        description=description,
         **generation_options(config, subject),
     )
     harmless_logits = last_logits(subject.model, subject.adapter, subject.encoded(inputs.harmless.eval))[0]
@@ -50,14 +55,8 @@ def evaluate_after(
     """Measure the edited model against ``before``: the manifest's ``evaluation`` (``None`` without one)."""
     if before is None:
         return None
-    after = refusal_rate(
-        subject.model,
-        subject.tokenizer,
-        inputs.harmful.eval,
-        description="evaluate after",
-        **generation_options(config, subject),
-    )
-    harmless_after = last_logits(subject.model, subject.adapter, subject.encoded(inputs.harmless.eval))[0]
+    measured = _measure(config, subject, inputs, "evaluate after")
+    after, harmless_after = measured.refusals, measured.harmless_logits
     examples = zip(inputs.harmful.eval, before.refusals.replies, after.replies, strict=True)
     return {
         "before": _rates(before.refusals),
