@@ -39,7 +39,8 @@ def main() -> None:
             f"  {trial['kl']:.4f}  {trial['refusal_score']:7.3f}  layer {point['layer']:.2f} "
             f"pos {point['position']} orth {point['orthogonal']} "
             f"e/a/m {point['embedding']:.2f}/{point['attention']:.2f}/{point['mlp']:.2f} "
-            f"peak {point['peak']:.1f} width {point['width']:.1f}"
+            f"peak {point['peak']:.1f} width {point['width']:.1f} "
+            f"second {point.get('second')} w2 {point.get('second_weight', 0):.2f}"
         )
     levers: dict[str, Callable[[dict], bool]] = {
         "orthogonal to harmless mean": lambda p: p["orthogonal"],
@@ -49,6 +50,10 @@ def main() -> None:
         "attention strength > 1": lambda p: p["attention"] > 1.0,
         "embedding strength < 0.5": lambda p: p["embedding"] < 0.5,
         "peaked profile (width < half depth)": lambda p: 0 < p["width"] < 12,
+        "second direction (rank 2)": lambda p: p.get("second") is not None and p.get("second_weight", 0) > 0,
+        "flat strength < 1 on every group": lambda p: (
+            p["width"] <= 0 and max(p["embedding"], p["attention"], p["mlp"]) < 1.0
+        ),
     }
     print(f"best cheap refusal score with cheap KL <= {max_kl} (lower is better): lever on | off")
     for name, test in levers.items():
