@@ -7,7 +7,8 @@ checkpoint is certified within the streaming memory bound. What it proves:
   ``apply`` uses: a model is built on the meta device from ``config.json`` (no weights), the adapter's
   writer modules are resolved on it, and transformers' own save-time conversion maps each writer
   parameter to its on-disk name(s) (fused experts become per-expert tensors, Mixtral's ``w2``, …).
-* **Every such tensor equals the fold of the original**, recomputed here: bitwise when the
+* **Every such tensor equals the fold of the original** (a norm-preserving edit's weights with ``D``, its
+  biases without, as ``RequiredEdit.bias`` tells them apart), recomputed here: bitwise when the
   checkpoint was written by this machine's kernel (``exact``); otherwise within a stated bound
   (``bounded``): every element within one unit in the last place of the exact float64 fold plus the
   float32 working precision (2^-16 of the original element), and the part of the error along the
@@ -28,7 +29,7 @@ import logging
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit import ROWS_WRITE, compute_dtype, orthogonalize_, ulp
+from abliterate.edit import ROWS_WRITE, compute_dtype, norm_factors, orthogonalize_, ulp
 from abliterate.safetensors_io import DTYPES, ChunkedReader, Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class DeclaredEdit:
             overrides ``strengths`` for that group's writers in blocks ``0 … len − 1``.
         weights: for a subspace ``direction`` ``[k, d_model]`` (orthonormal rows ``q_i``), the weight
             ``w_i`` of each row: a writer of strength ``s`` gets ``W ← (I − Σ_i s w_i q_i q_iᵀ) W``.
+        norm_preserving: every weight gets ``W ← (I − s r̂ r̂ᵀ) W D`` (``abliterate.edit.norm_factors``);
+            biases are projected, never scaled.
     """
 
     direction: torch.Tensor
@@ -79,11 +82,12 @@ class DeclaredEdit:
     default_strength: float = 1.0
     layer_strengths: dict[str, tuple[float, ...]] = field(default_factory=dict)
     weights: tuple[float, ...] = ()
+    norm_preserving: bool = False
 
     def is_plain(self) -> bool:
-        """Strength 1 on every writer along one direction: the paper's edit."""
+        """Strength 1 on every writer along one direction, not norm-preserving: the paper's edit."""
         plain = not self.strengths and not self.layer_strengths and self.default_strength == 1.0
-        return plain and self.direction.dim() == 1 and not self.weights
+        return plain and self.direction.dim() == 1 and not self.weights and not self.norm_preserving
 
     def scales_for(self, group: str, layer: int) -> float | tuple[float, ...]:
         """What the fold of a writer of ``group`` in block ``layer`` is given: ``strength_for``, or for a
@@ -112,11 +116,13 @@ class DeclaredEdit:
 
 @dataclass(frozen=True)
 class RequiredEdit:
-    """A tensor the structure says the edit must change."""
+    """A tensor the structure says the edit must change (``bias``: a writer's bias, which a
+    norm-preserving edit projects but never scales; it is folded with the ``embedding`` layout)."""
 
     layout: Layout
     group: str
     layer: int
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,7 @@ def read_structure(checkpoint: Path, architecture: str | None = None) -> Structu
         group = writer.group
         parameters[f"{writer.name}.{writer.weight}"] = RequiredEdit(writer.layout, group, writer.layer)
         if writer.bias_tensor() is not None:
-            parameters[f"{writer.name}.{writer.bias}"] = RequiredEdit("embedding", group, writer.layer)
+            parameters[f"{writer.name}.{writer.bias}"] = RequiredEdit("embedding", group, writer.layer, True)
     edits, alternatives = _on_disk_names(model, parameters)
     head_name = locate(model, adapter.lm_head)
     embedding_name = embeddings_of(model, adapter)[0].name
@@ -277,7 +283,7 @@ def _on_disk_names(
             layout = required.layout
             if tensor.dim() < state[name].dim() and layout in ("experts", "experts_t"):
                 layout = "linear" if layout == "experts" else "conv1d"
-            edits[canonical(disk_name)] = RequiredEdit(layout, required.group, required.layer)
+            edits[canonical(disk_name)] = replace(required, layout=layout)
         alternatives.append((canonical(name), tuple(sorted(canonical(n) for n in reverted))))
     return edits, alternatives
 
@@ -455,7 +461,11 @@ def _certify_tensor(
             tally.fail(f"{name}: changed, but the structure says no residual writer lives there")
         return
     strength = declared.scales_for(required.group, required.layer)
-    orthogonalize_(expected, declared.direction, required.layout, strength)
+    if declared.norm_preserving and required.group == "experts":
+        tally.fail(f"{name}: a norm-preserving edit is declared, but fused experts cannot carry one")
+        return
+    scaled = declared.norm_preserving and not required.bias
+    orthogonalize_(expected, declared.direction, required.layout, strength, scaled)
     if reader.matches(expected, edited):
         tally.edited(required.group, required.layer, exact=True, leak=1.0)
         return
@@ -463,9 +473,9 @@ def _certify_tensor(
     source = reader.tensor(original, fresh=True).to(target_dtype)
     target = reader.tensor(edited, fresh=True)
     where = f"{name} ({required.group} {required.layer})"
-    exact = _exact_fold(source, declared.direction, required.layout, strength)
+    exact = _exact_fold(source, declared.direction, required.layout, strength, scaled)
     leak = _leak_ratio(exact, target, declared.direction, required.layout)
-    worst = _worst_bound_ratio(source, exact, target, declared.direction, required.layout, strength)
+    worst = _worst_bound_ratio(source, exact, target, declared.direction, required.layout, strength, scaled)
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if worst > 1.0:
         tally.fail(
@@ -478,11 +488,15 @@ def _certify_tensor(
 
 
 def _exact_fold(
-    source: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: float | tuple[float, ...]
+    source: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    strength: float | tuple[float, ...],
+    norm_preserving: bool = False,
 ) -> torch.Tensor:
     """The fold in float64, unrounded (the reference of the bound)."""
     wide = source.to(torch.float64)
-    orthogonalize_(wide, direction, layout, strength)
+    orthogonalize_(wide, direction, layout, strength, norm_preserving)
     return wide
 
 
@@ -493,6 +507,7 @@ def _worst_bound_ratio(
     direction: torch.Tensor,
     layout: Layout,
     strength: float | tuple[float, ...],
+    norm_preserving: bool = False,
 ) -> float:
     """The largest |edited − exact fold| over its bound; ≤ 1 passes.
 
@@ -502,14 +517,44 @@ def _worst_bound_ratio(
     ``(d_model + 2) 2^-24 Σ_l |r_l w_lj|``, carried into the element by ``s r_i``. The last term is what a
     GPU's blocked reductions need where ``p_j`` cancels (a random 8B down-projection folded on an H100
     exceeded the bound without it, BENCHMARKS §9); a rotated direction still fails the leak ratio.
+
+    A norm-preserving fold ``(w − s r_i p_j) D_j`` carries those terms times ``D_j``, plus ``D_j``'s own
+    float32 error times the element (``_factor_error``).
     """
     error = (target.to(torch.float64) - exact).abs()
     bound = ulp(exact, target.dtype)
     if compute_dtype(target.dtype) != torch.float64:
         wide = source.to(torch.float64)
-        bound = bound + _WORKING_PRECISION * (wide.abs() + (wide - exact).abs())
-        bound = bound + _reduction_bound(wide, direction, layout, strength)
+        factors = torch.ones((), dtype=torch.float64)
+        plain = exact
+        if norm_preserving:
+            factors = _broadcast(norm_factors(wide, direction, layout, strength), layout)
+            plain = exact / factors
+        working = _WORKING_PRECISION * (wide.abs() + (wide - plain).abs())
+        working = working + _reduction_bound(wide, direction, layout, strength)
+        bound = bound + working * factors
+        if norm_preserving:
+            bound = bound + _factor_error(factors, direction, strength) * exact.abs()
     return (error / bound).max().item() if error.numel() else 0.0
+
+
+def _broadcast(factors: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``norm_factors`` shaped to multiply the weight: per column (``[..., 1, d_in]``) or per row."""
+    return factors[..., None] if layout in ROWS_WRITE else factors[..., None, :]
+
+
+def _factor_error(
+    factors: torch.Tensor, direction: torch.Tensor, strength: float | tuple[float, ...]
+) -> torch.Tensor:
+    """The relative float32 error of ``D = sqrt(n / (n − Σ_k c_k p_k²))``, ``c_k = s_k (2 − s_k)``: the sums
+    ``n`` and ``p_k`` err by ``γ n`` and ``γ √n`` (``|q_k| = 1``, Cauchy-Schwarz), so the denominator by
+    ``γ n (1 + 3 Σ|c_k|)``, i.e. ``γ (1 + 3 Σ|c_k|) D²`` of itself; ``D`` by half of that and of ``n``'s
+    ``γ``, bounded by the whole (the other half covers the division and the square root)."""
+    rows = direction.reshape(-1, direction.shape[-1])
+    scales = strength if isinstance(strength, tuple) else (strength,) * rows.shape[0]
+    gamma = (rows.shape[-1] + 2) * 2.0**-24
+    spread = sum(abs(s * (2 - s)) for s in scales)
+    return gamma * (2 + 3 * spread) * factors.square()
 
 
 def _reduction_bound(

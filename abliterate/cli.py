@@ -136,6 +136,7 @@ def main(verbose: bool) -> None:
 @_option("architecture", "--architecture", metavar="MODEL_TYPE")
 @_option("system_prompt", "--system-prompt")
 @_option("project_harmless", "--project-harmless", is_flag=True)
+@_option("norm_preserving", "--norm-preserving", is_flag=True)
 @_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
 @_option("direction_only", "--direction-only", is_flag=True)
 @_option(

@@ -92,6 +92,13 @@ class RunConfig:
             "Remove each candidate's component along the harmless mean (lower KL; off = the paper)."
         ),
     )
+    norm_preserving: bool = field(
+        default=False,
+        metadata=_help(
+            "Fold (I − s r̂ r̂ᵀ) W D, D keeping every writer column's length (exact and certified; not for "
+            "fused experts, not as LoRA)."
+        ),
+    )
     max_new_tokens: int = field(
         default=24, metadata=_help("Tokens generated per prompt when evaluating refusals.")
     )
@@ -150,6 +157,8 @@ class RunConfig:
         parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
         if self.format not in ("checkpoint", "lora"):
             raise ValueError(f"--format {self.format!r}: choose 'checkpoint' or 'lora'")
+        if self.norm_preserving and self.format == "lora":
+            raise ValueError("a norm-preserving edit is full rank; use --format checkpoint")  # as lora.py
         if self.search not in ("tpe", "none"):
             raise ValueError(f"--search {self.search!r}: choose 'tpe' or 'none'")
         if self.trials < 1 or self.finalists < 0 or self.search_prompts < 1:

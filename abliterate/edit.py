@@ -15,6 +15,8 @@ from abliterate.threads import one_intra_op_thread
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
 ROWS_WRITE = ("conv1d", "experts_t", "embedding")
+# Fused experts: no module boundary between the expert choice and the weights, so no norm-preserving edit.
+FUSED_EXPERTS = ("experts", "experts_t")
 
 
 T = TypeVar("T")
@@ -52,7 +54,11 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def orthogonalize(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    strength: Strength = 1.0,
+    norm_preserving: bool = False,
 ) -> torch.Tensor:
     """Remove ``direction`` from everything ``weight`` can write into the residual stream.
 
@@ -68,17 +74,24 @@ def orthogonalize(
         layout: the weight layout.
         strength: ``s`` in ``W' = (I − s r̂ r̂ᵀ) W``; 1 removes the direction completely. For a subspace,
             one strength per row (a single float applies to every row).
+        norm_preserving: fold ``W' = (I − s r̂ r̂ᵀ) W D`` instead, ``D`` (``norm_factors``) keeping the
+            length of every vector the writer emits per input coordinate. Never for a bias (it has no
+            input coordinate); refused for fused experts (no module boundary for the hook's input scaling).
 
     Returns:
         A new tensor ``W'`` with ``r̂ᵀ W' = (1 − s) r̂ᵀ W`` along the model axis, same shape and dtype.
     """
     edited = weight.detach().clone()
-    orthogonalize_(edited, direction, layout, strength)
+    orthogonalize_(edited, direction, layout, strength, norm_preserving)
     return edited
 
 
 def orthogonalize_(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    strength: Strength = 1.0,
+    norm_preserving: bool = False,
 ) -> None:
     """``weight ← orthogonalize(weight)`` in place, tile by tile (see ``TILE_ELEMENTS``).
 
@@ -88,9 +101,15 @@ def orthogonalize_(
     whatever the thread count. On the CPU the tiles are spread over ``torch.get_num_threads()`` Python
     threads (torch releases the GIL inside each operation), each running single-threaded operations.
     Temporaries stay at a few tiles (an embedding of 150k × 4k never needs a full-size float copy).
+
+    With ``norm_preserving`` the squared lengths are reduced beside the coefficients (per tile in tile
+    order for the columns, per row for the rows), ``D`` is computed in the compute dtype and every
+    updated tile is multiplied by it: the same tiles and order, so still the same bits on any thread count.
     """
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
+    if norm_preserving and layout in FUSED_EXPERTS:
+        raise ValueError(f"a norm-preserving edit cannot scale a fused expert's input (layout {layout})")
     if direction.dim() == 2:
         r: torch.Tensor = _basis(direction, weight)
         strength = _row_strengths(strength, r)
@@ -101,25 +120,30 @@ def orthogonalize_(
         strength = float(strength)
     workers = torch.get_num_threads() if weight.device.type == "cpu" else 1
     with one_intra_op_thread():
-        _fold_in_place(weight, r, layout, strength, workers)
+        _fold_in_place(weight, r, layout, strength, workers, norm_preserving)
 
 
 def _fold_in_place(
-    weight: torch.Tensor, r: torch.Tensor, layout: Layout, strength: float | torch.Tensor, workers: int
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    layout: Layout,
+    strength: float | torch.Tensor,
+    workers: int,
+    norm_preserving: bool = False,
 ) -> None:
     if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
         contiguous = weight.contiguous()
-        _fold_in_place(contiguous, r, layout, strength, workers)
+        _fold_in_place(contiguous, r, layout, strength, workers, norm_preserving)
         weight.copy_(contiguous)
         return
     if layout in ROWS_WRITE:
         # [..., d_model]: W' = W − s (W r̂) r̂ᵀ, each row on its own.
-        _fold_rows(weight.view(-1, weight.shape[-1]), r, strength, workers)
+        _fold_rows(weight.view(-1, weight.shape[-1]), r, strength, workers, norm_preserving)
     elif layout == "experts":
         for expert in weight:  # [d_model, d_in] each
             _fold_columns(expert, r, strength, workers)
     else:
-        _fold_columns(weight, r, strength, workers)
+        _fold_columns(weight, r, strength, workers, norm_preserving)
 
 
 def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> list[T]:
@@ -130,8 +154,15 @@ def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> lis
         return list(pool.map(function, starts))
 
 
-def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float | torch.Tensor, workers: int) -> None:
-    # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ (a subspace: P = W Qᵀ, W −= (P diag s) Q).
+def _fold_rows(
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    strength: float | torch.Tensor,
+    workers: int,
+    norm_preserving: bool = False,
+) -> None:
+    # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ (a subspace: P = W Qᵀ, W −= (P diag s) Q);
+    # norm-preserving: then each row times its D (from its squared length and p, before the update).
     step = max(1, TILE_ELEMENTS // weight.shape[1])
 
     def tile(first: int) -> None:
@@ -139,19 +170,45 @@ def _fold_rows(weight: torch.Tensor, r: torch.Tensor, strength: float | torch.Te
         block = rows.to(r.dtype)
         if r.dim() == 1:
             coefficients = (block * r).sum(-1)
+            factors = _factors((block * block).sum(-1), coefficients, strength) if norm_preserving else None
             block.addr_(coefficients, r, alpha=-strength)
         else:
-            block.addmm_(block @ r.T * strength, r, alpha=-1.0)
+            coefficients = block @ r.T  # [rows, k]
+            factors = _factors((block * block).sum(-1), coefficients.T, strength) if norm_preserving else None
+            block.addmm_(coefficients * strength, r, alpha=-1.0)
+        if factors is not None:
+            block.mul_(factors[:, None])
         rows.copy_(block)
 
     _map_tiles(tile, range(0, weight.shape[0], step), workers)
 
 
+def _factors(
+    squared: torch.Tensor, coefficients: torch.Tensor, strength: float | torch.Tensor
+) -> torch.Tensor:
+    """``D = sqrt(n / (n − Σ_k s_k (2 − s_k) p_k²))`` in the compute dtype (``norm_factors``'s formula):
+    ``squared`` ``[m]`` the lengths² ``n``, ``coefficients`` ``[m]`` or ``[k, m]`` the unscaled ``p``."""
+    if coefficients.dim() == 1:
+        removed = coefficients.square() * (strength * (2 - strength))
+    else:
+        removed = (coefficients.square() * (strength * (2 - strength))[:, None]).sum(0)
+    projected = squared - removed
+    tiny = torch.finfo(squared.dtype).tiny
+    return torch.where(
+        projected > tiny, (squared / projected.clamp_min(tiny)).sqrt(), torch.ones_like(squared)
+    )
+
+
 def _fold_columns(
-    weight: torch.Tensor, r: torch.Tensor, strength: float | torch.Tensor, workers: int
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    strength: float | torch.Tensor,
+    workers: int,
+    norm_preserving: bool = False,
 ) -> None:
     # weight [d_model, d_in]: p = r̂ᵀ W from per-tile partial sums added in tile order, then W −= s r̂ pᵀ
-    # (a subspace: P = Q W the same way, then W −= Qᵀ diag(s) P).
+    # (a subspace: P = Q W the same way, then W −= Qᵀ diag(s) P). Norm-preserving: the squared column
+    # lengths are summed beside p the same way, and each updated tile is multiplied by D per column.
     step = max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
     starts = range(0, weight.shape[0], step)
     rows_of = (
@@ -160,16 +217,21 @@ def _fold_columns(
         else (lambda first: r[:, first : first + step])
     )
 
-    def partial(first: int) -> torch.Tensor:
+    def partial(first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         block = weight[first : first + step].to(r.dtype)
+        squared = (block * block).sum(0) if norm_preserving else None
         if r.dim() == 1:
-            return (block * rows_of(first)[:, None]).sum(0)
-        return rows_of(first) @ block
+            return (block * rows_of(first)[:, None]).sum(0), squared
+        return rows_of(first) @ block, squared
 
     shape = (weight.shape[1],) if r.dim() == 1 else (r.shape[0], weight.shape[1])
     coefficients = torch.zeros(shape, dtype=r.dtype, device=weight.device)
-    for part in _map_tiles(partial, starts, workers):
+    squared = torch.zeros(weight.shape[1], dtype=r.dtype, device=weight.device)
+    for part, part_squared in _map_tiles(partial, starts, workers):
         coefficients += part
+        if part_squared is not None:
+            squared += part_squared
+    factors = _factors(squared, coefficients, strength) if norm_preserving else None
     if r.dim() == 2:
         coefficients *= strength[:, None]
 
@@ -180,6 +242,8 @@ def _fold_columns(
             block.addr_(rows_of(first), coefficients, alpha=-strength)
         else:
             block.addmm_(rows_of(first).T, coefficients, alpha=-1.0)
+        if factors is not None:
+            block.mul_(factors)
         rows.copy_(block)
 
     _map_tiles(update, starts, workers)
@@ -293,6 +357,7 @@ def fold_direction(
     direction: torch.Tensor,
     writers: Iterable[ResolvedWriter] | None = None,
     strength_of: Callable[[ResolvedWriter], Strength] | None = None,
+    norm_preserving: bool = False,
 ) -> int:
     """Edit ``model`` in place so no residual writer can write along ``direction``.
 
@@ -305,18 +370,37 @@ def fold_direction(
         strength_of: ``s`` of ``I − s r̂ r̂ᵀ`` per writer (weight and bias), default 1 everywhere;
             the hook equivalent is ``abliterate.hooks.ablate_edit``. For a subspace, one strength per
             row (``DeclaredEdit.scales_for``).
+        norm_preserving: fold ``W' = (I − s r̂ r̂ᵀ) W D`` into every weight (``orthogonalize``); biases
+            get ``(I − s r̂ r̂ᵀ) b``, never scaled.
 
     Returns:
         The number of tensors edited.
+
+    Raises:
+        ValueError: ``norm_preserving`` with a fused-experts writer (checked before anything is edited).
     """
+    chosen = list(residual_writers(model, adapter) if writers is None else writers)
+    if norm_preserving:
+        check_norm_preserving(chosen)
     untie_embeddings(model, adapter)
     edited = 0
-    for writer in residual_writers(model, adapter) if writers is None else writers:
+    for writer in chosen:
         strength = 1.0 if strength_of is None else strength_of(writer)
-        orthogonalize_(writer.weight_tensor().data, direction, writer.layout, strength)
+        orthogonalize_(writer.weight_tensor().data, direction, writer.layout, strength, norm_preserving)
         edited += 1
         bias = writer.bias_tensor()
         if bias is not None:
-            orthogonalize_(bias.data, direction, "embedding", strength)
+            orthogonalize_(bias.data, direction, "embedding", strength)  # a bias is never scaled by D
             edited += 1
     return edited
+
+
+def check_norm_preserving(writers: Iterable[ResolvedWriter]) -> None:
+    """Raise one line naming the first fused-experts writer: a norm-preserving edit scales a writer's
+    input, and fused experts have no module boundary where their input could be scaled."""
+    for writer in writers:
+        if writer.layout in FUSED_EXPERTS:
+            raise ValueError(
+                f"{writer.name}: a norm-preserving edit cannot scale a fused expert's input "
+                "(no module boundary); use a plain edit for this model"
+            )

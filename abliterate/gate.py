@@ -114,18 +114,20 @@ def hooked_reference(
     prompts: EncodedPrompts,
     dtype: str,
     strength_of: StrengthOf | None = None,
+    norm_preserving: bool = False,
 ) -> HookedReference:
     """Run the hooked original on ``prompts`` (one batch).
 
     Args:
         strength_of: per-writer strengths of the declared edit (default: 1 everywhere), the same
             function the fold is given.
+        norm_preserving: the declared edit is the norm-preserving fold (``ablate_norm_preserving``).
 
     Raises:
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    with ablate_edit(model, adapter, direction, strength_of):
+    with ablate_edit(model, adapter, direction, strength_of, norm_preserving):
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 

@@ -264,15 +264,15 @@ def ablate_norm_preserving(
         direction: ``[d_model]``, or an orthonormal subspace ``[k, d_model]``.
         strength_of: each writer's strength (per row of a subspace).
     """
-    from abliterate.edit import norm_factors
+    from abliterate.edit import check_norm_preserving, norm_factors
 
     basis = direction.reshape(-1, direction.shape[-1])
     basis = basis / basis.norm(dim=-1, keepdim=True)
+    writers = list(residual_writers(model, adapter))
+    check_norm_preserving(writers)  # before any hook is installed
 
     def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
-        for writer in residual_writers(model, adapter):
-            if writer.layout in ("experts", "experts_t"):
-                raise ValueError(f"{writer.name}: a norm-preserving edit cannot scale a fused expert's input")
+        for writer in writers:
             strength = strength_of(writer)
             scales = torch.as_tensor(strength, dtype=torch.float64).expand(basis.shape[0])
             factors = norm_factors(writer.weight_tensor(), basis, writer.layout, tuple(scales.tolist()))
@@ -282,7 +282,7 @@ def ablate_norm_preserving(
             if writer.group != "embedding":
                 yield writer.module.register_forward_pre_hook(_scaling_input(factors))
 
-    with registered(list(handles())):
+    with registered(handles()):
         yield
 
 
@@ -318,10 +318,16 @@ def ablate_edit(
     adapter: Adapter,
     direction: torch.Tensor,
     strength_of: Callable[[ResolvedWriter], Any] | None,
+    norm_preserving: bool = False,
 ) -> contextlib.AbstractContextManager[None]:
     """The hooked reference of a fold: ``direction`` ``[d_model]`` with ``strength_of`` (``None``: 1
     everywhere, the paper's edit), or a subspace ``[k, d_model]`` whose ``strength_of`` gives one
-    strength per row (``DeclaredEdit.scales_for``)."""
+    strength per row (``DeclaredEdit.scales_for``); ``norm_preserving``: of the fold ``(I − s r̂ r̂ᵀ) W D``
+    (``ablate_norm_preserving``)."""
+    if norm_preserving:
+        if strength_of is None:
+            return ablate_norm_preserving(model, adapter, direction, lambda writer: 1.0)
+        return ablate_norm_preserving(model, adapter, direction, strength_of)
     if direction.dim() == 2:
         rows = direction.shape[0]
         return ablate_subspace(model, adapter, direction, strength_of or (lambda writer: [1.0] * rows))

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 LORA_LAYOUTS = ("linear", "conv1d", "embedding", "experts", "experts_t")
 _FUSED = ("experts", "experts_t")
 _REFUSED = "use --format checkpoint"
+# ``(I − s r̂ r̂ᵀ) W D`` differs from ``W`` in every column, so no rank-k adapter holds it.
+NORM_PRESERVING_REFUSAL = f"a norm-preserving edit is full rank; {_REFUSED}"
 
 
 def lora_state(
@@ -341,7 +343,7 @@ def apply_lora(
 
     Raises:
         ParityError: the adapter does not reproduce the edit (nothing is written).
-        ValueError: a writer peft cannot express exactly.
+        ValueError: a writer peft cannot express exactly, or a norm-preserving edit (full rank).
     """
     from abliterate.adapters import resolve_adapter
     from abliterate.batching import encode
@@ -351,6 +353,8 @@ def apply_lora(
     from abliterate.prompts import bundled
     from abliterate.search_io import writer_strengths
 
+    if declared.norm_preserving:
+        raise ValueError(NORM_PRESERVING_REFUSAL)
     target = check_output_dir(output, overwrite)
     loaded = load_model(checkpoint)
     adapter = resolve_adapter(loaded.model, architecture)

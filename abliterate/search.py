@@ -66,6 +66,9 @@ class EditPoint:
         width: blocks from the peak to where the strength reaches 0; 0 = flat profile.
         second: EOI position of a second direction (same layer), made orthogonal to the first.
         second_weight: its weight ``w₂`` relative to the first; 0 (or ``second`` unset) = rank 1.
+        norm_preserving: fold ``(I − Q diag(s) Qᵀ) W D`` (``abliterate.edit.norm_factors``), which keeps
+            the length of every vector a writer emits per input coordinate; set by ``run
+            --norm-preserving``, not searched (no gain on the demo, BENCHMARKS).
     """
 
     layer: float
@@ -78,11 +81,15 @@ class EditPoint:
     width: float = 0.0
     second: int | None = None
     second_weight: float = 0.0
+    norm_preserving: bool = False
 
     @classmethod
-    def paper(cls, layer: int, position: int, orthogonal: bool = False) -> EditPoint:
-        """The paper's edit: the candidate at ``(layer, position)``, strength 1 on every writer."""
-        return cls(float(layer), position, orthogonal)
+    def paper(
+        cls, layer: int, position: int, orthogonal: bool = False, norm_preserving: bool = False
+    ) -> EditPoint:
+        """The paper's edit: the candidate at ``(layer, position)``, strength 1 on every writer
+        (``norm_preserving``: the run's ``--norm-preserving`` variant of it)."""
+        return cls(float(layer), position, orthogonal, norm_preserving=norm_preserving)
 
     def strength(self, group: str, layer: int) -> float:
         """The strength at a writer of ``group`` in block ``layer`` (``-1``: the embedding)."""
@@ -114,9 +121,9 @@ class EditPoint:
         return {group: tuple(self.strength(group, layer) for layer in range(n_layers)) for group in groups}
 
     def is_paper(self) -> bool:
-        """Whether this is a plain candidate at strength 1 everywhere."""
+        """Whether this is a plain candidate at strength 1 everywhere (not norm-preserving)."""
         flat = self.width <= 0 and self.embedding == self.attention == self.mlp == 1.0
-        return flat and float(self.layer).is_integer() and self.rank == 1
+        return flat and float(self.layer).is_integer() and self.rank == 1 and not self.norm_preserving
 
 
 def point_direction(point: EditPoint, candidates: torch.Tensor, harmless_means: torch.Tensor) -> torch.Tensor:
@@ -196,6 +203,8 @@ class SearchSpace:
         anchor: the paper's point; the direction's layer varies within ``layer_radius`` of it.
         layer_radius: how far (in layers) the direction may move from the anchor.
         subspace: whether points may add a second direction (rank 2).
+        norm_preserving: every suggested point is norm-preserving (``run --norm-preserving``); the cheap
+            trials still score the plain edit's hooks, the confirmation the exact norm-preserving ones.
     """
 
     candidates: torch.Tensor
@@ -204,6 +213,7 @@ class SearchSpace:
     anchor: EditPoint
     layer_radius: float = 2.0
     subspace: bool = True
+    norm_preserving: bool = False
 
     def suggest(self, trial: object) -> EditPoint:
         """An Optuna trial's point."""
@@ -221,6 +231,7 @@ class SearchSpace:
             peak=trial.suggest_float("peak", 0.0, float(self.n_layers - 1)),
             width=trial.suggest_float("width", 0.0, float(self.n_layers)),
             **self._second(trial, position, n_positions),
+            norm_preserving=self.norm_preserving,
         )
 
     def _second(self, trial: object, position: int, n_positions: int) -> dict[str, object]:
@@ -528,3 +539,8 @@ def search_edit(
 def strength_function(point: EditPoint | None) -> Callable[[ResolvedWriter], Strength] | None:
     """What the fold and the hooks are given for a chosen point (``None``: strength 1 everywhere)."""
     return None if point is None else point.strength_of
+
+
+def is_norm_preserving(point: EditPoint | None) -> bool:
+    """Whether the fold and the hooks of a chosen point are the norm-preserving ones."""
+    return point is not None and point.norm_preserving

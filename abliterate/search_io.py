@@ -58,13 +58,16 @@ def point_metadata(point: EditPoint, n_layers: int) -> dict[str, str]:
     strengths = {"embedding": point.embedding, "layers": point.layer_strengths(n_layers)}
     if point.rank > 1:
         strengths["weights"] = list(point.weights())
+    if point.norm_preserving:
+        strengths["norm_preserving"] = True
     return {POINT_KEY: json.dumps(asdict(point)), STRENGTHS_KEY: json.dumps(strengths)}
 
 
 def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
     """The strengths a direction file declares, as a ``DeclaredEdit`` whose direction is left empty.
 
-    Old direction files (no ``strengths`` key) declare strength 1 on every writer.
+    Old direction files (no ``strengths`` key) declare strength 1 on every writer; a file without
+    ``"norm_preserving": true`` declares the plain fold.
 
     Raises:
         ValueError: the ``strengths`` entry is not what ``point_metadata`` writes.
@@ -75,7 +78,11 @@ def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
         stored = json.loads(metadata[STRENGTHS_KEY])
         layers = {group: tuple(float(s) for s in values) for group, values in stored["layers"].items()}
         weights = tuple(float(w) for w in stored.get("weights", ()))
-        return DeclaredEdit(torch.empty(0), {"embedding": float(stored["embedding"])}, 1.0, layers, weights)
+        norm_preserving = stored.get("norm_preserving", False)
+        if not isinstance(norm_preserving, bool):
+            raise ValueError(f"norm_preserving must be true or false, got {norm_preserving!r}")
+        embedding = {"embedding": float(stored["embedding"])}
+        return DeclaredEdit(torch.empty(0), embedding, 1.0, layers, weights, norm_preserving)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"the direction file's {STRENGTHS_KEY!r} metadata is malformed: {error}") from error
 
@@ -85,7 +92,8 @@ def declared_edit(direction: torch.Tensor, point: EditPoint | None, n_layers: in
     if point is None:
         return DeclaredEdit(direction)
     layers = point.layer_strengths(n_layers)
-    return DeclaredEdit(direction, {"embedding": point.embedding}, 1.0, layers, point.weights())
+    embedding = {"embedding": point.embedding}
+    return DeclaredEdit(direction, embedding, 1.0, layers, point.weights(), point.norm_preserving)
 
 
 def summary(result: SearchResult) -> dict[str, object]:

@@ -177,14 +177,14 @@ def _write_and_certify(
     progress: bool,
     certify: bool,
 ) -> tuple[tuple[int, ...], Certificate | None]:
-    strength_of = _strength_by_name(source, architecture, declared, plan)
+    edit_of = _edit_by_name(source, architecture, declared, plan)
     threads = torch.get_num_threads()
     try:
         # Slices this small gain nothing from intra-op threads, which only add a barrier per operation
         # (measured 3-10x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
         reuse_freed_memory()
-        counts = _write_all(plan, source, temp, declared.direction, progress, strength_of)
+        counts = _write_all(plan, source, temp, declared.direction, progress, edit_of)
         certificate = _certify(source, temp, declared, architecture, progress) if certify else None
     finally:
         torch.set_num_threads(threads)
@@ -195,10 +195,22 @@ def _declared(vector: torch.Tensor, declared: DeclaredEdit | None) -> DeclaredEd
     return DeclaredEdit(vector) if declared is None else replace(declared, direction=vector)
 
 
-def _strength_by_name(
+# What one tensor's fold is given: its strength, and whether it is scaled by ``D`` (a norm-preserving
+# edit's weights; never a bias).
+TensorEdit = tuple[Strength, bool]
+
+
+def _edit_by_name(
     source: Path, architecture: str | None, declared: DeclaredEdit, plan: _Plan
-) -> Callable[[str], Strength] | None:
-    """Each edited tensor's strength by its on-disk name, or ``None`` for strength 1 everywhere."""
+) -> Callable[[str], TensorEdit] | None:
+    """Each edited tensor's strength and scaling by its on-disk name, or ``None`` for the plain edit.
+
+    The group, block and whether a tensor is a bias come from the model's structure
+    (``certificate.read_structure``), as the certificate reads them.
+
+    Raises:
+        ValueError: a tensor's writer group is unknown, or a norm-preserving edit meets fused experts.
+    """
     from abliterate.certificate import canonical, read_structure
 
     if declared.is_plain():
@@ -210,12 +222,19 @@ def _strength_by_name(
             f"cannot tell the writer group of {missing[0]} from the model's structure, so a per-group "
             "strength cannot be applied to it; fold with `abliterate run` instead"
         )
+    if declared.norm_preserving:
+        fused = [name for name in plan.edits if required[canonical(name)].group == "experts"]
+        if fused:
+            raise ValueError(
+                f"{fused[0]}: a norm-preserving edit cannot scale a fused expert's input "
+                "(no module boundary); use a plain edit for this model"
+            )
 
-    def strength(name: str) -> float | tuple[float, ...]:
-        edit = required[canonical(name)]
-        return declared.scales_for(edit.group, edit.layer)
+    def edit(name: str) -> TensorEdit:
+        tensor = required[canonical(name)]
+        return declared.scales_for(tensor.group, tensor.layer), declared.norm_preserving and not tensor.bias
 
-    return strength
+    return edit
 
 
 def _certify(
@@ -467,7 +486,7 @@ def _write_all(
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
-    strength_of: Callable[[str], Strength] | None = None,
+    edit_of: Callable[[str], TensorEdit] | None = None,
 ) -> tuple[int, ...]:
     """Write every shard, the index, config.json and the other files; return the report's counts."""
     head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
@@ -478,8 +497,8 @@ def _write_all(
 
     def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
         """Fold the direction out of one tensor that ``write_shard`` read, in place."""
-        strength = 1.0 if strength_of is None else strength_of(entry.name)
-        _orthogonalize_in_place(weight, direction, plan.edits[entry.name], strength)
+        strength, scaled = (1.0, False) if edit_of is None else edit_of(entry.name)
+        _orthogonalize_in_place(weight, direction, plan.edits[entry.name], strength, scaled)
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
     head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
@@ -515,10 +534,14 @@ def _write_all(
 
 
 def _orthogonalize_in_place(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
+    weight: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    strength: Strength = 1.0,
+    norm_preserving: bool = False,
 ) -> None:
     """``weight ← orthogonalize(weight)``, tile by tile, exactly as the in-memory fold computes it."""
-    orthogonalize_(weight, direction, layout, strength)
+    orthogonalize_(weight, direction, layout, strength, norm_preserving)
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

@@ -131,7 +131,13 @@ def _forward_checks(
     encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
     gate.completeness = completeness_on(model, adapter, encoded)
     reference = hooked_reference(
-        model, adapter, direction, encoded, reference_model.dtype_name, writer_strengths(declared)
+        model,
+        adapter,
+        direction,
+        encoded,
+        reference_model.dtype_name,
+        writer_strengths(declared),
+        declared.norm_preserving,
     )
     residual_reference = None
     if adapter.post_norm:

@@ -85,6 +85,9 @@ def search(
         ValueError: no confirmed point meets ``--max-kl`` (nothing is written).
     """
     if config.search == "none" or config.layer is not None:
+        if config.norm_preserving:  # the paper's candidate, folded norm-preserving
+            point = family.EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, True)
+            return replace(chosen, edit_point=point)
         return chosen
     model, adapter = subject.model, subject.adapter
     harmful, harmless = inputs.harmful.val, inputs.harmless.val
@@ -98,11 +101,15 @@ def search(
         reference,
         refusal_token_ids(subject.tokenizer),
     )
-    anchor = family.EditPoint.paper(chosen.layer, chosen.position, config.project_harmless)
-    space = family.SearchSpace(candidates, harmless_means, subject.n_layers, anchor)
+    anchor = family.EditPoint.paper(
+        chosen.layer, chosen.position, config.project_harmless, config.norm_preserving
+    )
+    space = family.SearchSpace(
+        candidates, harmless_means, subject.n_layers, anchor, norm_preserving=config.norm_preserving
+    )
 
     def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
-        with ablate_edit(model, adapter, direction, point.strength_of):
+        with ablate_edit(model, adapter, direction, point.strength_of, point.norm_preserving):
             replies = refusal_rate(
                 model, subject.tokenizer, harmful, **generation_options(config, subject)
             ).replies
@@ -115,7 +122,7 @@ def search(
     )
     result = family.search_edit(model, adapter, space, data, confirm, settings)
     best = result.chosen
-    if best.point == anchor:
+    if best.point == anchor and not anchor.norm_preserving:
         return replace(chosen, search=result)
     direction = family.point_direction(best.point, candidates, harmless_means)
     searched = replace(

@@ -40,9 +40,15 @@ def strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
     return family.strength_function(chosen.edit_point)
 
 
+def norm_preserving(chosen: RefusalDirection) -> bool:
+    return family.is_norm_preserving(chosen.edit_point)
+
+
 def hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextManager:
     """The hook equivalent of the chosen edit (the paper's or a searched point)."""
-    return ablate_edit(subject.model, subject.adapter, chosen.direction, strengths(chosen))
+    return ablate_edit(
+        subject.model, subject.adapter, chosen.direction, strengths(chosen), norm_preserving(chosen)
+    )
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,25 @@ def parity_reference(
     completeness = completeness_on(subject.model, subject.adapter, prompts)
     if subject.cast_to is None:
         hooked = hooked_reference(
-            subject.model, subject.adapter, chosen.direction, prompts, subject.dtype_name, strengths(chosen)
+            subject.model,
+            subject.adapter,
+            chosen.direction,
+            prompts,
+            subject.dtype_name,
+            strengths(chosen),
+            norm_preserving(chosen),
         )
     else:
         # The gate of the saved dtype: the reference is the original rounded to it once, then hooked.
         rounded = copy.deepcopy(subject.model).to(getattr(torch, subject.cast_to))
         hooked = hooked_reference(
-            rounded, subject.adapter, chosen.direction, prompts, subject.cast_to, strengths(chosen)
+            rounded,
+            subject.adapter,
+            chosen.direction,
+            prompts,
+            subject.cast_to,
+            strengths(chosen),
+            norm_preserving(chosen),
         )
         del rounded
     return ParityReference(prompts, hooked, completeness)
@@ -89,7 +107,13 @@ def parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> Encod
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
     """Fold the direction into every residual writer of the model in memory (then cast, for GGUF)."""
-    edit.fold_direction(subject.model, subject.adapter, chosen.direction, strength_of=strengths(chosen))
+    edit.fold_direction(
+        subject.model,
+        subject.adapter,
+        chosen.direction,
+        strength_of=strengths(chosen),
+        norm_preserving=norm_preserving(chosen),
+    )
     if subject.cast_to is not None:
         subject.model.to(getattr(torch, subject.cast_to))
 
