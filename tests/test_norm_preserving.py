@@ -288,6 +288,13 @@ def test_fused_experts_and_lora_are_refused_in_one_line(tmp_path: Path) -> None:
         main, ["run", str(source), "--output", str(tmp_path / "r"), "--norm-preserving", "--format", "lora"]
     )
     assert run.exit_code != 0 and "a norm-preserving edit is full rank" in run.output
+    moe_run = runner.invoke(
+        main,
+        ["run", str(source), "--output", str(tmp_path / "m"), "--norm-preserving", *quick_run_args(8, 4)],
+    )
+    assert moe_run.exit_code != 0 and "a norm-preserving edit cannot scale a fused expert" in moe_run.output
+    assert len(moe_run.output.strip().splitlines()) == 1, moe_run.output
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
 
 
 @pytest.mark.parametrize("searched", [True, False])

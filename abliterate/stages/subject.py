@@ -10,7 +10,7 @@ from torch import nn
 # checkpoint and loading are called through their modules, so tests can replace a stage's core (a load
 # that must not happen) by patching the module attribute.
 from abliterate import checkpoint, loading
-from abliterate.adapters import Adapter, resolve_adapter
+from abliterate.adapters import Adapter, residual_writers, resolve_adapter
 from abliterate.adapters.resolve import blocks_of
 from abliterate.batching import (
     EncodedPrompts,
@@ -20,6 +20,7 @@ from abliterate.batching import (
 )
 from abliterate.chat import ChatFormat, detect_thinking, parse_template_kwargs
 from abliterate.config import RunConfig
+from abliterate.edit import check_norm_preserving
 from abliterate.gguf import gguf_output_dtype
 from abliterate.hub import PushTarget, check_push_auth, staging_directory
 from abliterate.parity import check_dtype
@@ -151,6 +152,8 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
     chat, replies = _chat_formats(config, loaded.tokenizer)
     n_eoi = eoi_length(loaded.tokenizer, chat=chat)
     check_layer(config.layer, n_layers)
+    if config.norm_preserving:  # fused experts cannot carry it: refuse before any forward pass
+        check_norm_preserving(residual_writers(loaded.model, adapter))
     if config.position is not None and not -n_eoi <= config.position < n_eoi:
         raise ValueError(f"--position {config.position} is out of range: there are {n_eoi} EOI tokens")
     batch_size = config.batch_size
