@@ -459,7 +459,12 @@ def finalists(trials: list[TrialScore], max_kl: float, count: int) -> list[Trial
 
 
 def choose(confirmed: list[TrialScore], max_kl: float) -> TrialScore:
-    """The fewest confirmed refusals with KL ≤ ``max_kl``, lower KL on ties.
+    """The fewest confirmed refusals with KL ≤ ``max_kl``; on ties, the lower first-token refusal score
+    (the stronger edit), then the lower KL.
+
+    Thirty-odd validation prompts saturate: on the demo four finalists tied at 1/32, and preferring the
+    lowest KL among them picked the weakest edit (12 % refusals on the evaluation split against the
+    paper point's 6 %). The refusal score is the continuous measure of the same thing that breaks the tie.
 
     Raises:
         ValueError: no confirmed point meets the bound (one line: the lowest KL reached, the flag).
@@ -471,7 +476,7 @@ def choose(confirmed: list[TrialScore], max_kl: float) -> TrialScore:
             f"no searched edit reaches first-token KL ≤ {max_kl:g} (lowest: {lowest:.4f}); "
             f"raise --max-kl (e.g. --max-kl {math.ceil(lowest * 100) / 100:g}) or use --search none"
         )
-    return min(passing, key=lambda trial: (trial.refusals, trial.confirm_kl))
+    return min(passing, key=lambda trial: (trial.refusals, trial.refusal_score, trial.confirm_kl))
 
 
 def confirm_points(points: list[TrialScore], confirm: Confirm, space: SearchSpace) -> list[TrialScore]:

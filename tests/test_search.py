@@ -162,6 +162,9 @@ def test_pareto_front_and_choice() -> None:
     assert choose(confirmed, 0.1).refusals == 1
     with pytest.raises(ValueError, match=r"lowest: 0\.0200.*--max-kl"):
         choose(confirmed, 0.01)
+    # Tied refusals: the stronger edit (lower refusal score) wins before the lower KL.
+    tied = [_trial(-2.7, 0.03, 1, 0.037), _trial(-2.9, 0.04, 1, 0.041), _trial(-1.0, 0.01, 3, 0.01)]
+    assert choose(tied, 0.05).refusal_score == -2.9
 
 
 def test_finalists_climb_a_ladder_of_kl_bounds() -> None:
