@@ -35,7 +35,9 @@ def save_front(result: SearchResult, max_kl: float, json_path: object, png_path:
     axes.scatter([paper.kl], [paper.refusal_score], marker="s", s=60, c="tab:orange", label="paper rule")
     axes.scatter([chosen.kl], [chosen.refusal_score], marker="*", s=160, c="tab:red", label="chosen")
     axes.axvline(max_kl, ls="--", c="0.4", lw=1)
-    axes.set_xscale("symlog", linthresh=1e-2)
+    kls = [t.kl for t in result.trials if t.kl > 0] + [max_kl]
+    if max(kls) / min(kls) > 20:  # a wide range reads best on a log axis; a narrow one keeps its ticks
+        axes.set_xscale("log")
     axes.set_xlabel("first-token KL, harmless val (trial prompts)")
     axes.set_ylabel("refusal score, harmful val (trial prompts)")
     axes.legend(fontsize=8)
