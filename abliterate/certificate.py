@@ -562,15 +562,19 @@ def _reduction_bound(
 ) -> torch.Tensor:
     """``γ Σ_k |s_k| |q_ki| Σ_l |q_kl w_lj|`` per element, with ``γ = (d_model + 2) 2^-24``: the float32
     error of the dot products ``p`` in any summation order."""
-    basis = direction.to(torch.float64).reshape(-1, direction.shape[-1])
-    basis = (basis / basis.norm(dim=-1, keepdim=True)).abs()
+    basis = _unit_rows(direction).abs()
     scales = torch.tensor(strength if isinstance(strength, tuple) else (strength,), dtype=torch.float64).abs()
     gamma = (basis.shape[-1] + 2) * 2.0**-24
-    magnitude = wide.abs()
-    if layout in ROWS_WRITE:  # [..., d_model]: S = |W| |q|, then S ⊗ |q|
-        return gamma * torch.einsum("...k,kd->...d", (magnitude @ basis.T) * scales, basis)
-    spread = torch.einsum("kd,...di->...ki", basis, magnitude) * scales[:, None]
-    return gamma * torch.einsum("...ki,kd->...di", spread, basis)
+    spread = _along(wide.abs(), basis, layout)  # S = Σ_l |q_kl w_lj| per written vector and row of Q
+    if layout in ROWS_WRITE:  # [..., k] ⊗ |q|
+        return gamma * torch.einsum("...k,kd->...d", spread * scales, basis)
+    return gamma * torch.einsum("...ki,kd->...di", spread * scales[:, None], basis)
+
+
+def _unit_rows(direction: torch.Tensor) -> torch.Tensor:
+    """``direction`` as float64 unit rows ``[k, d_model]`` (``k = 1`` for a single direction)."""
+    rows = direction.to(torch.float64).reshape(-1, direction.shape[-1])
+    return rows / rows.norm(dim=-1, keepdim=True)
 
 
 def _along(tensor: torch.Tensor, r: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -585,8 +589,7 @@ def _leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tens
     """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold); for a
     subspace, the components along all of its rows together."""
     rounded = exact.to(target.dtype).to(torch.float64)
-    wide = direction.to(torch.float64)
-    r = wide / wide.norm(dim=-1, keepdim=True)
+    r = _unit_rows(direction)
     leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
     floor = _along(rounded - exact, r, layout).norm().item()
     return leak / max(floor, torch.finfo(torch.float64).tiny)

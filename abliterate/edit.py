@@ -270,11 +270,8 @@ def norm_factors(
         along, squared = wide @ basis.T, (wide * wide).sum(-1)  # [..., k], [...]
     else:
         along, squared = torch.einsum("kd,...di->...ik", basis, wide), (wide * wide).sum(-2)
-    projected = squared - (along.square() * scales * (2 - scales)).sum(-1)
-    tiny = torch.finfo(torch.float64).tiny
-    return torch.where(
-        projected > tiny, (squared / projected.clamp_min(tiny)).sqrt(), torch.ones_like(squared)
-    )
+    coefficients = along.reshape(-1, basis.shape[0]).T  # [k, m], as the kernel's tiles hold them
+    return _factors(squared.reshape(-1), coefficients, scales).reshape(squared.shape)
 
 
 def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
