@@ -498,7 +498,7 @@ def _write_all(
     def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
         """Fold the direction out of one tensor that ``write_shard`` read, in place."""
         strength, scaled = (1.0, False) if edit_of is None else edit_of(entry.name)
-        _orthogonalize_in_place(weight, direction, plan.edits[entry.name], strength, scaled)
+        orthogonalize_(weight, direction, plan.edits[entry.name], strength, scaled)
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
     head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
@@ -531,17 +531,6 @@ def _write_all(
     handled = {shard.path.name for shard in plan.shards} | {INDEX_NAME, "config.json", "README.md"}
     _copy_other_files(source, temp, handled)
     return tensors, edited, read, written
-
-
-def _orthogonalize_in_place(
-    weight: torch.Tensor,
-    direction: torch.Tensor,
-    layout: Layout,
-    strength: Strength = 1.0,
-    norm_preserving: bool = False,
-) -> None:
-    """``weight ← orthogonalize(weight)``, tile by tile, exactly as the in-memory fold computes it."""
-    orthogonalize_(weight, direction, layout, strength, norm_preserving)
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

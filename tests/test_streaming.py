@@ -279,8 +279,8 @@ def test_interruption_leaves_nothing(
             raise interrupt("stop")
         original_edit(*args)
 
-    original_edit = streaming._orthogonalize_in_place
-    monkeypatch.setattr(streaming, "_orthogonalize_in_place", failing)
+    original_edit = streaming.orthogonalize_
+    monkeypatch.setattr(streaming, "orthogonalize_", failing)
     with pytest.raises(interrupt):
         stream_apply(llama_checkpoint, _direction(), out, overwrite=True, progress=False)
     assert len(calls) == 3
