@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from abliterate import checkpoint, search_io
+from abliterate.batching import EncodedPrompts
 from abliterate.config import RunConfig
 from abliterate.gate import GateReport, completeness_on
 from abliterate.report import model_card
@@ -112,11 +113,14 @@ def run_streamed(
     if source is None:
         raise ValueError(f"--device-map/--load-in-4bit stream the output from safetensors files: {why_not}")
     prompts = parity_prompts(config, subject, inputs)
-    gate = GateReport(completeness=timed("verify", completeness_on, subject.model, subject.adapter, prompts))
-    gate.skipped["parity"] = "dispatched model: the streamed files are proven by the weight certificate"
+    gate = _completeness_gate(
+        subject,
+        prompts,
+        timed,
+        parity="dispatched model: the streamed files are proven by the weight certificate",
+    )
     raise_unless_passed(gate, "nothing was saved or pushed")
-    with hooked_edit(subject, chosen):
-        evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
 
     def write(staging: Path) -> dict[str, Any]:
         streamed = timed(
@@ -154,12 +158,15 @@ def run_lora(
     from abliterate import lora
 
     before = timed("evaluate", evaluate_before, config, subject, inputs)
-    with hooked_edit(subject, chosen):
-        evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
     model, adapter = subject.model, subject.adapter
     prompts = parity_prompts(config, subject, inputs)
-    gate = GateReport(completeness=timed("verify", completeness_on, model, adapter, prompts))
-    gate.skipped["certificate"] = "--format lora: no checkpoint written; parity is checked through peft"
+    gate = _completeness_gate(
+        subject,
+        prompts,
+        timed,
+        certificate="--format lora: no checkpoint written; parity is checked through peft",
+    )
     declared = search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
     base_model = subject.loaded.base_model or config.model
 
@@ -201,12 +208,9 @@ def run_direction_only(
     certificate proves the files it writes) completes the proof later.
     """
     before = timed("evaluate", evaluate_before, config, subject, inputs)
-    with hooked_edit(subject, chosen):
-        evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
-    gate = GateReport(skipped=dict(_DIRECTION_ONLY_SKIPS))
-    gate.completeness = timed(
-        "verify", completeness_on, subject.model, subject.adapter, parity_prompts(config, subject, inputs)
-    )
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
+    prompts = parity_prompts(config, subject, inputs)
+    gate = _completeness_gate(subject, prompts, timed, **_DIRECTION_ONLY_SKIPS)
     raise_unless_passed(gate, "nothing was written")
     assert inputs.output is not None  # RunConfig: --direction-only needs --output
     with checkpoint.atomic_directory(inputs.output) as staging:
@@ -220,6 +224,29 @@ def run_direction_only(
         f"abliterate apply CHECKPOINT --direction {inputs.output / 'direction.safetensors'} --output DIR"
     )
     return RunResult(manifest, output=inputs.output, messages=[hint])
+
+
+def _evaluate_hooked(
+    config: RunConfig,
+    subject: Subject,
+    inputs: Inputs,
+    chosen: RefusalDirection,
+    before: Baseline | None,
+    timed: StageTimer,
+) -> dict[str, Any] | None:
+    """The evaluation after the edit, on the original with the edit hooked (no edited model in memory:
+    the certified fold reproduces the hooks exactly)."""
+    with hooked_edit(subject, chosen):
+        return timed("evaluate", evaluate_after, config, subject, inputs, before)
+
+
+def _completeness_gate(
+    subject: Subject, prompts: EncodedPrompts, timed: StageTimer, **skipped: str
+) -> GateReport:
+    """The gate of a run without an edited model in memory: completeness of the writer list on the
+    parity ``prompts``, and ``skipped`` (gate part → why) for the parts proven elsewhere or not at all."""
+    completeness = timed("verify", completeness_on, subject.model, subject.adapter, prompts)
+    return GateReport(completeness=completeness, skipped=dict(skipped))
 
 
 _DIRECTION_ONLY_SKIPS = {
