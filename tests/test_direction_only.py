@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from conftest import save_tiny
 from safetensors.torch import load_file
-from tiny import quick_run_args
+from tiny import open_selection_config, quick_run_args
 
 from abliterate.cli import main
 
@@ -62,23 +62,11 @@ def test_apply_of_the_direction_equals_a_full_run(
 
 
 def test_direction_only_with_search_draws_the_heatmap(tmp_path: Path) -> None:
-    from abliterate import RunConfig, run
+    from abliterate import run
 
     source = save_tiny(tmp_path / "model", "llama")
     output = tmp_path / "direction"
-    config = RunConfig(
-        model=str(source),
-        output=str(output),
-        direction_only=True,
-        n_train=8,
-        n_val=4,
-        screen_prompts=2,
-        screen_keep=2,
-        max_kl=float("inf"),
-        min_steering=-float("inf"),
-        evaluate=False,
-        progress=False,
-    )
+    config = open_selection_config(source, output, direction_only=True, screen_keep=2, evaluate=False)
     result = run(config)
     assert result.manifest["direction"]["selected_by"] == "search"
     assert (output / "candidate_scores.png").stat().st_size > 1000

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import quick_run_args
+from tiny import open_selection_config, quick_run_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.cli import main
@@ -134,23 +134,10 @@ def test_tied_embeddings_are_untied_and_head_kept(tiny_llama_tied: Path, tmp_pat
 
 def test_selection_runs_and_draws_heatmap(tiny_qwen2: Path, tmp_path: Path) -> None:
     """Without --layer the search runs; thresholds are relaxed because a random model never refuses."""
-    from abliterate import RunConfig, run
+    from abliterate import run
 
     output = tmp_path / "out"
-    result = run(
-        RunConfig(
-            model=str(tiny_qwen2),
-            output=str(output),
-            n_train=8,
-            n_val=4,
-            n_eval=2,
-            screen_prompts=2,
-            screen_keep=3,
-            max_kl=float("inf"),
-            min_steering=-float("inf"),
-            progress=False,
-        )
-    )
+    result = run(open_selection_config(tiny_qwen2, output))
     assert result.manifest["direction"]["selected_by"] == "search"
     assert result.manifest["direction"]["layer"] < 0.8 * 4
     assert (output / "candidate_scores.png").stat().st_size > 1000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, open_selection_config
 
 from abliterate.adapters import resolve_adapter
 from abliterate.batching import all_position_logits, encode, last_logits
@@ -251,23 +251,7 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
 
 
 def _search_config(source: Path, output: Path) -> object:
-    from abliterate import RunConfig
-
-    return RunConfig(
-        model=str(source),
-        output=str(output),
-        n_train=8,
-        n_val=4,
-        n_eval=2,
-        screen_prompts=2,
-        screen_keep=3,
-        max_kl=float("inf"),
-        min_steering=-float("inf"),
-        trials=8,
-        search_prompts=2,
-        finalists=2,
-        progress=False,
-    )
+    return open_selection_config(source, output, trials=8, search_prompts=2, finalists=2)
 
 
 def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -270,3 +271,21 @@ def quick_run_args(
     if layer is not None:
         args += ["--layer", str(layer), "--position", "-1"]
     return args
+
+
+def open_selection_config(model: Path | str, output: Path | str, **fields: object) -> object:
+    """A ``RunConfig`` for a quick run on a tiny random model whose selection filters are open (a random
+    model never refuses, so the paper's thresholds would reject every candidate); ``fields`` override."""
+    from abliterate import RunConfig
+
+    settings: dict[str, object] = {
+        "n_train": 8,
+        "n_val": 4,
+        "n_eval": 2,
+        "screen_prompts": 2,
+        "screen_keep": 3,
+        "max_kl": float("inf"),
+        "min_steering": -float("inf"),
+        "progress": False,
+    }
+    return RunConfig(model=str(model), output=str(output), **{**settings, **fields})
