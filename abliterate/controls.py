@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
+from abliterate.adapters.spec import WRITER_GROUPS
 from abliterate.edit import fold_direction
 
 if TYPE_CHECKING:
     from abliterate.batching import EncodedPrompts
     from abliterate.gate import GateReport
-
-GROUP_CONTROLS = ("embedding", "attention", "mlp", "experts", "shared_experts")
 
 
 def rotated(direction: torch.Tensor, degrees: float, seed: int = 0) -> torch.Tensor:
@@ -44,13 +43,13 @@ def rotated(direction: torch.Tensor, degrees: float, seed: int = 0) -> torch.Ten
 def available_controls(model: nn.Module, adapter: Adapter) -> list[str]:
     """The controls that apply to ``model``: the groups it has, its middle block, and a 3° rotation."""
     writers = residual_writers(model, adapter)
-    groups = [group for group in GROUP_CONTROLS if any(w.group == group for w in writers)]
+    groups = [group for group in WRITER_GROUPS if any(w.group == group for w in writers)]
     n_layers = 1 + max(w.layer for w in writers)
     return ["nothing", *groups, f"layer:{n_layers // 2}", "off:3"]
 
 
 def _left_out(control: str) -> tuple[str | None, int | None]:
-    if control in GROUP_CONTROLS:
+    if control in WRITER_GROUPS:
         return control, None
     if control.startswith("layer:"):
         return None, int(control.split(":", 1)[1])

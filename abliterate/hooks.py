@@ -73,10 +73,8 @@ class StopForward(Exception):
 
 @contextmanager
 def stop_before(model: nn.Module, adapter: Adapter, layer: int) -> Iterator[None]:
-    """End forward passes when they reach block ``layer`` (nothing after it is computed).
-
-    Use ``run_until_stopped`` inside the context to call the model.
-    """
+    """End forward passes when they reach block ``layer`` (nothing after it is computed): the forward
+    pass raises ``StopForward``, which the caller catches once it has what it recorded."""
     _, blocks = blocks_of(model, adapter)
     if layer >= len(blocks):
         yield
@@ -88,14 +86,6 @@ def stop_before(model: nn.Module, adapter: Adapter, layer: int) -> Iterator[None
     handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
     with registered([handle]):
         yield
-
-
-def run_until_stopped(forward: Callable[[], Any]) -> None:
-    """Call ``forward`` and swallow the ``StopForward`` that ``stop_before`` raises."""
-    try:
-        forward()
-    except StopForward:
-        pass
 
 
 def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

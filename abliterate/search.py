@@ -41,7 +41,6 @@ from abliterate.hooks import ablate_subspace
 from abliterate.parity import kl_divergence
 from abliterate.select import refusal_scores
 
-GROUPS = ("embedding", "attention", "mlp")
 # Writer groups that take the MLP strength.
 MLP_GROUPS = ("mlp", "experts", "shared_experts")
 MAX_STRENGTH = 1.5
