@@ -15,6 +15,11 @@ checkpoint is certified within the streaming memory bound. What it proves:
   direction at most ``LEAK_RATIO_LIMIT`` times that of the correctly rounded fold. The second test
   is what rejects a direction a few degrees off, whose per-element change is below one bf16 ulp but
   adds up along r̂.
+* **Every compared value is finite**: an edited tensor holding NaN or Inf fails (a comparison with NaN
+  is false, so every bound is checked as "not within"), and a source whose writers hold NaN or Inf is
+  refused, since the fold spreads one such value over a whole row, where any value would then pass.
+* **The declared edit is an edit** (``DeclaredEdit.validate``): finite strengths in the search's range,
+  and not zero on every writer (a no-op would certify the unmodified source as edited).
 * **Every other tensor is bitwise equal** to the original (cast to the edited checkpoint's dtype when
   the run saved another dtype), and the head added when untying a tied embedding equals the original
   embedding.
