@@ -15,6 +15,11 @@ checkpoint is certified within the streaming memory bound. What it proves:
   direction at most ``LEAK_RATIO_LIMIT`` times that of the correctly rounded fold. The second test
   is what rejects a direction a few degrees off, whose per-element change is below one bf16 ulp but
   adds up along r̂.
+* **Every compared value is finite**: an edited tensor holding NaN or Inf fails (a comparison with NaN
+  is false, so every bound is checked as "not within"), and a source whose writers hold NaN or Inf is
+  refused, since the fold spreads one such value over a whole row, where any value would then pass.
+* **The declared edit is an edit** (``DeclaredEdit.validate``): finite strengths in the search's range,
+  and not zero on every writer (a no-op would certify the unmodified source as edited).
 * **Every other tensor is bitwise equal** to the original (cast to the edited checkpoint's dtype when
   the run saved another dtype), and the head added when untying a tied embedding equals the original
   embedding.
@@ -26,9 +31,11 @@ check's job (``abliterate.residual.completeness``), which runs on real prompts.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,8 +44,18 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit import ROWS_WRITE, compute_dtype, norm_factors, orthogonalize_, ulp
+from abliterate.edit import (
+    ROWS_WRITE,
+    all_finite,
+    changes,
+    compute_dtype,
+    non_finite_writer,
+    norm_factors,
+    orthogonalize_,
+    ulp,
+)
 from abliterate.safetensors_io import DTYPES, ChunkedReader, Shard, TensorEntry, find_shards, read_header
+from abliterate.search import MAX_STRENGTH  # the largest strength a declared edit may give a writer
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +101,37 @@ class DeclaredEdit:
     weights: tuple[float, ...] = ()
     norm_preserving: bool = False
 
+    def validate(self, writers: Iterable[tuple[str, int]] | None = None) -> DeclaredEdit:
+        """Check that this is an edit: finite strengths in ``[0, MAX_STRENGTH]`` (the search's range),
+        subspace weights in ``[0, 1]``, and, given the ``(group, layer)`` of every writer it applies to,
+        not zero on all of them (a no-op would certify the unmodified source as edited).
+
+        Every consumer (``apply``, ``verify``, LoRA output, the certificate) calls this one check.
+
+        Args:
+            writers: the writers the edit is applied to; ``None`` skips the no-op check.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: one line naming the first value out of range, or saying the edit is a no-op.
+        """
+        values = [("every other writer", self.default_strength)]
+        values += [(f"the {group}", strength) for group, strength in self.strengths.items()]
+        for group, profile in self.layer_strengths.items():
+            values += [(f"block {layer}'s {group}", s) for layer, s in enumerate(profile)]
+        for where, value in values:
+            _check_range(f"{where} strength", value, MAX_STRENGTH)
+        for row, weight in enumerate(self.weights):
+            _check_range(f"subspace row {row} weight", weight, 1.0)
+        if writers is not None and not any(changes(self.scales_for(g, layer)) for g, layer in writers):
+            raise ValueError(
+                "the direction file declares a zero edit (strength 0 on every writer): a no-op, "
+                "the output would equal the source"
+            )
+        return self
+
     def is_plain(self) -> bool:
         """Strength 1 on every writer along one direction, not norm-preserving: the paper's edit."""
         plain = not self.strengths and not self.layer_strengths and self.default_strength == 1.0
@@ -112,6 +160,14 @@ class DeclaredEdit:
         if profile is not None and 0 <= layer < len(profile):
             return float(profile[layer])
         return self.strength(group)
+
+
+def _check_range(what: str, value: float, upper: float) -> None:
+    """One line unless ``value`` is finite and in ``[0, upper]`` (``what``: e.g. "the embedding strength")."""
+    if not math.isfinite(value):
+        raise ValueError(f"the declared edit gives {what} {value}: strengths and weights must be finite")
+    if not 0.0 <= value <= upper:
+        raise ValueError(f"the declared edit gives {what} {value:g}, outside [0, {upper:g}]")
 
 
 @dataclass(frozen=True)
@@ -187,7 +243,11 @@ class Certificate:
     @property
     def reason(self) -> str:
         """The first failure, or an empty string when passed."""
-        return "" if self.passed else f"{self.n_failures} tensor(s) fail the certificate: {self.failures[0]}"
+        if self.passed:
+            return ""
+        if self.n_tensors == 0:  # refused before any tensor was read: the declared edit itself
+            return self.failures[0]
+        return f"{self.n_failures} tensor(s) fail the certificate: {self.failures[0]}"
 
 
 def canonical(name: str) -> str:
@@ -317,6 +377,8 @@ def certify_checkpoint(
     target = _tensor_index(edited)
     tally = _Tally()
     names_by_canonical = {canonical(name): name for name in source}
+    if not _check_declared(declared, structure, source, names_by_canonical, tally):
+        return tally.certificate(time.perf_counter() - started)
     _check_names(structure, source, target, tally)
     _check_config(original, edited, structure, declared, tally)
     total = sum(entry.end - entry.start for _, entry in target.values())
@@ -337,6 +399,28 @@ def certify_checkpoint(
         reader.close()
     tally.bytes_read = reader.bytes_read
     return tally.certificate(time.perf_counter() - started)
+
+
+def _check_declared(
+    declared: DeclaredEdit, structure: Structure, source: dict, names_by_canonical: dict, tally: _Tally
+) -> bool:
+    """The declared edit is an edit of this model (``DeclaredEdit.validate``, the direction's width is
+    the model's ``d_model``); on failure it is the one failure reported, and no tensor is read."""
+    try:
+        declared.validate((edit.group, edit.layer) for edit in structure.edits.values())
+    except ValueError as error:
+        tally.fail(str(error))
+        return False
+    embedding = names_by_canonical.get(structure.embedding)
+    if embedding is not None:
+        width, shape = declared.direction.shape[-1], list(source[embedding][1].shape)
+        if width != shape[-1]:
+            tally.fail(
+                f"the direction has {width} entries but the model's embedding is {shape} "
+                f"(d_model={shape[-1]}): the direction belongs to another model"
+            )
+            return False
+    return True
 
 
 def _tensor_index(checkpoint: Path) -> dict[str, tuple[Path, TensorEntry]]:
@@ -402,7 +486,8 @@ class _Tally:
         self.n_edited += 1
         self.n_exact += exact
         self.n_bounded += not exact
-        self.max_leak = max(self.max_leak, leak)
+        if not leak <= self.max_leak:  # a NaN leak is kept too (``max`` would drop it)
+            self.max_leak = leak
         self.groups[group]["tensors"] += 1
         self.groups[group]["layers"].add(layer)
 
@@ -455,33 +540,50 @@ def _certify_tensor(
     target_dtype = DTYPES[target_entry.dtype]
     expected = reader.tensor(original).to(target_dtype)  # the run loaded the original in this dtype
     if required is None:
+        # Bitwise equality holds NaN and Inf to their own bits, so a non-writer may carry them unchanged.
         if reader.matches(expected, edited):
             tally.n_unchanged += 1
         else:
             tally.fail(f"{name}: changed, but the structure says no residual writer lives there")
         return
+    if not all_finite(expected):  # a fold spreads it over a row, where any value would then pass
+        tally.fail(non_finite_writer(name))
+        return
     strength = declared.scales_for(required.group, required.layer)
+    if not changes(strength):  # strength 0: this writer must be left as it was
+        if reader.matches(expected, edited):
+            tally.n_unchanged += 1
+        else:
+            tally.fail(f"{name}: changed, but the declared edit gives it strength 0")
+        return
     if declared.norm_preserving and required.group == "experts":
         tally.fail(f"{name}: a norm-preserving edit is declared, but fused experts cannot carry one")
         return
     scaled = declared.norm_preserving and not required.bias
     orthogonalize_(expected, declared.direction, required.layout, strength, scaled)
+    where = f"{name} ({required.group} {required.layer})"
     if reader.matches(expected, edited):
-        tally.edited(required.group, required.layer, exact=True, leak=1.0)
+        if all_finite(expected):
+            tally.edited(required.group, required.layer, exact=True, leak=1.0)
+        else:
+            tally.fail(f"{where}: the declared fold overflows to NaN/Inf in {target_entry.dtype}")
         return
     del expected
-    source = reader.tensor(original, fresh=True).to(target_dtype)
     target = reader.tensor(edited, fresh=True)
-    where = f"{name} ({required.group} {required.layer})"
+    if not all_finite(target):  # the original and its fold are finite: these values are not the edit
+        tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
+        return
+    source = reader.tensor(original, fresh=True).to(target_dtype)
     exact = _exact_fold(source, declared.direction, required.layout, strength, scaled)
     leak = _leak_ratio(exact, target, declared.direction, required.layout)
     worst = _worst_bound_ratio(source, exact, target, declared.direction, required.layout, strength, scaled)
     tally.edited(required.group, required.layer, exact=False, leak=leak)
-    if worst > 1.0:
+    # Written as "not within": a comparison with NaN is false, and a NaN must fail, never pass.
+    if not worst <= 1.0:
         tally.fail(
             f"{where}: an element is {worst:.3g}× the bound (1 ulp of the exact fold + working precision)"
         )
-    elif leak > LEAK_RATIO_LIMIT:
+    elif not leak <= LEAK_RATIO_LIMIT:
         tally.fail(
             f"{where}: leak along the direction {leak:.3g}× its rounding floor (limit {LEAK_RATIO_LIMIT})"
         )

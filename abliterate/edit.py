@@ -374,11 +374,16 @@ def fold_direction(
         The number of tensors edited.
 
     Raises:
-        ValueError: ``norm_preserving`` with a fused-experts writer (checked before anything is edited).
+        ValueError: ``norm_preserving`` with a fused-experts writer, or a writer holding NaN/Inf values
+            (both checked before anything is edited).
     """
     chosen = list(residual_writers(model, adapter) if writers is None else writers)
     if norm_preserving:
         check_norm_preserving(chosen)
+    for writer in chosen:  # before anything is folded: the model is left as it was
+        refuse_non_finite(f"{writer.name}.{writer.weight}", writer.weight_tensor())
+        if writer.bias_tensor() is not None:
+            refuse_non_finite(f"{writer.name}.{writer.bias}", writer.bias_tensor())
     untie_embeddings(model, adapter)
     edited = 0
     for writer in chosen:
@@ -390,6 +395,41 @@ def fold_direction(
             orthogonalize_(bias.data, direction, "embedding", strength)  # a bias is never scaled by D
             edited += 1
     return edited
+
+
+def changes(strength: Strength) -> bool:
+    """Whether a fold at ``strength`` (one per row for a subspace) changes a tensor: not all zero."""
+    return any(value != 0 for value in (strength if isinstance(strength, Sequence) else (strength,)))
+
+
+# Elements per chunk of the finiteness check: its temporaries stay at a few MiB for any tensor (16M-element
+# chunks raised streaming apply's peak memory by ~40 MiB, tests/test_streaming.py peak-memory test).
+_FINITE_CHUNK = 1 << 20
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is finite, checked a chunk at a time (no full-size temporary)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHUNK))
+
+
+def non_finite_writer(name: str) -> str:
+    """The one-line refusal of a source writer that holds NaN or infinite values."""
+    return (
+        f"the source's {name} holds NaN/Inf values: a fold would spread them over whole rows; "
+        "abliterate refuses non-finite writers"
+    )
+
+
+def refuse_non_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError(non_finite_writer(name))`` unless every element of ``tensor`` is finite.
+
+    A fold multiplies each written vector's component along r̂ into every element of its row (or
+    column), so one NaN in the source becomes a row of NaN in the edit, and the certificate could no
+    longer tell any value there from the declared one.
+    """
+    if not all_finite(tensor):
+        raise ValueError(non_finite_writer(name))
 
 
 def check_norm_preserving(writers: Iterable[ResolvedWriter]) -> None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
-from abliterate.edit import check_basis
+from abliterate.edit import check_basis, refuse_non_finite
 
 if TYPE_CHECKING:
     from abliterate.batching import EncodedPrompts
@@ -80,6 +80,7 @@ def lora_state(
         if not bool((scales != 0).any()):
             continue
         _check_expressible(writer)
+        refuse_non_finite(f"{writer.name}.{writer.weight}", writer.weight_tensor())  # factors would be NaN
         prefix = f"base_model.model.{writer.name}"
         for suffix, factor in _factors(writer, basis, scales).items():
             tensors[f"{prefix}.{suffix}"] = factor.float()
@@ -353,11 +354,13 @@ def apply_lora(
     from abliterate.prompts import bundled
     from abliterate.search_io import writer_strengths
 
+    declared.validate()  # finite and in range, before the model is loaded
     if declared.norm_preserving:
         raise ValueError(NORM_PRESERVING_REFUSAL)
     target = check_output_dir(output, overwrite)
     loaded = load_model(checkpoint)
     adapter = resolve_adapter(loaded.model, architecture)
+    declared.validate((w.group, w.layer) for w in residual_writers(loaded.model, adapter))  # not a no-op
     texts = bundled("harmful", "eval")[:4] + bundled("harmless", "eval")[:4]
     prompts = encode(loaded.tokenizer, texts, batch_size=len(texts), share_prefix=False)
     with atomic_directory(target) as staging:

@@ -29,7 +29,7 @@ from abliterate.adapters.spec import Adapter, Layout
 from abliterate.certificate import Certificate, DeclaredEdit
 from abliterate.checkpoint import atomic_directory, check_output_dir
 from abliterate.direction import unit_direction
-from abliterate.edit import ROWS_WRITE, Strength, orthogonalize_
+from abliterate.edit import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
 from abliterate.report import apply_card
 from abliterate.safetensors_io import (
     DTYPES,
@@ -209,7 +209,8 @@ def _edit_by_name(
     (``certificate.read_structure``), as the certificate reads them.
 
     Raises:
-        ValueError: a tensor's writer group is unknown, or a norm-preserving edit meets fused experts.
+        ValueError: a tensor's writer group is unknown, the declared edit is out of range or zero
+            (``DeclaredEdit.validate``), or a norm-preserving edit meets fused experts.
     """
     from abliterate.certificate import canonical, read_structure
 
@@ -222,6 +223,7 @@ def _edit_by_name(
             f"cannot tell the writer group of {missing[0]} from the model's structure, so a per-group "
             "strength cannot be applied to it; fold with `abliterate run` instead"
         )
+    declared.validate((required[canonical(n)].group, required[canonical(n)].layer) for n in plan.edits)
     if declared.norm_preserving:
         fused = [name for name in plan.edits if required[canonical(name)].group == "experts"]
         if fused:
@@ -497,8 +499,12 @@ def _write_all(
 
     def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
         """Fold the direction out of one tensor that ``write_shard`` read, in place."""
+        refuse_non_finite(entry.name, weight)  # raised before this tensor's fold; the output is removed
         strength, scaled = (1.0, False) if edit_of is None else edit_of(entry.name)
         orthogonalize_(weight, direction, plan.edits[entry.name], strength, scaled)
+
+    # A writer of strength 0 is copied as it is, and not counted as edited.
+    edits = {name for name in plan.edits if edit_of is None or changes(edit_of(name)[0])}
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
     head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
@@ -507,7 +513,7 @@ def _write_all(
         for shard in plan.shards:
             append = head if shard is head_shard else None
             destination = temp / shard.path.name
-            counts = write_shard(shard, destination, plan.edits, edit, buffer, append, bar.update)
+            counts = write_shard(shard, destination, edits, edit, buffer, append, bar.update)
             tensors, edited = tensors + counts[0], edited + counts[1]
             read, written = read + counts[2], written + counts[3]
     if plan.index is not None:

@@ -74,7 +74,10 @@ def verify_checkpoints(
     else:
         gate.skipped["certificate"] = "not asked for (--no-certificate)"
     extra: dict[str, Any] = {}
-    if forward:
+    invalid = _why_invalid(declared)
+    if invalid:  # the certificate reports it too; no forward check can stand for such an edit
+        gate.skipped["completeness"] = gate.skipped["parity"] = invalid
+    elif forward:
         if dtype == "auto":
             dtype = _checkpoint_dtype(edited) or "auto"
         options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
@@ -89,6 +92,15 @@ def verify_checkpoints(
         **extra,
         **gate.to_dict(),
     }
+
+
+def _why_invalid(declared: Any) -> str:
+    """``DeclaredEdit.validate``'s one line, or an empty string for a valid declared edit."""
+    try:
+        declared.validate()
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _checkpoint_dtype(checkpoint: str) -> str | None:
