@@ -99,11 +99,18 @@ class GGUFSource:
 
     @classmethod
     def open(cls, path: Path) -> tuple[GGUFSource | None, str]:
-        """``(source, "")``, or ``(None, why not)`` when transformers' GGUF reader cannot map this file."""
+        """``(source, "")``, or ``(None, why not)`` for an architecture this reader does not cover.
+
+        Raises:
+            ValueError: the file is not a GGUF transformers can load (gguf-py's reader raises
+                ``IndexError`` for a truncated file).
+        """
         try:
             return cls(path), ""
-        except (ValueError, KeyError, NotImplementedError) as error:
-            return None, f"cannot read {path} as the certificate's original: {error}"
+        except _NotCovered as error:
+            return None, str(error)
+        except (ValueError, IndexError, KeyError, NotImplementedError) as error:
+            raise ValueError(f"cannot read {path} as a GGUF file: {error}") from error
 
     def __str__(self) -> str:
         return str(self.path)
@@ -235,6 +242,10 @@ def _saved_form(model: torch.nn.Module, parameter: str, value: torch.Tensor) -> 
     return dict(reverted) or {parameter: value}
 
 
+class _NotCovered(ValueError):
+    """A GGUF transformers loads with other code than the legacy tensor processors this module reuses."""
+
+
 def _refuse_packed_path(architecture: str, path: Path) -> None:
     """Architectures transformers loads through its packed-GGUF path convert with other code than the
     legacy processors read here: refuse them rather than certify against a different dequantization."""
@@ -243,7 +254,7 @@ def _refuse_packed_path(architecture: str, path: Path) -> None:
     except ImportError:
         return
     if is_gguf_arch_supported(architecture):
-        raise ValueError(
+        raise _NotCovered(
             f"{path.name}: transformers loads GGUF architecture {architecture!r} through its packed path, "
             "which the certificate does not read yet"
         )
