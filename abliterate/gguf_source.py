@@ -73,7 +73,7 @@ class GGUFSource:
             ValueError: the file is not a GGUF transformers can load this way.
         """
         from gguf import GGUFReader
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
@@ -81,13 +81,16 @@ class GGUFSource:
             load_gguf_checkpoint,
             read_field,
         )
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         self.path = path
         self._reader = GGUFReader(str(path))  # memory-mapped: tensors are read when dequantized
         architecture = read_field(self._reader, "general.architecture")[0]
         _refuse_packed_path(architecture, path)
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        self.config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        # What ``AutoConfig.from_pretrained(gguf_file=…)`` builds from the same dict (a second metadata
+        # parse would cost as much again: 15 s for the demo's 151k-token vocabulary).
+        self.config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
         with torch.device("meta"):
             self._model = AutoModelForCausalLM.from_config(self.config)
         # The processor transformers uses for this architecture, with the same parsed config.
