@@ -38,7 +38,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -202,6 +202,24 @@ class Structure:
     model_type: str
 
 
+class TensorSource(Protocol):
+    """An original that is not a safetensors directory (``abliterate.gguf_source.GGUFSource``).
+
+    Attributes:
+        config: the model's config, built from the source's own metadata.
+        cast_after_fold: the run folds the source's tensors in their own dtype and casts the result once.
+    """
+
+    config: Any
+    cast_after_fold: bool
+
+    def index(self) -> dict[str, tuple[Any, TensorEntry]]: ...  # saved name → location for ``reader()``
+
+    def reader(self) -> ChunkedReader: ...  # a ChunkedReader that also reads this source's locations
+
+    def check_config(self, edited: Path, structure: Structure, declared: DeclaredEdit, fail: Any) -> None: ...
+
+
 @dataclass(frozen=True)
 class Certificate:
     """The verdict of ``certify_checkpoint``.
@@ -264,7 +282,7 @@ def layer_of(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def read_structure(checkpoint: Path, architecture: str | None = None) -> Structure:
+def read_structure(checkpoint: Path | TensorSource, architecture: str | None = None) -> Structure:
     """Build the model on the meta device from ``checkpoint/config.json`` and list what the edit must change.
 
     Raises:
@@ -300,13 +318,15 @@ def read_structure(checkpoint: Path, architecture: str | None = None) -> Structu
     return Structure(edits, alternatives, head, embedding, tied, adapter.name)
 
 
-def _config_of(checkpoint: Path, architecture: str | None) -> Any:
+def _config_of(checkpoint: Path | TensorSource, architecture: str | None) -> Any:
     """The checkpoint's config; a model type transformers does not know is read as ``architecture``."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from abliterate.safetensors_io import read_json
 
+    if not isinstance(checkpoint, Path):  # a GGUF source: the config transformers builds from its metadata
+        return checkpoint.config
     fields = read_json(checkpoint / "config.json", "config.json")
     if architecture is not None and fields.get("model_type") not in CONFIG_MAPPING:
         fields = {key: value for key, value in fields.items() if key != "model_type"}
@@ -349,7 +369,7 @@ def _on_disk_names(
 
 
 def certify_checkpoint(
-    original: str | Path,
+    original: str | Path | TensorSource,
     edited: str | Path,
     declared: DeclaredEdit,
     *,
@@ -360,7 +380,7 @@ def certify_checkpoint(
     """Certify that ``edited`` is ``original`` with ``declared`` folded into every residual writer.
 
     Args:
-        original: the unedited safetensors checkpoint directory.
+        original: the unedited safetensors checkpoint directory, or a ``TensorSource`` (a GGUF file).
         edited: the edited safetensors checkpoint directory.
         declared: the direction and strengths the edit claims.
         architecture: adapter override.
@@ -371,18 +391,22 @@ def certify_checkpoint(
         The certificate (``passed`` tells the verdict; nothing is raised for a failing checkpoint).
     """
     started = time.perf_counter()
-    original, edited = Path(original), Path(edited)
+    original = Path(original) if isinstance(original, str | Path) else original
+    edited = Path(edited)
     structure = structure or read_structure(original, architecture)
-    source = _tensor_index(original)
+    source = _tensor_index(original) if isinstance(original, Path) else original.index()
     target = _tensor_index(edited)
     tally = _Tally()
     names_by_canonical = {canonical(name): name for name in source}
     if not _check_declared(declared, structure, source, names_by_canonical, tally):
         return tally.certificate(time.perf_counter() - started)
     _check_names(structure, source, target, tally)
-    _check_config(original, edited, structure, declared, tally)
+    if isinstance(original, Path):
+        _check_config(original, edited, structure, declared, tally)
+    else:
+        original.check_config(edited, structure, declared, tally.fail)
     total = sum(entry.end - entry.start for _, entry in target.values())
-    reader = ChunkedReader()
+    reader = ChunkedReader() if isinstance(original, Path) else original.reader()
     try:
         with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
             for name, (path, entry) in target.items():
@@ -538,10 +562,13 @@ def _certify_tensor(
         tally.fail(f"{name}: dtype {target_entry.dtype} (original {source_entry.dtype}) cannot be compared")
         return
     target_dtype = DTYPES[target_entry.dtype]
-    expected = reader.tensor(original).to(target_dtype)  # the run loaded the original in this dtype
+    # The run loaded the original in this dtype; a GGUF run folds the dequantized float32, then casts.
+    cast_after_fold = getattr(original[0], "cast_after_fold", False)
+    fold_dtype = DTYPES[source_entry.dtype] if cast_after_fold else target_dtype
+    expected = reader.tensor(original).to(fold_dtype)
     if required is None:
         # Bitwise equality holds NaN and Inf to their own bits, so a non-writer may carry them unchanged.
-        if reader.matches(expected, edited):
+        if reader.matches(expected.to(target_dtype), edited):
             tally.n_unchanged += 1
         else:
             tally.fail(f"{name}: changed, but the structure says no residual writer lives there")
@@ -551,7 +578,7 @@ def _certify_tensor(
         return
     strength = declared.scales_for(required.group, required.layer)
     if not changes(strength):  # strength 0: this writer must be left as it was
-        if reader.matches(expected, edited):
+        if reader.matches(expected.to(target_dtype), edited):
             tally.n_unchanged += 1
         else:
             tally.fail(f"{name}: changed, but the declared edit gives it strength 0")
@@ -562,6 +589,7 @@ def _certify_tensor(
     scaled = declared.norm_preserving and not required.bias
     orthogonalize_(expected, declared.direction, required.layout, strength, scaled)
     where = f"{name} ({required.group} {required.layer})"
+    expected = expected.to(target_dtype)
     if reader.matches(expected, edited):
         if all_finite(expected):
             tally.edited(required.group, required.layer, exact=True, leak=1.0)
@@ -573,7 +601,7 @@ def _certify_tensor(
     if not all_finite(target):  # the original and its fold are finite: these values are not the edit
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
-    source = reader.tensor(original, fresh=True).to(target_dtype)
+    source = reader.tensor(original, fresh=True).to(fold_dtype)
     exact = _exact_fold(source, declared.direction, required.layout, strength, scaled)
     leak = _leak_ratio(exact, target, declared.direction, required.layout)
     worst = _worst_bound_ratio(source, exact, target, declared.direction, required.layout, strength, scaled)

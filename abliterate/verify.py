@@ -52,6 +52,7 @@ def verify_checkpoints(
     from abliterate.certificate import certify_checkpoint
     from abliterate.direction import load_direction
     from abliterate.gate import GateReport
+    from abliterate.gguf_source import certificate_source
     from abliterate.search_io import declared_from_file
     from abliterate.streaming import local_checkpoint
 
@@ -59,7 +60,7 @@ def verify_checkpoints(
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
     if certificate:
-        original_dir, why_not = local_checkpoint(original)
+        original_dir, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
         edited_dir, why_not_edited = local_checkpoint(edited)
         if original_dir is not None and edited_dir is not None:
             gate.certificate = certify_checkpoint(

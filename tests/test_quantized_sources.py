@@ -93,13 +93,14 @@ def test_gguf_output_is_bf16_unless_asked(
     tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, saved: torch.dtype
 ) -> None:
     """The fold is computed in float32 from the dequantized weights and rounded once, at the end."""
+    from tiny_gguf import write_gguf
     from transformers import AutoModelForCausalLM
 
     from abliterate.adapters import resolve_adapter
     from abliterate.edit import fold_direction
 
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")  # never read: the load below is the tiny checkpoint's
+    # The load below is the tiny checkpoint's; the certificate reads the same weights from this GGUF (F32).
+    gguf = write_gguf(tmp_path / "model.gguf", AutoModelForCausalLM.from_pretrained(tiny_qwen2))
     calls: list[dict] = []
     monkeypatch.setattr("abliterate.loading.load_model", _fake_gguf_load(tiny_qwen2, calls))
     output = tmp_path / "out"
@@ -111,7 +112,8 @@ def test_gguf_output_is_bf16_unless_asked(
     assert manifest["model"]["dtype"] == str(saved).removeprefix("torch.")
     gate = manifest["parity"]
     assert gate["passed"] and gate["parity"]["dtype"] == manifest["model"]["dtype"]
-    assert gate["certificate"] is None and "certificate" in gate["skipped"]
+    certificate = gate["certificate"]  # against the dequantized GGUF, folded in float32 before the cast
+    assert certificate["passed"] and certificate["n_exact"] == certificate["n_edited"] > 0
     weights = load_file(output / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {saved}
     # Bitwise: the float32 fold of the original, cast once.

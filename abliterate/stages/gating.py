@@ -29,11 +29,11 @@ from abliterate.gate import (
     edited_parity,
     hooked_reference,
 )
+from abliterate.gguf_source import certificate_source
 from abliterate.hooks import ablate_edit
 from abliterate.residual import CompletenessReport
 from abliterate.select import RefusalDirection
 from abliterate.stages.subject import Inputs, Subject
-from abliterate.streaming import local_checkpoint
 
 
 def strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
@@ -132,9 +132,10 @@ def check_parity(model: nn.Module, adapter: Adapter, reference: ParityReference)
 def certify_saved(
     config: RunConfig, staging: Path, chosen: RefusalDirection, gate: GateReport, n_layers: int
 ) -> None:
-    """Add the weight certificate of the saved checkpoint against its safetensors source to ``gate``
-    (``n_layers``: the model's depth, over which a searched edit declares its strength profile)."""
-    source, why_not = local_checkpoint(config.model)
+    """Add the weight certificate of the saved checkpoint against its source (safetensors, or a GGUF read
+    tensor by tensor) to ``gate`` (``n_layers``: the model's depth, over which a searched edit declares its
+    strength profile)."""
+    source, why_not = certificate_source(config.model)
     if source is None:
         gate.skipped["certificate"] = why_not
         return
