@@ -20,6 +20,7 @@ from abliterate.batching import (
     encode,
 )
 from abliterate.certificate import certify_checkpoint
+from abliterate.companion_files import compare_companions, compare_gguf_tokenizer
 from abliterate.config import RunConfig
 from abliterate.gate import (
     GateReport,
@@ -133,8 +134,13 @@ def certify_saved(
     config: RunConfig, staging: Path, chosen: RefusalDirection, gate: GateReport, n_layers: int
 ) -> None:
     """Add the weight certificate of the saved checkpoint against its safetensors source to ``gate``
-    (``n_layers``: the model's depth, over which a searched edit declares its strength profile)."""
+    (``n_layers``: the model's depth, over which a searched edit declares its strength profile), and the
+    comparison of config.json and the files beside the weights."""
     source, why_not = local_checkpoint(config.model)
+    if source is not None:
+        gate.files = compare_companions(source, staging)
+    elif Path(config.model).suffix == ".gguf" and Path(config.model).is_file():
+        gate.files = compare_gguf_tokenizer(Path(config.model), staging)
     if source is None:
         gate.skipped["certificate"] = why_not
         return
