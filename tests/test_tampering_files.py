@@ -318,3 +318,98 @@ def test_weights_and_our_own_files_are_not_companions(tmp_path: Path) -> None:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert companion_files(tmp_path) == ["modeling_x.py", "sub/vocab.txt", "tokenizer.model"]
+
+
+# ------------------------------------------------------------------------------------ a GGUF original
+
+
+def _tiny_gguf(path: Path) -> Path:
+    """A GGUF file holding the tiny tokenizer (vocabulary, merges, special tokens, chat template) and one
+    tensor: all transformers reads to build the tokenizer."""
+    import numpy as np
+    from tiny import make_tokenizer
+
+    gguf = pytest.importorskip("gguf")
+    tokenizer = make_tokenizer()
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token.startswith("<|") else 1 for token in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    writer.add_eos_token_id(model["vocab"]["<|im_end|>"])
+    writer.add_bos_token_id(model["vocab"]["<|endoftext|>"])
+    writer.add_pad_token_id(model["vocab"]["<|endoftext|>"])
+    writer.add_chat_template(tokenizer.chat_template)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _rename_token(directory: Path) -> None:
+    def rename(tokenizer: dict) -> None:
+        vocab = tokenizer["model"]["vocab"]
+        token = next(token for token, index in vocab.items() if index == 100)
+        vocab["Sure"] = vocab.pop(token)
+
+    _edit_json(directory / "tokenizer.json", rename)
+
+
+def _drop_merge(directory: Path) -> None:
+    _edit_json(directory / "tokenizer.json", lambda tokenizer: tokenizer["model"]["merges"].pop(5))
+
+
+def _inject(directory: Path) -> None:
+    template = directory / "chat_template.jinja"
+    template.write_text(INJECTION + template.read_text("utf-8"), "utf-8")
+
+
+def _special(directory: Path) -> None:
+    def add(config: dict) -> None:
+        config["extra_special_tokens"] = [*config.get("extra_special_tokens", []), "Sure"]
+
+    _edit_json(directory / "tokenizer_config.json", add)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "part"),
+    [
+        (None, ""),
+        (_rename_token, "vocabulary"),
+        (_drop_merge, "merges"),
+        (_inject, "chat template"),
+        (_special, "special tokens"),
+    ],
+)
+def test_a_gguf_originals_tokenizer_is_compared_as_read(tamper: object, part: str, tmp_path: Path) -> None:
+    """A GGUF holds no tokenizer files: the tokenizer saved from it must read back the same."""
+    from transformers import AutoTokenizer
+
+    from abliterate.companion_files import compare_gguf_tokenizer
+    from abliterate.report import gate_lines
+
+    gguf = _tiny_gguf(tmp_path / "model.gguf")
+    edited = tmp_path / "edited"
+    AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=gguf.name).save_pretrained(edited)  # as run does
+    if tamper is not None:
+        tamper(edited)
+    report = compare_gguf_tokenizer(gguf, edited)
+    assert report.passed == (tamper is None), report
+    if tamper is None:
+        line = gate_lines({"passed": True, "files": report.to_dict()})[0]
+        assert "the GGUF's tokenizer (vocabulary, merges, special tokens, chat template" in line
+    else:
+        said = f"tokenizer: the {part} differ(s) from the GGUF's"
+        assert any(failure.startswith(said) for failure in report.failures), report

@@ -20,7 +20,7 @@ from abliterate.batching import (
     encode,
 )
 from abliterate.certificate import certify_checkpoint
-from abliterate.companion_files import compare_companions, compare_gguf_tokenizer
+from abliterate.companion_files import compare_companions
 from abliterate.config import RunConfig
 from abliterate.gate import (
     GateReport,
@@ -135,15 +135,13 @@ def certify_saved(
 ) -> None:
     """Add the weight certificate of the saved checkpoint against its safetensors source to ``gate``
     (``n_layers``: the model's depth, over which a searched edit declares its strength profile), and the
-    comparison of config.json and the files beside the weights."""
+    comparison of its config.json and the files beside the weights with the source's."""
     source, why_not = local_checkpoint(config.model)
-    if source is not None:
-        gate.files = compare_companions(source, staging)
-    elif Path(config.model).suffix == ".gguf" and Path(config.model).is_file():
-        gate.files = compare_gguf_tokenizer(Path(config.model), staging)
     if source is None:
+        # A GGUF source: the tokenizer was saved from the one loaded from it (``verify`` compares the two).
         gate.skipped["certificate"] = why_not
         return
+    gate.files = compare_companions(source, staging)
     gate.certificate = certify_checkpoint(
         source,
         staging,
