@@ -28,6 +28,8 @@ _EXPORTS = {
     "Certificate": "abliterate.certificate",
     "DeclaredEdit": "abliterate.certificate",
     "certify_checkpoint": "abliterate.certificate",
+    "CompanionReport": "abliterate.companion_files",
+    "compare_companions": "abliterate.companion_files",
     "GateReport": "abliterate.gate",
     "ParityError": "abliterate.gate",
     "CompletenessReport": "abliterate.residual",

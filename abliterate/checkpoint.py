@@ -91,16 +91,35 @@ def _move_into_place(staging: Path, output: Path) -> None:
     shutil.rmtree(retired)
 
 
-def save_model(model: nn.Module, tokenizer: object, directory: Path) -> None:
-    """``save_pretrained`` the model (safetensors) and tokenizer into ``directory``.
+def save_model(model: nn.Module, tokenizer: object, directory: Path, source: Path | None = None) -> None:
+    """``save_pretrained`` the model (safetensors) into ``directory``, with the source's files beside it.
 
-    The generation config is kept; a GGUF ``quantization_config`` never reaches ``config.json``.
+    With a ``source`` checkpoint directory, ``config.json`` is the source's with only the keys the edit
+    changes (``companion_files.edited_config``) and every tokenizer, chat-template and generation file is
+    copied byte for byte (``save_pretrained`` would rewrite them: another serialization, the padding the
+    run set, a generation config derived from the config). Without one (a GGUF file), the tokenizer and
+    the generation config are saved from memory; a GGUF ``quantization_config`` never reaches ``config.json``.
+
+    Args:
+        model: the edited model.
+        tokenizer: its tokenizer (saved only without a ``source``).
+        directory: the (empty, staging) output directory.
+        source: the source checkpoint directory, or ``None`` when the source has none.
     """
+    from abliterate.companion_files import copy_companions, edited_config
+
     drop_gguf_quantization(model)
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text("utf-8"))
+    if source is not None:
+        # What save_pretrained wrote beside the weights is replaced by the source's own files.
+        (directory / "generation_config.json").unlink(missing_ok=True)
+        source_config = json.loads((source / "config.json").read_text("utf-8"))
+        config_path.write_text(json.dumps(edited_config(source_config, config), indent=2) + "\n", "utf-8")
+        copy_companions(source, directory)
+        return
+    tokenizer.save_pretrained(directory)
     if config.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     if not (directory / "generation_config.json").exists() and getattr(model, "generation_config", None):

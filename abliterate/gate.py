@@ -27,6 +27,7 @@ from torch import nn
 from abliterate.adapters import Adapter, residual_writers
 from abliterate.batching import EncodedPrompts, all_position_logits
 from abliterate.certificate import Certificate
+from abliterate.companion_files import CompanionReport
 from abliterate.dispatch import offloaded
 from abliterate.hooks import StrengthOf, ablate_edit
 from abliterate.parity import (
@@ -52,6 +53,7 @@ class GateReport:
         certificate: the weight certificate, or ``None`` when it did not run.
         completeness: the residual-stream completeness check, or ``None``.
         parity: the logit parity report, or ``None``.
+        files: ``config.json`` and the files transformers reads beside the weights, or ``None``.
         skipped: ingredient name → why it did not run.
     """
 
@@ -59,16 +61,19 @@ class GateReport:
     completeness: CompletenessReport | None = None
     parity: ParityReport | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    files: CompanionReport | None = None
 
     @property
     def passed(self) -> bool:
-        """Every gating ingredient that ran passed, and at least one ran."""
+        """Every gating ingredient that ran passed, and at least one proof of the weights ran (the
+        files beside them prove nothing about the weights on their own)."""
         ran = [part for part in self._gating() if part is not None]
-        return bool(ran) and all(part.passed for part in ran)
+        files_pass = self.files is None or self.files.passed
+        return any(part is not self.files for part in ran) and all(part.passed for part in ran) and files_pass
 
-    def _gating(self) -> tuple[Certificate | CompletenessReport | ParityReport | None, ...]:
+    def _gating(self) -> tuple[Certificate | CompletenessReport | ParityReport | CompanionReport | None, ...]:
         parity = self.parity if self.parity is None or not self.parity.advisory else None
-        return (self.certificate, self.completeness, parity)
+        return (self.certificate, self.completeness, parity, self.files)
 
     @property
     def reason(self) -> str:
@@ -79,6 +84,7 @@ class GateReport:
                 ("certificate", self.certificate),
                 ("completeness", self.completeness),
                 ("parity", self.parity),
+                ("files", self.files),
             )
             if part is not None and not part.passed and part in self._gating()
         ]
@@ -94,6 +100,7 @@ class GateReport:
             "certificate": None if self.certificate is None else self.certificate.to_dict(),
             "completeness": None if self.completeness is None else self.completeness.to_dict(),
             "parity": None if self.parity is None else self.parity.to_dict(),
+            "files": None if self.files is None else self.files.to_dict(),
             "skipped": dict(self.skipped),
         }
 

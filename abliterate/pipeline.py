@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from abliterate import checkpoint, search_io
 from abliterate.batching import EncodedPrompts
+from abliterate.companion_files import compare_companions
 from abliterate.config import RunConfig
 from abliterate.gate import GateReport, completeness_on
 from abliterate.report import model_card
@@ -134,6 +135,7 @@ def run_streamed(
             declared=search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
         )
         gate.certificate = streamed.certificate
+        gate.files = compare_companions(source, staging)  # stream_into raised if they differ
         save_direction_files(staging, config, subject, chosen)
         manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
         write_manifest(staging, manifest, subject.loaded.base_model)

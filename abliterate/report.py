@@ -54,7 +54,7 @@ def _fmt(value: Any) -> str:
 
 def gate_lines(gate: dict[str, Any]) -> list[str]:
     """One line per ingredient of a gate report (``GateReport.to_dict()``), with its margin."""
-    lines = [f"gate          {'PASS' if gate['passed'] else 'FAIL'}"]
+    lines = [f"gate          {'PASS' if gate['passed'] else 'FAIL'}{_compared(gate)}"]
     certificate = gate.get("certificate")
     if certificate:
         groups = ", ".join(f"{name} {v['tensors']}" for name, v in certificate["groups"].items())
@@ -65,6 +65,13 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
             f"  [{certificate['seconds']:.1f}s]"
         )
         lines.extend(f"  {failure}" for failure in certificate["failures"][:5])
+    files = gate.get("files")
+    if files:
+        listed = ", ".join(files["files"]) or "none"
+        gguf = files["mode"] == "gguf"
+        what = "the tokenizer as read from both: " if gguf else "config.json; byte for byte: "
+        lines.append(f"files         {'PASS' if files['passed'] else 'FAIL'}  {what}{listed}")
+        lines.extend(f"  {failure}" for failure in files["failures"][:5])
     completeness = gate.get("completeness")
     if completeness:
         lines.append(
@@ -89,6 +96,22 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
         lines.append(line)
     lines.extend(f"skipped       {name}: {why}" for name, why in gate.get("skipped", {}).items())
     return lines
+
+
+def _compared(gate: dict[str, Any]) -> str:
+    """What the gate compared, for its verdict line: the weights, config.json and the files beside them."""
+    parts = []
+    certificate = gate.get("certificate")
+    if certificate:
+        parts.append(f"weights ({certificate['n_tensors']} tensors)")
+    files = gate.get("files")
+    if files and files["mode"] == "gguf":
+        parts.append("the GGUF's tokenizer (" + ", ".join(files["files"]) + "; a GGUF holds no config.json)")
+    elif files:
+        changed = ", ".join(files["config_changes"])
+        parts.append(f"config.json (equal except {changed})" if changed else "config.json (equal)")
+        parts.append(f"{len(files['files'])} tokenizer/template/generation files byte for byte")
+    return "  compared: " + ", ".join(parts) if parts else ""
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

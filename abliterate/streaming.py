@@ -28,6 +28,7 @@ from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 from abliterate.certificate import Certificate, DeclaredEdit
 from abliterate.checkpoint import atomic_directory, check_output_dir
+from abliterate.companion_files import COMPANION_PATTERNS, compare_companions
 from abliterate.direction import unit_direction
 from abliterate.edit import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
 from abliterate.report import apply_card
@@ -47,7 +48,8 @@ from abliterate.sources import describe_source, refuse_prequantized
 
 logger = logging.getLogger(__name__)
 
-HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "tokenizer*", "*.jinja"]
+# The weights and every file transformers reads beside them (what verify compares, byte for byte).
+HUB_ALLOW_PATTERNS = ["*.safetensors", *COMPANION_PATTERNS]
 # The module names attention blocks use on disk (``self_attn``, ``attn``, ``attention``, ``self_attention``).
 _ATTENTION_NAME = re.compile(r"\.(self_attn|attn|attention|self_attention)\.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -248,6 +250,9 @@ def _certify(
     certificate = certify_checkpoint(source, written, declared, architecture=architecture, progress=progress)
     if not certificate.passed:
         raise ParityError(f"weight certificate failed: {certificate.reason}; nothing was written")
+    files = compare_companions(source, written)
+    if not files.passed:
+        raise ParityError(f"files beside the weights: {files.reason}; nothing was written")
     return certificate
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from abliterate.batching import all_position_logits, encode, forward_batches
 from abliterate.dispatch import Dispatch
 from abliterate.prompts import bundled, read_prompts
+
+if TYPE_CHECKING:
+    from abliterate.gate import GateReport
 
 
 def verify_checkpoints(
@@ -59,12 +63,14 @@ def verify_checkpoints(
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
+    original_dir, why_not = local_checkpoint(original)
+    edited_dir, why_not_edited = local_checkpoint(edited)
+    _compare_files(original, original_dir, edited_dir, gate)
     if certificate:
-        original_dir, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
-        edited_dir, why_not_edited = local_checkpoint(edited)
-        if original_dir is not None and edited_dir is not None:
+        original_source, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
+        if original_source is not None and edited_dir is not None:
             gate.certificate = certify_checkpoint(
-                original_dir,
+                original_source,
                 edited_dir,
                 declared,
                 architecture=architecture,
@@ -104,10 +110,26 @@ def _why_invalid(declared: Any) -> str:
     return ""
 
 
+def _compare_files(
+    original: str, original_dir: Path | None, edited_dir: Path | None, gate: GateReport
+) -> None:
+    """Add the comparison of everything beside the weights to ``gate``: ``config.json`` and the companion
+    files byte for byte, or for a GGUF original its tokenizer as read from both."""
+    from abliterate.companion_files import compare_companions, compare_gguf_tokenizer
+
+    if edited_dir is None:
+        gate.skipped["files"] = "the edited checkpoint is not a local or Hub checkpoint directory"
+    elif original_dir is not None:
+        gate.files = compare_companions(original_dir, edited_dir)
+    elif Path(original).suffix == ".gguf" and Path(original).is_file():
+        gate.files = compare_gguf_tokenizer(Path(original), edited_dir)
+    else:
+        gate.skipped["files"] = f"{original} is not a checkpoint directory or a .gguf file"
+
+
 def _checkpoint_dtype(checkpoint: str) -> str | None:
     """The dtype a local checkpoint's config.json declares, if any."""
     import json
-    from pathlib import Path
 
     config = Path(checkpoint).expanduser() / "config.json"
     if not config.is_file():

@@ -73,8 +73,11 @@ def test_a_gguf_quantization_config_is_not_refused(tmp_path: Path) -> None:
     refuse_prequantized(describe_source(str(source)))  # does not raise
 
 
-def _fake_gguf_load(checkpoint: Path, calls: list[dict]) -> object:
-    """``load_model`` as for a GGUF file: the dequantized float32 weights, ``from_gguf`` set."""
+def _fake_gguf_load(checkpoint: Path, calls: list[dict], gguf: Path | None = None) -> object:
+    """``load_model`` as for a GGUF file: the dequantized float32 weights, ``from_gguf`` set, and the
+    tokenizer read from ``gguf`` when given (what a real GGUF load saves, and what the gate compares)."""
+    from transformers import AutoTokenizer
+
     from abliterate import loading
 
     real = loading.load_model
@@ -83,6 +86,8 @@ def _fake_gguf_load(checkpoint: Path, calls: list[dict]) -> object:
         calls.append(options)
         loaded = real(str(checkpoint), **options)
         loaded.from_gguf = True
+        if gguf is not None:
+            loaded.tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         return loaded
 
     return load
@@ -102,7 +107,7 @@ def test_gguf_output_is_bf16_unless_asked(
     # The load below is the tiny checkpoint's; the certificate reads the same weights from this GGUF (F32).
     gguf = write_gguf(tmp_path / "model.gguf", AutoModelForCausalLM.from_pretrained(tiny_qwen2))
     calls: list[dict] = []
-    monkeypatch.setattr("abliterate.loading.load_model", _fake_gguf_load(tiny_qwen2, calls))
+    monkeypatch.setattr("abliterate.loading.load_model", _fake_gguf_load(tiny_qwen2, calls, gguf))
     output = tmp_path / "out"
     args = ["run", str(gguf), "-o", str(output), "--dtype", dtype, "--no-evaluate", *FAST]
     result = CliRunner().invoke(main, args, catch_exceptions=False)

@@ -20,6 +20,7 @@ from abliterate.batching import (
     encode,
 )
 from abliterate.certificate import certify_checkpoint
+from abliterate.companion_files import compare_companions, compare_gguf_tokenizer
 from abliterate.config import RunConfig
 from abliterate.gate import (
     GateReport,
@@ -134,11 +135,16 @@ def certify_saved(
 ) -> None:
     """Add the weight certificate of the saved checkpoint against its source (safetensors, or a GGUF read
     tensor by tensor) to ``gate`` (``n_layers``: the model's depth, over which a searched edit declares its
-    strength profile)."""
+    strength profile), and the comparison of its config.json and the files beside the weights with the
+    source's (for a GGUF source: its tokenizer as read from both)."""
     source, why_not = certificate_source(config.model)
     if source is None:
         gate.skipped["certificate"] = why_not
         return
+    if isinstance(source, Path):
+        gate.files = compare_companions(source, staging)
+    else:
+        gate.files = compare_gguf_tokenizer(source.path, staging)
     gate.certificate = certify_checkpoint(
         source,
         staging,

@@ -25,6 +25,7 @@ from abliterate.hub import PushError, PushResult, PushTarget, push_folder
 from abliterate.report import model_card, plot_candidate_scores
 from abliterate.select import RefusalDirection
 from abliterate.stages.subject import Inputs, Subject
+from abliterate.streaming import local_checkpoint
 
 
 @dataclass
@@ -47,7 +48,7 @@ def save(directory: Path, config: RunConfig, subject: Subject, chosen: RefusalDi
     """Write the edited checkpoint, the direction and the candidate scores into ``directory``."""
     with tqdm(total=2, desc="save", unit="step", disable=not config.progress) as bar:
         bar.set_postfix_str("weights")
-        checkpoint.save_model(subject.model, subject.tokenizer, directory)
+        checkpoint.save_model(subject.model, subject.tokenizer, directory, local_checkpoint(config.model)[0])
         bar.update()
         save_direction_files(directory, config, subject, chosen)
         bar.update()
