@@ -13,6 +13,7 @@ from torch import nn
 from abliterate.demo import DEMO_BASE_MODEL, converted_demo_dir
 from abliterate.dispatch import Dispatch, input_device
 from abliterate.gguf import drop_gguf_quantization
+from abliterate.safetensors_io import INDEX_NAME, find_shards
 from abliterate.sources import describe_source
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ def load_model(
         base_model = source if not Path(source).expanduser().exists() else None
         if not from_gguf:
             describe_source(source)  # raises on config.json values transformers would not load
+            if (Path(directory) / INDEX_NAME).is_file():
+                find_shards(Path(directory))  # shard names outside the folder: refused, never read
     move_to, device_map = resolve_device(device)
     placement: dict = {"device_map": device_map}
     if dispatch is not None and dispatch.active:

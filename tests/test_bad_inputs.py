@@ -258,8 +258,13 @@ def test_index_shard_outside_the_folder(tiny_qwen2: Path, tmp_path: Path, shard:
         find_shards(model)  # the certificate's and local_checkpoint's reading of the shards
     direction = _direction_file(tiny_qwen2, tmp_path / "d.safetensors")
     out = tmp_path / "out"
-    args = ["apply", str(model), "--direction", str(direction), "--output", str(out)]
-    _fails_cleanly(args, out, f"names the shard {shard!r}")
+    expect = f"names the shard {shard!r}"
+    _fails_cleanly(["apply", str(model), "--direction", str(direction), "--output", str(out)], out, expect)
+    # run, evaluate and verify load the model through transformers, which would follow the name
+    _fails_cleanly(["run", str(model), "--output", str(out), *SMALL], out, expect)
+    _fails_cleanly(["evaluate", str(model), "--n", "1"], None, expect)
+    verify = ["verify", str(tiny_qwen2), str(model), "--direction", str(direction), "--no-certificate"]
+    _fails_cleanly(verify, None, expect)
 
 
 @pytest.mark.parametrize("shard", [5, None, ["model.safetensors"]])
