@@ -151,9 +151,16 @@ class RunConfig:
             if not self.batch_size.isdigit():
                 raise ValueError(f"--batch-size {self.batch_size!r}: give a number or 'auto'")
             object.__setattr__(self, "batch_size", int(self.batch_size))
-        for name in ("n_train", "n_val", "n_parity") + (("batch_size",) if self.batch_size != "auto" else ()):
+        counts = ("n_train", "n_val", "n_eval", "n_parity", "trials")
+        for name in counts + (("batch_size",) if self.batch_size != "auto" else ()):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_thinking_tokens < 0:
+            raise ValueError(f"--max-thinking-tokens must be at least 0, got {self.max_thinking_tokens}")
+        if not self.search_budget > 0:  # written so that NaN is refused too
+            raise ValueError(
+                f"--search-budget must be a positive number of seconds, got {self.search_budget}"
+            )
         parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
         if self.format not in ("checkpoint", "lora"):
             raise ValueError(f"--format {self.format!r}: choose 'checkpoint' or 'lora'")

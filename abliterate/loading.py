@@ -13,11 +13,14 @@ from torch import nn
 from abliterate.demo import DEMO_BASE_MODEL, converted_demo_dir
 from abliterate.dispatch import Dispatch, input_device
 from abliterate.gguf import drop_gguf_quantization
+from abliterate.safetensors_io import INDEX_NAME, find_shards
+from abliterate.sources import describe_source
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 @dataclass
@@ -57,9 +60,38 @@ def resolve_device(device: str) -> tuple[str | None, str | dict | None]:
     """
     if device == "auto":
         return (None, "auto") if torch.cuda.is_available() else ("cpu", None)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    check_device(device)
     return device, None
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` that names no device this machine has, before any work is done.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``mps:N``.
+
+    Raises:
+        ValueError: not a device name, or one this machine lacks (one line naming the flag).
+    """
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:  # torch's parse error: "Expected one of cpu, cuda, ... device type"
+        raise ValueError(f"--device {device!r}: not a device; use {_DEVICES}") from error
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: abliterate runs on {_DEVICES}")
+    if parsed.type == "cpu":
+        return
+    backend = torch.cuda if parsed.type == "cuda" else torch.mps
+    available = torch.cuda.is_available() if parsed.type == "cuda" else torch.backends.mps.is_available()
+    if not available:
+        raise ValueError(f"--device {device}: {parsed.type.upper()} is not available on this machine")
+    count = backend.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(
+            f"--device {device}: this machine has {count} {parsed.type} device(s), numbered from 0"
+        )
 
 
 def _dtype_arg(dtype: str) -> torch.dtype | str:
@@ -124,6 +156,10 @@ def load_model(
         directory, gguf_file = _locate_weights(source)
         from_gguf = gguf_file is not None
         base_model = source if not Path(source).expanduser().exists() else None
+        if not from_gguf:
+            describe_source(source)  # raises on config.json values transformers would not load
+            if (Path(directory) / INDEX_NAME).is_file():
+                find_shards(Path(directory))  # shard names outside the folder: refused, never read
     move_to, device_map = resolve_device(device)
     placement: dict = {"device_map": device_map}
     if dispatch is not None and dispatch.active:

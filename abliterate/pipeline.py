@@ -86,7 +86,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         timed("save", save, staging, config, subject, chosen)
         timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
         raise_unless_passed(gate, "nothing was saved or pushed")
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
         write_manifest(staging, manifest, subject.loaded.base_model)
         return manifest
 
@@ -137,7 +137,7 @@ def run_streamed(
         gate.certificate = streamed.certificate
         gate.files = compare_companions(source, staging)  # stream_into raised if they differ
         save_direction_files(staging, config, subject, chosen)
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
         write_manifest(staging, manifest, subject.loaded.base_model)
         return manifest
 
@@ -188,7 +188,7 @@ def run_lora(
         )
         raise_unless_passed(gate, "nothing was saved or pushed")
         save_direction_files(staging, config, subject, chosen)
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
         manifest["weights"] = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
         write_manifest(staging, manifest, subject.loaded.base_model)
         # The run's card (method, search, evaluation) beside the adapter's own README.
@@ -217,7 +217,7 @@ def run_direction_only(
     assert inputs.output is not None  # RunConfig: --direction-only needs --output
     with checkpoint.atomic_directory(inputs.output) as staging:
         timed("save", save_direction_files, staging, config, subject, chosen)
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings())
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
         manifest["weights"] = None
         (staging / "model_card.md").write_text(model_card(manifest, subject.loaded.base_model), "utf-8")
         (staging / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")

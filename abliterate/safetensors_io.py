@@ -288,12 +288,15 @@ def find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
     """The shard file names of a checkpoint directory, and its index (``None`` for a single file).
 
     Raises:
-        ValueError: no safetensors weights, a missing index or a shard the index names is missing.
+        ValueError: no safetensors weights, a missing index, a shard the index names is missing, or a
+            shard name that is not a plain file name in the checkpoint directory.
     """
     if (checkpoint / INDEX_NAME).is_file():
         index = read_json(checkpoint / INDEX_NAME, INDEX_NAME)
         if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
             raise ValueError(f"{checkpoint / INDEX_NAME} has no weight_map")
+        for name in index["weight_map"].values():
+            _check_shard_name(name, checkpoint)
         names = sorted(set(index["weight_map"].values()))
         missing = [name for name in names if not (checkpoint / name).is_file()]
         if missing:
@@ -310,6 +313,15 @@ def find_shards(checkpoint: Path) -> tuple[list[str], dict | None]:
         f"no {SINGLE_NAME} or {INDEX_NAME} in {checkpoint}"
         + (f" (found only {', '.join(found)})" if found else "; only safetensors checkpoints can be streamed")
     )
+
+
+def _check_shard_name(name: object, checkpoint: Path) -> None:
+    """Refuse an index entry that is not a plain file name: ``../x``, ``/etc/passwd`` and ``sub/x`` would
+    read (and ``apply`` copy) a file outside the checkpoint, and ``./x`` names a shard twice."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(
+            f"{checkpoint / INDEX_NAME} names the shard {name!r}: a shard must be a file name in {checkpoint}"
+        )
 
 
 def read_json(path: Path, what: str) -> dict:

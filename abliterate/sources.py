@@ -70,7 +70,18 @@ def describe_source(source: str) -> SourceInfo:
     """What can be read cheaply about ``source``: a local ``config.json``, or a hub id's (one small file).
 
     Never raises for a missing or unreachable source: loading it later gives the precise error.
+
+    Raises:
+        ValueError: its ``config.json`` holds a value transformers would misread or reject with a
+            traceback (see ``check_config``).
     """
+    info = _describe(source)
+    where = f"{source}'s config.json" if info.path is None else str(info.path / "config.json")
+    check_config(info.config, where)
+    return info
+
+
+def _describe(source: str) -> SourceInfo:
     if source == "demo":
         from abliterate.demo import cache_dir
 
@@ -84,6 +95,41 @@ def describe_source(source: str) -> SourceInfo:
     if not _HUB_ID.match(source):
         return SourceInfo(source, None, None)
     return SourceInfo(source, None, _hub_config(source))
+
+
+def check_config(config: dict[str, Any] | None, where: str = "config.json") -> None:
+    """Refuse ``config.json`` values that abliterate or transformers would misread.
+
+    ``tie_word_embeddings`` decides whether the edited embedding is also the output head: the string
+    ``"false"`` is true to Python and a type error to transformers.
+
+    Args:
+        config: a ``config.json``'s content, or ``None`` (nothing to check).
+        where: how to name the file in the error.
+
+    Raises:
+        ValueError: a value has the wrong type (one line naming the key).
+    """
+    for prefix, part in (("", config), ("text_config.", (config or {}).get("text_config"))):
+        if isinstance(part, dict):
+            tie_word_embeddings(part, prefix, where)
+
+
+def tie_word_embeddings(part: dict[str, Any], prefix: str = "", where: str = "config.json") -> bool | None:
+    """The ``tie_word_embeddings`` of a config (or of its ``text_config``), ``None`` when it is not set.
+
+    Args:
+        part: the config, or its ``text_config``.
+        prefix: how to name ``part`` in the error, e.g. ``"text_config."``.
+        where: how to name the file in the error.
+
+    Raises:
+        ValueError: the value is neither true, false nor null.
+    """
+    value = part.get("tie_word_embeddings")
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{where}: {prefix}tie_word_embeddings must be true or false, got {value!r}")
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:

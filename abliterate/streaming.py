@@ -44,7 +44,7 @@ from abliterate.safetensors_io import (
     reuse_freed_memory,
     write_shard,
 )
-from abliterate.sources import describe_source, refuse_prequantized
+from abliterate.sources import describe_source, refuse_prequantized, tie_word_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,9 @@ def local_checkpoint(source: str | Path) -> tuple[Path | None, str]:
 
     ``demo`` is its converted cache directory; a Hub id is downloaded (safetensors and JSON only); a
     GGUF file or a directory without safetensors weights has none.
+
+    Raises:
+        ValueError: the checkpoint's ``config.json`` holds a malformed value (see ``sources.check_config``).
     """
     if str(source) == "demo":
         from abliterate.demo import converted_demo_dir
@@ -274,6 +277,7 @@ def local_checkpoint(source: str | Path) -> tuple[Path | None, str]:
         find_shards(directory)
     except ValueError as error:
         return None, str(error)
+    describe_source(str(directory))  # a malformed config.json is refused, not a reason to skip
     return directory, ""
 
 
@@ -424,13 +428,18 @@ def _pick_adapter(config: dict, architecture: str | None, checkpoint: Path) -> t
 
 
 def ties_embeddings(config: dict, model_type: str) -> bool:
-    """Whether the model shares its embedding with the output head (config value, else the family default)."""
+    """Whether the model shares its embedding with the output head (config value, else the family default).
+
+    Raises:
+        ValueError: ``tie_word_embeddings`` is not true, false or null (e.g. the string ``"false"``).
+    """
     tied = False
-    for part in (config, config.get("text_config")):
+    for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
         if not isinstance(part, dict):
             continue
-        if part.get("tie_word_embeddings") is not None:
-            tied = tied or bool(part["tie_word_embeddings"])
+        value = tie_word_embeddings(part, prefix)
+        if value is not None:
+            tied = tied or value
             continue
         from transformers import CONFIG_MAPPING
 

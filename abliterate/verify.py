@@ -57,9 +57,11 @@ def verify_checkpoints(
     from abliterate.direction import load_direction
     from abliterate.gate import GateReport
     from abliterate.gguf_source import certificate_source
+    from abliterate.loading import check_device
     from abliterate.search_io import declared_from_file
     from abliterate.streaming import local_checkpoint
 
+    check_device(device)  # before the certificate's minutes, not after them
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
@@ -211,12 +213,19 @@ def evaluate_model(
     Returns:
         ``{"refusal_rate" (markers), "judged_refusal_rate" (judge), "judged_interval_95", "n", ...}`` plus
         ``baseline_refusal_rate``, ``baseline_judged_refusal_rate`` and ``kl_harmless`` with a baseline.
+
+    Raises:
+        ValueError: ``n_prompts`` is below 1, ``device`` is not a device of this machine, or a prompt
+            source is malformed.
     """
     from abliterate.evaluate import refusal_rate
     from abliterate.judge import wilson_interval
-    from abliterate.loading import load_model
+    from abliterate.loading import check_device, load_model
     from abliterate.parity import kl_divergence
 
+    if n_prompts < 1:  # a negative count would slice from the end: -3 evaluated 47 prompts
+        raise ValueError(f"--n must be at least 1, got {n_prompts}")
+    check_device(device)
     harmful_prompts = (read_prompts(harmful) if harmful else bundled("harmful", "eval"))[:n_prompts]
     harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
 

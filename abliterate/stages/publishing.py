@@ -89,8 +89,9 @@ def build_manifest(
     gate: GateReport,
     evaluation: dict[str, Any] | None,
     timings: dict[str, float],
+    inputs: Inputs,
 ) -> dict[str, Any]:
-    """The ``abliterate.json`` content (keys documented in DESIGN.md)."""
+    """The ``abliterate.json`` content (``prompts``: the prompts each split used, per class)."""
     import transformers  # only for its version; heavy, and only ``run`` needs it
 
     return {
@@ -117,6 +118,7 @@ def build_manifest(
         "search": None if chosen.search is None else search_io.summary(chosen.search),
         "parity": gate.to_dict(),
         "evaluation": evaluation,
+        "prompts": inputs.prompt_sizes,  # what was used: ``config``'s ``n_*`` are what was asked for
         # The configuration as run: ``--batch-size auto`` shows the size it resolved to.
         "config": {
             key: value

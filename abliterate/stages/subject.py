@@ -24,7 +24,7 @@ from abliterate.edit import check_norm_preserving
 from abliterate.gguf import gguf_output_dtype
 from abliterate.hub import PushTarget, check_push_auth, staging_directory
 from abliterate.parity import check_dtype
-from abliterate.prompts import PromptSplits, load_splits
+from abliterate.prompts import PromptSplits, load_prompt_classes
 from abliterate.sources import check_layer, describe_source, refuse_output_in_source, refuse_prequantized
 
 
@@ -46,10 +46,16 @@ class Inputs:
     harmless: PromptSplits
     staging: Path | None = None
 
+    @property
+    def prompt_sizes(self) -> dict[str, dict[str, int]]:
+        """The prompts each split holds, per class: fewer than ``--n-*`` asked for when a source is small."""
+        return {"harmful": self.harmful.sizes(), "harmless": self.harmless.sizes()}
+
 
 def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
     """Check the source, the output directory and the Hub token and read the prompts: bad input fails
     here, early."""
+    loading.check_device(config.device)
     source = describe_source(config.model)
     refuse_prequantized(source, direction_only=config.direction_only)
     check_layer(config.layer, source.n_layers)
@@ -77,8 +83,7 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
         n_parity=config.n_parity,
         seed=config.seed,
     )
-    harmful = load_splits("harmful", config.harmful, **sizes)
-    harmless = load_splits("harmless", config.harmless, **sizes)
+    harmful, harmless = load_prompt_classes(config.harmful, config.harmless, **sizes)
     return Inputs(output, target, harmful, harmless, staging)
 
 
