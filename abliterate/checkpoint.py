@@ -28,6 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
+from abliterate import __version__
 from abliterate.gguf import drop_gguf_quantization
 from abliterate.interrupts import Interrupted, deferred_signals, signal_number, terminate_as_interrupt
 from abliterate.sources import source_location
@@ -112,8 +113,6 @@ def write_apply_manifest(directory: Path, source: str, output_format: str) -> No
         source: the checkpoint as the user gave it.
         output_format: ``checkpoint`` or ``lora``.
     """
-    from abliterate import __version__
-
     manifest = {
         "abliterate_version": __version__,
         "command": "apply",
