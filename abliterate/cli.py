@@ -33,9 +33,12 @@ _USER_ERRORS = (
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     from abliterate.gate import ParityError
+    from abliterate.interrupts import interrupted_state, signal_number, terminate_as_interrupt
 
     try:
-        yield
+        # SIGTERM (timeout, Slurm, docker stop) unwinds like Ctrl-C, so temporary output is removed.
+        with terminate_as_interrupt():
+            yield
     except ParityError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -47,9 +50,9 @@ def _one_line_errors() -> Iterator[None]:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         click.echo(f"error: {message}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        click.echo(f"interrupted: {interrupted_state(interrupt)}", err=True)
+        sys.exit(128 + signal_number(interrupt))
 
 
 def _is_user_error(error: BaseException) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,16 @@ def companion_files(directory: Path) -> list[str]:
     return sorted(found)
 
 
-def copy_companions(source: Path, directory: Path) -> list[str]:
+def copy_companions(
+    source: Path, directory: Path, copy: Callable[[Path, Path, Path], None] | None = None
+) -> list[str]:
     """Copy every companion file of ``source`` into ``directory``, byte for byte.
+
+    Args:
+        source: the source checkpoint directory.
+        directory: the output directory.
+        copy: ``copy(file, destination, source)``, the output's copier (``checkpoint.copy_source_file``
+            keeps modes and refuses what is not a regular file); default a plain content copy.
 
     Returns:
         The files copied (relative paths).
@@ -116,7 +125,10 @@ def copy_companions(source: Path, directory: Path) -> list[str]:
     names = companion_files(source)
     for name in names:
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, directory / name)
+        if copy is None:
+            shutil.copyfile(source / name, directory / name)
+        else:
+            copy(source / name, directory / name, source)
     return names
 
 

@@ -47,7 +47,12 @@ class RunConfig:
     )
     trust_remote_code: bool = field(default=False, metadata=_help("Allow code from the model repository."))
     allow_pickle: bool = field(default=False, metadata=_help("Allow loading .bin/.pt pickled weights."))
-    overwrite: bool = field(default=False, metadata=_help("Replace a non-empty output directory."))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "Replace an earlier abliterate output at --output (a directory holding its abliterate.json)."
+        ),
+    )
     system_prompt: str | None = field(default=None, metadata=_help("System prompt for every chat."))
     max_layer_fraction: float = field(
         default=0.8, metadata=_help("Discard candidates at layer >= this fraction.")

@@ -337,7 +337,9 @@ def apply_lora(
     """``abliterate apply --format lora``: the adapter of a direction file's edit for ``checkpoint``.
 
     The model is loaded (not streamed: the adapter is computed from its weights), the adapter written,
-    loaded back through peft and compared with the hooked original on 4 + 4 bundled prompts.
+    loaded back through peft and compared with the hooked original on 4 + 4 bundled prompts. ``output``
+    is checked before the load (``checkpoint.prepare_output``: never over or around the source, and
+    ``overwrite`` replaces only an earlier abliterate output); an ``abliterate.json`` marks it.
 
     Returns:
         ``(output, parity report)``.
@@ -348,7 +350,7 @@ def apply_lora(
     """
     from abliterate.adapters import resolve_adapter
     from abliterate.batching import encode
-    from abliterate.checkpoint import atomic_directory, check_output_dir
+    from abliterate.checkpoint import atomic_directory, prepare_output, write_apply_manifest
     from abliterate.gate import ParityError
     from abliterate.loading import load_model
     from abliterate.prompts import bundled
@@ -357,7 +359,7 @@ def apply_lora(
     declared.validate()  # finite and in range, before the model is loaded
     if declared.norm_preserving:
         raise ValueError(NORM_PRESERVING_REFUSAL)
-    target = check_output_dir(output, overwrite)
+    target = prepare_output(output, checkpoint, overwrite)
     loaded = load_model(checkpoint)
     adapter = resolve_adapter(loaded.model, architecture)
     declared.validate((w.group, w.layer) for w in residual_writers(loaded.model, adapter))  # not a no-op
@@ -379,7 +381,8 @@ def apply_lora(
             )
         card = lora_card(checkpoint, report, rank=int(describe(staging)["r"]))
         (staging / "README.md").write_text(card, "utf-8")
-    return target, report
+        write_apply_manifest(staging, checkpoint, "lora")
+    return target.path, report
 
 
 def lora_card(source: str, report: ParityReport, rank: int | None = None) -> str:

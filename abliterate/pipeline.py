@@ -223,9 +223,9 @@ def run_direction_only(
         (staging / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")
     hint = (
         f"no weights written (--direction-only); fold the direction into a safetensors checkpoint with: "
-        f"abliterate apply CHECKPOINT --direction {inputs.output / 'direction.safetensors'} --output DIR"
+        f"abliterate apply CHECKPOINT --direction {inputs.output.path / 'direction.safetensors'} --output DIR"
     )
-    return RunResult(manifest, output=inputs.output, messages=[hint])
+    return RunResult(manifest, output=inputs.output.path, messages=[hint])
 
 
 def _evaluate_hooked(

@@ -1,7 +1,7 @@
 """What a model source is, read cheaply before any heavy work: its config, quantization and place on disk.
 
-``run`` and ``apply`` refuse here what they cannot do well (a pre-quantized checkpoint, an output inside
-the source, a ``--layer`` past the last block) so that a bad input costs seconds, not a model load.
+``run`` and ``apply`` refuse here what they cannot do well (a pre-quantized checkpoint, a ``--layer`` past the
+last block) so that a bad input costs seconds, not a model load.
 """
 
 from __future__ import annotations
@@ -190,19 +190,28 @@ def refuse_prequantized(info: SourceInfo, *, direction_only: bool = False, comma
     )
 
 
-def refuse_output_in_source(output: str | Path, info: SourceInfo) -> None:
-    """Refuse an output directory that is the source, lies inside it, or contains it.
+def source_location(source: str | Path) -> Path | None:
+    """Where ``source``'s files are on disk, symbolic links resolved, without loading or downloading it.
 
-    Raises:
-        ValueError: the output and the source overlap (the source is left untouched).
+    A local directory or ``.gguf`` file is itself; ``demo`` is the demo's whole cache directory (parts,
+    GGUF and converted checkpoint); a Hub id is its folder in the Hub cache (snapshots and blobs), which
+    may not exist yet. ``None`` when ``source`` is none of these (loading it reports the error).
     """
-    if info.path is None:
-        return
-    target, source = Path(output).expanduser().resolve(), info.path.resolve()
-    if target == source or source in target.parents or target in source.parents:
-        raise ValueError(
-            f"the output {target} overlaps the model source {source}: choose a directory outside it"
-        )
+    if str(source) == "demo":
+        from abliterate.demo import cache_dir
+
+        return cache_dir().resolve()
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix == ".gguf":
+        return path.resolve()
+    if not _HUB_ID.match(str(source)):
+        return None
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    return (
+        Path(HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=str(source), repo_type="model")
+    ).resolve()
 
 
 def check_layer(layer: int | None, n_layers: int | None) -> None:

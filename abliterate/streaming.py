@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,7 +26,13 @@ from tqdm.auto import tqdm
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 from abliterate.certificate import Certificate, DeclaredEdit
-from abliterate.checkpoint import atomic_directory, check_output_dir
+from abliterate.checkpoint import (
+    MANIFEST_NAME,
+    atomic_directory,
+    copy_source_file,
+    prepare_output,
+    write_apply_manifest,
+)
 from abliterate.companion_files import COMPANION_PATTERNS, compare_companions
 from abliterate.direction import unit_direction
 from abliterate.edit import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
@@ -114,9 +119,11 @@ def stream_apply(
             ``model.safetensors.index.json``, or a Hub id ``owner/name`` (downloaded when not a local path).
         direction: ``[d_model]`` refusal direction, any non-zero length (``orthogonalize`` normalizes it),
             or an orthonormal subspace ``[k, d_model]`` (its row weights in ``declared.weights``).
-        output: directory to create; written atomically (temporary sibling, renamed at the end).
+        output: directory to create; written atomically (temporary sibling, renamed at the end). It may
+            not overlap the checkpoint (``checkpoint.prepare_output``); an ``abliterate.json`` marks it.
         architecture: use this registered model type's adapter instead of ``config.json``'s.
-        overwrite: replace a non-empty ``output`` (only after everything was written successfully).
+        overwrite: replace an earlier abliterate output at ``output`` (only after everything was written
+            successfully).
         progress: show a progress bar over the bytes processed.
         certify: run the weight certificate (``abliterate.certificate``) on the written files before
             they are moved into place; a failure raises ``ParityError`` and leaves nothing behind.
@@ -133,10 +140,9 @@ def stream_apply(
     # The vector goes to ``orthogonalize`` as given, like the in-memory fold, so both edits are bitwise equal.
     vector = direction.detach().cpu()
     refuse_prequantized(describe_source(str(checkpoint)), command="apply")
+    target = prepare_output(output, checkpoint, overwrite)  # before the download and the plan
     source = _resolve_checkpoint(checkpoint)
     plan = _plan(source, vector, architecture)
-    target = Path(output).expanduser().absolute()
-    _check_output(target, source, overwrite)
     declared = _declared(vector, declared)
     with atomic_directory(target) as temp:
         counts, certificate = _write_and_certify(
@@ -144,7 +150,8 @@ def stream_apply(
         )
         card = apply_card(str(checkpoint), plan.model_type, certificate, _HUB_ID.match(str(checkpoint)))
         (temp / "README.md").write_text(card, "utf-8")
-    return StreamReport(*counts, time.perf_counter() - started, target, plan.model_type, certificate)
+        write_apply_manifest(temp, str(checkpoint), "checkpoint")
+    return StreamReport(*counts, time.perf_counter() - started, target.path, plan.model_type, certificate)
 
 
 def stream_into(
@@ -489,13 +496,6 @@ def _check_editable(entry: TensorEntry, layout: Layout, d_model: int) -> None:
         )
 
 
-def _check_output(target: Path, source: Path, overwrite: bool) -> None:
-    real_target, real_source = target.resolve(), source.resolve()
-    if real_target == real_source or real_source in real_target.parents or real_target in real_source.parents:
-        raise ValueError(f"the output {target} must be outside the checkpoint {source} and not contain it")
-    check_output_dir(target, overwrite)
-
-
 def _write_all(
     plan: _Plan,
     source: Path,
@@ -532,7 +532,7 @@ def _write_all(
             read, written = read + counts[2], written + counts[3]
     if plan.index is not None:
         if plan.add_lm_head is None:
-            shutil.copyfile(source / INDEX_NAME, temp / INDEX_NAME)
+            copy_source_file(source / INDEX_NAME, temp / INDEX_NAME, source)
         else:
             index = json.loads(json.dumps(plan.index))
             index["weight_map"][plan.add_lm_head] = head_shard.path.name
@@ -546,15 +546,22 @@ def _write_all(
             config["text_config"]["tie_word_embeddings"] = False
         _write_json(temp / "config.json", config, sort_keys=False)
     else:
-        shutil.copyfile(source / "config.json", temp / "config.json")
-    # The source's README.md is its own model card: the edited checkpoint gets one of its own instead.
-    handled = {shard.path.name for shard in plan.shards} | {INDEX_NAME, "config.json", "README.md"}
+        copy_source_file(source / "config.json", temp / "config.json", source)
+    # The source's README.md is its own model card, and its abliterate.json (an abliterate output as the
+    # source) describes another edit: the edited checkpoint gets its own of both instead.
+    handled = {shard.path.name for shard in plan.shards} | {
+        INDEX_NAME,
+        "config.json",
+        "README.md",
+        MANIFEST_NAME,
+    }
     _copy_other_files(source, temp, handled)
     return tensors, edited, read, written
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:
-    """Copy tokenizer files, generation config and the like; skip other weight files and hidden entries."""
+    """Copy tokenizer files, generation config and the like (content and mode, links followed:
+    ``checkpoint.copy_source_file``); skip other weight files and hidden entries."""
     for folder, subfolders, files in os.walk(source):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         relative = Path(folder).relative_to(source)
@@ -566,7 +573,7 @@ def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:
                 logger.warning("not copying %s: a weight file the edit does not cover", path)
                 continue
             (temp / relative).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(folder) / name, temp / path)
+            copy_source_file(Path(folder) / name, temp / path, source)
 
 
 def _write_json(path: Path, data: dict, sort_keys: bool) -> None:

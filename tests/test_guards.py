@@ -62,7 +62,7 @@ def test_apply_refuses_an_output_inside_the_source(source: Path, direction_file:
     before = _fingerprint(source)
     args = ["apply", str(source), "--direction", str(direction_file), "-o", str(source / "edited")]
     result = CliRunner().invoke(main, args)
-    _one_line_error(result, "must be outside the checkpoint")
+    _one_line_error(result, "overlaps the model source")
     assert _fingerprint(source) == before
 
 

@@ -245,10 +245,16 @@ def test_copies_without_copy_file_range(
 # ---------------------------------------------------------------------------------- output directory
 
 
+def _earlier_output(out: Path) -> None:
+    """An earlier abliterate output at ``out`` (its manifest), which ``--overwrite`` may replace."""
+    out.mkdir()
+    (out / "abliterate.json").write_text('{"abliterate_version": "0"}')
+    (out / "keep.txt").write_text("old")
+
+
 def test_overwrite_replaces_only_after_success(llama_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    _earlier_output(out)
     with pytest.raises(FileExistsError, match="--overwrite"):
         stream_apply(llama_checkpoint, _direction(), out, progress=False)
     assert (out / "keep.txt").read_text() == "old" and _leftovers(tmp_path) == []
@@ -269,8 +275,7 @@ def test_interruption_leaves_nothing(
     llama_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
 ) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    _earlier_output(out)
     calls = []
 
     def failing(*args: object) -> None:
@@ -284,11 +289,12 @@ def test_interruption_leaves_nothing(
     with pytest.raises(interrupt):
         stream_apply(llama_checkpoint, _direction(), out, overwrite=True, progress=False)
     assert len(calls) == 3
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and _leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == ["abliterate.json", "keep.txt"]
+    assert _leftovers(tmp_path) == []
 
 
 def test_output_inside_checkpoint_is_refused(llama_checkpoint: Path) -> None:
-    with pytest.raises(ValueError, match="outside the checkpoint"):
+    with pytest.raises(ValueError, match="overlaps the model source"):
         stream_apply(llama_checkpoint, _direction(), llama_checkpoint / "edited", progress=False)
     assert not (llama_checkpoint / "edited").exists()
 

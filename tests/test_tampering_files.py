@@ -237,8 +237,8 @@ def test_run_refuses_an_output_whose_files_differ(
 
     honest = companion_files.copy_companions
 
-    def injecting(source: Path, directory: Path) -> list[str]:
-        names = honest(source, directory)
+    def injecting(source: Path, directory: Path, *copy: object) -> list[str]:
+        names = honest(source, directory, *copy)
         (directory / "chat_template.json").write_text(json.dumps({"chat_template": INJECTION}), "utf-8")
         return names
 

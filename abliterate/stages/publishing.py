@@ -22,6 +22,7 @@ from abliterate.config import RunConfig
 from abliterate.direction import save_direction
 from abliterate.gate import GateReport
 from abliterate.hub import PushError, PushResult, PushTarget, push_folder
+from abliterate.interrupts import Interrupted, signal_number
 from abliterate.report import model_card, plot_candidate_scores
 from abliterate.select import RefusalDirection
 from abliterate.stages.subject import Inputs, Subject
@@ -153,29 +154,48 @@ def push(
 def publish(
     config: RunConfig, inputs: Inputs, hub_api: object | None, write: Callable[[Path], dict[str, Any]]
 ) -> RunResult:
-    """Write the output atomically with ``write(staging) -> manifest``, then push it when asked."""
-    with _destination(inputs.output, inputs.staging) as target:
-        with checkpoint.atomic_directory(target) as staging:
-            manifest = write(staging)
-        pushed = push(target, config, inputs.push_target, hub_api)
+    """Write the output atomically with ``write(staging) -> manifest``, then push it when asked.
+
+    Ctrl-C or SIGTERM during the upload says what exists: the saved output, and a push that may be
+    incomplete.
+    """
+    saved = None if inputs.output is None else inputs.output.path
+    pushing = False
+    try:
+        with _destination(inputs.output, inputs.staging) as target:
+            with checkpoint.atomic_directory(target) as staging:
+                manifest = write(staging)
+            pushing = True
+            pushed = push(target.path, config, inputs.push_target, hub_api)
+    except KeyboardInterrupt as interrupt:
+        if not pushing:
+            if saved is None:  # the staging folder of a push alone is removed: nothing is left
+                raise Interrupted(signal_number(interrupt)) from interrupt
+            raise
+        assert inputs.push_target is not None  # push() returns at once without a target
+        kept = f"{saved} holds the new output" if saved is not None else "nothing was saved"
+        state = f"{kept}; the push to {inputs.push_target.repo_id} was cut off and may be incomplete"
+        raise Interrupted(signal_number(interrupt), state) from interrupt
     if pushed is None:
-        return RunResult(manifest, output=inputs.output)
-    return RunResult(manifest, output=inputs.output, url=pushed.url, messages=pushed.notes)
+        return RunResult(manifest, output=saved)
+    return RunResult(manifest, output=saved, url=pushed.url, messages=pushed.notes)
 
 
 @contextmanager
-def _destination(output: Path | None, staging: Path | None) -> Iterator[Path]:
+def _destination(output: checkpoint.OutputDir | None, staging: Path | None) -> Iterator[checkpoint.OutputDir]:
     """Where the checkpoint goes: ``output``, or for a push alone ``staging``, removed once pushed.
 
     A failed upload keeps the staged checkpoint (the error says where, and how to retry); any other
-    failure removes it.
+    failure removes it. The staging folder is abliterate's own, in its cache: an earlier one left by a
+    failed upload is replaced.
     """
     if output is not None:
         yield output
         return
     assert staging is not None  # RunConfig: no --output means --push-to-hub, and prepare staged it
+    target = checkpoint.prepare_output(staging, None, overwrite=True)
     try:
-        yield staging
+        yield target
     except PushError:
         raise
     except BaseException:

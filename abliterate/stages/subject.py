@@ -25,7 +25,7 @@ from abliterate.gguf import gguf_output_dtype
 from abliterate.hub import PushTarget, check_push_auth, staging_directory
 from abliterate.parity import check_dtype
 from abliterate.prompts import PromptSplits, load_prompt_classes
-from abliterate.sources import check_layer, describe_source, refuse_output_in_source, refuse_prequantized
+from abliterate.sources import check_layer, describe_source, refuse_prequantized
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,14 @@ class Inputs:
     """What the cheap checks produced, before any heavy work.
 
     Attributes:
-        output: the checked output directory, or ``None`` (push only).
+        output: the checked output directory (``checkpoint.prepare_output``), or ``None`` (push only).
         push_target: the checked Hub repository and token, or ``None`` (no push).
         harmful: harmful prompts, split into train/val/eval/parity.
         harmless: harmless prompts, split the same way.
         staging: where a push without ``--output`` stages the checkpoint, else ``None``.
     """
 
-    output: Path | None
+    output: checkpoint.OutputDir | None
     push_target: PushTarget | None
     harmful: PromptSplits
     harmless: PromptSplits
@@ -69,9 +69,9 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
                 f"--device-map/--load-in-4bit write the output by streaming the source's safetensors files, "
                 f"and {config.model} has none: convert it to safetensors first, or run without them"
             )
-    if config.output:
-        refuse_output_in_source(config.output, source)
-    output = checkpoint.check_output_dir(config.output, config.overwrite) if config.output else None
+    output = (
+        checkpoint.prepare_output(config.output, config.model, config.overwrite) if config.output else None
+    )
     target = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
     staging = None
     if target is not None and output is None:
