@@ -25,15 +25,15 @@ _USER_ERRORS = (
     ValueError,
     LookupError,
     NotADirectoryError,
-    ConnectionError,  # abliterate.hub.PushError: the Hub refused or could not be reached
+    ConnectionError,  # abliterate.ship.hub.PushError: the Hub refused or could not be reached
     OSError,  # a disk that is full or too small, a file that cannot be read: the path is in the message
 )
 
 
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
-    from abliterate.gate import ParityError
-    from abliterate.interrupts import interrupted_state, signal_number, terminate_as_interrupt
+    from abliterate.io.interrupts import interrupted_state, signal_number, terminate_as_interrupt
+    from abliterate.prove.gate import ParityError
 
     try:
         # SIGTERM (timeout, Slurm, docker stop) unwinds like Ctrl-C, so temporary output is removed.
@@ -94,7 +94,7 @@ _DISPATCH_FLAGS = (
 
 
 def _pop_dispatch(options: dict[str, Any]) -> Any:
-    from abliterate.dispatch import parse_dispatch
+    from abliterate.model.dispatch import parse_dispatch
 
     return parse_dispatch(*(options.pop(name) for name, _, _ in _DISPATCH_FLAGS))
 
@@ -164,8 +164,8 @@ def run_command(**options: Any) -> None:
 
     with _one_line_errors():
         config = RunConfig(**options)
-        from abliterate.pipeline import run
-        from abliterate.report import summary_table
+        from abliterate.pipeline.run import run
+        from abliterate.ship.report import summary_table
 
         result = run(config)
         click.echo(summary_table(result.manifest))
@@ -208,13 +208,13 @@ def apply_command(
 ) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
-        from abliterate.direction import load_direction
-        from abliterate.search_io import declared_from_file
-        from abliterate.streaming import stream_apply
+        from abliterate.edit.direction import load_direction
+        from abliterate.ship.search_io import declared_from_file
+        from abliterate.ship.streaming import stream_apply
 
         direction, metadata = load_direction(direction_file)
         if output_format == "lora":
-            from abliterate.lora import adapter_size, apply_lora
+            from abliterate.ship.lora import adapter_size, apply_lora
 
             target, parity = apply_lora(
                 checkpoint,
@@ -242,7 +242,7 @@ def apply_command(
             f"({report.bytes_written / 2**20:.0f} MiB) in {report.seconds:.1f}s; saved to {output}"
         )
         if report.certificate is not None:
-            from abliterate.report import gate_lines
+            from abliterate.ship.report import gate_lines
 
             click.echo(
                 "\n".join(gate_lines({"passed": True, "certificate": report.certificate.to_dict()})[1:])
@@ -281,8 +281,8 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
     "What the gate proves").
     """
     with _one_line_errors():
-        from abliterate.report import gate_lines
-        from abliterate.verify import verify_checkpoints
+        from abliterate.ship.report import gate_lines
+        from abliterate.ship.verify import verify_checkpoints
 
         report = verify_checkpoints(
             original, edited, direction_file, dispatch=_pop_dispatch(options), **options
@@ -309,7 +309,7 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
     """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
     with _one_line_errors():
-        from abliterate.verify import evaluate_model
+        from abliterate.ship.verify import evaluate_model
 
         result = evaluate_model(model, dispatch=_pop_dispatch(options), **options)
         if as_json:

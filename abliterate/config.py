@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from abliterate.chat import parse_template_kwargs
+from abliterate.model.chat import parse_template_kwargs
 
 if TYPE_CHECKING:
-    from abliterate.dispatch import Dispatch
+    from abliterate.model.dispatch import Dispatch
 
 
 def _help(text: str) -> dict[str, str]:
@@ -196,7 +196,7 @@ class RunConfig:
     @property
     def dispatch(self) -> Dispatch:
         """``--device-map``, ``--max-memory``, ``--offload-folder`` and ``--load-in-4bit``, parsed."""
-        from abliterate.dispatch import parse_dispatch
+        from abliterate.model.dispatch import parse_dispatch
 
         return parse_dispatch(self.device_map, self.max_memory, self.offload_folder, self.load_in_4bit)
 

@@ -39,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from abliterate.adapters import resolve_adapter
-    from abliterate.batching import encode, eoi_length, format_chat, forward_batches, last_logits
-    from abliterate.extract import extract_candidates
-    from abliterate.prompts import bundled
+    from abliterate.find.extract import extract_candidates
+    from abliterate.model.batching import encode, eoi_length, format_chat, forward_batches, last_logits
+    from abliterate.model.prompts import bundled
 
     if args.short:
         from tiny import make_model, make_tokenizer
@@ -50,7 +50,7 @@ def main() -> None:
         tokenizer.padding_side = "left"
         args.n = min(args.n, 32)
     else:
-        from abliterate.loading import load_model
+        from abliterate.model.loading import load_model
 
         loaded = load_model("demo")
         model, tokenizer = loaded.model, loaded.tokenizer

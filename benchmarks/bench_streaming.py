@@ -37,8 +37,8 @@ _SHAPES = {"full": (2048, 5632, 256, 32000, 500 << 20), "short": (1024, 2816, 25
 _CHILD = """
 import json, resource, sys, time, torch
 from pathlib import Path
-from abliterate.certificate import DeclaredEdit, certify_checkpoint, read_structure
-from abliterate.streaming import stream_apply
+from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint, read_structure
+from abliterate.ship.streaming import stream_apply
 
 def status(key):
     with open("/proc/self/status") as handle:
@@ -199,7 +199,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; from abliterate.streaming import stream_apply; import torch;"
+                "import sys; from abliterate.ship.streaming import stream_apply; import torch;"
                 "stream_apply(sys.argv[1], torch.randn(int(sys.argv[3]), generator=torch.Generator()"
                 ".manual_seed(0)), sys.argv[2], progress=False, certify=False)",
                 str(source),

@@ -4,7 +4,7 @@ prompts, first-token KL on harmless val prompts, and (``--generate``) judged ref
     python benchmarks/edit_levers.py /tmp/x/direction.safetensors --n 32 [--generate]
 
 Variants: the file's edit as stored (plain), and the same with the column-norm-preserving fold
-(``W' = (I − s r̂ r̂ᵀ) W D``, hook: ``abliterate.hooks.ablate_norm_preserving``), each at strength 1 and
+(``W' = (I − s r̂ r̂ᵀ) W D``, hook: ``abliterate.model.hooks.ablate_norm_preserving``), each at strength 1 and
 at a few lower uniform strengths, so the two trade-off curves can be compared at equal KL.
 """
 
@@ -15,15 +15,15 @@ import json
 import time
 
 from abliterate.adapters import resolve_adapter
-from abliterate.batching import encode, last_logits
-from abliterate.direction import load_direction
-from abliterate.evaluate import generate_replies
-from abliterate.hooks import ablate_edit, ablate_norm_preserving
-from abliterate.judge import refusal_count
-from abliterate.loading import load_model
-from abliterate.parity import kl_divergence
-from abliterate.prompts import bundled
-from abliterate.select import refusal_scores, refusal_token_ids
+from abliterate.edit.direction import load_direction
+from abliterate.find.evaluate import generate_replies
+from abliterate.find.judge import refusal_count
+from abliterate.find.select import refusal_scores, refusal_token_ids
+from abliterate.model.batching import encode, last_logits
+from abliterate.model.hooks import ablate_edit, ablate_norm_preserving
+from abliterate.model.loading import load_model
+from abliterate.model.prompts import bundled
+from abliterate.prove.parity import kl_divergence
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """Measure the parity gate's margins on a real model: every negative control must fail, the edit pass.
 
-For each control of ``abliterate.controls`` (and the complete edit) the script folds the model in memory,
-saves it as a safetensors checkpoint, and runs the gate's ingredients: the weight certificate against the
-unedited checkpoint (saved once in the same dtype), and logit parity against the hooked original with the
-measured rounding floor. The completeness check runs once on the original (with the adapter as
-registered, and with each writer group dropped from it, which it must reject).
+For each control of ``abliterate.prove.controls`` (and the complete edit) the script folds the model in
+memory, saves it as a safetensors checkpoint, and runs the gate's ingredients: the weight certificate
+against the unedited checkpoint (saved once in the same dtype), and logit parity against the hooked
+original with the measured rounding floor. The completeness check runs once on the original
+(with the adapter as registered, and with each writer group dropped from it, which it must reject).
 
 Usage:
     python benchmarks/gate_controls.py --model demo --dtype bfloat16 --direction DIR/direction.safetensors
@@ -26,13 +26,13 @@ import torch
 
 from abliterate.adapters import resolve_adapter
 from abliterate.adapters.spec import writer_group
-from abliterate.batching import encode
-from abliterate.certificate import DeclaredEdit, certify_checkpoint
-from abliterate.controls import available_controls, fold_control
-from abliterate.direction import load_direction
-from abliterate.gate import completeness_on, edited_parity, hooked_reference
-from abliterate.loading import load_model
-from abliterate.prompts import bundled
+from abliterate.edit.direction import load_direction
+from abliterate.model.batching import encode
+from abliterate.model.loading import load_model
+from abliterate.model.prompts import bundled
+from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.prove.controls import available_controls, fold_control
+from abliterate.prove.gate import completeness_on, edited_parity, hooked_reference
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from abliterate.evaluate import generate_replies
-from abliterate.loading import load_model
+from abliterate.find.evaluate import generate_replies
+from abliterate.model.loading import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "refusal_direction"
 

@@ -226,7 +226,7 @@ class StageProbe:
         self.chosen: Any = None
 
     def __enter__(self) -> StageProbe:
-        from abliterate import pipeline
+        from abliterate.pipeline import run as pipeline
 
         self._original = original = pipeline.StageTimer.__call__
         probe, cuda = self, self.device.startswith("cuda")
@@ -248,7 +248,7 @@ class StageProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from abliterate import pipeline
+        from abliterate.pipeline import run as pipeline
 
         pipeline.StageTimer.__call__ = self._original
 
@@ -263,9 +263,9 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
     element of the device fold with the quantities the bound is made of."""
     from safetensors import safe_open
 
-    from abliterate.certificate import _WORKING_PRECISION, _exact_fold, _worst_bound_ratio
-    from abliterate.edit import orthogonalize_, ulp
-    from abliterate.safetensors_io import find_shards
+    from abliterate.edit.fold import orthogonalize_, ulp
+    from abliterate.io.safetensors import find_shards
+    from abliterate.prove.certificate import _WORKING_PRECISION, _exact_fold, _worst_bound_ratio
 
     shards, index = find_shards(model_dir)
     shard = index["weight_map"][name] if index else shards[0]
@@ -392,7 +392,7 @@ def main() -> None:
     direction_file = out_dir / "direction.safetensors"
     if not direction_file.exists():
         direction_file = options.workdir / "direction.safetensors"
-        from abliterate.direction import save_direction
+        from abliterate.edit.direction import save_direction
 
         save_direction(direction_file, direction, chosen.layer, chosen.position, str(model_dir))
 

@@ -113,8 +113,8 @@ def build_clean(root: Path, dtype: str) -> Triple:
     checkpoint ``abliterate apply`` (streamed, certified) writes from them."""
     from conftest import save_tiny
 
-    from abliterate.direction import load_direction, save_direction
-    from abliterate.streaming import stream_apply
+    from abliterate.edit.direction import load_direction, save_direction
+    from abliterate.ship.streaming import stream_apply
 
     root.mkdir(parents=True, exist_ok=True)
     original = save_tiny(root / "original", MODEL_TYPE, dtype=getattr(torch, dtype))

@@ -28,10 +28,10 @@ from abliterate.adapters import (
 )
 from abliterate.adapters.discovery import discover_adapter, structure_of
 from abliterate.adapters.matrix import readme_matrix, support_matrix_markdown
-from abliterate.edit import fold_direction
-from abliterate.hooks import ablate_direction
-from abliterate.parity import compare_logits, kl_divergence
-from abliterate.residual import ablate_residual_stream, residual_terms
+from abliterate.edit.fold import fold_direction
+from abliterate.model.hooks import ablate_direction
+from abliterate.prove.parity import compare_logits, kl_divergence
+from abliterate.prove.residual import ablate_residual_stream, residual_terms
 
 # The support matrix claims fp32 and bf16 parity for exactly these model types.
 PARITY_MODEL_TYPES = registered_model_types()

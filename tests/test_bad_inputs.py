@@ -117,14 +117,14 @@ def test_parity_failure_saves_nothing(
     """Fold a different direction than the hooks ablate: the gate must catch it and write nothing."""
     import torch
 
-    import abliterate.edit
+    import abliterate.edit.fold
 
-    real_fold = abliterate.edit.fold_direction
+    real_fold = abliterate.edit.fold.fold_direction
 
     def wrong_fold(model: object, adapter: object, direction: torch.Tensor, **options: object) -> int:
         return real_fold(model, adapter, torch.roll(direction, 1), **options)
 
-    monkeypatch.setattr(abliterate.edit, "fold_direction", wrong_fold)
+    monkeypatch.setattr(abliterate.edit.fold, "fold_direction", wrong_fold)
     out = tmp_path / "out"
     _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL], out, "parity gate failed")
 
@@ -138,7 +138,7 @@ def test_push_without_token_fails_before_loading(
     def must_not_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the token check")
 
-    monkeypatch.setattr("abliterate.loading.load_model", must_not_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", must_not_load)
     out = tmp_path / "out"
     _fails_cleanly(
         ["run", str(tiny_qwen2), "--output", str(out), "--push-to-hub", "me/x", *SMALL], out, "token"
@@ -176,7 +176,7 @@ def test_interrupt_while_saving_leaves_nothing(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("abliterate.checkpoint.save_model", interrupted)
+    monkeypatch.setattr("abliterate.io.output.save_model", interrupted)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(tiny_qwen2), "--output", str(out), *SMALL])
     assert result.exit_code == 130
@@ -194,7 +194,7 @@ def _direction_file(model: Path, path: Path) -> Path:
 
     import torch
 
-    from abliterate.direction import save_direction
+    from abliterate.edit.direction import save_direction
 
     width = json.loads((model / "config.json").read_text())["hidden_size"]
     return save_direction(path, torch.randn(width, generator=torch.Generator().manual_seed(0)), 1, -1, "x")
@@ -215,7 +215,7 @@ def _must_not_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def must_not_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr("abliterate.loading.load_model", must_not_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", must_not_load)
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl", ".csv"])
@@ -243,7 +243,7 @@ def test_index_shard_outside_the_folder(tiny_qwen2: Path, tmp_path: Path, shard:
 
     from safetensors import safe_open
 
-    from abliterate.safetensors_io import find_shards
+    from abliterate.io.safetensors import find_shards
 
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen2, model)
@@ -272,7 +272,7 @@ def test_index_shard_that_is_not_a_name(tiny_qwen2: Path, tmp_path: Path, shard:
     import json
     import shutil
 
-    from abliterate.safetensors_io import find_shards
+    from abliterate.io.safetensors import find_shards
 
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen2, model)
@@ -289,7 +289,7 @@ def test_index_shard_plain_names_still_pass(tiny_qwen2: Path, tmp_path: Path) ->
 
     from safetensors import safe_open
 
-    from abliterate.safetensors_io import find_shards
+    from abliterate.io.safetensors import find_shards
 
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen2, model)
@@ -322,8 +322,8 @@ def test_tie_word_embeddings_not_a_bool(
 
 
 def test_tie_word_embeddings_in_text_config(tmp_path: Path) -> None:
-    from abliterate.sources import check_config
-    from abliterate.streaming import ties_embeddings
+    from abliterate.model.sources import check_config
+    from abliterate.ship.streaming import ties_embeddings
 
     config = {"model_type": "llava", "text_config": {"model_type": "llama", "tie_word_embeddings": "no"}}
     with pytest.raises(ValueError, match=r"text_config\.tie_word_embeddings must be true or false, got 'no'"):
@@ -338,7 +338,7 @@ def test_tie_word_embeddings_in_text_config(tmp_path: Path) -> None:
 )
 def test_tie_word_embeddings_bools_still_read(family: str, value: bool | None, tied: bool) -> None:
     """Negative control: true, false and null (the family's default: gemma ties, llama not) as before."""
-    from abliterate.streaming import ties_embeddings
+    from abliterate.ship.streaming import ties_embeddings
 
     assert ties_embeddings({"model_type": family, "tie_word_embeddings": value}, family) is tied
 
@@ -347,7 +347,9 @@ def test_tie_word_embeddings_bools_still_read(family: str, value: bool | None, t
 def test_evaluate_count_below_one(tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch, n: str) -> None:
     """``--n -3`` sliced from the end of the prompt list and evaluated 47 prompts without a word."""
     _must_not_load(monkeypatch)
-    monkeypatch.setattr("abliterate.verify.load_model", lambda *a, **k: pytest.fail("loaded"), raising=False)
+    monkeypatch.setattr(
+        "abliterate.ship.verify.load_model", lambda *a, **k: pytest.fail("loaded"), raising=False
+    )
     _fails_cleanly(["evaluate", str(tiny_qwen2), f"--n={n}"], None, f"--n must be at least 1, got {n}")
 
 
@@ -392,7 +394,7 @@ def test_bad_device_names_the_flag(
     def must_not_certify(*args: object, **kwargs: object) -> None:
         raise AssertionError("the certificate ran before the bad --device was refused")
 
-    monkeypatch.setattr("abliterate.certificate.certify_checkpoint", must_not_certify)
+    monkeypatch.setattr("abliterate.prove.certificate.certify_checkpoint", must_not_certify)
     direction = _direction_file(tiny_qwen2, tmp_path / "d.safetensors")
     out = tmp_path / "out"
     _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL, "--device", device], out, expect)
@@ -405,7 +407,7 @@ def test_cuda_index_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
     """``cuda:7`` on a machine with one GPU, and ``cuda`` on a machine with none."""
     import torch
 
-    from abliterate.loading import check_device
+    from abliterate.model.loading import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -442,7 +444,7 @@ def test_user_set_equal_to_the_bundled_other_class_refused(
     tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--harmful`` given the bundled harmless prompts: compared with the whole bundled set, not a sample."""
-    from abliterate.prompts import bundled
+    from abliterate.model.prompts import bundled
 
     _must_not_load(monkeypatch)
     harmless = [prompt for split in ("train", "val", "eval") for prompt in bundled("harmless", split)]
@@ -453,7 +455,7 @@ def test_user_set_equal_to_the_bundled_other_class_refused(
 
 
 def test_mostly_shared_prompt_classes_refused(tmp_path: Path) -> None:
-    from abliterate.prompts import load_prompt_classes
+    from abliterate.model.prompts import load_prompt_classes
 
     harmful = _prompts(tmp_path / "a.txt", [f"p{i}" for i in range(20)])
     harmless = _prompts(tmp_path / "b.txt", [f"p{i}" for i in range(9, 40)])  # 11 of the 20 shared
@@ -463,11 +465,11 @@ def test_mostly_shared_prompt_classes_refused(tmp_path: Path) -> None:
 
 def test_a_few_shared_prompts_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Half or fewer shared: the run goes on, one warning line names how many and one of them."""
-    from abliterate.prompts import load_prompt_classes
+    from abliterate.model.prompts import load_prompt_classes
 
     harmful = _prompts(tmp_path / "a.txt", [f"p{i}" for i in range(20)])
     harmless = _prompts(tmp_path / "b.txt", [f"p{i}" for i in range(10, 40)])  # 10 of the 20: half
-    with caplog.at_level("WARNING", logger="abliterate.prompts"):
+    with caplog.at_level("WARNING", logger="abliterate.model.prompts"):
         first, second = load_prompt_classes(
             str(harmful), str(harmless), n_train=4, n_val=2, n_eval=2, n_parity=2, seed=0
         )
@@ -480,12 +482,12 @@ def test_a_few_shared_prompts_warned(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 def test_disjoint_classes_not_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Negative control: disjoint user sets, and the bundled sets, give no warning."""
-    from abliterate.prompts import load_prompt_classes
+    from abliterate.model.prompts import load_prompt_classes
 
     harmful = _prompts(tmp_path / "a.txt", [f"a{i}" for i in range(20)])
     harmless = _prompts(tmp_path / "b.txt", [f"b{i}" for i in range(20)])
     sizes = dict(n_train=4, n_val=2, n_eval=2, n_parity=2, seed=0)
-    with caplog.at_level("WARNING", logger="abliterate.prompts"):
+    with caplog.at_level("WARNING", logger="abliterate.model.prompts"):
         load_prompt_classes(str(harmful), str(harmless), **sizes)
         load_prompt_classes(str(harmful), None, **sizes)
         load_prompt_classes(None, None, **sizes)
@@ -495,10 +497,10 @@ def test_disjoint_classes_not_warned(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_small_user_source_warns_once_with_the_sizes_used(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from abliterate.prompts import load_splits
+    from abliterate.model.prompts import load_splits
 
     source = _prompts(tmp_path / "few.txt", [f"p{i}" for i in range(10)])
-    with caplog.at_level("WARNING", logger="abliterate.prompts"):
+    with caplog.at_level("WARNING", logger="abliterate.model.prompts"):
         splits = load_splits("harmful", str(source), n_train=8, n_val=4, n_eval=2, n_parity=4, seed=0)
     used = splits.sizes()
     assert sum(used.values()) == 10 and all(used.values())
@@ -509,9 +511,9 @@ def test_small_user_source_warns_once_with_the_sizes_used(
 
 
 def test_bundled_split_smaller_than_asked_warns(caplog: pytest.LogCaptureFixture) -> None:
-    from abliterate.prompts import load_splits
+    from abliterate.model.prompts import load_splits
 
-    with caplog.at_level("WARNING", logger="abliterate.prompts"):
+    with caplog.at_level("WARNING", logger="abliterate.model.prompts"):
         splits = load_splits("harmless", None, n_train=8, n_val=4, n_eval=80, n_parity=4, seed=0)
     assert splits.sizes() == {"train": 8, "val": 4, "eval": 50, "parity": 4}
     assert [record.getMessage() for record in caplog.records] == [

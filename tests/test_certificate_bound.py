@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from abliterate.certificate import _exact_fold, _leak_ratio, _worst_bound_ratio
-from abliterate.controls import rotated
+from abliterate.prove.certificate import _exact_fold, _leak_ratio, _worst_bound_ratio
+from abliterate.prove.controls import rotated
 
 D_MODEL, D_IN = 2048, 96
 

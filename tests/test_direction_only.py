@@ -93,7 +93,7 @@ def test_direction_only_accepts_a_prequantized_source(
         loaded.append(name)
         raise FileNotFoundError("stopped after the guards")
 
-    monkeypatch.setattr("abliterate.loading.load_model", stop_at_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", stop_at_load)
     result = CliRunner().invoke(
         main, ["run", str(source), "--direction-only", "-o", str(tmp_path / "o"), *SMALL]
     )

@@ -41,8 +41,8 @@ def device_map(tmp_path: Path) -> Path:
 def test_disk_offloaded_run_writes_the_in_memory_checkpoint(
     tiny_qwen2: Path, tmp_path: Path, device_map: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from abliterate import loading
-    from abliterate.dispatch import offloaded
+    from abliterate.model import loading
+    from abliterate.model.dispatch import offloaded
 
     real_load = loading.load_model
     models: list[torch.nn.Module] = []
@@ -76,7 +76,7 @@ def test_disk_offloaded_run_writes_the_in_memory_checkpoint(
 def test_input_device_is_never_meta(tiny_qwen2: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from abliterate.dispatch import input_device
+    from abliterate.model.dispatch import input_device
 
     mapping = {**OFFLOADED, "model.embed_tokens": "disk"}
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, device_map=mapping, offload_folder=str(tmp_path))
@@ -104,7 +104,7 @@ def test_bad_dispatch_flags_are_one_line(
 
 
 def test_parsed_dispatch_uses_accelerate_names(device_map: Path) -> None:
-    from abliterate.dispatch import parse_dispatch
+    from abliterate.model.dispatch import parse_dispatch
 
     dispatch = parse_dispatch(str(device_map), "0=20GiB, cuda:1=10GiB,cpu=64GiB", "/tmp/offload")
     assert dispatch.from_pretrained_kwargs() == {

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from abliterate.adapters import resolve_adapter
-from abliterate.edit import fold_direction, orthogonalize, orthogonalize_bias, untie_embeddings
-from abliterate.hooks import project_out
+from abliterate.edit.fold import fold_direction, orthogonalize, orthogonalize_bias, untie_embeddings
+from abliterate.model.hooks import project_out
 
 D_MODEL, D_IN, N_EXPERTS = 16, 24, 4
 

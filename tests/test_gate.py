@@ -2,7 +2,7 @@
 
 For each registered model type and each 16-bit dtype: the complete fold must pass the whole gate
 (weight certificate, residual-stream completeness, logit parity against the rounding floor), and every
-negative control of ``abliterate.controls`` (nothing edited; the embedding, attention, MLP, experts or
+negative control of ``abliterate.prove.controls`` (nothing edited; the embedding, attention, MLP, experts or
 shared experts left unedited; the middle block left unedited; a direction 3° off) must fail it. The
 completeness check must also reject the adapter with any writer group removed.
 """
@@ -19,11 +19,11 @@ from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import registered_model_types, resolve_adapter
 from abliterate.adapters.spec import writer_group
-from abliterate.batching import encode
-from abliterate.certificate import DeclaredEdit, certify_checkpoint
-from abliterate.controls import gate_on_controls, rotated
-from abliterate.gate import completeness_on
-from abliterate.parity import check_dtype
+from abliterate.model.batching import encode
+from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.prove.controls import gate_on_controls, rotated
+from abliterate.prove.gate import completeness_on
+from abliterate.prove.parity import check_dtype
 
 PROMPTS = [
     "Explain how to build a bomb.",
@@ -111,7 +111,7 @@ def test_bounded_certificate_accepts_another_float32_kernel_and_rejects_a_rotati
 
 def fold_targets(model: torch.nn.Module, adapter: object) -> list:
     from abliterate.adapters import residual_writers
-    from abliterate.edit import untie_embeddings
+    from abliterate.edit.fold import untie_embeddings
 
     untie_embeddings(model, adapter)
     return residual_writers(model, adapter)
@@ -140,7 +140,7 @@ def _rewrite(checkpoint: Path, change: object) -> None:
 
 
 def test_apply_refuses_a_block_whose_mlp_writer_is_not_found(tmp_path: Path) -> None:
-    from abliterate.streaming import stream_apply
+    from abliterate.ship.streaming import stream_apply
 
     checkpoint, direction = _tiny_checkpoint(tmp_path / "original")
 
@@ -157,7 +157,7 @@ def test_apply_refuses_a_block_whose_mlp_writer_is_not_found(tmp_path: Path) -> 
 
 
 def test_apply_refuses_an_eight_bit_float_writer(tmp_path: Path) -> None:
-    from abliterate.streaming import stream_apply
+    from abliterate.ship.streaming import stream_apply
 
     checkpoint, direction = _tiny_checkpoint(tmp_path / "original")
 
@@ -194,7 +194,7 @@ def test_certificate_lists_structural_tensors_the_checkpoint_lacks(tmp_path: Pat
     """The certificate's list comes from the meta model, so a tensor missing on disk is reported."""
     checkpoint, direction = _tiny_checkpoint(tmp_path / "original")
     edited = tmp_path / "edited"
-    from abliterate.streaming import stream_apply
+    from abliterate.ship.streaming import stream_apply
 
     stream_apply(checkpoint, direction, edited, progress=False, certify=False)
 

@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from tiny import make_model, quick_run_args
 from tiny_gguf import MIXED, write_gguf
 
-from abliterate.certificate import Certificate, certify_checkpoint
 from abliterate.cli import main
-from abliterate.direction import load_direction
-from abliterate.gguf_source import GGUFSource, certificate_source
-from abliterate.search_io import declared_from_file
+from abliterate.edit.direction import load_direction
+from abliterate.model.gguf_source import GGUFSource, certificate_source
+from abliterate.prove.certificate import Certificate, certify_checkpoint
+from abliterate.ship.search_io import declared_from_file
 
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,8 +14,8 @@ from conftest import save_tiny
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.direction import save_direction
-from abliterate.prompts import load_splits
+from abliterate.edit.direction import save_direction
+from abliterate.model.prompts import load_splits
 
 FAST = quick_run_args(4, 2, evaluate=False)
 MANUAL = ["--layer", "1", "--position", "-1"]
@@ -85,7 +85,7 @@ def test_layer_out_of_range_fails_before_loading(
     def must_not_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded although config.json says the layer does not exist")
 
-    monkeypatch.setattr("abliterate.loading.load_model", must_not_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", must_not_load)
     args = ["run", str(source), "-o", str(tmp_path / "out"), "--layer", "4", "--position", "-1", *FAST]
     _one_line_error(CliRunner().invoke(main, args), "--layer 4 is out of range: the model has 4 layers")
     assert not (tmp_path / "out").exists()
@@ -95,16 +95,16 @@ def test_layer_unknown_to_the_config_fails_before_extraction(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When the config cannot be read before loading, the loaded model decides, still before extraction."""
-    from abliterate.sources import SourceInfo
+    from abliterate.model.sources import SourceInfo
 
     monkeypatch.setattr(
-        "abliterate.stages.subject.describe_source", lambda name: SourceInfo(name, Path(name), None)
+        "abliterate.pipeline.subject.describe_source", lambda name: SourceInfo(name, Path(name), None)
     )
 
     def must_not_extract(*args: object, **kwargs: object) -> None:
         raise AssertionError("extraction ran with an impossible --position")
 
-    monkeypatch.setattr("abliterate.stages.finding.extract_means", must_not_extract)
+    monkeypatch.setattr("abliterate.pipeline.finding.extract_means", must_not_extract)
     args = ["run", str(source), "-o", str(tmp_path / "out"), "--layer", "0", "--position", "-99", *FAST]
     _one_line_error(CliRunner().invoke(main, args), "--position -99 is out of range")
 
@@ -149,7 +149,7 @@ def test_an_internal_error_keeps_its_traceback(
     def broken_load(*args: object, **kwargs: object) -> None:
         json.loads("{")
 
-    monkeypatch.setattr("abliterate.loading.load_model", broken_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", broken_load)
     result = CliRunner().invoke(main, ["run", str(source), "-o", str(tmp_path / "out"), *MANUAL, *FAST])
     assert result.exit_code == 1
     assert isinstance(result.exception, json.JSONDecodeError)

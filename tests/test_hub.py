@@ -12,7 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.hub import write_refusal
+from abliterate.ship.hub import write_refusal
 
 FAST = quick_run_args(4, 2, evaluate=False)
 MANUAL = ["--layer", "1", "--position", "-1"]
@@ -67,7 +67,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeHub:
     fake = FakeHub({"name": "me", "orgs": [{"name": "team", "roleInOrg": "write"}]})
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("abliterate.hub._default_api", lambda: fake)
+    monkeypatch.setattr("abliterate.ship.hub._default_api", lambda: fake)
     return fake
 
 
@@ -117,7 +117,7 @@ def test_a_token_that_cannot_write_fails_before_loading(
     def must_not_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the push was checked")
 
-    monkeypatch.setattr("abliterate.loading.load_model", must_not_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", must_not_load)
     result = CliRunner().invoke(main, ["run", str(tiny_qwen2), "--push-to-hub", "me/x", *MANUAL, *FAST])
     assert result.exit_code == 1 and result.output.startswith(
         "error: --push-to-hub me/x: the token is read-only"
@@ -159,7 +159,7 @@ def test_a_push_alone_stages_in_the_cache_and_keeps_it_when_the_upload_fails(
 def test_a_push_alone_needs_room_where_it_stages(
     hub: FakeHub, tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("abliterate.hub.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr("abliterate.ship.hub.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
     result = CliRunner().invoke(main, ["run", str(tiny_qwen2), "--push-to-hub", "me/x", *MANUAL, *FAST])
     assert result.exit_code == 1 and "give --output DIR on a disk with room" in result.output
     assert "upload_folder" not in hub.names()

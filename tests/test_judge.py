@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.evaluate import is_refusal
-from abliterate.judge import judge_refusal, refusal_count, wilson_interval
+from abliterate.find.evaluate import is_refusal
+from abliterate.find.judge import judge_refusal, refusal_count, wilson_interval
 
 LABELLED = json.loads((Path(__file__).parent / "data" / "labelled_replies.json").read_text("utf-8"))[
     "replies"

@@ -13,11 +13,11 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter
-from abliterate.batching import encode
-from abliterate.certificate import DeclaredEdit
-from abliterate.lora import describe, lora_state, peft_parity, write_lora
-from abliterate.search import EditPoint
-from abliterate.search_io import declared_edit, writer_strengths
+from abliterate.find.search import EditPoint
+from abliterate.model.batching import encode
+from abliterate.prove.certificate import DeclaredEdit
+from abliterate.ship.lora import describe, lora_state, peft_parity, write_lora
+from abliterate.ship.search_io import declared_edit, writer_strengths
 
 pytest.importorskip("peft")
 
@@ -137,7 +137,7 @@ def test_dense_and_shared_writers_of_moe_types_are_not_dropped_by_peft(tmp_path:
     model, adapter, _ = _setup("qwen3_moe")  # mlp_only_layers=[1]: block 1 is dense
     write_lora(model, adapter, _direction(_d_model(model)), tmp_path, base_model="tiny")
     assert "model.layers.1.mlp.down_proj.weight" in describe(tmp_path)["target_parameters"]
-    from abliterate.lora import load_lora
+    from abliterate.ship.lora import load_lora
 
     wrapped = load_lora(model, tmp_path)
     try:
@@ -193,8 +193,8 @@ def test_apply_format_lora_writes_a_rank2_adapter_and_a_rank1_file_fails_against
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
-    from abliterate.direction import load_direction, save_direction
-    from abliterate.search_io import declared_from_file, point_metadata
+    from abliterate.edit.direction import load_direction, save_direction
+    from abliterate.ship.search_io import declared_from_file, point_metadata
 
     source = save_tiny(tmp_path / "model", "qwen2")
     model = AutoModelForCausalLM.from_pretrained(source).eval()

@@ -12,15 +12,20 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer, quick_run_args
 
-from abliterate import edit
 from abliterate.adapters import residual_writers, resolve_adapter
-from abliterate.batching import all_position_logits, encode
-from abliterate.certificate import DeclaredEdit, certify_checkpoint
-from abliterate.direction import load_direction, save_direction
-from abliterate.edit import fold_direction, norm_factors, orthogonalize
-from abliterate.hooks import ablate_edit
-from abliterate.search import EditPoint
-from abliterate.search_io import declared_edit, declared_from_file, point_metadata, strengths_from_metadata
+from abliterate.edit import fold as edit
+from abliterate.edit.direction import load_direction, save_direction
+from abliterate.edit.fold import fold_direction, norm_factors, orthogonalize
+from abliterate.find.search import EditPoint
+from abliterate.model.batching import all_position_logits, encode
+from abliterate.model.hooks import ablate_edit
+from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.ship.search_io import (
+    declared_edit,
+    declared_from_file,
+    point_metadata,
+    strengths_from_metadata,
+)
 
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 # A searched rank-2 point with a layer profile, folded norm-preserving.

@@ -21,9 +21,10 @@ from click.testing import CliRunner
 from conftest import save_tiny
 from tiny import quick_run_args
 
-from abliterate import checkpoint, streaming
 from abliterate.cli import main
-from abliterate.direction import save_direction
+from abliterate.edit.direction import save_direction
+from abliterate.io import output as checkpoint
+from abliterate.ship import streaming
 
 FAST_RUN = [*quick_run_args(4, 2, layer=1, evaluate=False)]
 EARLIER = {"abliterate_version": "0.0.0", "command": "apply", "format": "checkpoint", "source": "x"}
@@ -349,7 +350,7 @@ def test_a_signal_during_the_replacement_is_held_and_then_tells_the_truth(
 
 _SLOW_APPLY = """
 import sys, time
-from abliterate import streaming
+from abliterate.ship import streaming
 fold = streaming.orthogonalize_
 def slow(*args, **kwargs):
     time.sleep(0.3)
@@ -427,7 +428,7 @@ def test_a_link_out_of_the_source_is_copied_by_content_and_said(
     blob.write_text("{}")
     (source / "special_tokens_map.json").symlink_to(blob)
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="abliterate.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="abliterate.io.output"):
         streaming.stream_apply(source, torch.randn(64), out, progress=False)
     assert not (out / "tokenizer.json").is_symlink()
     assert (out / "tokenizer.json").read_bytes() == elsewhere.read_bytes()

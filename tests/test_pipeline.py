@@ -82,7 +82,7 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
 def test_saved_checkpoint_equals_hooked_original(tiny_qwen2: Path, run_output: Path) -> None:
     """Reload both from disk; the edited model must equal the original with the direction hooked out."""
     from abliterate.adapters import resolve_adapter
-    from abliterate.hooks import ablate_direction
+    from abliterate.model.hooks import ablate_direction
 
     direction = load_file(run_output / "direction.safetensors")["direction"]
     assert direction.dtype == torch.float32
@@ -174,7 +174,7 @@ def test_push_uses_the_api_and_never_prints_the_token(
     secret = "hf_secret_token_value_123"
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path))  # where a push without --output stages
-    monkeypatch.setattr("abliterate.hub._default_api", lambda: RecordingApi())
+    monkeypatch.setattr("abliterate.ship.hub._default_api", lambda: RecordingApi())
     result = _run(
         str(tiny_qwen2),
         "--push-to-hub",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.direction import save_direction
+from abliterate.edit.direction import save_direction
 
 FAST = quick_run_args(4, 2, layer=1)
 
@@ -41,7 +41,7 @@ def test_run_refuses_a_prequantized_checkpoint_before_loading(
     def must_not_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("a pre-quantized model was loaded")
 
-    monkeypatch.setattr("abliterate.loading.load_model", must_not_load)
+    monkeypatch.setattr("abliterate.model.loading.load_model", must_not_load)
     output = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(source), "-o", str(output), *FAST])
     assert result.exit_code == 1, result.output
@@ -67,7 +67,7 @@ def test_apply_refuses_a_prequantized_checkpoint(tmp_path: Path) -> None:
 
 
 def test_a_gguf_quantization_config_is_not_refused(tmp_path: Path) -> None:
-    from abliterate.sources import describe_source, refuse_prequantized
+    from abliterate.model.sources import describe_source, refuse_prequantized
 
     source = _quantized(tmp_path / "model", "gguf")
     refuse_prequantized(describe_source(str(source)))  # does not raise
@@ -78,7 +78,7 @@ def _fake_gguf_load(checkpoint: Path, calls: list[dict], gguf: Path | None = Non
     tokenizer read from ``gguf`` when given (what a real GGUF load saves, and what the gate compares)."""
     from transformers import AutoTokenizer
 
-    from abliterate import loading
+    from abliterate.model import loading
 
     real = loading.load_model
 
@@ -102,12 +102,12 @@ def test_gguf_output_is_bf16_unless_asked(
     from transformers import AutoModelForCausalLM
 
     from abliterate.adapters import resolve_adapter
-    from abliterate.edit import fold_direction
+    from abliterate.edit.fold import fold_direction
 
     # The load below is the tiny checkpoint's; the certificate reads the same weights from this GGUF (F32).
     gguf = write_gguf(tmp_path / "model.gguf", AutoModelForCausalLM.from_pretrained(tiny_qwen2))
     calls: list[dict] = []
-    monkeypatch.setattr("abliterate.loading.load_model", _fake_gguf_load(tiny_qwen2, calls, gguf))
+    monkeypatch.setattr("abliterate.model.loading.load_model", _fake_gguf_load(tiny_qwen2, calls, gguf))
     output = tmp_path / "out"
     args = ["run", str(gguf), "-o", str(output), "--dtype", dtype, "--no-evaluate", *FAST]
     result = CliRunner().invoke(main, args, catch_exceptions=False)

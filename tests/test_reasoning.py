@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from conftest import save_tiny
 from tiny import make_tokenizer
 
-from abliterate.batching import eoi_length
-from abliterate.chat import THINKING_FORMATS, ChatFormat, SplitReply, detect_thinking, split_reply
 from abliterate.cli import main
+from abliterate.model.batching import eoi_length
+from abliterate.model.chat import THINKING_FORMATS, ChatFormat, SplitReply, detect_thinking, split_reply
 
 _TURNS = (
     "{% for message in messages %}"
@@ -115,12 +115,12 @@ def r1_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_run_scores_closed_and_evaluates_past_the_block(
     r1_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import abliterate.evaluate
-    import abliterate.stages.gating
-    import abliterate.stages.subject
+    import abliterate.find.evaluate
+    import abliterate.pipeline.gating
+    import abliterate.pipeline.subject
 
     encodings: list[bool] = []
-    real_encode = abliterate.stages.subject.encode
+    real_encode = abliterate.pipeline.subject.encode
 
     def recording_encode(*args: object, chat: ChatFormat | None = None, **kwargs: object) -> object:
         encodings.append(chat is not None and chat.close_thinking)
@@ -139,9 +139,9 @@ def test_run_scores_closed_and_evaluates_past_the_block(
         return next(canned)
 
     # Subject.encoded (extraction, selection, evaluation) and the parity prompts both encode.
-    monkeypatch.setattr(abliterate.stages.subject, "encode", recording_encode)
-    monkeypatch.setattr(abliterate.stages.gating, "encode", recording_encode)
-    monkeypatch.setattr(abliterate.evaluate, "generate_replies", fake_generate)
+    monkeypatch.setattr(abliterate.pipeline.subject, "encode", recording_encode)
+    monkeypatch.setattr(abliterate.pipeline.gating, "encode", recording_encode)
+    monkeypatch.setattr(abliterate.find.evaluate, "generate_replies", fake_generate)
     output = tmp_path / "out"
     args = ["run", str(r1_model), "-o", str(output), "--layer", "1", "--position", "-1", "--n-train", "4"]
     args += [
@@ -181,17 +181,17 @@ def test_run_scores_closed_and_evaluates_past_the_block(
 def test_template_kwargs_reach_the_template(
     r1_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import abliterate.stages.subject
+    import abliterate.pipeline.subject
 
     seen: list[dict] = []
-    real = abliterate.stages.subject._chat_formats
+    real = abliterate.pipeline.subject._chat_formats
 
     def recording(config: object, tokenizer: object) -> tuple[ChatFormat, ChatFormat]:
         formats = real(config, tokenizer)
         seen.append(formats[1].template_kwargs)
         return formats
 
-    monkeypatch.setattr(abliterate.stages.subject, "_chat_formats", recording)
+    monkeypatch.setattr(abliterate.pipeline.subject, "_chat_formats", recording)
     args = [
         "run",
         str(r1_model),

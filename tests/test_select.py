@@ -8,11 +8,11 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import resolve_adapter
-from abliterate.batching import encode, eoi_length, forward_batches, last_logits
-from abliterate.extract import extract_candidates
-from abliterate.hooks import ablate_direction
-from abliterate.prompts import bundled
-from abliterate.select import refusal_scores, refusal_token_ids, select_direction
+from abliterate.find.extract import extract_candidates
+from abliterate.find.select import refusal_scores, refusal_token_ids, select_direction
+from abliterate.model.batching import encode, eoi_length, forward_batches, last_logits
+from abliterate.model.hooks import ablate_direction
+from abliterate.model.prompts import bundled
 
 
 def _setup() -> tuple:
@@ -122,7 +122,7 @@ def test_extraction_equals_hidden_states_mean() -> None:
     model, tokenizer, adapter, n_eoi, _ = _setup()
     prompts = bundled("harmful", "train")[:6]
     encoded = encode(tokenizer, prompts, batch_size=4, keep_last=n_eoi)
-    from abliterate.extract import mean_block_inputs
+    from abliterate.find.extract import mean_block_inputs
 
     means = mean_block_inputs(model, adapter, encoded, n_eoi, 4, progress=False)
     expected = []
@@ -141,7 +141,7 @@ def test_extraction_equals_hidden_states_mean() -> None:
 
 
 def test_projected_candidates_are_orthogonal_to_the_harmless_mean() -> None:
-    from abliterate.extract import candidate_directions
+    from abliterate.find.extract import candidate_directions
 
     generator = torch.Generator().manual_seed(0)
     harmful, harmless = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64).unbind(0)

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import abliterate.edit as edit
-import abliterate.streaming as streaming
 from abliterate.adapters import get_adapter
 from abliterate.adapters.resolve import model_type_of
-from abliterate.direction import load_direction, save_direction
-from abliterate.edit import fold_direction
-from abliterate.streaming import INDEX_NAME, StreamReport, stream_apply
+from abliterate.edit import fold as edit
+from abliterate.edit.direction import load_direction, save_direction
+from abliterate.edit.fold import fold_direction
+from abliterate.ship import streaming
+from abliterate.ship.streaming import INDEX_NAME, StreamReport, stream_apply
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D_MODEL = 64
@@ -586,8 +586,8 @@ def _write_synthetic_llama(path: Path) -> int:
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from abliterate.certificate import read_structure
-    from abliterate.streaming import stream_apply
+    from abliterate.prove.certificate import read_structure
+    from abliterate.ship.streaming import stream_apply
 
     # The certificate builds the model on the meta device: transformers' modeling code is imported once
     # (~150 MB of Python modules, whatever the checkpoint's size). Import it before the baseline, so the

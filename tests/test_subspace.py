@@ -12,13 +12,13 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import resolve_adapter
-from abliterate.batching import all_position_logits, encode
-from abliterate.certificate import DeclaredEdit, certify_checkpoint
-from abliterate.direction import load_direction, save_direction, unit_direction
-from abliterate.edit import check_basis, fold_direction, orthogonalize
-from abliterate.hooks import ablate_edit
-from abliterate.search import EditPoint, point_direction
-from abliterate.search_io import declared_from_file, point_metadata
+from abliterate.edit.direction import load_direction, save_direction, unit_direction
+from abliterate.edit.fold import check_basis, fold_direction, orthogonalize
+from abliterate.find.search import EditPoint, point_direction
+from abliterate.model.batching import all_position_logits, encode
+from abliterate.model.hooks import ablate_edit
+from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.ship.search_io import declared_from_file, point_metadata
 
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 POINT = EditPoint(
@@ -168,7 +168,7 @@ def test_direction_file_and_apply_reproduce_a_rank2_point(tmp_path: Path) -> Non
 @pytest.mark.parametrize("layout", ["linear", "conv1d", "embedding"])
 def test_norm_factors_keep_every_written_vector_length(layout: str) -> None:
     """``(I − s Q Qᵀ) W D`` keeps the length of every vector the writer emits per input coordinate."""
-    from abliterate.edit import norm_factors
+    from abliterate.edit.fold import norm_factors
 
     d = 24
     shape = {"linear": (d, 16), "conv1d": (16, d), "embedding": (40, d)}[layout]
@@ -188,8 +188,8 @@ def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
     """The norm-preserving hooks equal a model whose weights hold ``(I − s r̂ r̂ᵀ) W D`` and whose biases
     hold ``(I − s r̂ r̂ᵀ) b``."""
     from abliterate.adapters import residual_writers
-    from abliterate.edit import norm_factors
-    from abliterate.hooks import ablate_norm_preserving
+    from abliterate.edit.fold import norm_factors
+    from abliterate.model.hooks import ablate_norm_preserving
 
     model = make_model(model_type)
     adapter = resolve_adapter(model)

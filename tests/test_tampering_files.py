@@ -28,7 +28,7 @@ from corpus import (
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.companion_files import (
+from abliterate.prove.files import (
     ALLOWED_CONFIG_CHANGES,
     companion_files,
     config_differences,
@@ -233,7 +233,7 @@ def test_run_refuses_an_output_whose_files_differ(
     tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An attacker's copy step that slips a template in: the run's own gate stops it, nothing written."""
-    from abliterate import companion_files
+    from abliterate.prove import files as companion_files
 
     honest = companion_files.copy_companions
 
@@ -257,8 +257,8 @@ def test_apply_refuses_an_output_whose_files_differ(
 ) -> None:
     import torch
 
-    from abliterate import streaming
-    from abliterate.direction import save_direction
+    from abliterate.edit.direction import save_direction
+    from abliterate.ship import streaming
 
     honest = streaming._copy_other_files
 
@@ -397,8 +397,8 @@ def test_a_gguf_originals_tokenizer_is_compared_as_read(tamper: object, part: st
     """A GGUF holds no tokenizer files: the tokenizer saved from it must read back the same."""
     from transformers import AutoTokenizer
 
-    from abliterate.companion_files import compare_gguf_tokenizer
-    from abliterate.report import gate_lines
+    from abliterate.prove.files import compare_gguf_tokenizer
+    from abliterate.ship.report import gate_lines
 
     gguf = _tiny_gguf(tmp_path / "model.gguf")
     edited = tmp_path / "edited"

@@ -1,0 +1,434 @@
+"""Choose the candidate whose ablation removes refusal best (Arditi et al. 2024, with a cheaper search).
+
+Scores per candidate r̂ = c / |c|:
+- ablation score: mean refusal score on harmful val prompts with r̂ projected out everywhere;
+- steering score: mean refusal score on harmless val prompts with c added at its layer;
+- KL: first-token KL(original ‖ ablated) on harmless val prompts.
+The paper discards NaN, layer ≥ 0.8·n_layers, KL > 0.1 and steering < 0, then takes the lowest
+ablation score. We compute the same choice with less work: a coarse ablation screen on a few prompts
+keeps the best ``screen_keep`` candidates, those get the full ablation score, and KL and steering are
+computed lazily in ablation order until the first candidate passes every filter. The screen itself
+visits every second layer, then the layers next to the best candidates, and also measures KL on a few
+harmless prompts so candidates that clearly damage the model are scored last.
+
+``select_direction`` composes plain functions over one ``CandidateScores``: ``eligible_candidates`` →
+``screen_candidates`` → ``score_candidates`` → ``pick_candidate`` (the paper's rule over the scores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from abliterate.adapters import Adapter
+from abliterate.model.batching import EncodedPrompts, last_logits
+from abliterate.prove.parity import kl_divergence
+
+REFUSAL_PREFIXES = ("I", "As", "Sorry", "Unfortunately", "I'm", "I cannot", "I can't")
+
+
+@dataclass(frozen=True)
+class RefusalDirection:
+    """The chosen direction and how it was found.
+
+    Attributes:
+        direction: unit vector ``[d_model]``, float32, on the CPU.
+        layer: block whose input it was measured at.
+        position: EOI position, negative from the end (``-1`` = last token).
+        ablation_score: mean refusal score on harmful prompts with it ablated.
+        steering_score: mean refusal score on harmless prompts with it added.
+        kl: first-token KL on harmless prompts with it ablated.
+        scores: ``{"ablation", "steering", "kl", "screen"}`` → ``[n_positions, n_layers]`` (NaN = not
+            computed) for plots and the manifest.
+        edit_point: the searched edit (``abliterate.find.search.EditPoint``: direction options and per-writer
+            strengths); ``None`` is the paper's edit, strength 1 on every writer.
+        search: the search's record (every trial, the Pareto front, the finalists), or ``None``.
+    """
+
+    direction: torch.Tensor
+    layer: int
+    position: int
+    ablation_score: float = math.nan
+    steering_score: float = math.nan
+    kl: float = math.nan
+    scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    edit_point: Any = None
+    search: Any = field(default=None, repr=False)
+
+
+def refusal_token_ids(tokenizer: object, prefixes: tuple[str, ...] = REFUSAL_PREFIXES) -> list[int]:
+    """First tokens of typical refusals ("I", "As", "Sorry", …), found from the tokenizer."""
+    ids = []
+    for prefix in prefixes:
+        tokens = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        if tokens and tokens[0] not in ids:
+            ids.append(tokens[0])
+    return ids
+
+
+def refusal_scores(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """Per-row log-odds ``log p − log(1 − p)`` of starting with a refusal token, in float64."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    log_p = torch.logsumexp(log_probs[..., refusal_ids], dim=-1)
+    return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-12))
+
+
+def _units(candidates: torch.Tensor) -> torch.Tensor:
+    return (candidates / candidates.norm(dim=-1, keepdim=True)).float()
+
+
+Pair = tuple[int, int]  # a candidate's (position index from the first EOI token, layer)
+
+
+@dataclass(frozen=True)
+class SelectionConstraints:
+    """The filters a candidate must pass (all of them config fields).
+
+    Attributes:
+        max_layer_fraction: discard candidates at layer ≥ this fraction of the depth.
+        max_kl: discard candidates whose harmless first-token KL exceeds this.
+        min_steering: discard candidates whose steering score is not above this; ``None`` means the
+            unsteered harmless score, which ``select_direction`` fills in before scoring.
+    """
+
+    max_layer_fraction: float = 0.8
+    max_kl: float = 0.1
+    min_steering: float | None = None
+
+
+@dataclass
+class CandidateScores:
+    """Every score computed so far, float64 ``[n_positions, n_layers]`` each, NaN where not computed.
+
+    Attributes:
+        screen: refusal score on the few harmful screen prompts with the candidate ablated.
+        screen_kl: first-token KL on the few harmless screen prompts with it ablated.
+        ablation: refusal score on the harmful val prompts with it ablated.
+        steering: refusal score on the harmless val prompts with it added at its layer.
+        kl: first-token KL on the harmless val prompts with it ablated.
+    """
+
+    screen: torch.Tensor
+    screen_kl: torch.Tensor
+    ablation: torch.Tensor
+    steering: torch.Tensor
+    kl: torch.Tensor
+
+    @classmethod
+    def unscored(cls, n_positions: int, n_layers: int) -> CandidateScores:
+        """All-NaN scores for a ``[n_positions, n_layers]`` candidate grid."""
+        nan = torch.full((n_positions, n_layers), math.nan, dtype=torch.float64)
+        return cls(*(nan.clone() for _ in fields(cls)))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: scores}`` for ``RefusalDirection.scores``, plots and the manifest."""
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """What every scoring forward pass needs.
+
+    Attributes:
+        model: the causal LM.
+        adapter: its architecture description.
+        candidates: ``[n_positions, n_layers, d_model]`` raw candidates (steering adds them as they are).
+        units: the same candidates as float32 unit vectors (ablation projects them out).
+        refusal_ids: refusal first-token ids.
+        batch_size: rows per forward; several candidates share a forward when prompts are few.
+        progress: show progress bars.
+    """
+
+    model: nn.Module
+    adapter: Adapter
+    candidates: torch.Tensor
+    units: torch.Tensor
+    refusal_ids: list[int]
+    batch_size: int
+    progress: bool
+
+
+def select_direction(
+    model: nn.Module,
+    adapter: Adapter,
+    candidates: torch.Tensor,
+    harmful_val: EncodedPrompts,
+    harmless_val: EncodedPrompts,
+    harmful_screen: EncodedPrompts,
+    refusal_ids: list[int],
+    harmless_screen: EncodedPrompts | None = None,
+    *,
+    max_layer_fraction: float = 0.8,
+    max_kl: float = 0.1,
+    min_steering: float | None = None,
+    screen_keep: int = 6,
+    batch_size: int = 32,
+    n_layers: int | None = None,
+    layer_stride: int = 2,
+    progress: bool = True,
+) -> RefusalDirection:
+    """Pick the candidate with the lowest ablation score among those that pass every filter.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        candidates: ``[n_positions, n_layers, d_model]`` from ``extract_candidates``.
+        harmful_val: harmful validation prompts (ablation score).
+        harmless_val: harmless validation prompts (steering score and KL).
+        harmful_screen: a few harmful prompts for the coarse screen.
+        refusal_ids: refusal first-token ids.
+        harmless_screen: a few harmless prompts on which the screen also measures KL, so candidates
+            that clearly break the model (screen KL above twice ``max_kl``) are scored last.
+        max_layer_fraction: discard candidates at layer ≥ this fraction of the depth.
+        max_kl: discard candidates whose harmless KL exceeds this.
+        min_steering: discard candidates whose steering score is below this; ``None`` (default) asks
+            that adding the candidate raise the harmless prompts' refusal score above its unsteered
+            value. The paper's absolute threshold 0 (p(refusal) ≥ ½) is unreachable for small models
+            whose refusals themselves score below 0 (the demo model: −0.65 on harmful prompts).
+        screen_keep: candidates kept after the screen.
+        batch_size: rows per forward; several candidates share a forward when prompts are few.
+        n_layers: depth of the model (default: the candidates' layer count); extraction may stop
+            early, so the candidates can cover fewer layers than the model has.
+        layer_stride: screen every ``layer_stride``-th layer first, then the layers beside the best
+            (1 screens every candidate).
+        progress: show progress bars.
+
+    Returns:
+        The chosen direction with all computed scores.
+
+    Raises:
+        LookupError: no candidate passes the filters.
+    """
+    n_layers = n_layers or candidates.shape[1]
+    scorer = Scorer(model, adapter, candidates, _units(candidates), refusal_ids, batch_size, progress)
+    scores = CandidateScores.unscored(*candidates.shape[:2])
+    eligible = eligible_candidates(candidates, n_layers, max_layer_fraction)
+    ranked = screen_candidates(
+        scorer,
+        scores,
+        eligible,
+        harmful_screen,
+        harmless_screen,
+        max_kl=max_kl,
+        screen_keep=screen_keep,
+        layer_stride=layer_stride,
+    )
+    baseline = last_logits(model, adapter, harmless_val)[0]
+    if min_steering is None:
+        min_steering = refusal_scores(baseline, refusal_ids).mean().item()
+    constraints = SelectionConstraints(max_layer_fraction, max_kl, min_steering)
+    score_candidates(scorer, scores, ranked, harmful_val, harmless_val, baseline, constraints, screen_keep)
+    return pick_candidate(scorer.units, scores, constraints, n_layers)
+
+
+def eligible_candidates(candidates: torch.Tensor, n_layers: int, max_layer_fraction: float) -> list[Pair]:
+    """The candidates worth scoring: below the layer limit, with a finite, non-zero norm.
+
+    A zero candidate (e.g. at the embedding, where both prompt sets end in the same EOI tokens) has no
+    direction: it would only score NaN, so it is not scored at all.
+    """
+    n_positions, n_extracted, _ = candidates.shape
+    norms = candidates.norm(dim=-1)
+    return [
+        (pos, layer)
+        for layer in range(n_extracted)
+        if layer < max_layer_fraction * n_layers
+        for pos in range(n_positions)
+        if torch.isfinite(norms[pos, layer]) and norms[pos, layer] > 0
+    ]
+
+
+def ablation_pass(
+    scorer: Scorer,
+    encoded: EncodedPrompts,
+    pairs: list[Pair],
+    into: torch.Tensor,
+    name: str,
+    reference: torch.Tensor | None = None,
+) -> None:
+    """Write each candidate's ablation score into ``into[pair]``.
+
+    The score is the mean refusal score on ``encoded`` with the candidate ablated, or with
+    ``reference`` logits the mean first-token KL from them.
+    """
+    bar = tqdm(total=len(pairs), desc=f"select: {name}", unit="cand", disable=not scorer.progress)
+    directions_per_forward = max(1, scorer.batch_size // encoded.count)
+    with bar:
+        for start in range(0, len(pairs), directions_per_forward):
+            chunk = pairs[start : start + directions_per_forward]
+            directions = torch.stack([scorer.units[pair] for pair in chunk])
+            logits = last_logits(scorer.model, scorer.adapter, encoded, ablate=directions)
+            for pair, rows in zip(chunk, logits, strict=True):
+                if reference is None:
+                    into[pair] = refusal_scores(rows, scorer.refusal_ids).mean()
+                else:
+                    into[pair] = kl_divergence(reference, rows).mean()
+            bar.update(len(chunk))
+
+
+def screen_candidates(
+    scorer: Scorer,
+    scores: CandidateScores,
+    eligible: list[Pair],
+    harmful_screen: EncodedPrompts,
+    harmless_screen: EncodedPrompts | None,
+    *,
+    max_kl: float,
+    screen_keep: int,
+    layer_stride: int,
+) -> list[Pair]:
+    """Screen the candidates cheaply and return all eligible ones, most promising first.
+
+    Neighbouring layers give similar candidates: every ``layer_stride``-th layer is screened, then the
+    skipped layers next to the best screened candidates. The order is by screen score, with candidates
+    whose screen KL already breaks the bound (over ``2 · max_kl``) after those, and unscreened ones last.
+    """
+    reference = None
+    if harmless_screen is not None:
+        reference = last_logits(scorer.model, scorer.adapter, harmless_screen)[0]
+
+    def screen(pairs: list[Pair]) -> None:
+        ablation_pass(scorer, harmful_screen, pairs, scores.screen, "screen")
+        if harmless_screen is not None:
+            ablation_pass(scorer, harmless_screen, pairs, scores.screen_kl, "screen kl", reference)
+
+    def screen_order(pair: Pair) -> tuple[bool, bool, float]:
+        unscreened = math.isnan(scores.screen[pair])
+        breaks_model = bool(scores.screen_kl[pair] > 2 * max_kl)
+        return unscreened, breaks_model, _sort_key(scores.screen[pair])
+
+    coarse = [pair for pair in eligible if pair[1] % layer_stride == 0]
+    screen(coarse)
+    best = sorted(coarse, key=screen_order)[: max(1, screen_keep // 2)]
+    neighbours = {
+        (pos, layer + step)
+        for pos, layer in best
+        for step in range(1 - layer_stride, layer_stride)
+        if step and (pos, layer + step) in eligible and (pos, layer + step) not in coarse
+    }
+    screen(sorted(neighbours))
+    return sorted(eligible, key=screen_order)
+
+
+def score_candidates(
+    scorer: Scorer,
+    scores: CandidateScores,
+    ranked: list[Pair],
+    harmful_val: EncodedPrompts,
+    harmless_val: EncodedPrompts,
+    baseline: torch.Tensor,
+    constraints: SelectionConstraints,
+    screen_keep: int,
+) -> None:
+    """Full scores, ``screen_keep`` candidates at a time in ``ranked`` order, until one passes.
+
+    Each group gets its ablation scores; then, in ablation order, KL and steering are computed lazily
+    (``_score_filters``), so scoring stops at the first candidate that passes every filter: the one
+    ``pick_candidate`` then finds.
+
+    Args:
+        baseline: unablated last-position logits on ``harmless_val`` (the KL reference).
+        constraints: the filters, ``min_steering`` filled in.
+    """
+    for start in range(0, len(ranked), screen_keep):
+        group = ranked[start : start + screen_keep]
+        ablation_pass(scorer, harmful_val, group, scores.ablation, "ablation")
+        by_ablation = sorted(group, key=lambda pair: _sort_key(scores.ablation[pair]))
+        for pair in tqdm(by_ablation, desc="select: filters", unit="cand", disable=not scorer.progress):
+            if _score_filters(scorer, scores, pair, harmless_val, baseline, constraints):
+                return
+
+
+def _score_filters(
+    scorer: Scorer,
+    scores: CandidateScores,
+    pair: Pair,
+    harmless_val: EncodedPrompts,
+    baseline: torch.Tensor,
+    constraints: SelectionConstraints,
+) -> bool:
+    """Compute KL, then steering, for one candidate, each only if everything before it passed."""
+    if math.isnan(scores.ablation[pair].item()):
+        return False
+    model, adapter = scorer.model, scorer.adapter
+    ablated = last_logits(model, adapter, harmless_val, ablate=scorer.units[pair][None])[0]
+    kl = kl_divergence(baseline, ablated).mean().item()
+    scores.kl[pair] = kl
+    if not kl <= constraints.max_kl:
+        return False
+    layer = pair[1]
+    steered = last_logits(model, adapter, harmless_val, steer=(scorer.candidates[pair].float(), layer))[0]
+    steering = refusal_scores(steered, scorer.refusal_ids).mean().item()
+    scores.steering[pair] = steering
+    return steering > constraints.min_steering
+
+
+def pick_candidate(
+    units: torch.Tensor, scores: CandidateScores, constraints: SelectionConstraints, n_layers: int
+) -> RefusalDirection:
+    """The paper's rule over the scores: the lowest ablation score among candidates passing every filter.
+
+    Unscored (NaN) values fail every filter, so only fully scored candidates can be chosen.
+
+    Args:
+        units: ``[n_positions, n_layers, d_model]`` unit candidates.
+        scores: what was computed (``score_candidates`` stops at the first candidate that passes).
+        constraints: the filters, ``min_steering`` filled in.
+        n_layers: depth of the model, for the layer limit.
+
+    Raises:
+        LookupError: no candidate passes.
+    """
+    assert constraints.min_steering is not None, "min_steering is filled in before picking"
+    n_positions, n_extracted = scores.ablation.shape
+    below_limit = torch.arange(n_extracted) < constraints.max_layer_fraction * n_layers
+    passing = (
+        ~scores.ablation.isnan()
+        & (scores.kl <= constraints.max_kl)
+        & (scores.steering > constraints.min_steering)
+        & below_limit
+    )
+    if not passing.any():
+        raise LookupError(
+            f"no candidate passed the filters (KL ≤ {constraints.max_kl}, "
+            f"steering > {constraints.min_steering:.3g}, "
+            f"layer < {constraints.max_layer_fraction:.0%} of {n_layers}); "
+            f"relax them or give --layer and --position"
+        )
+    pos, layer = divmod(int(torch.where(passing, scores.ablation, math.inf).argmin()), n_extracted)
+    return RefusalDirection(
+        direction=units[pos, layer].clone(),
+        layer=layer,
+        position=pos - n_positions,
+        ablation_score=scores.ablation[pos, layer].item(),
+        steering_score=scores.steering[pos, layer].item(),
+        kl=scores.kl[pos, layer].item(),
+        scores=scores.as_dict(),
+    )
+
+
+def _sort_key(value: torch.Tensor) -> float:
+    value = float(value)
+    return math.inf if math.isnan(value) else value
+
+
+def direction_at(candidates: torch.Tensor, layer: int, position: int) -> RefusalDirection:
+    """The candidate at ``(position, layer)`` chosen by hand (``--layer/--position``), no scoring.
+
+    Raises:
+        ValueError: the layer or position is out of range.
+    """
+    n_positions, n_layers, _ = candidates.shape
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {layer} is out of range: the model has {n_layers} layers")
+    if not -n_positions <= position < n_positions:
+        raise ValueError(f"--position {position} is out of range: there are {n_positions} EOI tokens")
+    index = position % n_positions
+    return RefusalDirection(
+        direction=_units(candidates[index, layer]).clone(), layer=layer, position=index - n_positions
+    )

@@ -1,0 +1,228 @@
+"""What a model source is, read cheaply before any heavy work: its config, quantization and place on disk.
+
+``run`` and ``apply`` refuse here what they cannot do well (a pre-quantized checkpoint, a ``--layer`` past the
+last block) so that a bad input costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# ``quant_method`` values that are not weights a fold can edit: everything except GGUF, which transformers
+# dequantizes to plain float tensors on load.
+_DEQUANTIZED_ON_LOAD = {"gguf"}
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What is known about a model source without loading it.
+
+    Attributes:
+        source: what the user gave (hub id, directory, ``.gguf`` file, ``demo``).
+        path: the local file or directory behind it, or ``None`` (a hub id).
+        config: its ``config.json`` content, or ``None`` when it cannot be read cheaply.
+    """
+
+    source: str
+    path: Path | None
+    config: dict[str, Any] | None
+
+    @property
+    def is_gguf(self) -> bool:
+        """The source is a single ``.gguf`` file (dequantized on load)."""
+        return self.path is not None and self.path.suffix == ".gguf"
+
+    @property
+    def quantization(self) -> str | None:
+        """The ``quant_method`` of a pre-quantized checkpoint (``fp8``, ``gptq``, …), else ``None``."""
+        return quantization_method(self.config or {})
+
+    @property
+    def weights_bytes(self) -> int | None:
+        """Bytes of the weights an edited copy will take, roughly: the safetensors files, or four times a
+        GGUF file (4-bit quantized, saved as bf16); ``None`` when unknown (a hub id)."""
+        if self.path is None or not self.path.exists():
+            return None
+        if self.path.is_file():
+            return 4 * self.path.stat().st_size if self.is_gguf else None
+        return sum(path.stat().st_size for path in self.path.glob("*.safetensors")) or None
+
+    @property
+    def n_layers(self) -> int | None:
+        """Decoder blocks declared by the config, when it says."""
+        for part in (self.config or {}, (self.config or {}).get("text_config") or {}):
+            for key in _LAYER_KEYS:
+                if isinstance(part.get(key), int):
+                    return part[key]
+        return None
+
+
+def describe_source(source: str) -> SourceInfo:
+    """What can be read cheaply about ``source``: a local ``config.json``, or a hub id's (one small file).
+
+    Never raises for a missing or unreachable source: loading it later gives the precise error.
+
+    Raises:
+        ValueError: its ``config.json`` holds a value transformers would misread or reject with a
+            traceback (see ``check_config``).
+    """
+    info = _describe(source)
+    where = f"{source}'s config.json" if info.path is None else str(info.path / "config.json")
+    check_config(info.config, where)
+    return info
+
+
+def _describe(source: str) -> SourceInfo:
+    if source == "demo":
+        from abliterate.model.demo import cache_dir
+
+        directory = cache_dir() / "safetensors"
+        return SourceInfo(source, directory, _read_config(directory / "config.json"))
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        return SourceInfo(source, path.absolute(), None)
+    if path.exists():
+        return SourceInfo(source, path.absolute(), _read_config(path / "config.json"))
+    if not _HUB_ID.match(source):
+        return SourceInfo(source, None, None)
+    return SourceInfo(source, None, _hub_config(source))
+
+
+def check_config(config: dict[str, Any] | None, where: str = "config.json") -> None:
+    """Refuse ``config.json`` values that abliterate or transformers would misread.
+
+    ``tie_word_embeddings`` decides whether the edited embedding is also the output head: the string
+    ``"false"`` is true to Python and a type error to transformers.
+
+    Args:
+        config: a ``config.json``'s content, or ``None`` (nothing to check).
+        where: how to name the file in the error.
+
+    Raises:
+        ValueError: a value has the wrong type (one line naming the key).
+    """
+    for prefix, part in (("", config), ("text_config.", (config or {}).get("text_config"))):
+        if isinstance(part, dict):
+            tie_word_embeddings(part, prefix, where)
+
+
+def tie_word_embeddings(part: dict[str, Any], prefix: str = "", where: str = "config.json") -> bool | None:
+    """The ``tie_word_embeddings`` of a config (or of its ``text_config``), ``None`` when it is not set.
+
+    Args:
+        part: the config, or its ``text_config``.
+        prefix: how to name ``part`` in the error, e.g. ``"text_config."``.
+        where: how to name the file in the error.
+
+    Raises:
+        ValueError: the value is neither true, false nor null.
+    """
+    value = part.get("tie_word_embeddings")
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{where}: {prefix}tie_word_embeddings must be true or false, got {value!r}")
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _hub_config(repo_id: str) -> dict[str, Any] | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return _read_config(Path(hf_hub_download(repo_id, "config.json")))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
+        # Not known yet is fine: loading the model later reports the precise problem.
+        logger.info("could not read %s's config.json before loading it: %s", repo_id, error)
+        return None
+
+
+def quantization_method(config: dict[str, Any]) -> str | None:
+    """``quant_method`` of a config's ``quantization_config`` (top level or ``text_config``), unless GGUF."""
+    for part in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        quantization = part.get("quantization_config")
+        if quantization:
+            method = (
+                quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+            )
+            if str(method).lower() not in _DEQUANTIZED_ON_LOAD:
+                return str(method)
+    return None
+
+
+def refuse_prequantized(info: SourceInfo, *, direction_only: bool = False, command: str = "run") -> None:
+    """Refuse a pre-quantized checkpoint (fp8, gptq, awq, bitsandbytes, mxfp4, compressed-tensors, …).
+
+    Its weights are integer codes with scales, not matrices a fold can edit exactly. ``run
+    --direction-only`` only reads activations, so it may use one; the direction is then applied to the
+    unquantized release with ``abliterate apply``.
+
+    Raises:
+        ValueError: the checkpoint is quantized (one line naming the format and the way out).
+    """
+    method = info.quantization
+    if method is None or direction_only:
+        return
+    if command == "apply":
+        way_out = "apply the direction to its unquantized release"
+    else:
+        way_out = (
+            "use its unquantized release, or find the direction here with `abliterate run "
+            "--direction-only` and fold it into the unquantized release with `abliterate apply`"
+        )
+    raise ValueError(
+        f"{info.source} is pre-quantized ({method}); {command} edits full-precision weights only: {way_out}"
+    )
+
+
+def source_location(source: str | Path) -> Path | None:
+    """Where ``source``'s files are on disk, symbolic links resolved, without loading or downloading it.
+
+    A local directory or ``.gguf`` file is itself; ``demo`` is the demo's whole cache directory (parts,
+    GGUF and converted checkpoint); a Hub id is its folder in the Hub cache (snapshots and blobs), which
+    may not exist yet. ``None`` when ``source`` is none of these (loading it reports the error).
+    """
+    if str(source) == "demo":
+        from abliterate.model.demo import cache_dir
+
+        return cache_dir().resolve()
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix == ".gguf":
+        return path.resolve()
+    if not _HUB_ID.match(str(source)):
+        return None
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    return (
+        Path(HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=str(source), repo_type="model")
+    ).resolve()
+
+
+def check_layer(layer: int | None, n_layers: int | None) -> None:
+    """Refuse ``--layer`` past the model's last block (known from the config or the loaded model).
+
+    Raises:
+        ValueError: the layer is out of range.
+    """
+    if layer is None or n_layers is None:
+        return
+    if not 0 <= layer < n_layers:
+        raise ValueError(
+            f"--layer {layer} is out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
+        )

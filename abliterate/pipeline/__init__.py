@@ -1,0 +1,1 @@
+"""`abliterate run`: its stages (subject, finding, evaluation, gating, publishing) and their endings."""

@@ -1,0 +1,144 @@
+"""Which direction: extraction of the candidates, the paper's selection, and the search around it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from abliterate.config import RunConfig
+from abliterate.edit.direction import unit_direction
+from abliterate.find import search as family
+from abliterate.find.evaluate import refusal_rate
+from abliterate.find.extract import candidate_directions, extract_means
+from abliterate.find.judge import refusal_count
+from abliterate.find.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
+from abliterate.model.batching import last_logits
+from abliterate.model.hooks import ablate_edit
+from abliterate.pipeline.evaluation import generation_options
+from abliterate.pipeline.subject import Inputs, Subject
+from abliterate.prove.parity import kl_divergence
+
+
+def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ``[n_eoi, n_extracted, d_model]``: harmful minus harmless mean block inputs, and the
+    harmless means (the search's directions may be made orthogonal to them).
+
+    Selection never looks at layers past the fraction (or past ``--layer``), so the forward passes stop
+    there and ``n_extracted`` may be less than the model's depth.
+    """
+    if config.layer is None:
+        limit = min(subject.n_layers, max(1, math.ceil(config.max_layer_fraction * subject.n_layers)))
+    else:
+        limit = min(subject.n_layers, config.layer + 1)
+    harmful_means, harmless_means = extract_means(
+        subject.model,
+        subject.adapter,
+        subject.encoded(inputs.harmful.train),
+        subject.encoded(inputs.harmless.train),
+        subject.n_eoi,
+        limit,
+        progress=config.progress,
+    )
+    return candidate_directions(harmful_means, harmless_means, config.project_harmless), harmless_means
+
+
+def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor) -> RefusalDirection:
+    """The candidate given by ``--layer/--position``, or the one the search selects."""
+    if config.layer is not None:
+        return _as_stored(direction_at(candidates, config.layer, config.position))
+    harmful, harmless = inputs.harmful, inputs.harmless
+    chosen = select_direction(
+        subject.model,
+        subject.adapter,
+        candidates,
+        subject.encoded(harmful.val),
+        subject.encoded(harmless.val),
+        subject.encoded(harmful.val[: config.screen_prompts]),
+        refusal_token_ids(subject.tokenizer),
+        harmless_screen=subject.encoded(harmless.val[: config.screen_prompts]),
+        max_layer_fraction=config.max_layer_fraction,
+        max_kl=config.selection_max_kl,
+        min_steering=config.min_steering,
+        screen_keep=config.screen_keep,
+        batch_size=subject.batch_size,
+        n_layers=subject.n_layers,
+        layer_stride=config.layer_stride,
+        progress=config.progress,
+    )
+    return _as_stored(chosen)
+
+
+def search(
+    config: RunConfig,
+    subject: Subject,
+    inputs: Inputs,
+    candidates: torch.Tensor,
+    harmless_means: torch.Tensor,
+    chosen: RefusalDirection,
+) -> RefusalDirection:
+    """Search the family of exact edits around the paper's choice (``abliterate.find.search``), on the
+    validation split only; ``--search none`` or ``--layer/--position`` keep the paper's edit.
+
+    Raises:
+        ValueError: no confirmed point meets ``--max-kl`` (nothing is written).
+    """
+    if config.search == "none" or config.layer is not None:
+        if config.norm_preserving:  # the paper's candidate, folded norm-preserving
+            point = family.EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, True)
+            return replace(chosen, edit_point=point)
+        return chosen
+    model, adapter = subject.model, subject.adapter
+    harmful, harmless = inputs.harmful.val, inputs.harmless.val
+    # The trials' KL is measured on every harmless val prompt, the same prompts the choice is judged on:
+    # KL is heavy-tailed over prompts, and on 8 of them it read half the 32-prompt value on the demo.
+    confirm_harmless = subject.encoded(harmless)
+    reference = last_logits(model, adapter, confirm_harmless)[0]
+    data = family.SearchData(
+        subject.encoded(harmful[: config.search_prompts]),
+        confirm_harmless,
+        reference,
+        refusal_token_ids(subject.tokenizer),
+    )
+    anchor = family.EditPoint.paper(
+        chosen.layer, chosen.position, config.project_harmless, config.norm_preserving
+    )
+    space = family.SearchSpace(
+        candidates, harmless_means, subject.n_layers, anchor, norm_preserving=config.norm_preserving
+    )
+
+    def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
+        with ablate_edit(model, adapter, direction, point.strength_of, point.norm_preserving):
+            replies = refusal_rate(
+                model, subject.tokenizer, harmful, **generation_options(config, subject)
+            ).replies
+            logits = last_logits(model, adapter, confirm_harmless)[0]
+        return refusal_count(replies), len(replies), kl_divergence(reference, logits).mean().item()
+
+    per_forward = max(1, subject.batch_size // config.search_prompts)
+    settings = family.SearchSettings(
+        config.trials, config.search_budget, per_forward, config.finalists, config.search_max_kl, config.seed
+    )
+    result = family.search_edit(model, adapter, space, data, confirm, settings)
+    best = result.chosen
+    if best.point == anchor and not anchor.norm_preserving:
+        return replace(chosen, search=result)
+    direction = family.point_direction(best.point, candidates, harmless_means)
+    searched = replace(
+        chosen,
+        direction=direction,
+        layer=min(round(best.point.layer), candidates.shape[1] - 1),
+        position=best.point.position,
+        ablation_score=best.refusal_score,
+        kl=best.confirm_kl,
+        edit_point=best.point,
+        search=result,
+    )
+    return _as_stored(searched)
+
+
+def _as_stored(chosen: RefusalDirection) -> RefusalDirection:
+    """The direction exactly as ``direction.safetensors`` stores it (unit, float32), so the hooks, the
+    fold and anyone re-applying or certifying the saved file all use the same bits."""
+    return replace(chosen, direction=unit_direction(chosen.direction))

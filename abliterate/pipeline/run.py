@@ -1,0 +1,284 @@
+"""``abliterate run``: load → extract → select → evaluate → fold → parity gate → save → push.
+
+``run`` is the sequence of the stage functions of the modules beside it in ``abliterate.pipeline`` (one
+per stage); each
+takes and returns plain values or the dataclasses defined there, and ``StageTimer`` times every one of
+them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from abliterate.config import RunConfig
+from abliterate.find.select import RefusalDirection
+from abliterate.io import output as checkpoint
+from abliterate.model.batching import EncodedPrompts
+from abliterate.pipeline.evaluation import Baseline, evaluate_after, evaluate_before
+from abliterate.pipeline.finding import extract, search, select
+from abliterate.pipeline.gating import (
+    certify_saved,
+    check_parity,
+    fold,
+    hooked_edit,
+    parity_prompts,
+    parity_reference,
+    raise_unless_passed,
+    strengths,
+)
+from abliterate.pipeline.publishing import (
+    RunResult,
+    build_manifest,
+    publish,
+    save,
+    save_direction_files,
+    write_manifest,
+)
+from abliterate.pipeline.subject import Inputs, Subject, load, prepare
+from abliterate.prove.files import compare_companions
+from abliterate.prove.gate import GateReport, completeness_on
+from abliterate.ship import search_io
+from abliterate.ship.report import model_card
+from abliterate.ship.streaming import local_checkpoint, stream_into
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
+    """Run the whole pipeline for one model.
+
+    Args:
+        config: the run configuration.
+        hub_api: Hub API object for pushing (tests pass a recording fake).
+
+    Returns:
+        The manifest and where the result went.
+
+    Raises:
+        ParityError: the edited model failed the parity gate (nothing written or pushed).
+        FileNotFoundError, FileExistsError, PermissionError, ValueError, LookupError: bad input,
+            raised before any heavy work where it can be known then.
+    """
+    inputs = prepare(config, hub_api)
+    timed = StageTimer()
+    subject = timed("load", load, config, inputs)
+    candidates, harmless_means = timed("extract", extract, config, subject, inputs)
+    chosen = timed("select", select, config, subject, inputs, candidates)
+    chosen = timed("search", search, config, subject, inputs, candidates, harmless_means, chosen)
+    if config.direction_only:
+        return run_direction_only(config, inputs, subject, chosen, timed)
+    if config.format == "lora":
+        return run_lora(config, inputs, subject, chosen, timed, hub_api)
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    if config.dispatch.active:
+        return run_streamed(config, inputs, subject, chosen, before, timed, hub_api)
+    reference = timed("verify", parity_reference, config, subject, inputs, chosen)
+    timed("edit", fold, subject, chosen)
+    gate = timed("verify", check_parity, subject.model, subject.adapter, reference)
+    del reference  # [n, S, vocab] logits: free them before evaluating and saving
+    raise_unless_passed(gate, "nothing was saved or pushed")
+    evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
+
+    def write(staging: Path) -> dict[str, Any]:
+        timed("save", save, staging, config, subject, chosen)
+        timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
+        raise_unless_passed(gate, "nothing was saved or pushed")
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
+        write_manifest(staging, manifest, subject.loaded.base_model)
+        return manifest
+
+    return publish(config, inputs, hub_api, write)
+
+
+def run_streamed(
+    config: RunConfig,
+    inputs: Inputs,
+    subject: Subject,
+    chosen: RefusalDirection,
+    before: Baseline | None,
+    timed: StageTimer,
+    hub_api: object | None,
+) -> RunResult:
+    """The rest of a run on a dispatched (or 4-bit) model: the output is streamed from the source files.
+
+    Offloaded weights cannot be edited in place (accelerate reads them from the source files), so the
+    checkpoint is written by the same streaming fold ``apply`` uses. The proof is the weight certificate
+    of the written files plus the completeness check of the adapter's writer list on the dispatched
+    original; the evaluation after the edit runs on the original with the direction hooked out, which
+    the certified fold reproduces.
+    """
+    source, why_not = local_checkpoint(config.model)
+    if source is None:
+        raise ValueError(f"--device-map/--load-in-4bit stream the output from safetensors files: {why_not}")
+    prompts = parity_prompts(config, subject, inputs)
+    gate = _completeness_gate(
+        subject,
+        prompts,
+        timed,
+        parity="dispatched model: the streamed files are proven by the weight certificate",
+    )
+    raise_unless_passed(gate, "nothing was saved or pushed")
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
+
+    def write(staging: Path) -> dict[str, Any]:
+        streamed = timed(
+            "save",
+            stream_into,
+            source,
+            chosen.direction,
+            staging,
+            architecture=config.architecture,
+            progress=config.progress,
+            declared=search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
+        )
+        gate.certificate = streamed.certificate
+        gate.files = compare_companions(source, staging)  # stream_into raised if they differ
+        save_direction_files(staging, config, subject, chosen)
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
+        write_manifest(staging, manifest, subject.loaded.base_model)
+        return manifest
+
+    return publish(config, inputs, hub_api, write)
+
+
+def run_lora(
+    config: RunConfig,
+    inputs: Inputs,
+    subject: Subject,
+    chosen: RefusalDirection,
+    timed: StageTimer,
+    hub_api: object | None,
+) -> RunResult:
+    """``run --format lora``: the edit as an exact PEFT adapter (``abliterate.ship.lora``), no weights.
+
+    The gate: completeness of the writer list, and logit parity of the original with the adapter loaded
+    through peft against the hooked original (no weight certificate: no checkpoint is written).
+    """
+    from abliterate.ship import lora
+
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
+    model, adapter = subject.model, subject.adapter
+    prompts = parity_prompts(config, subject, inputs)
+    gate = _completeness_gate(
+        subject,
+        prompts,
+        timed,
+        certificate="--format lora: no checkpoint written; parity is checked through peft",
+    )
+    declared = search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
+    base_model = subject.loaded.base_model or config.model
+
+    def write(staging: Path) -> dict[str, Any]:
+        timed(
+            "save",
+            lora.write_lora,
+            model,
+            adapter,
+            chosen.direction,
+            staging,
+            base_model=base_model,
+            strength_of=strengths(chosen),
+        )
+        gate.parity = timed(
+            "verify", lora.peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
+        )
+        raise_unless_passed(gate, "nothing was saved or pushed")
+        save_direction_files(staging, config, subject, chosen)
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
+        manifest["weights"] = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
+        write_manifest(staging, manifest, subject.loaded.base_model)
+        # The run's card (method, search, evaluation) beside the adapter's own README.
+        (staging / "model_card.md").write_text((staging / "README.md").read_text("utf-8"), "utf-8")
+        rank = int(lora.describe(staging)["r"])
+        (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity, rank=rank), "utf-8")
+        return manifest
+
+    return publish(config, inputs, hub_api, write)
+
+
+def run_direction_only(
+    config: RunConfig, inputs: Inputs, subject: Subject, chosen: RefusalDirection, timed: StageTimer
+) -> RunResult:
+    """``run --direction-only`` after selection: check the direction with hooks, write it, no weights.
+
+    The evaluation after the edit runs on the hooked original (which the fold reproduces exactly), and
+    the completeness check proves the adapter's writer list, so ``abliterate apply`` (whose weight
+    certificate proves the files it writes) completes the proof later.
+    """
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
+    prompts = parity_prompts(config, subject, inputs)
+    gate = _completeness_gate(subject, prompts, timed, **_DIRECTION_ONLY_SKIPS)
+    raise_unless_passed(gate, "nothing was written")
+    assert inputs.output is not None  # RunConfig: --direction-only needs --output
+    with checkpoint.atomic_directory(inputs.output) as staging:
+        timed("save", save_direction_files, staging, config, subject, chosen)
+        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
+        manifest["weights"] = None
+        (staging / "model_card.md").write_text(model_card(manifest, subject.loaded.base_model), "utf-8")
+        (staging / "abliterate.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", "utf-8")
+    hint = (
+        f"no weights written (--direction-only); fold the direction into a safetensors checkpoint with: "
+        f"abliterate apply CHECKPOINT --direction {inputs.output.path / 'direction.safetensors'} --output DIR"
+    )
+    return RunResult(manifest, output=inputs.output.path, messages=[hint])
+
+
+def _evaluate_hooked(
+    config: RunConfig,
+    subject: Subject,
+    inputs: Inputs,
+    chosen: RefusalDirection,
+    before: Baseline | None,
+    timed: StageTimer,
+) -> dict[str, Any] | None:
+    """The evaluation after the edit, on the original with the edit hooked (no edited model in memory:
+    the certified fold reproduces the hooks exactly)."""
+    with hooked_edit(subject, chosen):
+        return timed("evaluate", evaluate_after, config, subject, inputs, before)
+
+
+def _completeness_gate(
+    subject: Subject, prompts: EncodedPrompts, timed: StageTimer, **skipped: str
+) -> GateReport:
+    """The gate of a run without an edited model in memory: completeness of the writer list on the
+    parity ``prompts``, and ``skipped`` (gate part → why) for the parts proven elsewhere or not at all."""
+    completeness = timed("verify", completeness_on, subject.model, subject.adapter, prompts)
+    return GateReport(completeness=completeness, skipped=dict(skipped))
+
+
+_DIRECTION_ONLY_SKIPS = {
+    "certificate": "--direction-only: no weights written (abliterate apply certifies the files it writes)",
+    "parity": "--direction-only: no edited model; evaluated with the direction ablated by hooks",
+}
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage, for the manifest's ``timings``.
+
+    A name that recurs adds up: ``evaluate`` covers the evaluation before and after the edit,
+    ``verify`` the reference logits before the fold and the comparison after it.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, stage: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``stage(*args, **kwargs)`` and add its duration to ``name``."""
+        begin = time.perf_counter()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    def timings(self) -> dict[str, float]:
+        """``{"<stage>_s": seconds, …, "total_s": seconds since the timer started}``, to the millisecond."""
+        stages = {f"{name}_s": round(seconds, 3) for name, seconds in self.seconds.items()}
+        return {**stages, "total_s": round(time.perf_counter() - self.started, 3)}
