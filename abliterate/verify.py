@@ -52,9 +52,16 @@ def verify_checkpoints(
     from abliterate.certificate import certify_checkpoint
     from abliterate.direction import load_direction
     from abliterate.gate import GateReport
+    from abliterate.lora_certificate import is_adapter, verify_adapter
     from abliterate.search_io import declared_from_file
     from abliterate.streaming import local_checkpoint
 
+    if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
+        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
+        return verify_adapter(
+            original, edited, direction_file, **options, architecture=architecture, prompts=prompts,
+            forward=forward, certificate=certificate, progress=progress,
+        )  # fmt: skip
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
