@@ -91,8 +91,8 @@ def _extra_target(original: Path, adapter: Path, direction: Path) -> None:
 
     def add(tensors: dict[str, torch.Tensor]) -> None:
         a = tensors[O_PROJ_A]
-        tensors[f"base_model.{Q_PROJ}.lora_A.weight"] = torch.randn(1, a.shape[1]) * 0.1
-        tensors[f"base_model.{Q_PROJ}.lora_B.weight"] = torch.randn(a.shape[1], 1) * 0.1
+        tensors[f"base_model.model.{Q_PROJ}.lora_A.weight"] = torch.randn(1, a.shape[1]) * 0.1
+        tensors[f"base_model.model.{Q_PROJ}.lora_B.weight"] = torch.randn(a.shape[1], 1) * 0.1
 
     _change_weights(adapter, add)
     _change_config(adapter, lambda config: config["target_modules"].append(Q_PROJ))
@@ -101,7 +101,8 @@ def _extra_target(original: Path, adapter: Path, direction: Path) -> None:
 def _extra_tensor(original: Path, adapter: Path, direction: Path) -> None:
     """The same pair in the weights file only: whatever would load it, the edit does not produce it."""
     _change_weights(
-        adapter, lambda tensors: tensors.__setitem__(f"base_model.{Q_PROJ}.lora_A.weight", torch.ones(1, 64))
+        adapter,
+        lambda tensors: tensors.__setitem__(f"base_model.model.{Q_PROJ}.lora_A.weight", torch.ones(1, 64)),
     )
 
 
@@ -167,7 +168,7 @@ ADAPTER_CASES = register(
     TamperCase(
         "adapter: extra tensor not in the config",
         _extra_tensor,
-        "not produced by the declared edit",
+        f"base_model.model.{Q_PROJ}.lora_A.weight: not produced by the declared edit",
         kind=KIND,
     ),
     TamperCase(
@@ -195,6 +196,12 @@ ADAPTER_CASES = register(
         kind=KIND,
     ),
     TamperCase("adapter: r changed", _config_field("r", 2), "adapter_config.json: r is 2", kind=KIND),
+    TamperCase(
+        "adapter: alpha_pattern doubles one target's scaling",
+        _config_field("alpha_pattern", {"model.layers.1.self_attn.o_proj": 2}),
+        "alpha_pattern is",
+        kind=KIND,
+    ),
     TamperCase("adapter: use_dora switched on", _config_field("use_dora", True), "use_dora", kind=KIND),
     TamperCase(
         "adapter: unknown config field",
@@ -331,6 +338,7 @@ def test_run_format_lora_output_verifies_with_its_own_direction_file(
     status, text = _verify_output(Triple(tiny_qwen2, output, output / "direction.safetensors"))
     assert status == 0, text
     assert "certificate   PASS  LoRA adapter" in text and "parity        PASS" in text
+    assert "18 tensors of 18 required, 18 bitwise" in text  # run folds the vector its direction file holds
 
 
 def test_a_direction_file_for_another_width_is_refused_in_one_line(
