@@ -1,28 +1,18 @@
 """The adapter certificate: a PEFT LoRA adapter equals the declared edit of its base model, tensor by tensor.
 
-``abliterate verify ORIGINAL ADAPTER_DIR --direction FILE`` proves an adapter written by ``run --format lora``
-or ``apply --format lora`` (``abliterate.lora``). The expected adapter is recomputed here from ORIGINAL's
-weights, as abliterate loads them, and the direction file's declared edit, with the writer's own factor math
-(``lora_state``), never from anything the adapter's files record. Then:
-
-* **Every tensor in ``adapter_model.safetensors`` is one the recomputation produces**: a LoRA pair on a module
-  the edit does not change (an ``q_proj``, a writer of a block whose strength is 0, any other key) fails, and
-  so does a missing one. Each has the recomputed name, shape and dtype (float32, whatever the model's dtype).
-* **Every value is finite and equals the recomputation**, bitwise or within ``ULP_BOUND`` float32 ulps of it:
-  the factors are computed in float64 from the stored weights (16-bit values are exact in float64) and
-  rounded once to float32, so another BLAS's float64 reduction order can move an element by at most one
-  rounding step; the ulp is taken at the element's magnitude, floored at ``_SCALE_FLOOR`` times the tensor's
-  largest element (where cancellation leaves an element near zero). The bound is the same for a float32 and
-  a 16-bit base model. A B scaled by 0.9 is about 10^6 ulps off.
-* **``adapter_config.json`` equals the config the writer produces** in every field but
-  ``PROVENANCE_FIELDS`` (which do not change what peft computes); a field it omits is read as peft's
-  default, as peft reads it; a field the installed peft does not know fails. ``lora_alpha`` doubled (the
-  delta scaled by 2), another ``r``, ``use_rslora``, ``use_dora``, an extra ``target_modules`` entry all fail.
-  ``base_model_name_or_path`` is reported, not compared: the adapter is exact on ORIGINAL as loaded here.
-* A second weights file (``adapter_model.bin``) fails: peft could load it instead.
-
-The forward part (``verify`` without ``--no-forward``) adds the completeness check on ORIGINAL and logit
-parity of the adapter loaded through peft against the hooked original (``abliterate.lora.peft_parity``).
+``abliterate verify ORIGINAL ADAPTER_DIR --direction FILE`` proves an adapter written by ``--format lora``.
+The expected adapter is recomputed from ORIGINAL's weights, as abliterate loads them, and the direction file's
+declared edit with the writer's own factor math (``abliterate.lora.lora_state``), never from what the adapter
+records. Then every tensor of ``adapter_model.safetensors`` must be one the recomputation produces (a LoRA on
+``q_proj`` or on a writer at strength 0 fails, naming it), every required one present with its name, shape
+and dtype (float32), finite, and bitwise equal or within ``ULP_BOUND`` float32 ulp: the factors are float64
+(16-bit weights are exact in float64) rounded once to float32, so another BLAS's reduction order moves an
+element by at most one rounding step (the ulp is floored at ``_SCALE_FLOOR`` of the tensor's largest element,
+for elements that cancel to near zero); the same bound for float32 and 16-bit models. ``adapter_config.json``
+must equal the writer's ``LoraConfig`` in every field but ``PROVENANCE_FIELDS`` (an omitted field is peft's
+default, as peft reads it; a field the installed peft does not know fails), so ``lora_alpha`` doubled, another
+``r``, ``alpha_pattern`` or ``use_dora`` fail. ``verify`` without ``--no-forward`` adds completeness on
+ORIGINAL and logit parity through peft (``abliterate.lora.peft_parity``).
 """
 
 from __future__ import annotations
@@ -42,9 +32,8 @@ from abliterate.edit import all_finite, ulp
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Fields of adapter_config.json that say where the adapter came from or how it was loaded, not what it
-# computes: the base model is reported instead, peft_version and revision are provenance, inference_mode
-# only freezes the LoRA parameters.
+# adapter_config.json fields that say where the adapter came from, not what it computes (the base model is
+# reported instead; inference_mode only freezes the LoRA parameters).
 PROVENANCE_FIELDS = ("base_model_name_or_path", "revision", "peft_version", "inference_mode")
 # Another machine's float64 factors may round to the neighbouring float32 value (see the module docstring).
 ULP_BOUND = 1.0
@@ -132,7 +121,7 @@ def certify_adapter(
     directory = Path(directory).expanduser()
     stored_config = _read_config(directory)
     base_model = stored_config.get("base_model_name_or_path")
-    failures: list[str] = []
+    base_model = base_model if isinstance(base_model, str) else None
     try:
         declared.validate((w.group, w.layer) for w in residual_writers(model, adapter))
         if declared.norm_preserving:
@@ -140,22 +129,9 @@ def certify_adapter(
         expected, fields = lora_state(model, adapter, declared.direction, writer_strengths(declared))
     except ValueError as error:  # no adapter can be this declared edit
         return AdapterCertificate(False, 0, 0, 0, 0, 0, 0, 0, base_model, [str(error)], 1, 0.0)
-    config_failures, n_fields = _compare_config(stored_config, fields)
-    failures += config_failures
+    failures, n_fields = _compare_config(stored_config, fields)
     stored = _read_tensors(directory, failures)
-    n_exact = n_bounded = 0
-    for name in sorted(set(stored) - set(expected)):
-        failures.append(f"{name}: not produced by the declared edit (an extra target or tensor)")
-    for name in sorted(set(expected) - set(stored)):
-        failures.append(f"{name}: missing (the declared edit changes this writer)")
-    for name in sorted(set(expected) & set(stored)):
-        verdict = _compare_tensor(name, stored[name], expected[name])
-        if verdict == "exact":
-            n_exact += 1
-        elif verdict == "bounded":
-            n_bounded += 1
-        else:
-            failures.append(verdict)
+    n_exact, n_bounded = _compare_tensors(stored, expected, failures)
     if (directory / "adapter_model.bin").exists():
         failures.append("adapter_model.bin: a second weights file, which peft may load instead")
     targets = {name.split(".lora_")[0] for name in expected}
@@ -168,7 +144,7 @@ def certify_adapter(
         n_targets=len(targets),
         rank=int(fields["r"]),  # type: ignore[call-overload]
         n_config_fields=n_fields,
-        base_model=base_model if isinstance(base_model, str) else None,
+        base_model=base_model,
         failures=failures[:_MAX_LISTED_FAILURES],
         n_failures=len(failures),
         seconds=time.perf_counter() - started,
@@ -203,6 +179,20 @@ def _read_tensors(directory: Path, failures: list[str]) -> dict[str, torch.Tenso
         return {}
 
 
+def _compare_tensors(
+    stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], failures: list[str]
+) -> tuple[int, int]:
+    """Append a line per extra, missing or wrong tensor to ``failures``; return ``(exact, bounded)``."""
+    names, required = set(stored), set(expected)
+    verdicts = [_compare_tensor(name, stored[name], expected[name]) for name in sorted(names & required)]
+    failures += [
+        f"{n}: not produced by the declared edit (an extra target)" for n in sorted(names - required)
+    ]
+    failures += [f"{n}: missing (the declared edit changes this writer)" for n in sorted(required - names)]
+    failures += [verdict for verdict in verdicts if verdict not in ("exact", "bounded")]
+    return verdicts.count("exact"), verdicts.count("bounded")
+
+
 def _compare_tensor(name: str, stored: torch.Tensor, expected: torch.Tensor) -> str:
     """``"exact"``, ``"bounded"``, or the one-line failure of one adapter tensor."""
     if stored.dtype != _STORED_DTYPE:
@@ -235,18 +225,20 @@ def _compare_config(stored: dict[str, Any], fields: dict[str, object]) -> tuple[
     """
     from peft import LoraConfig
 
-    expected = _plain(LoraConfig(task_type="CAUSAL_LM", **fields).to_dict())
-    defaults = _plain(LoraConfig().to_dict())
+    expected = {
+        key: _plain(value, key)
+        for key, value in LoraConfig(task_type="CAUSAL_LM", **fields).to_dict().items()
+    }
+    defaults = {key: _plain(value, key) for key, value in LoraConfig().to_dict().items()}
     failures = []
     compared = 0
     for key in sorted((set(expected) | set(stored)) - set(PROVENANCE_FIELDS)):
         if key not in expected:
             failures.append(f"{ADAPTER_CONFIG}: field {key!r} is unknown to the installed peft")
             continue
-        have = _plain(stored[key]) if key in stored else defaults.get(key)
-        want = expected[key]
+        have, want = (_plain(stored[key], key) if key in stored else defaults.get(key)), expected[key]
         compared += 1
-        if _normalized(key, have) == _normalized(key, want):
+        if have == want:
             continue
         if isinstance(want, list) and isinstance(have, list):
             extra = sorted(set(map(str, have)) - set(map(str, want)))
@@ -260,14 +252,13 @@ def _compare_config(stored: dict[str, Any], fields: dict[str, object]) -> tuple[
     return failures, compared
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as JSON would hold it (sets become sorted lists), so written and recomputed compare equal."""
-    if isinstance(value, set | frozenset):
-        return sorted(_plain(item) for item in value)
+def _plain(value: Any, key: str = "") -> Any:
+    """``value`` as JSON holds it (sets become lists), lists of names sorted: their order means nothing."""
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
+        return {str(name): _plain(item) for name, item in value.items()}
+    if isinstance(value, set | frozenset | list | tuple):
+        items = [_plain(item) for item in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) or key in _UNORDERED else items
     return value
 
 
@@ -275,91 +266,53 @@ def _plain(value: Any) -> Any:
 _UNORDERED = ("target_modules", "target_parameters", "modules_to_save", "exclude_modules")
 
 
-def _normalized(key: str, value: Any) -> Any:
-    if key in _UNORDERED and isinstance(value, list):
-        return sorted(map(str, value))
-    return value
-
-
 def verify_adapter(
     original: str,
     directory: str,
     direction_file: str,
+    options: dict[str, Any],
     *,
-    dtype: str = "auto",
-    device: str = "auto",
     architecture: str | None = None,
-    trust_remote_code: bool = False,
-    dispatch: Any = None,
     prompts: list[str] | None = None,
     forward: bool = True,
     certificate: bool = True,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """``abliterate verify ORIGINAL ADAPTER_DIR``: the adapter certificate, then completeness and parity.
 
-    ORIGINAL is loaded as ``run``/``apply`` load it (``dtype`` ``auto``: as stored), since the adapter is
-    computed from, and exact on, those weights. The forward checks run only when the certificate passed
-    (or was not asked for): peft would load a tampered adapter as something else than the declared one, or
-    not at all.
-
-    Args:
-        original: the base model (hub id, directory, .gguf, or ``demo``).
-        directory: the adapter directory.
-        direction_file: ``direction.safetensors`` of the edit.
-        dtype: dtype ORIGINAL is loaded in (the one the adapter was computed from).
-        device: its device.
-        architecture: adapter override.
-        trust_remote_code: allow repository code.
-        dispatch: accelerate placement options.
-        prompts: parity prompts (default: 8 bundled harmful + 8 harmless evaluation prompts).
-        forward: run completeness and parity through peft.
-        certificate: run the adapter certificate.
-        progress: unused (no streamed stage); accepted for ``verify_checkpoints``' signature.
+    ORIGINAL is loaded as ``run``/``apply`` load it (``dtype`` ``auto``: as stored): the adapter is computed
+    from, and exact on, those weights. The forward checks run only when the certificate passed (or was not
+    asked for): peft would load a tampered adapter as another one, or not at all. ``options`` are
+    ``load_model``'s (dtype, device, trust_remote_code, dispatch); the rest as ``verify_checkpoints``.
 
     Returns:
         The gate report as a plain dictionary, as ``verify_checkpoints`` returns it.
     """
     from abliterate.adapters import resolve_adapter
-    from abliterate.batching import encode
     from abliterate.direction import load_direction
-    from abliterate.gate import GateReport, completeness_on
+    from abliterate.gate import GateReport
     from abliterate.loading import load_model
-    from abliterate.lora import peft_parity
-    from abliterate.prompts import bundled
     from abliterate.search_io import declared_from_file
 
-    del progress
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)
     gate = GateReport()
     base_model = _read_config(Path(directory).expanduser()).get("base_model_name_or_path")
-    extra: dict[str, Any] = {}
+    extra = {}
     if certificate or forward:
-        loaded = load_model(
-            original, dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch
-        )
-        model = loaded.model
-        adapter = resolve_adapter(model, architecture)
+        loaded = load_model(original, **options)
+        adapter = resolve_adapter(loaded.model, architecture)
         extra["adapter"] = adapter.name
-        d_model = model.get_input_embeddings().weight.shape[-1]
+        d_model = loaded.model.get_input_embeddings().weight.shape[-1]
         if direction.shape[-1] != d_model:
             raise ValueError(f"direction has {direction.shape[-1]} dimensions, the model has {d_model}")
     if certificate:
-        gate.certificate = certify_adapter(model, adapter, declared, directory)  # type: ignore[assignment]
+        gate.certificate = certify_adapter(loaded.model, adapter, declared, directory)  # type: ignore[assignment]
     else:
         gate.skipped["certificate"] = "not asked for (--no-certificate)"
-    invalid = _why_invalid(declared)
-    if not forward:
-        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
-    elif invalid or (gate.certificate is not None and not gate.certificate.passed):
-        why = invalid or "the adapter certificate failed: peft would not load the declared edit's adapter"
-        gate.skipped["completeness"] = gate.skipped["parity"] = why
+    if forward:
+        _forward_checks(gate, loaded, adapter, declared, directory, prompts)
     else:
-        texts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
-        encoded = encode(loaded.tokenizer, texts, batch_size=len(texts), share_prefix=False)
-        gate.completeness = completeness_on(model, adapter, encoded)
-        gate.parity = peft_parity(model, adapter, declared, directory, encoded, loaded.dtype_name)
+        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
     return {
         "original": original,
         "edited": directory,
@@ -372,10 +325,26 @@ def verify_adapter(
     }
 
 
-def _why_invalid(declared: DeclaredEdit) -> str:
-    """Why no adapter can be ``declared`` (out of range, or norm-preserving), or an empty string."""
+def _forward_checks(
+    gate: Any, loaded: Any, adapter: Adapter, declared: DeclaredEdit, directory: str, prompts: Any
+) -> None:
+    """Completeness on the original, then parity of the adapter loaded through peft, into ``gate``; or
+    why neither can stand (a declared edit no adapter can be, or a failed certificate)."""
+    from abliterate.batching import encode
+    from abliterate.gate import completeness_on
+    from abliterate.lora import peft_parity
+    from abliterate.prompts import bundled
+
     try:
-        declared.validate()
+        why = NORM_PRESERVING if declared.validate().norm_preserving else ""
     except ValueError as error:
-        return str(error)
-    return NORM_PRESERVING if declared.norm_preserving else ""
+        why = str(error)
+    if not why and gate.certificate is not None and not gate.certificate.passed:
+        why = "the adapter certificate failed: peft would not load the declared edit's adapter"
+    if why:
+        gate.skipped["completeness"] = gate.skipped["parity"] = why
+        return
+    texts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
+    encoded = encode(loaded.tokenizer, texts, batch_size=len(texts), share_prefix=False)
+    gate.completeness = completeness_on(loaded.model, adapter, encoded)
+    gate.parity = peft_parity(loaded.model, adapter, declared, directory, encoded, loaded.dtype_name)

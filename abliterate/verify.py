@@ -59,8 +59,8 @@ def verify_checkpoints(
     if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
         options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
         return verify_adapter(
-            original, edited, direction_file, **options, architecture=architecture, prompts=prompts,
-            forward=forward, certificate=certificate, progress=progress,
+            original, edited, direction_file, options, architecture=architecture, prompts=prompts,
+            forward=forward, certificate=certificate,
         )  # fmt: skip
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
