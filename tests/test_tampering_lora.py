@@ -349,3 +349,26 @@ def test_a_direction_file_for_another_width_is_refused_in_one_line(
     status, output = _verify_output(triple, "--no-forward")
     assert status == 1
     assert output.strip().splitlines()[-1] == "error: direction has 32 dimensions, the model has 64"
+
+
+def test_peft_parity_alone_rejects_a_scaled_b_in_float32(clean: dict[str, Triple], tmp_path: Path) -> None:
+    """The forward part stands on its own in float32: with ``--no-certificate``, parity through peft fails
+    the adapter whose B is scaled by 0.9, and passes the clean one."""
+    assert _verify_output(clean["float32"], "--no-certificate")[0] == 0
+    triple = copy_triple(clean["float32"], tmp_path / "copy")
+    _scale_b(triple.original, triple.edited, triple.direction)
+    status, output = _verify_output(triple, "--no-certificate")
+    assert status == 2, output
+    assert "error: parity gate failed: parity:" in output
+    assert "skipped       certificate: not asked for (--no-certificate)" in output
+
+
+def test_in_bfloat16_only_the_certificate_sees_a_scaled_b(clean: dict[str, Triple], tmp_path: Path) -> None:
+    """One writer's B scaled by 0.9 stays within bf16 parity's measured rounding floor (16 prompts), so
+    parity alone passes it; the adapter certificate rejects it. Why ``verify`` certifies adapters."""
+    triple = copy_triple(clean["bfloat16"], tmp_path / "copy")
+    _scale_b(triple.original, triple.edited, triple.direction)
+    status, output = _verify_output(triple, "--no-certificate")
+    assert status == 0 and "parity        PASS" in output, output
+    status, output = _verify_output(triple)
+    assert status == 2 and "down_proj.lora_B.weight: 64 of 64 elements differ" in output, output
