@@ -278,7 +278,8 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
     """Prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
 
     Runs the weight certificate, the residual-stream completeness check and logit parity (see README,
-    "What the gate proves").
+    "What the gate proves"). EDITED may be a LoRA adapter directory (run/apply --format lora): its
+    tensors and adapter_config.json are compared with the adapter recomputed from ORIGINAL.
     """
     with _one_line_errors():
         from abliterate.ship.report import gate_lines

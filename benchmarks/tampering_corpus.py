@@ -1,9 +1,10 @@
 """Run every case of the tampering corpus (``tests/corpus.py``) and print the verdict table for BENCHMARKS.md.
 
-The cases are registered by the test modules that define them (``tests/test_tampering.py`` and, where it
-exists, ``tests/test_tampering_files.py``); each runs on a fresh copy of the clean float32 and bfloat16
-triple, through ``abliterate verify`` as a user calls it. A row's verdict is "rejected" when ``verify``
-exits with the status the case expects and its one-line reason names what the case expects.
+The cases are registered by the test modules that define them (``tests/test_tampering.py`` and, where they
+exist, ``tests/test_tampering_files.py`` and ``tests/test_tampering_lora.py``); each runs on a fresh copy of
+the clean float32 and bfloat16 triple of its kind (a checkpoint, or a LoRA adapter), through ``abliterate
+verify`` as a user calls it. A row's verdict is "rejected" when ``verify`` exits with the status the case
+expects and its one-line reason names what the case expects.
 
 Usage::
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
-CASE_MODULES = ("test_tampering", "test_tampering_files")
+CASE_MODULES = ("test_tampering", "test_tampering_files", "test_tampering_lora")
 
 
 def main() -> int:
@@ -38,15 +39,21 @@ def main() -> int:
     rows = ["| case | dtype | verify | exit | verdict | reason |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        clean = {dtype: corpus.build_clean(root / f"clean-{dtype}", dtype) for dtype in corpus.DTYPES}
-        for dtype, triple in clean.items():
-            for forward in (False, True):
-                status, line = corpus.verify(triple, forward=forward)
-                verdict = "passed (negative control)" if status == 0 else "**FAILED**"
-                failures += status != 0
-                rows.append(f"| clean edit | {dtype} | {_how(forward)} | {status} | {verdict} | {line} |")
+        # One clean triple per case kind (a checkpoint, a LoRA adapter, ...) and dtype.
+        kinds = sorted({case.kind for case in corpus.CASES} | {"checkpoint"}, key=lambda k: k != "checkpoint")
+        clean = {}
+        for kind in kinds:
+            for dtype in corpus.DTYPES:
+                triple = corpus.BUILDERS[kind](root / f"clean-{kind.replace(' ', '-')}-{dtype}", dtype)
+                clean[kind, dtype] = triple
+                for forward in (False, True):
+                    status, line = corpus.verify(triple, forward=forward)
+                    verdict = "passed (negative control)" if status == 0 else "**FAILED**"
+                    failures += status != 0
+                    name = "clean edit" if kind == "checkpoint" else f"clean {kind}"
+                    rows.append(f"| {name} | {dtype} | {_how(forward)} | {status} | {verdict} | {line} |")
         for number, (case, dtype) in enumerate(corpus.cases_in(corpus.CASES)):
-            status, line = corpus.run_case(case, clean[dtype], root / f"case-{number}")
+            status, line = corpus.run_case(case, clean[case.kind, dtype], root / f"case-{number}")
             rejected = status == case.exit_code and case.expect.lower() in line.lower()
             failures += not rejected
             verdict = "rejected" if rejected else "**NOT REJECTED AS EXPECTED**"

@@ -61,6 +61,8 @@ class TamperCase:
         forward: run the full ``verify`` (models loaded) instead of ``--no-forward``.
         exit_code: the exit status ``verify`` must end with (2: not verified; 1: input refused).
         dtypes: the checkpoint dtypes the case applies to.
+        kind: which clean triple the case starts from, a key of ``BUILDERS`` (``"checkpoint"``; a module
+            that registers another kind, e.g. a LoRA adapter in place of ``edited``, adds its builder).
     """
 
     name: str
@@ -69,6 +71,7 @@ class TamperCase:
     forward: bool = False
     exit_code: int = 2
     dtypes: tuple[str, ...] = DTYPES
+    kind: str = "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,10 @@ def build_clean(root: Path, dtype: str) -> Triple:
     # The saved (normalized) vector, as `abliterate apply --direction` folds it.
     stream_apply(original, load_direction(direction)[0], edited, progress=False)
     return Triple(original, edited, direction)
+
+
+# Clean-triple builders by case kind: ``builder(root, dtype)``; test modules add their own kinds.
+BUILDERS: dict[str, Callable[[Path, str], Triple]] = {"checkpoint": build_clean}
 
 
 def copy_triple(clean: Triple, into: Path) -> Triple:

@@ -56,7 +56,10 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
     """One line per ingredient of a gate report (``GateReport.to_dict()``), with its margin."""
     lines = [f"gate          {'PASS' if gate['passed'] else 'FAIL'}{_compared(gate)}"]
     certificate = gate.get("certificate")
-    if certificate:
+    if certificate and certificate.get("kind") == "lora adapter":
+        lines.append(_adapter_line(certificate))
+        lines.extend(f"  {failure}" for failure in certificate["failures"][:5])
+    elif certificate:
         groups = ", ".join(f"{name} {v['tensors']}" for name, v in certificate["groups"].items())
         lines.append(
             f"certificate   {'PASS' if certificate['passed'] else 'FAIL'}  {certificate['n_edited']} edited "
@@ -112,6 +115,19 @@ def _compared(gate: dict[str, Any]) -> str:
         parts.append(f"config.json (equal except {changed})" if changed else "config.json (equal)")
         parts.append(f"{len(files['files'])} tokenizer/template/generation files byte for byte")
     return "  compared: " + ", ".join(parts) if parts else ""
+
+
+def _adapter_line(certificate: dict[str, Any]) -> str:
+    """The adapter certificate's line (``abliterate.prove.lora_certificate``): what was compared with what."""
+    return (
+        f"certificate   {'PASS' if certificate['passed'] else 'FAIL'}  LoRA adapter vs. its recomputation "
+        f"from ORIGINAL and the declared edit (rank {certificate['rank']}, "
+        f"{certificate['n_targets']} targets): "
+        f"{certificate['n_tensors']} tensors of {certificate['n_required']} required, "
+        f"{certificate['n_exact']} bitwise and {certificate['n_bounded']} within 1 float32 ulp (finite); "
+        f"adapter_config.json {certificate['n_config_fields']} fields; {certificate['n_failures']} failed; "
+        f"base model {certificate['base_model']!r}  [{certificate['seconds']:.1f}s]"
+    )
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

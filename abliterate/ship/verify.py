@@ -58,10 +58,17 @@ def verify_checkpoints(
     from abliterate.model.loading import check_device
     from abliterate.prove.certificate import certify_checkpoint
     from abliterate.prove.gate import GateReport
+    from abliterate.prove.lora_certificate import is_adapter, verify_adapter
     from abliterate.ship.search_io import declared_from_file
     from abliterate.ship.streaming import local_checkpoint
 
     check_device(device)  # before the certificate's minutes, not after them
+    if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
+        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
+        return verify_adapter(
+            original, edited, direction_file, options, architecture=architecture, prompts=prompts,
+            forward=forward, certificate=certificate,
+        )  # fmt: skip
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
