@@ -3,16 +3,17 @@
 ``abliterate verify ORIGINAL ADAPTER_DIR --direction FILE`` proves an adapter written by ``--format lora``.
 The expected adapter is recomputed from ORIGINAL's weights, as abliterate loads them, and the direction file's
 declared edit with the writer's own factor math (``abliterate.ship.lora.lora_state``), never from what the
-adapter records. Then every tensor of ``adapter_model.safetensors`` must be one the recomputation produces
-(a LoRA on ``q_proj`` or on a writer at strength 0 fails, naming it), every required one present with its name, shape
-and dtype (float32), finite, and bitwise equal or within ``ULP_BOUND`` float32 ulp: the factors are float64
-(16-bit weights are exact in float64) rounded once to float32, so another BLAS's reduction order moves an
-element by at most one rounding step (the ulp is floored at ``_SCALE_FLOOR`` of the tensor's largest element,
-for elements that cancel to near zero); the same bound for float32 and 16-bit models. ``adapter_config.json``
-must equal the writer's ``LoraConfig`` in every field but ``PROVENANCE_FIELDS`` (an omitted field is peft's
-default, as peft reads it; a field the installed peft does not know fails), so ``lora_alpha`` doubled, another
-``r``, ``alpha_pattern`` or ``use_dora`` fail. ``verify`` without ``--no-forward`` adds completeness on
-ORIGINAL and logit parity through peft (``abliterate.ship.lora.peft_parity``).
+adapter records. Then every tensor of ``adapter_model.safetensors`` must be one the recomputation produces (a
+LoRA on ``q_proj`` or on a writer at strength 0 fails, naming it), every required one present with its name,
+shape and dtype (float32), finite, and bitwise equal or within ``ULP_BOUND`` float32 ulp: the factors are
+float64 (16-bit weights are exact in float64) rounded once to float32, so another BLAS's reduction order moves
+an element by at most one rounding step (the ulp is floored at ``_SCALE_FLOOR`` of the tensor's largest
+element, for elements that cancel to near zero); the same bound for float32 and 16-bit models.
+``adapter_config.json`` must equal the writer's ``LoraConfig`` in every field but ``PROVENANCE_FIELDS`` (an
+omitted field is peft's default, as peft reads it; a field the installed peft does not know fails), so
+``lora_alpha`` doubled, another ``r``, ``alpha_pattern`` or ``use_dora`` fail. ``verify`` without
+``--no-forward`` adds completeness on ORIGINAL and logit parity through peft
+(``abliterate.ship.lora.peft_parity``).
 """
 
 from __future__ import annotations
