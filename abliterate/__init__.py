@@ -31,7 +31,7 @@ _EXPORTS = {
     "CompanionReport": "abliterate.prove.files",
     "compare_companions": "abliterate.prove.files",
     "GateReport": "abliterate.prove.gate",
-    "ParityError": "abliterate.prove.gate",
+    "GateError": "abliterate.errors",
     "CompletenessReport": "abliterate.prove.residual",
     "check_completeness": "abliterate.prove.residual",
     "RunResult": "abliterate.pipeline.publishing",

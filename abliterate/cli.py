@@ -15,6 +15,7 @@ import click
 
 from abliterate import __version__
 from abliterate.config import help_of
+from abliterate.errors import GateError
 
 _PACKAGE = Path(__file__).resolve().parent
 # Errors a user can cause and fix: reported as one line, exit code 1, no traceback (``-v`` shows it too).
@@ -33,13 +34,12 @@ _USER_ERRORS = (
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     from abliterate.io.interrupts import interrupted_state, signal_number, terminate_as_interrupt
-    from abliterate.prove.gate import ParityError
 
     try:
         # SIGTERM (timeout, Slurm, docker stop) unwinds like Ctrl-C, so temporary output is removed.
         with terminate_as_interrupt():
             yield
-    except ParityError as error:
+    except GateError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     except _USER_ERRORS as error:

@@ -322,8 +322,8 @@ def test_tie_word_embeddings_not_a_bool(
 
 
 def test_tie_word_embeddings_in_text_config(tmp_path: Path) -> None:
+    from abliterate.adapters.tying import ties_embeddings
     from abliterate.model.sources import check_config
-    from abliterate.ship.streaming import ties_embeddings
 
     config = {"model_type": "llava", "text_config": {"model_type": "llama", "tie_word_embeddings": "no"}}
     with pytest.raises(ValueError, match=r"text_config\.tie_word_embeddings must be true or false, got 'no'"):
@@ -338,7 +338,7 @@ def test_tie_word_embeddings_in_text_config(tmp_path: Path) -> None:
 )
 def test_tie_word_embeddings_bools_still_read(family: str, value: bool | None, tied: bool) -> None:
     """Negative control: true, false and null (the family's default: gemma ties, llama not) as before."""
-    from abliterate.ship.streaming import ties_embeddings
+    from abliterate.adapters.tying import ties_embeddings
 
     assert ties_embeddings({"model_type": family, "tie_word_embeddings": value}, family) is tied
 

@@ -194,8 +194,8 @@ class GGUFSource:
     ) -> None:
         """The edited ``config.json`` loads the GGUF's architecture, its head untied from an edited
         embedding."""
+        from abliterate.adapters.tying import ties_embeddings
         from abliterate.io.safetensors import read_json
-        from abliterate.ship.streaming import ties_embeddings
 
         after = read_json(edited / "config.json", "config.json")
         model_type = after.get("model_type")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from abliterate.adapters.tying import tie_word_embeddings
+
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -113,23 +115,6 @@ def check_config(config: dict[str, Any] | None, where: str = "config.json") -> N
     for prefix, part in (("", config), ("text_config.", (config or {}).get("text_config"))):
         if isinstance(part, dict):
             tie_word_embeddings(part, prefix, where)
-
-
-def tie_word_embeddings(part: dict[str, Any], prefix: str = "", where: str = "config.json") -> bool | None:
-    """The ``tie_word_embeddings`` of a config (or of its ``text_config``), ``None`` when it is not set.
-
-    Args:
-        part: the config, or its ``text_config``.
-        prefix: how to name ``part`` in the error, e.g. ``"text_config."``.
-        where: how to name the file in the error.
-
-    Raises:
-        ValueError: the value is neither true, false nor null.
-    """
-    value = part.get("tie_word_embeddings")
-    if value is None or isinstance(value, bool):
-        return value
-    raise ValueError(f"{where}: {prefix}tie_word_embeddings must be true or false, got {value!r}")
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from abliterate.config import RunConfig
 
 # edit is called through its module, so tests can replace the fold (a broken one) by patching it.
 from abliterate.edit import fold as edit
+from abliterate.errors import GateError
 from abliterate.find import search as family
 from abliterate.find.select import RefusalDirection
 from abliterate.model.batching import (
@@ -30,7 +31,6 @@ from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
 from abliterate.prove.gate import (
     GateReport,
     HookedReference,
-    ParityError,
     completeness_on,
     edited_parity,
     hooked_reference,
@@ -158,4 +158,4 @@ def certify_saved(
 
 def raise_unless_passed(gate: GateReport, consequence: str) -> None:
     if not gate.passed:
-        raise ParityError(f"parity gate failed: {gate.reason}; {consequence}")
+        raise GateError(f"parity gate failed: {gate.reason}; {consequence}")

@@ -60,7 +60,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         The manifest and where the result went.
 
     Raises:
-        ParityError: the edited model failed the parity gate (nothing written or pushed).
+        GateError: the edited model failed the parity gate (nothing written or pushed).
         FileNotFoundError, FileExistsError, PermissionError, ValueError, LookupError: bad input,
             raised before any heavy work where it can be known then.
     """

@@ -478,8 +478,8 @@ def _check_config(
     original: Path, edited: Path, structure: Structure, declared: DeclaredEdit, tally: _Tally
 ) -> None:
     """The edited config must load the same architecture, with its head not tied to an edited embedding."""
+    from abliterate.adapters.tying import ties_embeddings
     from abliterate.io.safetensors import read_json
-    from abliterate.ship.streaming import ties_embeddings
 
     before = read_json(original / "config.json", "config.json")
     after = read_json(edited / "config.json", "config.json")

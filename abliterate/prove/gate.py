@@ -41,10 +41,6 @@ from abliterate.prove.parity import (
 from abliterate.prove.residual import CompletenessReport, check_completeness
 
 
-class ParityError(RuntimeError):
-    """The edited model is not proven to be the declared edit; nothing was saved, written or pushed."""
-
-
 @dataclass
 class GateReport:
     """What the gate proved.

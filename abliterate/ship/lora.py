@@ -36,6 +36,7 @@ from torch import nn
 
 from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
 from abliterate.edit.fold import check_basis, refuse_non_finite
+from abliterate.errors import GateError
 
 if TYPE_CHECKING:
     from abliterate.model.batching import EncodedPrompts
@@ -345,7 +346,7 @@ def apply_lora(
         ``(output, parity report)``.
 
     Raises:
-        ParityError: the adapter does not reproduce the edit (nothing is written).
+        GateError: the adapter does not reproduce the edit (nothing is written).
         ValueError: a writer peft cannot express exactly, or a norm-preserving edit (full rank).
     """
     from abliterate.adapters import resolve_adapter
@@ -353,7 +354,6 @@ def apply_lora(
     from abliterate.model.batching import encode
     from abliterate.model.loading import load_model
     from abliterate.model.prompts import bundled
-    from abliterate.prove.gate import ParityError
     from abliterate.ship.search_io import writer_strengths
 
     declared.validate()  # finite and in range, before the model is loaded
@@ -376,7 +376,7 @@ def apply_lora(
         )
         report = peft_parity(loaded.model, adapter, declared, staging, prompts, loaded.dtype_name)
         if not report.passed:
-            raise ParityError(
+            raise GateError(
                 f"the LoRA adapter fails parity through peft: {report.reason}; nothing was written"
             )
         card = lora_card(checkpoint, report, rank=int(describe(staging)["r"]))

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
+from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.direction import unit_direction
 from abliterate.edit.fold import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
+from abliterate.errors import GateError
 from abliterate.io.output import (
     MANIFEST_NAME,
     atomic_directory,
@@ -46,7 +48,7 @@ from abliterate.io.safetensors import (
     reuse_freed_memory,
     write_shard,
 )
-from abliterate.model.sources import describe_source, refuse_prequantized, tie_word_embeddings
+from abliterate.model.sources import describe_source, refuse_prequantized
 from abliterate.prove.certificate import Certificate, DeclaredEdit
 from abliterate.prove.files import COMPANION_PATTERNS, compare_companions
 from abliterate.ship.report import apply_card
@@ -126,7 +128,7 @@ def stream_apply(
             successfully).
         progress: show a progress bar over the bytes processed.
         certify: run the weight certificate (``abliterate.prove.certificate``) on the written files before
-            they are moved into place; a failure raises ``ParityError`` and leaves nothing behind.
+            they are moved into place; a failure raises ``GateError`` and leaves nothing behind.
         declared: per-writer strengths of a searched edit (``abliterate.find.search``; its direction is
             ignored); ``None`` folds at strength 1 everywhere. Each tensor's group and block come from
             the model's structure (``certificate.read_structure``), as the certificate reads them.
@@ -167,7 +169,7 @@ def stream_into(
     (``run`` of a dispatched model writes its staging directory this way), certificate included.
 
     Raises:
-        ParityError: the written files fail the weight certificate.
+        GateError: the written files fail the weight certificate.
     """
     started = time.perf_counter()
     vector = direction.detach().cpu()
@@ -252,14 +254,13 @@ def _certify(
     source: Path, written: Path, declared: DeclaredEdit, architecture: str | None, progress: bool
 ) -> Certificate:
     from abliterate.prove.certificate import certify_checkpoint
-    from abliterate.prove.gate import ParityError
 
     certificate = certify_checkpoint(source, written, declared, architecture=architecture, progress=progress)
     if not certificate.passed:
-        raise ParityError(f"weight certificate failed: {certificate.reason}; nothing was written")
+        raise GateError(f"weight certificate failed: {certificate.reason}; nothing was written")
     files = compare_companions(source, written)
     if not files.passed:
-        raise ParityError(f"files beside the weights: {files.reason}; nothing was written")
+        raise GateError(f"files beside the weights: {files.reason}; nothing was written")
     return certificate
 
 
@@ -432,30 +433,6 @@ def _pick_adapter(config: dict, architecture: str | None, checkpoint: Path) -> t
             f"no adapter for model type {model_type!r} ({how}); pass --architecture with one of: {known}"
         )
     return adapter, str(model_type)
-
-
-def ties_embeddings(config: dict, model_type: str) -> bool:
-    """Whether the model shares its embedding with the output head (config value, else the family default).
-
-    Raises:
-        ValueError: ``tie_word_embeddings`` is not true, false or null (e.g. the string ``"false"``).
-    """
-    tied = False
-    for prefix, part in (("", config), ("text_config.", config.get("text_config"))):
-        if not isinstance(part, dict):
-            continue
-        value = tie_word_embeddings(part, prefix)
-        if value is not None:
-            tied = tied or value
-            continue
-        from transformers import CONFIG_MAPPING
-
-        family = str(part.get("model_type", model_type))
-        default = (
-            getattr(CONFIG_MAPPING[family], "tie_word_embeddings", True) if family in CONFIG_MAPPING else True
-        )
-        tied = tied or bool(default)
-    return tied
 
 
 def _check_index(index: dict, shards: tuple[Shard, ...]) -> None:
