@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.fold import all_finite, ulp
-from abliterate.prove.certificate import DeclaredEdit
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
