@@ -9,6 +9,8 @@ float64 and never rounded (``exact_fold``), by two tests:
 * **the part of the error along the direction** at most ``LEAK_RATIO_LIMIT`` times that of the correctly
   rounded fold (``leak_ratio``). This is what rejects a direction a few degrees off, whose per-element change
   is below one bf16 ulp but adds up along r̂.
+
+``judge_bounded`` applies both and says which failed.
 """
 
 from __future__ import annotations
@@ -133,3 +135,28 @@ def leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tenso
     leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
     floor = _along(rounded - exact, r, layout).norm().item()
     return leak / max(floor, torch.finfo(torch.float64).tiny)
+
+
+def judge_bounded(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    strength: float | tuple[float, ...],
+    norm_preserving: bool = False,
+) -> tuple[float, str]:
+    """Judge an edited tensor that is not this machine's fold of ``source`` against the exact fold.
+
+    Returns:
+        ``(leak ratio, failure)``: the failure is empty when every element is within its bound and the
+        error along the direction within ``LEAK_RATIO_LIMIT`` times its rounding floor.
+    """
+    exact = exact_fold(source, direction, layout, strength, norm_preserving)
+    leak = leak_ratio(exact, target, direction, layout)
+    worst = worst_bound_ratio(source, exact, target, direction, layout, strength, norm_preserving)
+    # Written as "not within": a comparison with NaN is false, and a NaN must fail, never pass.
+    if not worst <= 1.0:
+        return leak, f"an element is {worst:.3g}× the bound (1 ulp of the exact fold + working precision)"
+    if not leak <= LEAK_RATIO_LIMIT:
+        return leak, f"leak along the direction {leak:.3g}× its rounding floor (limit {LEAK_RATIO_LIMIT})"
+    return leak, ""

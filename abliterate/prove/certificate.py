@@ -39,21 +39,13 @@ from tqdm.auto import tqdm
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.edit.fold import all_finite, changes, non_finite_writer, orthogonalize_
-from abliterate.io.safetensors import (
-    DTYPES,
-    ChunkedReader,
-    Shard,
-    TensorEntry,
-    find_shards,
-    read_header,
-    read_json,
-)
-from abliterate.prove.bounds import LEAK_RATIO_LIMIT, exact_fold, leak_ratio, worst_bound_ratio
-from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure
+from abliterate.io.safetensors import DTYPES, ChunkedReader, TensorEntry, read_json
+from abliterate.prove.bounds import LEAK_RATIO_LIMIT, judge_bounded
+from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
 from abliterate.prove.verdict import Verdict
 
 _MAX_LISTED_FAILURES = 20
-# The failure of a tensor the structure lists as no writer's, yet not the original's.
+# The failure of a tensor that no residual writer lives in, yet differs from the original.
 _NO_WRITER_THERE = "changed, but the structure says no residual writer lives there"
 
 
@@ -127,8 +119,8 @@ def certify_checkpoint(
     original = Path(original) if isinstance(original, str | Path) else original
     edited = Path(edited)
     structure = structure or read_structure(original, architecture)
-    source = _tensor_index(original) if isinstance(original, Path) else original.index()
-    target = _tensor_index(edited)
+    source = tensor_index(original) if isinstance(original, Path) else original.index()
+    target = tensor_index(edited)
     tally = _Tally()
     names_by_canonical = {canonical(name): name for name in source}
     if not _check_declared(declared, structure, source, names_by_canonical, tally):
@@ -180,16 +172,6 @@ def _check_declared(
     return True
 
 
-def _tensor_index(checkpoint: Path) -> dict[str, tuple[Path, TensorEntry]]:
-    names, _ = find_shards(checkpoint)
-    index: dict[str, tuple[Path, TensorEntry]] = {}
-    for file in names:
-        shard: Shard = read_header(checkpoint / file)
-        for entry in shard.entries:
-            index[entry.name] = (shard.path, entry)
-    return index
-
-
 def _check_names(structure: Structure, source: dict, target: dict, tally: _Tally) -> None:
     """Same tensors in both (plus an untied head); every structurally required tensor present."""
     source_keys = {canonical(name) for name in source}
@@ -224,6 +206,8 @@ def _check_config(
 
 
 class _Tally:
+    """The counts and failure lines gathered while the checkpoint is read, then made a ``Certificate``."""
+
     def __init__(self) -> None:
         self.failures: list[str] = []
         self.n_tensors = self.n_edited = self.n_exact = self.n_bounded = self.n_unchanged = 0
@@ -349,32 +333,7 @@ def _certify_writer(
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
     source = reader.tensor(original, fresh=True).to(fold_dtype)
-    _judge_bounded(where, source, target, required, declared, strength, scaled, tally)
-
-
-def _judge_bounded(
-    where: str,
-    source: torch.Tensor,
-    target: torch.Tensor,
-    required: RequiredEdit,
-    declared: DeclaredEdit,
-    strength: float | tuple[float, ...],
-    scaled: bool,
-    tally: _Tally,
-) -> None:
-    """An edited tensor that is not this machine's fold of ``source``: within the bound of the exact fold,
-    and its error along the direction within ``LEAK_RATIO_LIMIT`` of the rounding floor."""
-    direction, layout = declared.direction, required.layout
-    exact = exact_fold(source, direction, layout, strength, scaled)
-    leak = leak_ratio(exact, target, direction, layout)
-    worst = worst_bound_ratio(source, exact, target, direction, layout, strength, scaled)
+    leak, failure = judge_bounded(source, target, declared.direction, required.layout, strength, scaled)
     tally.edited(required.group, required.layer, exact=False, leak=leak)
-    # Written as "not within": a comparison with NaN is false, and a NaN must fail, never pass.
-    if not worst <= 1.0:
-        tally.fail(
-            f"{where}: an element is {worst:.3g}× the bound (1 ulp of the exact fold + working precision)"
-        )
-    elif not leak <= LEAK_RATIO_LIMIT:
-        tally.fail(
-            f"{where}: leak along the direction {leak:.3g}× its rounding floor (limit {LEAK_RATIO_LIMIT})"
-        )
+    if failure:
+        tally.fail(f"{where}: {failure}")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
-from abliterate.io.safetensors import ChunkedReader, TensorEntry
+from abliterate.io.safetensors import ChunkedReader, Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,17 @@ def layer_of(name: str) -> int:
     """The decoder-block index in a tensor name, or -1 (embeddings, head, norms)."""
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else -1
+
+
+def tensor_index(checkpoint: Path) -> dict[str, tuple[Path, TensorEntry]]:
+    """Where each tensor of a safetensors checkpoint lives: saved name → (shard path, header entry)."""
+    names, _ = find_shards(checkpoint)
+    index: dict[str, tuple[Path, TensorEntry]] = {}
+    for file in names:
+        shard: Shard = read_header(checkpoint / file)
+        for entry in shard.entries:
+            index[entry.name] = (shard.path, entry)
+    return index
 
 
 def read_structure(checkpoint: Path | TensorSource, architecture: str | None = None) -> Structure:
