@@ -26,7 +26,7 @@ _EXPORTS = {
     "ParityReport": "abliterate.prove.parity",
     "compare_logits": "abliterate.prove.parity",
     "Certificate": "abliterate.prove.certificate",
-    "DeclaredEdit": "abliterate.prove.certificate",
+    "DeclaredEdit": "abliterate.edit.declared",
     "certify_checkpoint": "abliterate.prove.certificate",
     "CompanionReport": "abliterate.prove.files",
     "compare_companions": "abliterate.prove.files",

@@ -37,7 +37,9 @@ _SHAPES = {"full": (2048, 5632, 256, 32000, 500 << 20), "short": (1024, 2816, 25
 _CHILD = """
 import json, resource, sys, time, torch
 from pathlib import Path
-from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint, read_structure
+from abliterate.edit.declared import DeclaredEdit
+from abliterate.prove.certificate import certify_checkpoint
+from abliterate.prove.structure import read_structure
 from abliterate.ship.streaming import stream_apply
 
 def status(key):

@@ -19,8 +19,9 @@ from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import registered_model_types, resolve_adapter
 from abliterate.adapters.spec import writer_group
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.model.batching import encode
-from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.controls import gate_on_controls, rotated
 from abliterate.prove.gate import completeness_on
 from abliterate.prove.parity import check_dtype

@@ -12,6 +12,7 @@ import torch
 from tiny import make_model, make_tokenizer, open_selection_config
 
 from abliterate.adapters import resolve_adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.fold import fold_direction
 from abliterate.find.search import (
@@ -28,7 +29,7 @@ from abliterate.find.search import (
 )
 from abliterate.model.batching import all_position_logits, encode, last_logits
 from abliterate.model.hooks import ablate_edit, ablate_with_strengths
-from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.prove.certificate import certify_checkpoint
 
 PROFILE = EditPoint(layer=1.4, position=-1, embedding=0.3, attention=1.2, mlp=0.6, peak=1.0, width=2.0)
 RANK2 = EditPoint(layer=1.0, position=-1, mlp=0.8, second=-2, second_weight=0.6)

@@ -586,7 +586,7 @@ def _write_synthetic_llama(path: Path) -> int:
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from abliterate.prove.certificate import read_structure
+    from abliterate.prove.structure import read_structure
     from abliterate.ship.streaming import stream_apply
 
     # The certificate builds the model on the meta device: transformers' modeling code is imported once

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, ResolvedWriter
+from abliterate.edit.declared import MAX_STRENGTH
 from abliterate.edit.fold import Strength
 from abliterate.find.select import refusal_scores
 from abliterate.model.batching import EncodedPrompts, copied_last_logits
@@ -43,7 +44,6 @@ from abliterate.prove.parity import kl_divergence
 
 # Writer groups that take the MLP strength.
 MLP_GROUPS = ("mlp", "experts", "shared_experts")
-MAX_STRENGTH = 1.5
 # A second direction weighted less than this is dropped (the point stays rank 1).
 MIN_SECOND_WEIGHT = 0.05
 # The finalists' KL bounds, as multiples of --max-kl (``finalists``).

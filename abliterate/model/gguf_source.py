@@ -26,7 +26,8 @@ from abliterate.io.safetensors import ChunkedReader, TensorEntry
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from abliterate.prove.certificate import DeclaredEdit, Structure
+    from abliterate.edit.declared import DeclaredEdit
+    from abliterate.prove.structure import Structure
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def _saved_form(model: torch.nn.Module, parameter: str, value: torch.Tensor) -> 
 
     try:
         reverted = revert_weight_conversion(model, {parameter: value})
-    except Exception as error:  # transformers raises its own types here; certificate._on_disk_names too
+    except Exception as error:  # transformers raises its own types here; structure._on_disk_names too
         logger.info("no save-time conversion for %s (%s): kept its in-memory name", parameter, error)
         return {parameter: value}
     return dict(reverted) or {parameter: value}

@@ -96,8 +96,10 @@ def gate_on_controls(
     Returns:
         Control name → the gate's report (``complete`` must pass, every other must fail).
     """
-    from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint, read_structure
+    from abliterate.edit.declared import DeclaredEdit
+    from abliterate.prove.certificate import certify_checkpoint
     from abliterate.prove.gate import GateReport, completeness_on, edited_parity, hooked_reference
+    from abliterate.prove.structure import read_structure
 
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     original = workdir / "original"

@@ -19,9 +19,11 @@ import fnmatch
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from abliterate.prove.verdict import Verdict
 
 # The config.json keys an edit may change, and the only change allowed to each. Nothing else may differ:
 # no other value, no added and no removed key, at any depth.
@@ -54,7 +56,7 @@ _MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
-class CompanionReport:
+class CompanionReport(Verdict):
     """The verdict of ``compare_companions``: everything in the checkpoint besides its weights.
 
     Attributes:
@@ -74,16 +76,7 @@ class CompanionReport:
     failures: list[str] = field(default_factory=list)
     n_failures: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary for JSON output."""
-        return asdict(self)
-
-    @property
-    def reason(self) -> str:
-        """The first difference, or an empty string when passed."""
-        if self.passed:
-            return ""
-        return f"{self.n_failures} difference(s) beside the weights: {self.failures[0]}"
+    failing = "difference(s) beside the weights"
 
 
 def is_companion(relative: Path) -> bool:

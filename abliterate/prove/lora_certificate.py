@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.fold import all_finite, ulp
-from abliterate.prove.certificate import DeclaredEdit
+from abliterate.prove.verdict import Verdict
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,7 +54,7 @@ def is_adapter(path: str | Path) -> bool:
 
 
 @dataclass(frozen=True)
-class AdapterCertificate:
+class AdapterCertificate(Verdict):
     """The verdict of ``certify_adapter``.
 
     Attributes:
@@ -86,16 +87,7 @@ class AdapterCertificate:
     seconds: float
     kind: str = KIND
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary for JSON output."""
-        return asdict(self)
-
-    @property
-    def reason(self) -> str:
-        """The first failure, or an empty string when passed."""
-        if self.passed:
-            return ""
-        return f"{self.n_failures} check(s) of the LoRA adapter fail: {self.failures[0]}"
+    failing = "check(s) of the LoRA adapter fail"
 
 
 def certify_adapter(

@@ -39,8 +39,8 @@ from abliterate.edit.fold import check_basis, refuse_non_finite
 from abliterate.errors import GateError
 
 if TYPE_CHECKING:
+    from abliterate.edit.declared import DeclaredEdit
     from abliterate.model.batching import EncodedPrompts
-    from abliterate.prove.certificate import DeclaredEdit
     from abliterate.prove.parity import ParityReport
 
 LORA_LAYOUTS = ("linear", "conv1d", "embedding", "experts", "experts_t")

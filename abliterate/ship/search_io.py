@@ -12,9 +12,9 @@ from dataclasses import asdict, replace
 import torch
 
 from abliterate.adapters import ResolvedWriter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.fold import Strength
 from abliterate.find.search import EditPoint, SearchResult, pareto_front
-from abliterate.prove.certificate import DeclaredEdit
 
 
 def save_front(result: SearchResult, max_kl: float, json_path: object, png_path: object) -> None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 from abliterate.adapters.tying import ties_embeddings
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
 from abliterate.edit.fold import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
 from abliterate.errors import GateError
@@ -49,7 +50,7 @@ from abliterate.io.safetensors import (
     write_shard,
 )
 from abliterate.model.sources import describe_source, refuse_prequantized
-from abliterate.prove.certificate import Certificate, DeclaredEdit
+from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import COMPANION_PATTERNS, compare_companions
 from abliterate.ship.report import apply_card
 
@@ -223,7 +224,7 @@ def _edit_by_name(
         ValueError: a tensor's writer group is unknown, the declared edit is out of range or zero
             (``DeclaredEdit.validate``), or a norm-preserving edit meets fused experts.
     """
-    from abliterate.prove.certificate import canonical, read_structure
+    from abliterate.prove.structure import canonical, read_structure
 
     if declared.is_plain():
         return None
@@ -391,7 +392,7 @@ def _check_every_block(
     A checkpoint whose names the patterns only partly cover (a renamed MLP in some blocks, a missing
     shard) would otherwise be edited incompletely, and the output would silently keep the direction.
     """
-    from abliterate.prove.certificate import layer_of
+    from abliterate.prove.structure import layer_of
 
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     n_layers = next(
