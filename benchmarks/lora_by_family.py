@@ -38,7 +38,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 from tiny import make_model, make_tokenizer  # noqa: E402
 
 from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter  # noqa: E402
-from abliterate.find.search import EditPoint  # noqa: E402
+from abliterate.find.point import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
 from abliterate.prove.certificate import DeclaredEdit  # noqa: E402
 from abliterate.ship.lora import adapter_size, describe, peft_parity, write_lora  # noqa: E402

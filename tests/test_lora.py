@@ -13,7 +13,7 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter
-from abliterate.find.search import EditPoint
+from abliterate.find.point import EditPoint
 from abliterate.model.batching import encode
 from abliterate.prove.certificate import DeclaredEdit
 from abliterate.ship.lora import describe, lora_state, peft_parity, write_lora

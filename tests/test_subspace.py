@@ -14,7 +14,7 @@ from tiny import make_model, make_tokenizer
 from abliterate.adapters import resolve_adapter
 from abliterate.edit.direction import load_direction, save_direction, unit_direction
 from abliterate.edit.fold import check_basis, fold_direction, orthogonalize
-from abliterate.find.search import EditPoint, point_direction
+from abliterate.find.point import EditPoint, point_direction
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablate_edit
 from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint

@@ -54,7 +54,7 @@ from abliterate.edit.fold import (
     orthogonalize_,
     ulp,
 )
-from abliterate.find.search import MAX_STRENGTH  # the largest strength a declared edit may give a writer
+from abliterate.find.point import MAX_STRENGTH  # the largest strength a declared edit may give a writer
 from abliterate.io.safetensors import DTYPES, ChunkedReader, Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)

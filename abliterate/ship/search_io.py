@@ -13,7 +13,8 @@ import torch
 
 from abliterate.adapters import ResolvedWriter
 from abliterate.edit.fold import Strength
-from abliterate.find.search import EditPoint, SearchResult, pareto_front
+from abliterate.find.point import EditPoint
+from abliterate.find.search import SearchResult, pareto_front
 from abliterate.prove.certificate import DeclaredEdit
 
 
