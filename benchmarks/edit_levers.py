@@ -18,7 +18,7 @@ from abliterate.adapters import resolve_adapter
 from abliterate.edit.direction import load_direction
 from abliterate.find.evaluate import generate_replies
 from abliterate.find.judge import refusal_count
-from abliterate.find.select import refusal_scores, refusal_token_ids
+from abliterate.find.scores import refusal_scores, refusal_token_ids
 from abliterate.model.batching import encode, last_logits
 from abliterate.model.hooks import ablate_edit, ablate_norm_preserving
 from abliterate.model.loading import load_model

@@ -39,7 +39,7 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 
 from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
-from abliterate.find.search import EditPoint  # noqa: E402
+from abliterate.find.point import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
 from abliterate.ship.lora import adapter_size, describe, peft_parity, write_lora  # noqa: E402
 from abliterate.ship.search_io import declared_edit, writer_strengths  # noqa: E402

@@ -14,7 +14,7 @@ from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.find.search import EditPoint
+from abliterate.find.point import EditPoint
 from abliterate.model.batching import encode
 from abliterate.ship.lora import describe, lora_state, peft_parity, write_lora
 from abliterate.ship.search_io import declared_edit, writer_strengths

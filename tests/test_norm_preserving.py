@@ -17,7 +17,7 @@ from abliterate.edit import fold as edit
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.fold import fold_direction, norm_factors, orthogonalize
-from abliterate.find.search import EditPoint
+from abliterate.find.point import EditPoint
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablate_edit
 from abliterate.prove.certificate import certify_checkpoint

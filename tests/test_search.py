@@ -15,18 +15,17 @@ from abliterate.adapters import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.fold import fold_direction
+from abliterate.find.point import EditPoint, point_direction
 from abliterate.find.search import (
-    EditPoint,
     SearchData,
-    SearchSpace,
     TrialScore,
     batched_logits,
     choose,
     padded_bases,
     pareto_front,
-    point_direction,
     run_trials,
 )
+from abliterate.find.space import SearchSpace
 from abliterate.model.batching import all_position_logits, encode, last_logits
 from abliterate.model.hooks import ablate_edit, ablate_with_strengths
 from abliterate.prove.certificate import certify_checkpoint
@@ -70,7 +69,7 @@ def test_profile_strengths() -> None:
     assert PROFILE.strength("attention", 1) == pytest.approx(1.2)
     assert PROFILE.strength("mlp", 2) == pytest.approx(0.3)
     assert PROFILE.strength("experts", 3) == 0.0
-    assert EditPoint.paper(2, -1).is_paper() and not PROFILE.is_paper()
+    assert EditPoint.paper(2, -1) == EditPoint(2.0, -1) != PROFILE
     assert EditPoint.paper(2, -1).strength("mlp", 3) == 1.0
 
 

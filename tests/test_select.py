@@ -9,7 +9,8 @@ from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import resolve_adapter
 from abliterate.find.extract import extract_candidates
-from abliterate.find.select import refusal_scores, refusal_token_ids, select_direction
+from abliterate.find.scores import refusal_scores, refusal_token_ids
+from abliterate.find.select import select_direction
 from abliterate.model.batching import encode, eoi_length, forward_batches, last_logits
 from abliterate.model.hooks import ablate_direction
 from abliterate.model.prompts import bundled

@@ -15,7 +15,7 @@ from abliterate.adapters import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import load_direction, save_direction, unit_direction
 from abliterate.edit.fold import check_basis, fold_direction, orthogonalize
-from abliterate.find.search import EditPoint, point_direction
+from abliterate.find.point import EditPoint, point_direction
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablate_edit
 from abliterate.prove.certificate import certify_checkpoint

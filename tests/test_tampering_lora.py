@@ -289,7 +289,7 @@ def test_a_rank2_adapter_verifies_and_a_rank1_file_does_not_match_it(tmp_path: P
     from tiny import make_model
 
     from abliterate.edit.direction import load_direction, save_direction
-    from abliterate.find.search import EditPoint
+    from abliterate.find.point import EditPoint
     from abliterate.ship.lora import apply_lora
     from abliterate.ship.search_io import declared_from_file, point_metadata
 

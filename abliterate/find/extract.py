@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -121,33 +121,30 @@ def extract_candidates(
     Returns:
         ``[n_positions, layers, d_model]`` float64 candidates.
     """
-    harmful_means, harmless_means = extract_means(
-        model, adapter, harmful, harmless, n_positions, layers, progress=progress
-    )
-    return candidate_directions(harmful_means, harmless_means, project_harmless)
+    prompts = {"harmful": harmful, "harmless": harmless}
+    means = extract_means(model, adapter, prompts, n_positions, layers, progress=progress)
+    return candidate_directions(means["harmful"], means["harmless"], project_harmless)
 
 
 def extract_means(
     model: nn.Module,
     adapter: Adapter,
-    harmful: EncodedPrompts,
-    harmless: EncodedPrompts,
+    prompts: Mapping[str, EncodedPrompts],
     n_positions: int,
     layers: int | None = None,
     *,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Harmful and harmless mean block inputs, ``[n_positions, layers, d_model]`` float64 each.
+) -> dict[str, torch.Tensor]:
+    """Mean block inputs ``[n_positions, layers, d_model]`` (float64) of each named prompt set, in order.
 
-    ``candidate_directions`` turns them into candidates; the search also uses the harmless means
-    (directions orthogonal to them).
+    ``candidate_directions`` turns the harmful and harmless means into candidates; the search also uses
+    the harmless means (directions orthogonal to them). A set's name labels its progress bar.
     """
     _, blocks = blocks_of(model, adapter)
     layers = len(blocks) if layers is None else layers
-    harmful_means = mean_block_inputs(
-        model, adapter, harmful, n_positions, layers, progress=progress, description="extract harmful"
-    )
-    harmless_means = mean_block_inputs(
-        model, adapter, harmless, n_positions, layers, progress=progress, description="extract harmless"
-    )
-    return harmful_means, harmless_means
+    return {
+        name: mean_block_inputs(
+            model, adapter, encoded, n_positions, layers, progress=progress, description=f"extract {name}"
+        )
+        for name, encoded in prompts.items()
+    }

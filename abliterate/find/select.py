@@ -11,25 +11,26 @@ computed lazily in ablation order until the first candidate passes every filter.
 visits every second layer, then the layers next to the best candidates, and also measures KL on a few
 harmless prompts so candidates that clearly damage the model are scored last.
 
-``select_direction`` composes plain functions over one ``CandidateScores``: ``eligible_candidates`` →
-``screen_candidates`` → ``score_candidates`` → ``pick_candidate`` (the paper's rule over the scores).
+``select_direction`` composes plain functions over one ``CandidateScores`` (``abliterate.find.scores``):
+``eligible_candidates`` → ``screen_candidates`` → ``score_candidates`` → ``pick_candidate`` (the paper's
+rule over the scores).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from abliterate.adapters import Adapter
+from abliterate.find.point import EditPoint
+from abliterate.find.scores import CandidateScores, Pair, Scorer, ablation_pass, refusal_scores
+from abliterate.find.search import SearchResult
 from abliterate.model.batching import EncodedPrompts, last_logits
 from abliterate.prove.parity import kl_divergence
-
-REFUSAL_PREFIXES = ("I", "As", "Sorry", "Unfortunately", "I'm", "I cannot", "I can't")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class RefusalDirection:
         kl: first-token KL on harmless prompts with it ablated.
         scores: ``{"ablation", "steering", "kl", "screen"}`` → ``[n_positions, n_layers]`` (NaN = not
             computed) for plots and the manifest.
-        edit_point: the searched edit (``abliterate.find.search.EditPoint``: direction options and per-writer
-            strengths); ``None`` is the paper's edit, strength 1 on every writer.
+        edit_point: the searched edit (direction options and per-writer strengths); ``None`` is the
+            paper's edit, strength 1 on every writer.
         search: the search's record (every trial, the Pareto front, the finalists), or ``None``.
     """
 
@@ -57,32 +58,12 @@ class RefusalDirection:
     steering_score: float = math.nan
     kl: float = math.nan
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    edit_point: Any = None
-    search: Any = field(default=None, repr=False)
-
-
-def refusal_token_ids(tokenizer: object, prefixes: tuple[str, ...] = REFUSAL_PREFIXES) -> list[int]:
-    """First tokens of typical refusals ("I", "As", "Sorry", …), found from the tokenizer."""
-    ids = []
-    for prefix in prefixes:
-        tokens = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        if tokens and tokens[0] not in ids:
-            ids.append(tokens[0])
-    return ids
-
-
-def refusal_scores(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
-    """Per-row log-odds ``log p − log(1 − p)`` of starting with a refusal token, in float64."""
-    log_probs = torch.log_softmax(logits.double(), dim=-1)
-    log_p = torch.logsumexp(log_probs[..., refusal_ids], dim=-1)
-    return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-12))
+    edit_point: EditPoint | None = None
+    search: SearchResult | None = field(default=None, repr=False)
 
 
 def _units(candidates: torch.Tensor) -> torch.Tensor:
     return (candidates / candidates.norm(dim=-1, keepdim=True)).float()
-
-
-Pair = tuple[int, int]  # a candidate's (position index from the first EOI token, layer)
 
 
 @dataclass(frozen=True)
@@ -93,64 +74,15 @@ class SelectionConstraints:
         max_layer_fraction: discard candidates at layer ≥ this fraction of the depth.
         max_kl: discard candidates whose harmless first-token KL exceeds this.
         min_steering: discard candidates whose steering score is not above this; ``None`` means the
-            unsteered harmless score, which ``select_direction`` fills in before scoring.
+            unsteered harmless score, which ``select_direction`` fills in before scoring: adding the
+            candidate must raise the harmless prompts' refusal score. The paper's absolute threshold 0
+            (p(refusal) ≥ ½) is unreachable for small models whose refusals themselves score below 0
+            (the demo model: −0.65 on harmful prompts).
     """
 
     max_layer_fraction: float = 0.8
     max_kl: float = 0.1
     min_steering: float | None = None
-
-
-@dataclass
-class CandidateScores:
-    """Every score computed so far, float64 ``[n_positions, n_layers]`` each, NaN where not computed.
-
-    Attributes:
-        screen: refusal score on the few harmful screen prompts with the candidate ablated.
-        screen_kl: first-token KL on the few harmless screen prompts with it ablated.
-        ablation: refusal score on the harmful val prompts with it ablated.
-        steering: refusal score on the harmless val prompts with it added at its layer.
-        kl: first-token KL on the harmless val prompts with it ablated.
-    """
-
-    screen: torch.Tensor
-    screen_kl: torch.Tensor
-    ablation: torch.Tensor
-    steering: torch.Tensor
-    kl: torch.Tensor
-
-    @classmethod
-    def unscored(cls, n_positions: int, n_layers: int) -> CandidateScores:
-        """All-NaN scores for a ``[n_positions, n_layers]`` candidate grid."""
-        nan = torch.full((n_positions, n_layers), math.nan, dtype=torch.float64)
-        return cls(*(nan.clone() for _ in fields(cls)))
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: scores}`` for ``RefusalDirection.scores``, plots and the manifest."""
-        return {item.name: getattr(self, item.name) for item in fields(self)}
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """What every scoring forward pass needs.
-
-    Attributes:
-        model: the causal LM.
-        adapter: its architecture description.
-        candidates: ``[n_positions, n_layers, d_model]`` raw candidates (steering adds them as they are).
-        units: the same candidates as float32 unit vectors (ablation projects them out).
-        refusal_ids: refusal first-token ids.
-        batch_size: rows per forward; several candidates share a forward when prompts are few.
-        progress: show progress bars.
-    """
-
-    model: nn.Module
-    adapter: Adapter
-    candidates: torch.Tensor
-    units: torch.Tensor
-    refusal_ids: list[int]
-    batch_size: int
-    progress: bool
 
 
 def select_direction(
@@ -186,10 +118,8 @@ def select_direction(
             that clearly break the model (screen KL above twice ``max_kl``) are scored last.
         max_layer_fraction: discard candidates at layer ≥ this fraction of the depth.
         max_kl: discard candidates whose harmless KL exceeds this.
-        min_steering: discard candidates whose steering score is below this; ``None`` (default) asks
-            that adding the candidate raise the harmless prompts' refusal score above its unsteered
-            value. The paper's absolute threshold 0 (p(refusal) ≥ ½) is unreachable for small models
-            whose refusals themselves score below 0 (the demo model: −0.65 on harmful prompts).
+        min_steering: discard candidates whose steering score is not above this; ``None`` (default):
+            above the unsteered harmless score (see ``SelectionConstraints``).
         screen_keep: candidates kept after the screen.
         batch_size: rows per forward; several candidates share a forward when prompts are few.
         n_layers: depth of the model (default: the candidates' layer count); extraction may stop
@@ -207,23 +137,26 @@ def select_direction(
     n_layers = n_layers or candidates.shape[1]
     scorer = Scorer(model, adapter, candidates, _units(candidates), refusal_ids, batch_size, progress)
     scores = CandidateScores.unscored(*candidates.shape[:2])
+    constraints = SelectionConstraints(max_layer_fraction, max_kl, min_steering)
     eligible = eligible_candidates(candidates, n_layers, max_layer_fraction)
     ranked = screen_candidates(
-        scorer,
-        scores,
-        eligible,
-        harmful_screen,
-        harmless_screen,
-        max_kl=max_kl,
-        screen_keep=screen_keep,
-        layer_stride=layer_stride,
+        scorer, scores, eligible, harmful_screen, harmless_screen, constraints, screen_keep, layer_stride
     )
-    baseline = last_logits(model, adapter, harmless_val)[0]
-    if min_steering is None:
-        min_steering = refusal_scores(baseline, refusal_ids).mean().item()
-    constraints = SelectionConstraints(max_layer_fraction, max_kl, min_steering)
+    baseline, constraints = _unsteered(scorer, harmless_val, constraints)
     score_candidates(scorer, scores, ranked, harmful_val, harmless_val, baseline, constraints, screen_keep)
     return pick_candidate(scorer.units, scores, constraints, n_layers)
+
+
+def _unsteered(
+    scorer: Scorer, harmless_val: EncodedPrompts, constraints: SelectionConstraints
+) -> tuple[torch.Tensor, SelectionConstraints]:
+    """The unedited model's last-position logits on ``harmless_val`` (the KL reference), and
+    ``constraints`` with an unset ``min_steering`` filled in as those prompts' mean refusal score."""
+    baseline = last_logits(scorer.model, scorer.adapter, harmless_val)[0]
+    if constraints.min_steering is None:
+        unsteered = refusal_scores(baseline, scorer.refusal_ids).mean().item()
+        constraints = replace(constraints, min_steering=unsteered)
+    return baseline, constraints
 
 
 def eligible_candidates(candidates: torch.Tensor, n_layers: int, max_layer_fraction: float) -> list[Pair]:
@@ -243,42 +176,13 @@ def eligible_candidates(candidates: torch.Tensor, n_layers: int, max_layer_fract
     ]
 
 
-def ablation_pass(
-    scorer: Scorer,
-    encoded: EncodedPrompts,
-    pairs: list[Pair],
-    into: torch.Tensor,
-    name: str,
-    reference: torch.Tensor | None = None,
-) -> None:
-    """Write each candidate's ablation score into ``into[pair]``.
-
-    The score is the mean refusal score on ``encoded`` with the candidate ablated, or with
-    ``reference`` logits the mean first-token KL from them.
-    """
-    bar = tqdm(total=len(pairs), desc=f"select: {name}", unit="cand", disable=not scorer.progress)
-    directions_per_forward = max(1, scorer.batch_size // encoded.count)
-    with bar:
-        for start in range(0, len(pairs), directions_per_forward):
-            chunk = pairs[start : start + directions_per_forward]
-            directions = torch.stack([scorer.units[pair] for pair in chunk])
-            logits = last_logits(scorer.model, scorer.adapter, encoded, ablate=directions)
-            for pair, rows in zip(chunk, logits, strict=True):
-                if reference is None:
-                    into[pair] = refusal_scores(rows, scorer.refusal_ids).mean()
-                else:
-                    into[pair] = kl_divergence(reference, rows).mean()
-            bar.update(len(chunk))
-
-
 def screen_candidates(
     scorer: Scorer,
     scores: CandidateScores,
     eligible: list[Pair],
     harmful_screen: EncodedPrompts,
     harmless_screen: EncodedPrompts | None,
-    *,
-    max_kl: float,
+    constraints: SelectionConstraints,
     screen_keep: int,
     layer_stride: int,
 ) -> list[Pair]:
@@ -286,7 +190,8 @@ def screen_candidates(
 
     Neighbouring layers give similar candidates: every ``layer_stride``-th layer is screened, then the
     skipped layers next to the best screened candidates. The order is by screen score, with candidates
-    whose screen KL already breaks the bound (over ``2 · max_kl``) after those, and unscreened ones last.
+    whose screen KL already breaks the bound (over ``2 · constraints.max_kl``) after those, and unscreened
+    ones last.
     """
     reference = None
     if harmless_screen is not None:
@@ -299,7 +204,7 @@ def screen_candidates(
 
     def screen_order(pair: Pair) -> tuple[bool, bool, float]:
         unscreened = math.isnan(scores.screen[pair])
-        breaks_model = bool(scores.screen_kl[pair] > 2 * max_kl)
+        breaks_model = bool(scores.screen_kl[pair] > 2 * constraints.max_kl)
         return unscreened, breaks_model, _sort_key(scores.screen[pair])
 
     coarse = [pair for pair in eligible if pair[1] % layer_stride == 0]

@@ -9,19 +9,24 @@ import torch
 
 from abliterate.config import RunConfig
 from abliterate.edit.direction import unit_direction
-from abliterate.find import search as family
 from abliterate.find.evaluate import refusal_rate
 from abliterate.find.extract import candidate_directions, extract_means
 from abliterate.find.judge import refusal_count
-from abliterate.find.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
-from abliterate.model.batching import last_logits
+from abliterate.find.point import EditPoint, point_direction
+from abliterate.find.scores import refusal_token_ids
+from abliterate.find.search import Confirm, SearchData, SearchResult, SearchSettings, search_edit
+from abliterate.find.select import RefusalDirection, direction_at, select_direction
+from abliterate.find.space import SearchSpace
+from abliterate.model.batching import EncodedPrompts, last_logits
 from abliterate.model.hooks import ablate_edit
 from abliterate.pipeline.evaluation import generation_options
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.parity import kl_divergence
 
 
-def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def candidates_and_means(
+    config: RunConfig, subject: Subject, inputs: Inputs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates ``[n_eoi, n_extracted, d_model]``: harmful minus harmless mean block inputs, and the
     harmless means (the search's directions may be made orthogonal to them).
 
@@ -32,19 +37,20 @@ def extract(config: RunConfig, subject: Subject, inputs: Inputs) -> tuple[torch.
         limit = min(subject.n_layers, max(1, math.ceil(config.max_layer_fraction * subject.n_layers)))
     else:
         limit = min(subject.n_layers, config.layer + 1)
-    harmful_means, harmless_means = extract_means(
-        subject.model,
-        subject.adapter,
-        subject.encoded(inputs.harmful.train),
-        subject.encoded(inputs.harmless.train),
-        subject.n_eoi,
-        limit,
-        progress=config.progress,
+    prompts = {
+        "harmful": subject.encoded(inputs.harmful.train),
+        "harmless": subject.encoded(inputs.harmless.train),
+    }
+    means = extract_means(
+        subject.model, subject.adapter, prompts, subject.n_eoi, limit, progress=config.progress
     )
-    return candidate_directions(harmful_means, harmless_means, config.project_harmless), harmless_means
+    candidates = candidate_directions(means["harmful"], means["harmless"], config.project_harmless)
+    return candidates, means["harmless"]
 
 
-def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor) -> RefusalDirection:
+def paper_direction(
+    config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor
+) -> RefusalDirection:
     """The candidate given by ``--layer/--position``, or the one the search selects."""
     if config.layer is not None:
         return _as_stored(direction_at(candidates, config.layer, config.position))
@@ -70,7 +76,7 @@ def select(config: RunConfig, subject: Subject, inputs: Inputs, candidates: torc
     return _as_stored(chosen)
 
 
-def search(
+def searched_direction(
     config: RunConfig,
     subject: Subject,
     inputs: Inputs,
@@ -86,45 +92,64 @@ def search(
     """
     if config.search == "none" or config.layer is not None:
         if config.norm_preserving:  # the paper's candidate, folded norm-preserving
-            point = family.EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, True)
+            point = EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, True)
             return replace(chosen, edit_point=point)
         return chosen
     model, adapter = subject.model, subject.adapter
-    harmful, harmless = inputs.harmful.val, inputs.harmless.val
     # The trials' KL is measured on every harmless val prompt, the same prompts the choice is judged on:
     # KL is heavy-tailed over prompts, and on 8 of them it read half the 32-prompt value on the demo.
-    confirm_harmless = subject.encoded(harmless)
+    confirm_harmless = subject.encoded(inputs.harmless.val)
     reference = last_logits(model, adapter, confirm_harmless)[0]
-    data = family.SearchData(
-        subject.encoded(harmful[: config.search_prompts]),
+    data = SearchData(
+        subject.encoded(inputs.harmful.val[: config.search_prompts]),
         confirm_harmless,
         reference,
         refusal_token_ids(subject.tokenizer),
     )
-    anchor = family.EditPoint.paper(
-        chosen.layer, chosen.position, config.project_harmless, config.norm_preserving
-    )
-    space = family.SearchSpace(
+    anchor = EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, config.norm_preserving)
+    space = SearchSpace(
         candidates, harmless_means, subject.n_layers, anchor, norm_preserving=config.norm_preserving
     )
-
-    def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
-        with ablate_edit(model, adapter, direction, point.strength_of, point.norm_preserving):
-            replies = refusal_rate(
-                model, subject.tokenizer, harmful, **generation_options(config, subject)
-            ).replies
-            logits = last_logits(model, adapter, confirm_harmless)[0]
-        return refusal_count(replies), len(replies), kl_divergence(reference, logits).mean().item()
-
     per_forward = max(1, subject.batch_size // config.search_prompts)
-    settings = family.SearchSettings(
+    settings = SearchSettings(
         config.trials, config.search_budget, per_forward, config.finalists, config.search_max_kl, config.seed
     )
-    result = family.search_edit(model, adapter, space, data, confirm, settings)
+    confirm = _confirmation(config, subject, inputs, confirm_harmless, reference)
+    result = search_edit(model, adapter, space, data, confirm, settings)
+    return _with_search(chosen, result, anchor, candidates, harmless_means)
+
+
+def _confirmation(
+    config: RunConfig, subject: Subject, inputs: Inputs, harmless: EncodedPrompts, reference: torch.Tensor
+) -> Confirm:
+    """How a finalist is confirmed, with its edit hooked: refusals among greedy replies to every harmful
+    val prompt (counted by the judge), and the mean first-token KL from ``reference`` on ``harmless``."""
+    model, adapter = subject.model, subject.adapter
+
+    def confirm(point: EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
+        with ablate_edit(model, adapter, direction, point.strength_of, point.norm_preserving):
+            replies = refusal_rate(
+                model, subject.tokenizer, inputs.harmful.val, **generation_options(config, subject)
+            ).replies
+            logits = last_logits(model, adapter, harmless)[0]
+        return refusal_count(replies), len(replies), kl_divergence(reference, logits).mean().item()
+
+    return confirm
+
+
+def _with_search(
+    chosen: RefusalDirection,
+    result: SearchResult,
+    anchor: EditPoint,
+    candidates: torch.Tensor,
+    harmless_means: torch.Tensor,
+) -> RefusalDirection:
+    """``chosen`` with the search's record, and with the searched point's direction and scores unless the
+    search kept the paper's plain point."""
     best = result.chosen
     if best.point == anchor and not anchor.norm_preserving:
         return replace(chosen, search=result)
-    direction = family.point_direction(best.point, candidates, harmless_means)
+    direction = point_direction(best.point, candidates, harmless_means)
     searched = replace(
         chosen,
         direction=direction,

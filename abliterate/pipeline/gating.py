@@ -17,7 +17,7 @@ from abliterate.config import RunConfig
 # edit is called through its module, so tests can replace the fold (a broken one) by patching it.
 from abliterate.edit import fold as edit
 from abliterate.errors import GateError
-from abliterate.find import search as family
+from abliterate.find.point import is_norm_preserving, strength_function
 from abliterate.find.select import RefusalDirection
 from abliterate.model.batching import (
     EncodedPrompts,
@@ -40,11 +40,11 @@ from abliterate.ship import search_io
 
 
 def strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
-    return family.strength_function(chosen.edit_point)
+    return strength_function(chosen.edit_point)
 
 
 def norm_preserving(chosen: RefusalDirection) -> bool:
-    return family.is_norm_preserving(chosen.edit_point)
+    return is_norm_preserving(chosen.edit_point)
 
 
 def hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextManager:

@@ -19,7 +19,7 @@ from abliterate.find.select import RefusalDirection
 from abliterate.io import output as checkpoint
 from abliterate.model.batching import EncodedPrompts
 from abliterate.pipeline.evaluation import Baseline, evaluate_after, evaluate_before
-from abliterate.pipeline.finding import extract, search, select
+from abliterate.pipeline.finding import candidates_and_means, paper_direction, searched_direction
 from abliterate.pipeline.gating import (
     certify_saved,
     check_parity,
@@ -67,9 +67,9 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     inputs = prepare(config, hub_api)
     timed = StageTimer()
     subject = timed("load", load, config, inputs)
-    candidates, harmless_means = timed("extract", extract, config, subject, inputs)
-    chosen = timed("select", select, config, subject, inputs, candidates)
-    chosen = timed("search", search, config, subject, inputs, candidates, harmless_means, chosen)
+    candidates, harmless_means = timed("extract", candidates_and_means, config, subject, inputs)
+    chosen = timed("select", paper_direction, config, subject, inputs, candidates)
+    chosen = timed("search", searched_direction, config, subject, inputs, candidates, harmless_means, chosen)
     if config.direction_only:
         return run_direction_only(config, inputs, subject, chosen, timed)
     if config.format == "lora":

@@ -14,7 +14,8 @@ import torch
 from abliterate.adapters import ResolvedWriter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.fold import Strength
-from abliterate.find.search import EditPoint, SearchResult, pareto_front
+from abliterate.find.point import EditPoint
+from abliterate.find.search import SearchResult, pareto_front
 
 
 def save_front(result: SearchResult, max_kl: float, json_path: object, png_path: object) -> None:
