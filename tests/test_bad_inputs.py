@@ -117,14 +117,14 @@ def test_parity_failure_saves_nothing(
     """Fold a different direction than the hooks ablate: the gate must catch it and write nothing."""
     import torch
 
-    import abliterate.edit.fold
+    import abliterate.edit.walker
 
-    real_fold = abliterate.edit.fold.fold_direction
+    real_fold = abliterate.edit.walker.fold_direction
 
     def wrong_fold(model: object, adapter: object, direction: torch.Tensor, **options: object) -> int:
         return real_fold(model, adapter, torch.roll(direction, 1), **options)
 
-    monkeypatch.setattr(abliterate.edit.fold, "fold_direction", wrong_fold)
+    monkeypatch.setattr(abliterate.edit.walker, "fold_direction", wrong_fold)
     out = tmp_path / "out"
     _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL], out, "parity gate failed")
 

@@ -13,7 +13,7 @@ from tiny import make_model, make_tokenizer, open_selection_config
 
 from abliterate.adapters import resolve_adapter
 from abliterate.edit.direction import load_direction, save_direction
-from abliterate.edit.fold import fold_direction
+from abliterate.edit.walker import fold_direction
 from abliterate.find.search import (
     EditPoint,
     SearchData,

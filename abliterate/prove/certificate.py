@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit.fold import (
+from abliterate.edit.kernel import (
     ROWS_WRITE,
     all_finite,
     changes,
@@ -90,7 +90,7 @@ class DeclaredEdit:
             overrides ``strengths`` for that group's writers in blocks ``0 … len − 1``.
         weights: for a subspace ``direction`` ``[k, d_model]`` (orthonormal rows ``q_i``), the weight
             ``w_i`` of each row: a writer of strength ``s`` gets ``W ← (I − Σ_i s w_i q_i q_iᵀ) W``.
-        norm_preserving: every weight gets ``W ← (I − s r̂ r̂ᵀ) W D`` (``abliterate.edit.fold.norm_factors``);
+        norm_preserving: every weight gets ``W ← (I − s r̂ r̂ᵀ) W D`` (``abliterate.edit.kernel.norm_factors``);
             biases are projected, never scaled.
     """
 

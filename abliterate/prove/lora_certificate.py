@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
-from abliterate.edit.fold import all_finite, ulp
+from abliterate.edit.kernel import all_finite, ulp
 from abliterate.prove.certificate import DeclaredEdit
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 import torch
 
 from abliterate.adapters import ResolvedWriter
-from abliterate.edit.fold import Strength
+from abliterate.edit.kernel import Strength
 from abliterate.find.search import EditPoint, SearchResult, pareto_front
 from abliterate.prove.certificate import DeclaredEdit
 
