@@ -55,7 +55,8 @@ from abliterate.edit.kernel import (
     ulp,
 )
 from abliterate.find.search import MAX_STRENGTH  # the largest strength a declared edit may give a writer
-from abliterate.io.safetensors import DTYPES, ChunkedReader, Shard, TensorEntry, find_shards, read_header
+from abliterate.io.chunked import ChunkedReader
+from abliterate.io.safetensors import DTYPES, Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)
 
