@@ -176,7 +176,7 @@ def test_interrupt_while_saving_leaves_nothing(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("abliterate.io.output.save_model", interrupted)
+    monkeypatch.setattr("abliterate.ship.checkpoint.save_model", interrupted)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(tiny_qwen2), "--output", str(out), *SMALL])
     assert result.exit_code == 130

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from abliterate.io.locations import HUB_ID
 from abliterate.io.safetensors import INDEX_NAME, find_shards
 from abliterate.model.demo import DEMO_BASE_MODEL, converted_demo_dir
 from abliterate.model.dispatch import Dispatch, input_device
@@ -19,7 +19,6 @@ from abliterate.model.sources import describe_source
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
@@ -113,7 +112,7 @@ def _locate_weights(source: str) -> tuple[str, str | None]:
         if not path.is_dir() or not (path / "config.json").is_file():
             raise FileNotFoundError(f"model not found: {source} has no config.json")
         return str(path), None
-    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+    if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model not found: {source} is neither a local path nor a hub id")
     return source, None
 
