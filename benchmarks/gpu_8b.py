@@ -263,7 +263,7 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
     element of the device fold with the quantities the bound is made of."""
     from safetensors import safe_open
 
-    from abliterate.edit.fold import orthogonalize_, ulp
+    from abliterate.edit.kernel import orthogonalize_, ulp
     from abliterate.io.safetensors import find_shards
     from abliterate.prove.bounds import WORKING_PRECISION, exact_fold, worst_bound_ratio
 

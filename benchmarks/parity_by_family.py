@@ -33,7 +33,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 from tiny import make_model, make_tokenizer  # noqa: E402
 
 from abliterate.adapters import registered_model_types, resolve_adapter  # noqa: E402
-from abliterate.edit.fold import fold_direction  # noqa: E402
+from abliterate.edit.walker import fold_direction  # noqa: E402
 from abliterate.model.hooks import ablate_direction  # noqa: E402
 from abliterate.prove.parity import kl_divergence  # noqa: E402
 from abliterate.prove.residual import ablate_residual_stream  # noqa: E402

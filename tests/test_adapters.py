@@ -28,7 +28,7 @@ from abliterate.adapters import (
 )
 from abliterate.adapters.discovery import discover_adapter, structure_of
 from abliterate.adapters.matrix import readme_matrix, support_matrix_markdown
-from abliterate.edit.fold import fold_direction
+from abliterate.edit.walker import fold_direction
 from abliterate.model.hooks import ablate_direction
 from abliterate.prove.parity import compare_logits, kl_divergence
 from abliterate.prove.residual import ablate_residual_stream, residual_terms

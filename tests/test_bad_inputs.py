@@ -117,14 +117,14 @@ def test_parity_failure_saves_nothing(
     """Fold a different direction than the hooks ablate: the gate must catch it and write nothing."""
     import torch
 
-    import abliterate.edit.fold
+    import abliterate.edit.walker
 
-    real_fold = abliterate.edit.fold.fold_direction
+    real_fold = abliterate.edit.walker.fold_direction
 
     def wrong_fold(model: object, adapter: object, direction: torch.Tensor, **options: object) -> int:
         return real_fold(model, adapter, torch.roll(direction, 1), **options)
 
-    monkeypatch.setattr(abliterate.edit.fold, "fold_direction", wrong_fold)
+    monkeypatch.setattr(abliterate.edit.walker, "fold_direction", wrong_fold)
     out = tmp_path / "out"
     _fails_cleanly(["run", str(tiny_qwen2), "--output", str(out), *SMALL], out, "parity gate failed")
 
@@ -176,7 +176,7 @@ def test_interrupt_while_saving_leaves_nothing(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("abliterate.io.output.save_model", interrupted)
+    monkeypatch.setattr("abliterate.ship.checkpoint.save_model", interrupted)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(tiny_qwen2), "--output", str(out), *SMALL])
     assert result.exit_code == 130

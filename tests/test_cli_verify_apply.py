@@ -40,7 +40,7 @@ def test_apply_equals_in_memory_fold(tiny_qwen2: Path, direction_file: Path, app
 
     from abliterate.adapters import resolve_adapter
     from abliterate.edit.direction import load_direction
-    from abliterate.edit.fold import fold_direction
+    from abliterate.edit.walker import fold_direction
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
     fold_direction(model, resolve_adapter(model), load_direction(direction_file)[0])

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from abliterate.adapters import resolve_adapter
-from abliterate.edit.fold import fold_direction, orthogonalize, orthogonalize_bias, untie_embeddings
+from abliterate.edit.kernel import orthogonalize
+from abliterate.edit.walker import fold_direction, untie_embeddings
 from abliterate.model.hooks import project_out
 
 D_MODEL, D_IN, N_EXPERTS = 16, 24, 4
@@ -53,7 +54,7 @@ def test_conv1d_with_bias(direction: torch.Tensor) -> None:
     with torch.no_grad():
         expected = project_out(module(inputs), direction)
         module.weight.copy_(orthogonalize(module.weight, direction, "conv1d"))
-        module.bias.copy_(orthogonalize_bias(module.bias, direction))
+        module.bias.copy_(orthogonalize(module.bias, direction, "embedding"))
         torch.testing.assert_close(module(inputs), expected)
     torch.testing.assert_close(module.weight.detach() @ direction, torch.zeros(D_IN, dtype=torch.float64))
     torch.testing.assert_close(module.bias.detach() @ direction, torch.tensor(0.0, dtype=torch.float64))
@@ -77,7 +78,10 @@ def test_fused_experts_transposed_with_per_expert_bias(direction: torch.Tensor) 
     # GPT-OSS: down_proj [E, d_in, d_model] applied as x @ W[e] + b[e], down_proj_bias [E, d_model].
     weight, bias = _random(N_EXPERTS, D_IN, D_MODEL), _random(N_EXPERTS, D_MODEL, seed=1)
     inputs = _random(5, D_IN, seed=2)
-    edited, edited_bias = orthogonalize(weight, direction, "experts_t"), orthogonalize_bias(bias, direction)
+    edited, edited_bias = (
+        orthogonalize(weight, direction, "experts_t"),
+        orthogonalize(bias, direction, "embedding"),
+    )
     torch.testing.assert_close(edited @ direction, torch.zeros(N_EXPERTS, D_IN, dtype=torch.float64))
     torch.testing.assert_close(edited_bias @ direction, torch.zeros(N_EXPERTS, dtype=torch.float64))
     for expert in range(N_EXPERTS):
@@ -89,7 +93,7 @@ def test_fused_experts_transposed_with_per_expert_bias(direction: torch.Tensor) 
 
 def test_bias(direction: torch.Tensor) -> None:
     bias = _random(D_MODEL, seed=1)
-    edited = orthogonalize_bias(bias, direction)
+    edited = orthogonalize(bias, direction, "embedding")
     torch.testing.assert_close(edited, project_out(bias, direction))
     torch.testing.assert_close(edited @ direction, torch.tensor(0.0, dtype=torch.float64))
 

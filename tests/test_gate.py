@@ -112,7 +112,7 @@ def test_bounded_certificate_accepts_another_float32_kernel_and_rejects_a_rotati
 
 def fold_targets(model: torch.nn.Module, adapter: object) -> list:
     from abliterate.adapters import residual_writers
-    from abliterate.edit.fold import untie_embeddings
+    from abliterate.edit.walker import untie_embeddings
 
     untie_embeddings(model, adapter)
     return residual_writers(model, adapter)

@@ -102,7 +102,7 @@ def test_gguf_output_is_bf16_unless_asked(
     from transformers import AutoModelForCausalLM
 
     from abliterate.adapters import resolve_adapter
-    from abliterate.edit.fold import fold_direction
+    from abliterate.edit.walker import fold_direction
 
     # The load below is the tiny checkpoint's; the certificate reads the same weights from this GGUF (F32).
     gguf = write_gguf(tmp_path / "model.gguf", AutoModelForCausalLM.from_pretrained(tiny_qwen2))

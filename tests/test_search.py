@@ -14,7 +14,7 @@ from tiny import make_model, make_tokenizer, open_selection_config
 from abliterate.adapters import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import load_direction, save_direction
-from abliterate.edit.fold import fold_direction
+from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.find.search import (
     SearchData,

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 
 from abliterate.adapters import get_adapter
 from abliterate.adapters.resolve import model_type_of
-from abliterate.edit import fold as edit
+from abliterate.edit import kernel
 from abliterate.edit.direction import load_direction, save_direction
-from abliterate.edit.fold import fold_direction
+from abliterate.edit.walker import fold_direction
 from abliterate.ship import streaming
 from abliterate.ship.streaming import INDEX_NAME, StreamReport, stream_apply
 
@@ -213,7 +213,7 @@ def test_sliced_edit_of_large_tensors_equals_whole_edit(
     """Tensors above the tile size are edited tile by tile; the result is still bitwise the fold's."""
     if model_type not in tiny.CONFIGS:
         pytest.skip(f"tests/tiny.py has no {model_type} config")
-    monkeypatch.setattr(edit, "TILE_ELEMENTS", 1000)
+    monkeypatch.setattr(kernel, "TILE_ELEMENTS", 1000)
     model = _model(model_type)
     original = _save(model, tmp_path / "original", sharded=False)
     direction = _direction()

@@ -14,7 +14,8 @@ from tiny import make_model, make_tokenizer
 from abliterate.adapters import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import load_direction, save_direction, unit_direction
-from abliterate.edit.fold import check_basis, fold_direction, orthogonalize
+from abliterate.edit.kernel import check_basis, orthogonalize
+from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablate_edit
@@ -169,7 +170,7 @@ def test_direction_file_and_apply_reproduce_a_rank2_point(tmp_path: Path) -> Non
 @pytest.mark.parametrize("layout", ["linear", "conv1d", "embedding"])
 def test_norm_factors_keep_every_written_vector_length(layout: str) -> None:
     """``(I − s Q Qᵀ) W D`` keeps the length of every vector the writer emits per input coordinate."""
-    from abliterate.edit.fold import norm_factors
+    from abliterate.edit.kernel import norm_factors
 
     d = 24
     shape = {"linear": (d, 16), "conv1d": (16, d), "embedding": (40, d)}[layout]
@@ -189,7 +190,7 @@ def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
     """The norm-preserving hooks equal a model whose weights hold ``(I − s r̂ r̂ᵀ) W D`` and whose biases
     hold ``(I − s r̂ r̂ᵀ) b``."""
     from abliterate.adapters import residual_writers
-    from abliterate.edit.fold import norm_factors
+    from abliterate.edit.kernel import norm_factors
     from abliterate.model.hooks import ablate_norm_preserving
 
     model = make_model(model_type)

@@ -220,7 +220,7 @@ def test_fold_refuses_a_writer_with_inf_before_editing_anything() -> None:
     from tiny import make_model
 
     from abliterate.adapters import resolve_adapter
-    from abliterate.edit.fold import fold_direction
+    from abliterate.edit.walker import fold_direction
 
     model = make_model("qwen2")
     model.model.layers[3].mlp.down_proj.weight.data[0, 0] = math.inf

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit.fold import changes
+from abliterate.edit.kernel import changes
 
 # The largest strength a declared edit may give a writer; the search draws strengths from [0, MAX_STRENGTH].
 MAX_STRENGTH = 1.5
@@ -33,7 +33,7 @@ class DeclaredEdit:
             overrides ``strengths`` for that group's writers in blocks ``0 … len − 1``.
         weights: for a subspace ``direction`` ``[k, d_model]`` (orthonormal rows ``q_i``), the weight
             ``w_i`` of each row: a writer of strength ``s`` gets ``W ← (I − Σ_i s w_i q_i q_iᵀ) W``.
-        norm_preserving: every weight gets ``W ← (I − s r̂ r̂ᵀ) W D`` (``abliterate.edit.fold.norm_factors``);
+        norm_preserving: every weight gets ``W ← (I − s r̂ r̂ᵀ) W D`` (``abliterate.edit.kernel.norm_factors``);
             biases are projected, never scaled.
     """
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from abliterate.edit.fold import check_basis
+from abliterate.edit.kernel import check_basis
 
 TENSOR_NAME = "direction"
 
@@ -79,7 +79,7 @@ def unit_direction(vector: torch.Tensor, what: str = "the direction") -> torch.T
         what: how error messages name it, e.g. ``"the direction in FILE"``.
 
     A subspace ``[k, d_model]`` (``1 ≤ k ≤ MAX_RANK``) is accepted too: its rows must be orthogonal
-    (each is normalized; ``abliterate.edit.fold.check_basis`` states the tolerance).
+    (each is normalized; ``abliterate.edit.kernel.check_basis`` states the tolerance).
 
     Returns:
         ``vector / |vector|`` (normalized in float64), float32, on the CPU; for a subspace, each row so.

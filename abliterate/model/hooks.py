@@ -216,7 +216,7 @@ def ablate_subspace(
     model: nn.Module, adapter: Adapter, basis: torch.Tensor, scales_of: ScalesOf
 ) -> Iterator[None]:
     """Project ``Σ_i s_i (h·q_i) q_i`` out of every residual writer's output, ``s = scales_of(writer)``:
-    the hook equivalent of folding ``I − Q diag(s) Qᵀ`` (``abliterate.edit.fold.orthogonalize_`` with a
+    the hook equivalent of folding ``I − Q diag(s) Qᵀ`` (``abliterate.edit.kernel.orthogonalize_`` with a
     ``[k, d_model]`` direction). A writer whose scales are all 0 gets no hook.
 
     Args:
@@ -245,7 +245,7 @@ def ablate_norm_preserving(
     model: nn.Module, adapter: Adapter, direction: torch.Tensor, strength_of: Callable[[ResolvedWriter], Any]
 ) -> Iterator[None]:
     """The hook equivalent of the column-norm-preserving fold ``W' = (I − s r̂ r̂ᵀ) W D``
-    (``abliterate.edit.fold.norm_factors``): scale what each writer reads by ``D``, then project its output.
+    (``abliterate.edit.kernel.norm_factors``): scale what each writer reads by ``D``, then project its output.
 
     An embedding's ``D`` is per token, so its hook scales each output row by ``D[token]``. Fused experts
     have no module boundary between the expert choice and their weights, so they are refused.
@@ -254,7 +254,8 @@ def ablate_norm_preserving(
         direction: ``[d_model]``, or an orthonormal subspace ``[k, d_model]``.
         strength_of: each writer's strength (per row of a subspace).
     """
-    from abliterate.edit.fold import check_norm_preserving, norm_factors
+    from abliterate.edit.kernel import norm_factors
+    from abliterate.edit.walker import check_norm_preserving
 
     basis = direction.reshape(-1, direction.shape[-1])
     basis = basis / basis.norm(dim=-1, keepdim=True)

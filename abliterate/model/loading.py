@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from abliterate.io.locations import HUB_ID
 from abliterate.io.safetensors import INDEX_NAME, find_shards
 from abliterate.model.demo import DEMO_BASE_MODEL, converted_demo_dir
 from abliterate.model.dispatch import Dispatch, input_device
@@ -19,7 +19,6 @@ from abliterate.model.sources import describe_source
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
@@ -113,9 +112,31 @@ def _locate_weights(source: str) -> tuple[str, str | None]:
         if not path.is_dir() or not (path / "config.json").is_file():
             raise FileNotFoundError(f"model not found: {source} has no config.json")
         return str(path), None
-    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+    if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model not found: {source} is neither a local path nor a hub id")
     return source, None
+
+
+def _checked_source(source: str) -> tuple[str, str | None, str | None]:
+    """``(directory_or_repo, gguf_file, base_model)`` for a model source, checked before any load.
+
+    ``base_model`` is the hub id to name in the model card (the demo's base, or ``source`` when it is no
+    local path), else ``None``.
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: its ``config.json`` holds values transformers would not load, or its index names a
+            shard outside the checkpoint.
+    """
+    if source == "demo":
+        return str(converted_demo_dir()), None, DEMO_BASE_MODEL
+    directory, gguf_file = _locate_weights(source)
+    base_model = source if not Path(source).expanduser().exists() else None
+    if gguf_file is None:
+        describe_source(source)  # raises on config.json values transformers would not load
+        if (Path(directory) / INDEX_NAME).is_file():
+            find_shards(Path(directory))  # shard names outside the folder: refused, never read
+    return directory, gguf_file, base_model
 
 
 def load_model(
@@ -147,23 +168,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_model = None
-    from_gguf = False
-    if source == "demo":
-        directory, gguf_file = str(converted_demo_dir()), None
-        base_model = DEMO_BASE_MODEL
-    else:
-        directory, gguf_file = _locate_weights(source)
-        from_gguf = gguf_file is not None
-        base_model = source if not Path(source).expanduser().exists() else None
-        if not from_gguf:
-            describe_source(source)  # raises on config.json values transformers would not load
-            if (Path(directory) / INDEX_NAME).is_file():
-                find_shards(Path(directory))  # shard names outside the folder: refused, never read
-    move_to, device_map = resolve_device(device)
-    placement: dict = {"device_map": device_map}
-    if dispatch is not None and dispatch.active:
-        move_to, placement = None, dispatch.from_pretrained_kwargs()
+    directory, gguf_file, base_model = _checked_source(source)
+    from_gguf = gguf_file is not None
+    move_to, placement = _placement(device, dispatch)
     common = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
@@ -192,6 +199,15 @@ def load_model(
     if from_gguf:
         drop_gguf_quantization(model)
     return LoadedModel(model, tokenizer, source, base_model, from_gguf)
+
+
+def _placement(device: str, dispatch: Dispatch | None) -> tuple[str | None, dict]:
+    """``(move_to, from_pretrained placement kwargs)``: ``--device``, unless a dispatch places the model."""
+    move_to, device_map = resolve_device(device)
+    placement: dict = {"device_map": device_map}
+    if dispatch is not None and dispatch.active:
+        move_to, placement = None, dispatch.from_pretrained_kwargs()
+    return move_to, placement
 
 
 def _prepare_tokenizer(tokenizer: object, source: str) -> None:

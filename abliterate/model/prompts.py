@@ -1,19 +1,18 @@
-"""Prompt sets: the bundled defaults, local files, or hub datasets; sampled deterministically."""
+"""Prompt sets: the bundled defaults or a user's source (``abliterate.model.prompt_files``), sampled
+deterministically into disjoint splits."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import random
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+
+from abliterate.model.prompt_files import read_prompts
 
 logger = logging.getLogger(__name__)
 
-_TEXT_FIELDS = ("instruction", "prompt", "text")
 _SPLITS = ("train", "val", "eval")
 # The harmful and harmless classes may share at most this fraction of the smaller one's prompts: the
 # refusal direction is the difference of their means, and shared prompts pull the two means together.
@@ -52,108 +51,6 @@ def bundled(kind: str, split: str) -> list[str]:
         raise ValueError(f"no bundled prompt set {kind}_{split}")
     text = resources.files("abliterate").joinpath("data", f"{kind}_{split}.json").read_text("utf-8")
     return json.loads(text)
-
-
-def _from_records(records: list, source: str) -> list[str]:
-    prompts = []
-    for index, record in enumerate(records):
-        if isinstance(record, str):
-            prompts.append(record)
-            continue
-        if isinstance(record, dict):
-            field = next((name for name in _TEXT_FIELDS if isinstance(record.get(name), str)), None)
-            if field is not None:
-                prompts.append(record[field])
-                continue
-        raise ValueError(
-            f"{source}: item {index} is neither a string nor an object with an {'/'.join(_TEXT_FIELDS)} field"
-        )
-    return prompts
-
-
-def read_prompts(source: str) -> list[str]:
-    """Read prompts from a ``.txt``, ``.json``, ``.jsonl`` or ``.csv`` file, or a hub dataset id.
-
-    Args:
-        source: a local file path, or a hub dataset id (``owner/name``, optionally ``:split``).
-
-    Returns:
-        The non-empty prompts, stripped, in file order.
-
-    Raises:
-        FileNotFoundError: the file does not exist (and it is not a hub dataset id).
-        ValueError: the file is malformed or holds no prompt.
-    """
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if not path.exists():
-        if (
-            suffix in (".txt", ".json", ".jsonl", ".csv")
-            or "/" not in source
-            or source.startswith((".", "/", "~"))
-        ):
-            raise FileNotFoundError(f"prompt file not found: {source}")
-        prompts = _from_hub_dataset(source)
-    elif suffix == ".txt":
-        prompts = _read_text(path, source).splitlines()
-    elif suffix == ".json":
-        try:
-            data = json.loads(_read_text(path, source))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: not valid JSON ({error.msg}, line {error.lineno})") from error
-        if not isinstance(data, list):
-            raise ValueError(f"{source}: expected a JSON list of prompts")
-        prompts = _from_records(data, source)
-    elif suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(_read_text(path, source).splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{source}: line {number} is not valid JSON ({error.msg})") from error
-        prompts = _from_records(records, source)
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(_read_text(path, source), newline=""))
-        column = next((name for name in _TEXT_FIELDS if name in (reader.fieldnames or [])), None)
-        if column is None:
-            raise ValueError(f"{source}: needs a column named {', '.join(_TEXT_FIELDS)}")
-        prompts = [row[column] or "" for row in reader]
-    else:
-        raise ValueError(f"{source}: unsupported prompt file type (use .txt, .json, .jsonl, .csv)")
-    prompts = [prompt.strip() for prompt in prompts if prompt and prompt.strip()]
-    if not prompts:
-        raise ValueError(f"{source}: no prompts found")
-    return prompts
-
-
-def _read_text(path: Path, source: str) -> str:
-    """The text of a prompt file, which must be UTF-8.
-
-    Raises:
-        ValueError: the file is not UTF-8 (named, with the offset of the first bad byte).
-    """
-    try:
-        return path.read_text("utf-8")
-    except UnicodeDecodeError as error:
-        bad = error.object[error.start : error.start + 1]
-        raise ValueError(
-            f"{source}: not UTF-8 text (byte {error.start} is {bad!r}); save the prompt file as UTF-8"
-        ) from error
-
-
-def _from_hub_dataset(source: str) -> list[str]:
-    """Prompts from a hub dataset (``owner/name[:split]``); needs the ``datasets`` package."""
-    repo_id, _, split = source.partition(":")
-    try:
-        import datasets
-    except ImportError as error:
-        raise ValueError(f"{source}: reading hub datasets needs 'pip install datasets'") from error
-    dataset = datasets.load_dataset(repo_id, split=split or "train")
-    column = next((name for name in _TEXT_FIELDS if name in dataset.column_names), None)
-    if column is None:
-        raise ValueError(f"{source}: needs a column named {', '.join(_TEXT_FIELDS)}")
-    return list(dataset[column])
 
 
 def load_prompt_classes(
@@ -277,14 +174,7 @@ def load_splits(
             raise ValueError(f"{kind} prompts: the {split} split needs at least 1 prompt, not {count}")
     rng = random.Random(f"{seed}-{kind}")
     if source is None:
-        train, val, evaluation = (bundled(kind, split) for split in _SPLITS)
-        rng.shuffle(train)
-        splits = PromptSplits(
-            train[:n_train],
-            val[:n_val],
-            evaluation[:n_eval],
-            _held_aside(train[n_train:] + val[n_val:], train[:n_train] + val[:n_val], n_parity, kind),
-        )
+        splits = _bundled_splits(kind, rng, n_train, n_val, n_eval, n_parity)
         _warn_if_fewer(kind, "the bundled set", splits, asked)
         return splits
     # A prompt listed twice must not land in two splits: keep its first occurrence only.
@@ -292,9 +182,31 @@ def load_splits(
     rng.shuffle(prompts)
     if len(prompts) < 4:
         raise ValueError(f"{source}: needs at least 4 distinct prompts, found {len(prompts)}")
+    splits = _cut(prompts, n_train, n_val, n_eval, n_parity)
+    _warn_if_fewer(kind, source, splits, asked)
+    return splits
+
+
+def _bundled_splits(
+    kind: str, rng: random.Random, n_train: int, n_val: int, n_eval: int, n_parity: int
+) -> PromptSplits:
+    """The bundled splits as written, the train split shuffled with ``rng``; parity prompts are held
+    aside from what training and validation do not use."""
+    train, val, evaluation = (bundled(kind, split) for split in _SPLITS)
+    rng.shuffle(train)
+    return PromptSplits(
+        train[:n_train],
+        val[:n_val],
+        evaluation[:n_eval],
+        _held_aside(train[n_train:] + val[n_val:], train[:n_train] + val[:n_val], n_parity, kind),
+    )
+
+
+def _cut(prompts: list[str], n_train: int, n_val: int, n_eval: int, n_parity: int) -> PromptSplits:
+    """``prompts`` (shuffled, distinct, at least 4) cut into consecutive, disjoint splits of the sizes
+    asked, or, when there are fewer, of sizes shrunk in proportion so all four stay non-empty."""
     wanted = n_train + n_val + n_eval + n_parity
     if len(prompts) < wanted:
-        # Shrink every split in proportion so all four stay disjoint and non-empty.
         scale = len(prompts) / wanted
         others = [max(1, int(n * scale)) for n in (n_val, n_eval, n_parity)]
         while sum(others) > len(prompts) - 1:
@@ -302,14 +214,12 @@ def load_splits(
         n_val, n_eval, n_parity = others
         n_train = len(prompts) - n_val - n_eval - n_parity
     cuts = [n_train, n_train + n_val, n_train + n_val + n_eval]
-    splits = PromptSplits(
+    return PromptSplits(
         prompts[: cuts[0]],
         prompts[cuts[0] : cuts[1]],
         prompts[cuts[1] : cuts[2]],
         prompts[cuts[2] : cuts[2] + n_parity],
     )
-    _warn_if_fewer(kind, source, splits, asked)
-    return splits
 
 
 def _distinct(prompts: list[str]) -> list[str]:

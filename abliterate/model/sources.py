@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from abliterate.adapters.tying import tie_word_embeddings
+from abliterate.io.locations import HUB_ID, cache_dir
 
 logger = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # ``quant_method`` values that are not weights a fold can edit: everything except GGUF, which transformers
 # dequantizes to plain float tensors on load.
 _DEQUANTIZED_ON_LOAD = {"gguf"}
@@ -85,8 +84,6 @@ def describe_source(source: str) -> SourceInfo:
 
 def _describe(source: str) -> SourceInfo:
     if source == "demo":
-        from abliterate.model.demo import cache_dir
-
         directory = cache_dir() / "safetensors"
         return SourceInfo(source, directory, _read_config(directory / "config.json"))
     path = Path(source).expanduser()
@@ -94,7 +91,7 @@ def _describe(source: str) -> SourceInfo:
         return SourceInfo(source, path.absolute(), None)
     if path.exists():
         return SourceInfo(source, path.absolute(), _read_config(path / "config.json"))
-    if not _HUB_ID.match(source):
+    if not HUB_ID.match(source):
         return SourceInfo(source, None, None)
     return SourceInfo(source, None, _hub_config(source))
 
@@ -173,30 +170,6 @@ def refuse_prequantized(info: SourceInfo, *, direction_only: bool = False, comma
     raise ValueError(
         f"{info.source} is pre-quantized ({method}); {command} edits full-precision weights only: {way_out}"
     )
-
-
-def source_location(source: str | Path) -> Path | None:
-    """Where ``source``'s files are on disk, symbolic links resolved, without loading or downloading it.
-
-    A local directory or ``.gguf`` file is itself; ``demo`` is the demo's whole cache directory (parts,
-    GGUF and converted checkpoint); a Hub id is its folder in the Hub cache (snapshots and blobs), which
-    may not exist yet. ``None`` when ``source`` is none of these (loading it reports the error).
-    """
-    if str(source) == "demo":
-        from abliterate.model.demo import cache_dir
-
-        return cache_dir().resolve()
-    path = Path(source).expanduser()
-    if path.exists() or path.suffix == ".gguf":
-        return path.resolve()
-    if not _HUB_ID.match(str(source)):
-        return None
-    from huggingface_hub.constants import HF_HUB_CACHE
-    from huggingface_hub.file_download import repo_folder_name
-
-    return (
-        Path(HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=str(source), repo_type="model")
-    ).resolve()
 
 
 def check_layer(layer: int | None, n_layers: int | None) -> None:

@@ -14,8 +14,8 @@ from torch import nn
 from abliterate.adapters import Adapter
 from abliterate.config import RunConfig
 
-# edit is called through its module, so tests can replace the fold (a broken one) by patching it.
-from abliterate.edit import fold as edit
+# walker is called through its module, so tests can replace the fold (a broken one) by patching it.
+from abliterate.edit import walker
 from abliterate.errors import GateError
 from abliterate.find.point import is_norm_preserving, strength_function
 from abliterate.find.select import RefusalDirection
@@ -110,7 +110,7 @@ def parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> Encod
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
     """Fold the direction into every residual writer of the model in memory (then cast, for GGUF)."""
-    edit.fold_direction(
+    walker.fold_direction(
         subject.model,
         subject.adapter,
         chosen.direction,

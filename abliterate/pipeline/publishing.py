@@ -16,16 +16,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-# checkpoint is called through its module, so tests can replace the save (an interrupted one) by patching it.
 from abliterate import __version__
 from abliterate.config import RunConfig
 from abliterate.edit.direction import save_direction
 from abliterate.find.select import RefusalDirection
-from abliterate.io import output as checkpoint
 from abliterate.io.interrupts import Interrupted, signal_number
+from abliterate.io.output import OutputDir, atomic_directory, prepare_output
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.gate import GateReport
-from abliterate.ship import search_io
+
+# checkpoint is called through its module, so tests can replace the save (an interrupted one) by patching it.
+from abliterate.ship import checkpoint, search_io
 from abliterate.ship.hub import PushError, PushResult, PushTarget, push_folder
 from abliterate.ship.report import model_card, plot_candidate_scores
 from abliterate.ship.streaming import local_checkpoint
@@ -165,7 +166,7 @@ def publish(
     pushing = False
     try:
         with _destination(inputs.output, inputs.staging) as target:
-            with checkpoint.atomic_directory(target) as staging:
+            with atomic_directory(target) as staging:
                 manifest = write(staging)
             pushing = True
             pushed = push(target.path, config, inputs.push_target, hub_api)
@@ -184,7 +185,7 @@ def publish(
 
 
 @contextmanager
-def _destination(output: checkpoint.OutputDir | None, staging: Path | None) -> Iterator[checkpoint.OutputDir]:
+def _destination(output: OutputDir | None, staging: Path | None) -> Iterator[OutputDir]:
     """Where the checkpoint goes: ``output``, or for a push alone ``staging``, removed once pushed.
 
     A failed upload keeps the staged checkpoint (the error says where, and how to retry); any other
@@ -195,7 +196,7 @@ def _destination(output: checkpoint.OutputDir | None, staging: Path | None) -> I
         yield output
         return
     assert staging is not None  # RunConfig: no --output means --push-to-hub, and prepare staged it
-    target = checkpoint.prepare_output(staging, None, overwrite=True)
+    target = prepare_output(staging, None, overwrite=True)
     try:
         yield target
     except PushError:

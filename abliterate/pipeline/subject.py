@@ -10,7 +10,7 @@ from torch import nn
 from abliterate.adapters import Adapter, residual_writers, resolve_adapter
 from abliterate.adapters.resolve import blocks_of
 from abliterate.config import RunConfig
-from abliterate.edit.fold import check_norm_preserving
+from abliterate.edit.walker import check_norm_preserving
 
 # checkpoint and loading are called through their modules, so tests can replace a stage's core (a load
 # that must not happen) by patching the module attribute.

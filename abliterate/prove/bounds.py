@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit.fold import ROWS_WRITE, compute_dtype, norm_factors, orthogonalize_, ulp
+from abliterate.edit.kernel import ROWS_WRITE, compute_dtype, norm_factors, orthogonalize_, ulp
 
 # A correctly rounded fold leaves, along r̂, only its rounding error; a bounded (non-bitwise) tensor may
 # carry at most this many times as much. A float32-computed fold measures 1.00-1.02 (a few elements one

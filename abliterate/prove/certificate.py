@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
-from abliterate.edit.fold import all_finite, changes, non_finite_writer, orthogonalize_
-from abliterate.io.safetensors import DTYPES, ChunkedReader, TensorEntry, read_json
+from abliterate.edit.kernel import all_finite, changes, non_finite_writer, orthogonalize_
+from abliterate.io.chunked import ChunkedReader
+from abliterate.io.safetensors import DTYPES, TensorEntry, read_json
 from abliterate.prove.bounds import LEAK_RATIO_LIMIT, judge_bounded
 from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
 from abliterate.prove.verdict import Verdict

@@ -23,7 +23,7 @@ from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
 from abliterate.adapters.spec import WRITER_GROUPS
-from abliterate.edit.fold import fold_direction
+from abliterate.edit.walker import fold_direction
 
 if TYPE_CHECKING:
     from abliterate.model.batching import EncodedPrompts

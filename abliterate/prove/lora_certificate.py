@@ -29,7 +29,7 @@ from torch import nn
 
 from abliterate.adapters import Adapter, residual_writers
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.fold import all_finite, ulp
+from abliterate.edit.kernel import all_finite, ulp
 from abliterate.prove.verdict import Verdict
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -22,7 +22,7 @@ from torch import nn
 from abliterate.adapters import Adapter
 from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
-from abliterate.edit.fold import ulp
+from abliterate.edit.kernel import ulp
 from abliterate.model.dispatch import input_device
 from abliterate.model.hooks import _map_output, project_out, project_out_subspace, registered
 

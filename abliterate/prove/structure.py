@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import torch
 
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
-from abliterate.io.safetensors import ChunkedReader, Shard, TensorEntry, find_shards, read_header
+from abliterate.io.chunked import ChunkedReader
+from abliterate.io.safetensors import Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)
 

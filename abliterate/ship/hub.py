@@ -209,7 +209,7 @@ def staging_directory(repo_id: str, needed_bytes: int | None) -> Path:
     Raises:
         OSError: the cache's disk has less free space than ``needed_bytes`` (plus a tenth).
     """
-    from abliterate.model.demo import cache_dir
+    from abliterate.io.locations import cache_dir
 
     directory = cache_dir().parent / "push" / repo_id.replace("/", "--")
     if needed_bytes:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
-from abliterate.edit.fold import check_basis, refuse_non_finite
+from abliterate.edit.kernel import check_basis, refuse_non_finite
 from abliterate.errors import GateError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def lora_state(
         model: the original model (not edited), on any device.
         adapter: its architecture description.
         direction: ``[d_model]`` direction (normalized here), or an orthonormal subspace ``[k, d_model]``
-            (``abliterate.edit.fold.check_basis``); the adapter's rank is ``k``.
+            (``abliterate.edit.kernel.check_basis``); the adapter's rank is ``k``.
         strength_of: per-writer strength (default 1): a float for a direction, one per row for a subspace
             (``DeclaredEdit.scales_for``); writers whose strengths are all 0 get no LoRA.
 

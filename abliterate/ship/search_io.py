@@ -13,7 +13,7 @@ import torch
 
 from abliterate.adapters import ResolvedWriter
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.fold import Strength
+from abliterate.edit.kernel import Strength
 from abliterate.find.point import EditPoint
 from abliterate.find.search import SearchResult, pareto_front
 

@@ -28,7 +28,7 @@ from abliterate.adapters.spec import Adapter, Layout
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.edit.fold import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
+from abliterate.edit.kernel import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
 from abliterate.errors import GateError
 from abliterate.io.output import (
     MANIFEST_NAME,

@@ -9,7 +9,8 @@ import torch
 
 from abliterate.model.batching import all_position_logits, encode, forward_batches
 from abliterate.model.dispatch import Dispatch
-from abliterate.model.prompts import bundled, read_prompts
+from abliterate.model.prompt_files import read_prompts
+from abliterate.model.prompts import bundled
 
 if TYPE_CHECKING:
     from abliterate.prove.gate import GateReport

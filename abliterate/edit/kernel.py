@@ -1,23 +1,25 @@
-"""The weight edit: fold ``I − s r̂ r̂ᵀ`` into every residual writer, as a pure tensor function."""
+"""The fold kernel: ``W' = (I − s r̂ r̂ᵀ) W`` as a pure tensor function, and the checks a weight passes first.
+
+Nothing here knows about models: ``abliterate.edit.walker`` applies the kernel to a model's residual
+writers, streaming ``apply`` to the tensors of a checkpoint, the certificate to recompute what was declared.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from torch import nn
 
-from abliterate.adapters import Adapter, Layout, ResolvedWriter, residual_writers
-from abliterate.adapters.resolve import embeddings_of, locate
+from abliterate.adapters import Layout
 from abliterate.io.threads import one_intra_op_thread
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
 ROWS_WRITE = ("conv1d", "experts_t", "embedding")
 # Fused experts: no module boundary between the expert choice and the weights, so no norm-preserving edit.
 FUSED_EXPERTS = ("experts", "experts_t")
-
 
 T = TypeVar("T")
 
@@ -120,30 +122,35 @@ def orthogonalize_(
         strength = float(strength)
     workers = torch.get_num_threads() if weight.device.type == "cpu" else 1
     with one_intra_op_thread():
-        _fold_in_place(weight, r, layout, strength, workers, norm_preserving)
+        _fold_in_place(weight, layout, _Fold(r, strength, workers, norm_preserving))
 
 
-def _fold_in_place(
-    weight: torch.Tensor,
-    r: torch.Tensor,
-    layout: Layout,
-    strength: float | torch.Tensor,
-    workers: int,
-    norm_preserving: bool = False,
-) -> None:
+@dataclass(frozen=True)
+class _Fold:
+    """One fold as the tile loops apply it: ``r`` the unit direction ``[d_model]`` or basis ``[k, d_model]``
+    in the compute dtype, ``strength`` its ``s`` (a ``[k]`` tensor for a basis), ``workers`` the threads
+    the tiles are spread over, ``norm_preserving`` whether each updated vector is multiplied by its ``D``."""
+
+    r: torch.Tensor
+    strength: float | torch.Tensor
+    workers: int
+    norm_preserving: bool
+
+
+def _fold_in_place(weight: torch.Tensor, layout: Layout, fold: _Fold) -> None:
     if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
         contiguous = weight.contiguous()
-        _fold_in_place(contiguous, r, layout, strength, workers, norm_preserving)
+        _fold_in_place(contiguous, layout, fold)
         weight.copy_(contiguous)
         return
     if layout in ROWS_WRITE:
         # [..., d_model]: W' = W − s (W r̂) r̂ᵀ, each row on its own.
-        _fold_rows(weight.view(-1, weight.shape[-1]), r, strength, workers, norm_preserving)
+        _fold_rows(weight.view(-1, weight.shape[-1]), fold)
     elif layout == "experts":
-        for expert in weight:  # [d_model, d_in] each
-            _fold_columns(expert, r, strength, workers)
+        for expert in weight:  # [d_model, d_in] each; never norm-preserving (refused above)
+            _fold_columns(expert, fold)
     else:
-        _fold_columns(weight, r, strength, workers, norm_preserving)
+        _fold_columns(weight, fold)
 
 
 def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> list[T]:
@@ -154,15 +161,10 @@ def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> lis
         return list(pool.map(function, starts))
 
 
-def _fold_rows(
-    weight: torch.Tensor,
-    r: torch.Tensor,
-    strength: float | torch.Tensor,
-    workers: int,
-    norm_preserving: bool = False,
-) -> None:
+def _fold_rows(weight: torch.Tensor, fold: _Fold) -> None:
     # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ (a subspace: P = W Qᵀ, W −= (P diag s) Q);
     # norm-preserving: then each row times its D (from its squared length and p, before the update).
+    r, strength, workers, norm_preserving = fold.r, fold.strength, fold.workers, fold.norm_preserving
     step = max(1, TILE_ELEMENTS // weight.shape[1])
 
     def tile(first: int) -> None:
@@ -199,16 +201,11 @@ def _factors(
     )
 
 
-def _fold_columns(
-    weight: torch.Tensor,
-    r: torch.Tensor,
-    strength: float | torch.Tensor,
-    workers: int,
-    norm_preserving: bool = False,
-) -> None:
+def _fold_columns(weight: torch.Tensor, fold: _Fold) -> None:
     # weight [d_model, d_in]: p = r̂ᵀ W from per-tile partial sums added in tile order, then W −= s r̂ pᵀ
     # (a subspace: P = Q W the same way, then W −= Qᵀ diag(s) P). Norm-preserving: the squared column
     # lengths are summed beside p the same way, and each updated tile is multiplied by D per column.
+    r, strength, workers, norm_preserving = fold.r, fold.strength, fold.workers, fold.norm_preserving
     step = max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
     starts = range(0, weight.shape[0], step)
     rows_of = (
@@ -274,11 +271,6 @@ def norm_factors(
     return _factors(squared.reshape(-1), coefficients, scales).reshape(squared.shape)
 
 
-def orthogonalize_bias(bias: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Remove ``direction`` from a bias ``[d_model]`` or per-expert bias ``[E, d_model]``."""
-    return orthogonalize(bias, direction, "embedding")
-
-
 # The largest subspace the fold and the hooks accept, and how far from orthonormal its rows may be.
 MAX_RANK = 4
 BASIS_TOLERANCE = 1e-5
@@ -322,81 +314,6 @@ def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return r / norm
 
 
-def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
-    """Give ``lm_head`` its own copy of a tied embedding matrix, so editing the embedding leaves it intact.
-
-    Returns:
-        Whether the weights were tied.
-    """
-    head_name = locate(model, adapter.lm_head)
-    if head_name is None:
-        return False
-    head = model.get_submodule(head_name)
-    embedding = embeddings_of(model, adapter)[0].module
-    # Meta tensors (offloaded weights) all report data_ptr 0: only identity can tell a tie there.
-    on_meta = head.weight.device.type == "meta" or embedding.weight.device.type == "meta"
-    same_storage = not on_meta and head.weight.data_ptr() == embedding.weight.data_ptr()
-    tied = head.weight is embedding.weight or same_storage
-    if tied:
-        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None and hasattr(config, "tie_word_embeddings"):
-            config.tie_word_embeddings = False
-    if hasattr(model, "_tied_weights_keys"):
-        model._tied_weights_keys = None
-    return tied
-
-
-@torch.no_grad()
-def fold_direction(
-    model: nn.Module,
-    adapter: Adapter,
-    direction: torch.Tensor,
-    writers: Iterable[ResolvedWriter] | None = None,
-    strength_of: Callable[[ResolvedWriter], Strength] | None = None,
-    norm_preserving: bool = False,
-) -> int:
-    """Edit ``model`` in place so no residual writer can write along ``direction``.
-
-    Args:
-        model: the causal LM (its weights are replaced in memory; nothing on disk changes).
-        adapter: the architecture description.
-        direction: ``[d_model]`` refusal direction, or an orthonormal subspace ``[k, d_model]``.
-        writers: edit only these (default: every residual writer); the gate's negative controls
-            (``abliterate.prove.controls``) leave some out.
-        strength_of: ``s`` of ``I − s r̂ r̂ᵀ`` per writer (weight and bias), default 1 everywhere;
-            the hook equivalent is ``abliterate.model.hooks.ablate_edit``. For a subspace, one strength per
-            row (``DeclaredEdit.scales_for``).
-        norm_preserving: fold ``W' = (I − s r̂ r̂ᵀ) W D`` into every weight (``orthogonalize``); biases
-            get ``(I − s r̂ r̂ᵀ) b``, never scaled.
-
-    Returns:
-        The number of tensors edited.
-
-    Raises:
-        ValueError: ``norm_preserving`` with a fused-experts writer, or a writer holding NaN/Inf values
-            (both checked before anything is edited).
-    """
-    chosen = list(residual_writers(model, adapter) if writers is None else writers)
-    if norm_preserving:
-        check_norm_preserving(chosen)
-    for writer in chosen:  # before anything is folded: the model is left as it was
-        refuse_non_finite(f"{writer.name}.{writer.weight}", writer.weight_tensor())
-        if writer.bias_tensor() is not None:
-            refuse_non_finite(f"{writer.name}.{writer.bias}", writer.bias_tensor())
-    untie_embeddings(model, adapter)
-    edited = 0
-    for writer in chosen:
-        strength = 1.0 if strength_of is None else strength_of(writer)
-        orthogonalize_(writer.weight_tensor().data, direction, writer.layout, strength, norm_preserving)
-        edited += 1
-        bias = writer.bias_tensor()
-        if bias is not None:
-            orthogonalize_(bias.data, direction, "embedding", strength)  # a bias is never scaled by D
-            edited += 1
-    return edited
-
-
 def changes(strength: Strength) -> bool:
     """Whether a fold at ``strength`` (one per row for a subspace) changes a tensor: not all zero."""
     return any(value != 0 for value in (strength if isinstance(strength, Sequence) else (strength,)))
@@ -430,14 +347,3 @@ def refuse_non_finite(name: str, tensor: torch.Tensor) -> None:
     """
     if not all_finite(tensor):
         raise ValueError(non_finite_writer(name))
-
-
-def check_norm_preserving(writers: Iterable[ResolvedWriter]) -> None:
-    """Raise one line naming the first fused-experts writer: a norm-preserving edit scales a writer's
-    input, and fused experts have no module boundary where their input could be scaled."""
-    for writer in writers:
-        if writer.layout in FUSED_EXPERTS:
-            raise ValueError(
-                f"{writer.name}: a norm-preserving edit cannot scale a fused expert's input "
-                "(no module boundary); use a plain edit for this model"
-            )
