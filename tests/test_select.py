@@ -11,7 +11,7 @@ from abliterate.adapters import resolve_adapter
 from abliterate.find.extract import extract_candidates
 from abliterate.find.select import refusal_scores, refusal_token_ids, select_direction
 from abliterate.model.batching import encode, eoi_length, forward_batches, last_logits
-from abliterate.model.hooks import ablate_direction
+from abliterate.model.hooks import ablated, projection
 from abliterate.model.prompts import bundled
 
 
@@ -46,7 +46,7 @@ def test_prefix_cache_and_batching_match_single_prompt_forwards() -> None:
             return_tensors="pt",
             return_dict=True,
         )
-        with torch.no_grad(), ablate_direction(model, adapter, direction):
+        with torch.no_grad(), ablated(model, adapter, projection(direction)):
             expected = model(**single).logits[0, -1]
         assert torch.allclose(batched[row], expected, atol=1e-4), row
 

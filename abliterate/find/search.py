@@ -13,8 +13,8 @@ Every point of the family is a weight edit ``W ← (I − s r̂ r̂ᵀ) W`` per 
   (``width = 0`` means flat: the same strength in every block).
 
 The paper's point (its candidate, strength 1 everywhere) is ``EditPoint.paper``. Each point has an exact
-hook equivalent (``abliterate.model.hooks.ablate_with_strengths``), so the parity gate and the certificate
-(``DeclaredEdit.layer_strengths``) prove the folded result like the paper's edit.
+hook equivalent (``abliterate.model.hooks.projection`` with strengths), so the parity gate and the
+certificate (``DeclaredEdit.layer_strengths``) prove the folded result like the paper's edit.
 
 The search (Optuna TPE, two objectives) scores trials cheaply: the mean first-token refusal score on a
 few harmful validation prompts and the first-token KL on a few harmless ones, several trials batched per
@@ -38,7 +38,7 @@ from abliterate.adapters import Adapter, ResolvedWriter
 from abliterate.edit.fold import Strength
 from abliterate.find.select import refusal_scores
 from abliterate.model.batching import EncodedPrompts, copied_last_logits
-from abliterate.model.hooks import ablate_subspace
+from abliterate.model.hooks import ablated, subspace_projection
 from abliterate.prove.parity import kl_divergence
 
 # Writer groups that take the MLP strength.
@@ -286,7 +286,7 @@ def batched_logits(
             values = torch.tensor([_padded_scales(point, writer) for point in points], dtype=torch.float32)
             return values.repeat_interleave(per_copy, dim=0)
 
-        with ablate_subspace(model, adapter, per_row, scales_of):
+        with ablated(model, adapter, subspace_projection(per_row, scales_of)):
             yield
 
     return copied_last_logits(model, encoded, hooks, copies)

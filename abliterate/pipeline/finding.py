@@ -15,7 +15,7 @@ from abliterate.find.extract import candidate_directions, extract_means
 from abliterate.find.judge import refusal_count
 from abliterate.find.select import RefusalDirection, direction_at, refusal_token_ids, select_direction
 from abliterate.model.batching import last_logits
-from abliterate.model.hooks import ablate_edit
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.evaluation import generation_options
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.parity import kl_divergence
@@ -109,7 +109,7 @@ def search(
     )
 
     def confirm(point: family.EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
-        with ablate_edit(model, adapter, direction, point.strength_of, point.norm_preserving):
+        with ablated(model, adapter, edit_projection(direction, point.strength_of, point.norm_preserving)):
             replies = refusal_rate(
                 model, subject.tokenizer, harmful, **generation_options(config, subject)
             ).replies
