@@ -4,8 +4,8 @@ prompts, first-token KL on harmless val prompts, and (``--generate``) judged ref
     python benchmarks/edit_levers.py /tmp/x/direction.safetensors --n 32 [--generate]
 
 Variants: the file's edit as stored (plain), and the same with the column-norm-preserving fold
-(``W' = (I − s r̂ r̂ᵀ) W D``, hook: ``abliterate.model.hooks.ablate_norm_preserving``), each at strength 1 and
-at a few lower uniform strengths, so the two trade-off curves can be compared at equal KL.
+(``W' = (I − s r̂ r̂ᵀ) W D``, hook: ``abliterate.model.hooks.norm_preserving_projection``), each at
+strength 1 and at a few lower uniform strengths, so the two trade-off curves can be compared at equal KL.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from abliterate.find.evaluate import generate_replies
 from abliterate.find.judge import refusal_count
 from abliterate.find.scores import refusal_scores, refusal_token_ids
 from abliterate.model.batching import encode, last_logits
-from abliterate.model.hooks import ablate_edit, ablate_norm_preserving
+from abliterate.model.hooks import ablated, edit_projection, norm_preserving_projection
 from abliterate.model.loading import load_model
 from abliterate.model.prompts import bundled
 from abliterate.prove.parity import kl_divergence
@@ -45,9 +45,9 @@ def main() -> None:
     base = refusal_scores(last_logits(model, adapter, enc_harmful)[0], ids).mean().item()
     print(json.dumps({"variant": "original", "refusal_score": round(base, 3)}), flush=True)
     for strength in [float(s) for s in args.strengths.split(",")]:
-        for name, hooks in (("plain", ablate_edit), ("norm-preserving", ablate_norm_preserving)):
+        for name, operator in (("plain", edit_projection), ("norm-preserving", norm_preserving_projection)):
             started = time.perf_counter()
-            with hooks(model, adapter, direction, lambda writer, s=strength: s):
+            with ablated(model, adapter, operator(direction, lambda writer, s=strength: s)):
                 score = refusal_scores(last_logits(model, adapter, enc_harmful)[0], ids).mean().item()
                 kl = kl_divergence(reference, last_logits(model, adapter, enc_harmless)[0]).mean().item()
                 row = {

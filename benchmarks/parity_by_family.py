@@ -34,9 +34,9 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 
 from abliterate.adapters import registered_model_types, resolve_adapter  # noqa: E402
 from abliterate.edit.walker import fold_direction  # noqa: E402
-from abliterate.model.hooks import ablate_direction  # noqa: E402
+from abliterate.model.hooks import ablated, projection  # noqa: E402
 from abliterate.prove.parity import kl_divergence  # noqa: E402
-from abliterate.prove.residual import ablate_residual_stream  # noqa: E402
+from abliterate.prove.residual import full_projection, residual_sites  # noqa: E402
 
 COMMAND = "python benchmarks/parity_by_family.py"
 
@@ -77,9 +77,9 @@ def measure(model_type: str, prompts: list[torch.Tensor]) -> dict[str, float | s
     generator = torch.Generator().manual_seed(0)
     direction, wrong = _unit(model.config.hidden_size, generator), _unit(model.config.hidden_size, generator)
 
-    with ablate_direction(model, adapter, direction):
+    with ablated(model, adapter, projection(direction)):
         reference = _logits(model, prompts)
-    with ablate_residual_stream(model, adapter, direction):
+    with ablated(model, adapter, full_projection(direction), where=residual_sites):
         full_ablation = _logits(model, prompts)
     folded, folded_wrong = copy.deepcopy(model), copy.deepcopy(model)
     fold_direction(folded, adapter, direction)
@@ -87,7 +87,7 @@ def measure(model_type: str, prompts: list[torch.Tensor]) -> dict[str, float | s
     edited, edited_wrong = _logits(folded, prompts), _logits(folded_wrong, prompts)
 
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    with ablate_direction(model_bf16, adapter, direction):
+    with ablated(model_bf16, adapter, projection(direction)):
         hooked_bf16 = _logits(model_bf16, prompts)
     fold_direction(model_bf16, adapter, direction)
     edited_bf16 = _logits(model_bf16, prompts)

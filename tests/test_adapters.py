@@ -29,9 +29,9 @@ from abliterate.adapters import (
 from abliterate.adapters.discovery import discover_adapter, structure_of
 from abliterate.adapters.matrix import readme_matrix, support_matrix_markdown
 from abliterate.edit.walker import fold_direction
-from abliterate.model.hooks import ablate_direction
+from abliterate.model.hooks import ablated, projection
 from abliterate.prove.parity import compare_logits, kl_divergence
-from abliterate.prove.residual import ablate_residual_stream, residual_terms
+from abliterate.prove.residual import full_projection, residual_sites, residual_terms
 
 # The support matrix claims fp32 and bf16 parity for exactly these model types.
 PARITY_MODEL_TYPES = registered_model_types()
@@ -67,7 +67,7 @@ def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _hooked(model: nn.Module, adapter: Adapter, direction: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    with ablate_direction(model, adapter, direction):
+    with ablated(model, adapter, projection(direction)):
         return _logits(model, ids)
 
 
@@ -114,7 +114,7 @@ def _residual_leak(model: nn.Module, adapter: Adapter, direction: torch.Tensor, 
     handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True) for block in blocks]
     handles.append(blocks[-1].register_forward_hook(post_hook))
     try:
-        with ablate_residual_stream(model, adapter, direction):
+        with ablated(model, adapter, full_projection(direction), where=residual_sites):
             _logits(model, ids)
     finally:
         for handle in handles:
@@ -149,7 +149,7 @@ def test_fold_reproduces_hooked_original(model_type: str) -> None:
 
     # Post-norm families: the fold equals the writer hooks, not full residual-stream ablation; the
     # distance to the latter is what the report gives next to parity.
-    with ablate_residual_stream(model, adapter, direction):
+    with ablated(model, adapter, full_projection(direction), where=residual_sites):
         full = compare_logits(_logits(model, ids), edited, "float32")
     if adapter.post_norm:
         assert 0 < full.max_abs_logit_diff < float("inf")

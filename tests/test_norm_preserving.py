@@ -20,7 +20,7 @@ from abliterate.edit.kernel import norm_factors, orthogonalize
 from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint
 from abliterate.model.batching import all_position_logits, encode
-from abliterate.model.hooks import ablate_edit
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.ship.search_io import (
     declared_edit,
@@ -109,7 +109,7 @@ def test_kernel_refuses_fused_experts() -> None:
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 @pytest.mark.parametrize("direction_rows", [1, 2])
 def test_fold_equals_its_hooks(model_type: str, direction_rows: int) -> None:
-    """A searched point folded norm-preserving equals its hooks (``ablate_edit(norm_preserving=True)``)
+    """A searched point folded norm-preserving equals its hooks (``edit_projection(norm_preserving=True)``)
     to 1e-4 of the logit scale; the plain fold of the same point is another edit."""
     model = make_model(model_type)
     adapter = resolve_adapter(model)
@@ -117,7 +117,7 @@ def test_fold_equals_its_hooks(model_type: str, direction_rows: int) -> None:
     point = POINT if direction_rows == 2 else EditPoint(**{**POINT.__dict__, "second": None})
     direction = basis if direction_rows == 2 else basis[0]
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8, share_prefix=False)
-    with ablate_edit(model, adapter, direction, point.strength_of, norm_preserving=True):
+    with ablated(model, adapter, edit_projection(direction, point.strength_of, norm_preserving=True)):
         hooked = all_position_logits(model, prompts)
     folded = copy.deepcopy(model)
     fold_direction(folded, adapter, direction, strength_of=point.strength_of, norm_preserving=True)
@@ -264,7 +264,7 @@ def test_fused_experts_and_lora_are_refused_in_one_line(tmp_path: Path) -> None:
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     for refused in (
         lambda: fold_direction(model, adapter, basis[0], norm_preserving=True),
-        lambda: ablate_edit(model, adapter, basis[0], None, norm_preserving=True).__enter__(),
+        lambda: ablated(model, adapter, edit_projection(basis[0], None, norm_preserving=True)).__enter__(),
     ):
         with pytest.raises(ValueError, match=r"^\S*experts\S*: a norm-preserving edit cannot scale") as error:
             refused()

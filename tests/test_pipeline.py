@@ -82,7 +82,7 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
 def test_saved_checkpoint_equals_hooked_original(tiny_qwen2: Path, run_output: Path) -> None:
     """Reload both from disk; the edited model must equal the original with the direction hooked out."""
     from abliterate.adapters import resolve_adapter
-    from abliterate.model.hooks import ablate_direction
+    from abliterate.model.hooks import ablated, projection
 
     direction = load_file(run_output / "direction.safetensors")["direction"]
     assert direction.dtype == torch.float32
@@ -96,7 +96,7 @@ def test_saved_checkpoint_equals_hooked_original(tiny_qwen2: Path, run_output: P
         return_tensors="pt",
         return_dict=True,
     )
-    with torch.no_grad(), ablate_direction(original, resolve_adapter(original), direction):
+    with torch.no_grad(), ablated(original, resolve_adapter(original), projection(direction)):
         reference = original(**batch).logits
     with torch.no_grad():
         result = edited(**batch).logits

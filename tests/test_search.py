@@ -27,7 +27,7 @@ from abliterate.find.search import (
 )
 from abliterate.find.space import SearchSpace
 from abliterate.model.batching import all_position_logits, encode, last_logits
-from abliterate.model.hooks import ablate_edit, ablate_with_strengths
+from abliterate.model.hooks import ablated, edit_projection, projection
 from abliterate.prove.certificate import certify_checkpoint
 
 PROFILE = EditPoint(layer=1.4, position=-1, embedding=0.3, attention=1.2, mlp=0.6, peak=1.0, width=2.0)
@@ -51,7 +51,7 @@ def test_fold_with_a_profile_equals_its_hooks(model_type: str) -> None:
     adapter = resolve_adapter(model)
     direction = _direction(model)
     prompts = _encoded()
-    with ablate_with_strengths(model, adapter, direction, PROFILE.strength_of):
+    with ablated(model, adapter, projection(direction, PROFILE.strength_of)):
         hooked = all_position_logits(model, prompts)
     folded = copy.deepcopy(model)
     fold_direction(folded, adapter, direction, strength_of=PROFILE.strength_of)
@@ -89,12 +89,14 @@ def test_batched_trials_equal_single_trials() -> None:
     batched = batched_logits(model, adapter, prompts, points, padded_bases(points, space))
     for index, point in enumerate(points):
         direction = point_direction(point, candidates, means)
-        with ablate_edit(model, adapter, direction, point.strength_of):
+        with ablated(model, adapter, edit_projection(direction, point.strength_of)):
             single = last_logits(model, adapter, prompts)[0]
         torch.testing.assert_close(batched[index], single, atol=1e-4, rtol=1e-4)
     assert (batched[0] - batched[1]).abs().max() > 1e-3  # the rows really carry different edits
     rank1 = replace(RANK2, second=None, second_weight=0.0)
-    with ablate_edit(model, adapter, point_direction(rank1, candidates, means), rank1.strength_of):
+    with ablated(
+        model, adapter, edit_projection(point_direction(rank1, candidates, means), rank1.strength_of)
+    ):
         without_second = last_logits(model, adapter, prompts)[0]
     assert (batched[3] - without_second).abs().max() > 1e-3  # the second direction changes the logits
 

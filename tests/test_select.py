@@ -12,7 +12,7 @@ from abliterate.find.extract import extract_candidates
 from abliterate.find.scores import refusal_scores, refusal_token_ids
 from abliterate.find.select import select_direction
 from abliterate.model.batching import encode, eoi_length, forward_batches, last_logits
-from abliterate.model.hooks import ablate_direction
+from abliterate.model.hooks import ablated, projection
 from abliterate.model.prompts import bundled
 
 
@@ -47,7 +47,7 @@ def test_prefix_cache_and_batching_match_single_prompt_forwards() -> None:
             return_tensors="pt",
             return_dict=True,
         )
-        with torch.no_grad(), ablate_direction(model, adapter, direction):
+        with torch.no_grad(), ablated(model, adapter, projection(direction)):
             expected = model(**single).logits[0, -1]
         assert torch.allclose(batched[row], expected, atol=1e-4), row
 

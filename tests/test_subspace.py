@@ -18,7 +18,7 @@ from abliterate.edit.kernel import check_basis, orthogonalize
 from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.model.batching import all_position_logits, encode
-from abliterate.model.hooks import ablate_edit
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.ship.search_io import declared_from_file, point_metadata
 
@@ -93,7 +93,7 @@ def test_subspace_fold_equals_its_hooks(model_type: str) -> None:
     declared = DeclaredEdit(basis, {"embedding": 0.5}, 1.0, POINT.layer_strengths(n_layers), (1.0, 0.4))
     strength_of = lambda writer: declared.scales_for(writer.group, writer.layer)  # noqa: E731
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8, share_prefix=False)
-    with ablate_edit(model, adapter, basis, strength_of):
+    with ablated(model, adapter, edit_projection(basis, strength_of)):
         hooked = all_position_logits(model, prompts)
     folded = copy.deepcopy(model)
     fold_direction(folded, adapter, basis, strength_of=strength_of)
@@ -191,13 +191,13 @@ def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
     hold ``(I − s r̂ r̂ᵀ) b``."""
     from abliterate.adapters import residual_writers
     from abliterate.edit.kernel import norm_factors
-    from abliterate.model.hooks import ablate_norm_preserving
+    from abliterate.model.hooks import norm_preserving_projection
 
     model = make_model(model_type)
     adapter = resolve_adapter(model)
     direction = _basis(model.config.hidden_size)[0]
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8, share_prefix=False)
-    with ablate_norm_preserving(model, adapter, direction, lambda writer: 0.8):
+    with ablated(model, adapter, norm_preserving_projection(direction, lambda writer: 0.8)):
         hooked = all_position_logits(model, prompts)
     edited = copy.deepcopy(model)
     fold_direction(edited, adapter, direction, writers=[])  # unties a tied head, edits nothing

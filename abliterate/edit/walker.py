@@ -59,7 +59,7 @@ def fold_direction(
         writers: edit only these (default: every residual writer); the gate's negative controls
             (``abliterate.prove.controls``) leave some out.
         strength_of: ``s`` of ``I − s r̂ r̂ᵀ`` per writer (weight and bias), default 1 everywhere;
-            the hook equivalent is ``abliterate.model.hooks.ablate_edit``. For a subspace, one strength per
+            the hook equivalent is ``model.hooks.edit_projection``. For a subspace, one strength per
             row (``DeclaredEdit.scales_for``).
         norm_preserving: fold ``W' = (I − s r̂ r̂ᵀ) W D`` into every weight (``orthogonalize``); biases
             get ``(I − s r̂ r̂ᵀ) b``, never scaled.

@@ -13,7 +13,7 @@ Every point is a weight edit ``W ← (I − s r̂ r̂ᵀ) W`` per residual write
   (``width = 0`` means flat: the same strength in every block).
 
 The paper's point (its candidate, strength 1 everywhere) is ``EditPoint.paper``. Each point has an exact
-hook equivalent (``abliterate.model.hooks.ablate_with_strengths``), so the parity gate and the certificate
+hook equivalent (``abliterate.model.hooks.projection``), so the parity gate and the certificate
 (``DeclaredEdit.layer_strengths``) prove the folded result like the paper's edit.
 """
 

@@ -23,7 +23,7 @@ from abliterate.find.point import EditPoint, point_direction
 from abliterate.find.scores import refusal_scores
 from abliterate.find.space import SearchSpace, warm_starts
 from abliterate.model.batching import EncodedPrompts, copied_last_logits
-from abliterate.model.hooks import ablate_subspace
+from abliterate.model.hooks import ablated, subspace_projection
 from abliterate.prove.parity import kl_divergence
 
 # The finalists' KL bounds, as multiples of --max-kl (``finalists``).
@@ -96,7 +96,7 @@ def batched_logits(
             values = torch.tensor([_padded_scales(point, writer) for point in points], dtype=torch.float32)
             return values.repeat_interleave(per_copy, dim=0)
 
-        with ablate_subspace(model, adapter, per_row, scales_of):
+        with ablated(model, adapter, subspace_projection(per_row, scales_of)):
             yield
 
     return copied_last_logits(model, encoded, hooks, copies)

@@ -21,7 +21,7 @@ from torch import nn
 from abliterate.adapters import Adapter
 from abliterate.model.chat import ChatFormat
 from abliterate.model.dispatch import input_device
-from abliterate.model.hooks import StopForward, ablate_direction, add_to_block_input
+from abliterate.model.hooks import StopForward, ablated, add_to_block_input, projection
 
 # Builds the hook context for one forward pass: (rows in the pass, whether it is the shared prefix).
 HookFactory = Callable[[int, bool], AbstractContextManager]
@@ -243,7 +243,7 @@ def last_logits(
     def hooks(rows: int, prefix: bool) -> Iterator[None]:
         if ablate is not None:
             per_row = ablate.repeat_interleave(rows // copies, dim=0)
-            context = ablate_direction(model, adapter, per_row)
+            context = ablated(model, adapter, projection(per_row))
         elif steer is not None:
             context = add_to_block_input(model, adapter, steer[0], steer[1])
         else:

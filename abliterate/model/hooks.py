@@ -1,10 +1,16 @@
-"""Every hook abliterate installs, each in a context manager that always removes it."""
+"""Every hook abliterate installs, each in a context manager that always removes it.
+
+An ablation is one patcher, ``ablated``, fed a small operator: the operator says what the hooks do at
+one site (``projection``, ``subspace_projection``, ``norm_preserving_projection``; ``edit_projection``
+picks the one a declared edit needs), the placement says which modules are the sites (every residual
+writer by default, where the weight fold edits).
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,10 +18,14 @@ from torch import nn
 
 from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
 from abliterate.adapters.resolve import blocks_of
+from abliterate.edit.kernel import norm_factors
+from abliterate.edit.walker import check_norm_preserving
 
 HiddenCallback = Callable[[int, torch.Tensor], None]
 # The strength of the projection at one residual writer: a float, or ``[batch]`` (one per batch row).
 StrengthOf = Callable[[ResolvedWriter], "float | torch.Tensor"]
+# Per-writer scales of a subspace edit: ``[k]`` (a sequence or tensor), or ``[batch, k]``.
+ScalesOf = Callable[[ResolvedWriter], Any]
 
 
 def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -88,6 +98,30 @@ def stop_before(model: nn.Module, adapter: Adapter, layer: int) -> Iterator[None
         yield
 
 
+@contextmanager
+def add_to_block_input(
+    model: nn.Module, adapter: Adapter, vector: torch.Tensor, layer: int
+) -> Iterator[None]:
+    """Add ``vector`` to the residual stream entering block ``layer`` at every position (steering)."""
+    _, blocks = blocks_of(model, adapter)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = _hidden_of(args, kwargs)
+        steered = hidden + vector.to(device=hidden.device, dtype=hidden.dtype)
+        if args:
+            return (steered, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": steered}
+
+    handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    with registered([handle]):
+        yield
+
+
+def unit_rows(direction: torch.Tensor) -> torch.Tensor:
+    """``r / |r|`` along the last axis: a direction ``[d_model]``, or each row of ``[k, d_model]``."""
+    return direction / direction.norm(dim=-1, keepdim=True)
+
+
 def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """``h − (h·r̂) r̂`` along the last axis, in float32 or better, returned in ``hidden``'s dtype.
 
@@ -95,41 +129,8 @@ def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         hidden: ``[..., d_model]``.
         direction: unit ``[d_model]``, or ``[batch, d_model]`` for one direction per batch row.
     """
-    compute = torch.promote_types(hidden.dtype, torch.float32)
-    h = hidden.to(compute)
-    r = direction.to(device=hidden.device, dtype=compute)
-    if r.dim() == 2:  # one direction per batch row: [batch, 1, ..., d_model]
-        r = r.view(r.shape[0], *([1] * (h.dim() - 2)), r.shape[-1])
-    return (h - (h * r).sum(-1, keepdim=True) * r).to(hidden.dtype)
-
-
-def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (fn(output[0]), *output[1:])
-    raise TypeError(f"cannot ablate a module output of type {type(output).__name__}")
-
-
-@contextmanager
-def ablate_direction(model: nn.Module, adapter: Adapter, direction: torch.Tensor) -> Iterator[None]:
-    """Project ``direction`` out of the output of the embeddings and of every residual writer.
-
-    This is the reference ("hooked") model that the weight fold must reproduce exactly.
-
-    Args:
-        model: the causal LM.
-        adapter: its architecture description.
-        direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
-    """
-    if direction.dim() == 1:
-        direction = direction / direction.norm()
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return _map_output(output, lambda out: project_out(out, direction))
-
-    with registered(writer.module.register_forward_hook(hook) for writer in residual_writers(model, adapter)):
-        yield
+    # A strength of exactly 1 multiplies exactly, so this is bit for bit the unscaled projection.
+    return project_out_scaled(hidden, direction, 1.0)
 
 
 def project_out_scaled(
@@ -146,46 +147,11 @@ def project_out_scaled(
     h = hidden.to(compute)
     r = direction.to(device=hidden.device, dtype=compute)
     shape = (-1, *([1] * (h.dim() - 1)))
-    if r.dim() == 2:
+    if r.dim() == 2:  # one direction per batch row: [batch, 1, ..., d_model]
         r = r.view(r.shape[0], *([1] * (h.dim() - 2)), r.shape[-1])
     if isinstance(strength, torch.Tensor):
         strength = strength.to(device=hidden.device, dtype=compute).view(shape)
     return (h - strength * (h * r).sum(-1, keepdim=True) * r).to(hidden.dtype)
-
-
-@contextmanager
-def ablate_with_strengths(
-    model: nn.Module, adapter: Adapter, direction: torch.Tensor, strength_of: StrengthOf
-) -> Iterator[None]:
-    """Project ``s · (h·r̂) r̂`` out of every residual writer's output, ``s = strength_of(writer)``.
-
-    The hook equivalent of folding ``I − s r̂ r̂ᵀ`` with a per-writer strength into the weights (a
-    writer of strength 0 gets no hook). With ``[batch, d_model]`` directions and ``[batch]``
-    strengths, every batch row is its own edit, so many edits share one forward pass.
-
-    Args:
-        model: the causal LM.
-        adapter: its architecture description.
-        direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
-        strength_of: the strength of each writer.
-    """
-    if direction.dim() == 1:
-        direction = direction / direction.norm()
-
-    def make_hook(strength: float | torch.Tensor) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            return _map_output(output, lambda out: project_out_scaled(out, direction, strength))
-
-        return hook
-
-    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
-        for writer in residual_writers(model, adapter):
-            strength = strength_of(writer)
-            if isinstance(strength, torch.Tensor) or strength != 0:
-                yield writer.module.register_forward_hook(make_hook(strength))
-
-    with registered(handles()):
-        yield
 
 
 def project_out_subspace(hidden: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -207,140 +173,175 @@ def project_out_subspace(hidden: torch.Tensor, basis: torch.Tensor, scales: torc
     return (flat - torch.bmm(coefficients, q)).reshape(h.shape).to(hidden.dtype)
 
 
-# Per-writer scales of a subspace edit: ``[k]`` (a sequence or tensor), or ``[batch, k]``.
-ScalesOf = Callable[[ResolvedWriter], Any]
+@dataclass(frozen=True)
+class Patch:
+    """What the hooks do at one module.
+
+    Attributes:
+        output: ``(output, inputs) -> replacement`` of the module's output tensor; ``inputs`` are its
+            positional arguments (an embedding's token ids).
+        input: ``hidden -> replacement`` of the module's first positional argument before it runs
+            (``None``: left as it is).
+    """
+
+    output: Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]
+    input: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+# An ablation operator: the patch at one site, or ``None`` to leave the site alone. The site is the
+# residual writer hooked, or ``None`` where the placement hooks a module that is no writer.
+Operator = Callable[["ResolvedWriter | None"], "Patch | None"]
+# Where an ablation's hooks go: each module to hook, with the residual writer it is (or ``None``).
+Placement = Callable[[nn.Module, Adapter], Iterable[tuple[nn.Module, "ResolvedWriter | None"]]]
+
+
+def writer_sites(model: nn.Module, adapter: Adapter) -> list[tuple[nn.Module, ResolvedWriter | None]]:
+    """The embeddings and every residual writer: what the fold edits (so it must equal these hooks)."""
+    return [(writer.module, writer) for writer in residual_writers(model, adapter)]
+
+
+def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (fn(output[0]), *output[1:])
+    raise TypeError(f"cannot ablate a module output of type {type(output).__name__}")
+
+
+def _output_hook(rewrite: Callable[[torch.Tensor, tuple[Any, ...]], torch.Tensor]) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return _map_output(output, lambda out: rewrite(out, args))
+
+    return hook
+
+
+def _input_hook(rewrite: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+        return (rewrite(args[0]), *args[1:])
+
+    return hook
 
 
 @contextmanager
-def ablate_subspace(
-    model: nn.Module, adapter: Adapter, basis: torch.Tensor, scales_of: ScalesOf
+def ablated(
+    model: nn.Module, adapter: Adapter, operator: Operator, where: Placement = writer_sites
 ) -> Iterator[None]:
-    """Project ``Σ_i s_i (h·q_i) q_i`` out of every residual writer's output, ``s = scales_of(writer)``:
-    the hook equivalent of folding ``I − Q diag(s) Qᵀ`` (``abliterate.edit.kernel.orthogonalize_`` with a
-    ``[k, d_model]`` direction). A writer whose scales are all 0 gets no hook.
+    """Hook ``operator``'s patch on every site of ``where`` for the ``with`` body.
+
+    Args:
+        model: the causal LM.
+        adapter: its architecture description.
+        operator: what to do at each site (see ``projection`` and its siblings).
+        where: the sites (default: every residual writer, ``writer_sites``).
+    """
+
+    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
+        for module, writer in where(model, adapter):
+            patch = operator(writer)
+            if patch is None:
+                continue
+            yield module.register_forward_hook(_output_hook(patch.output))
+            if patch.input is not None:
+                yield module.register_forward_pre_hook(_input_hook(patch.input))
+
+    with registered(handles()):
+        yield
+
+
+def projection(direction: torch.Tensor, strength_of: StrengthOf | None = None) -> Operator:
+    """Project ``direction`` out of each site's output: ``h − (h·r̂) r̂``, or ``h − s (h·r̂) r̂`` with
+    ``s = strength_of(writer)`` (the hook equivalent of folding ``I − s r̂ r̂ᵀ``; a writer of strength 0
+    is not hooked). With ``[batch, d_model]`` directions and ``[batch]`` strengths, every batch row is
+    its own edit, so many edits share one forward pass.
+
+    Args:
+        direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
+        strength_of: the strength of each writer (default: 1 everywhere, the paper's edit).
+    """
+    if direction.dim() == 1:
+        direction = unit_rows(direction)
+    if strength_of is None:
+        plain = Patch(lambda out, inputs: project_out(out, direction))
+        return lambda writer: plain
+
+    def at(writer: ResolvedWriter | None) -> Patch | None:
+        strength = strength_of(writer)
+        if isinstance(strength, torch.Tensor) or strength != 0:
+            return Patch(lambda out, inputs: project_out_scaled(out, direction, strength))
+        return None
+
+    return at
+
+
+def subspace_projection(basis: torch.Tensor, scales_of: ScalesOf) -> Operator:
+    """Project ``Σ_i s_i (h·q_i) q_i`` out of each site's output, ``s = scales_of(writer)``: the hook
+    equivalent of folding ``I − Q diag(s) Qᵀ`` (``abliterate.edit.kernel.orthogonalize_`` with a
+    ``[k, d_model]`` direction). A writer whose scales are all 0 is not hooked.
 
     Args:
         basis: orthonormal rows ``[k, d_model]``, or ``[batch, k, d_model]`` (one edit per batch row,
             ``scales_of`` then gives ``[batch, k]``).
+        scales_of: the scales of each writer.
     """
 
-    def make_hook(scales: torch.Tensor) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            return _map_output(output, lambda out: project_out_subspace(out, basis, scales))
+    def at(writer: ResolvedWriter | None) -> Patch | None:
+        scales = torch.as_tensor(scales_of(writer), dtype=torch.float64)
+        if bool((scales != 0).any()):
+            return Patch(lambda out, inputs: project_out_subspace(out, basis, scales))
+        return None
 
-        return hook
-
-    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
-        for writer in residual_writers(model, adapter):
-            scales = torch.as_tensor(scales_of(writer), dtype=torch.float64)
-            if bool((scales != 0).any()):
-                yield writer.module.register_forward_hook(make_hook(scales))
-
-    with registered(handles()):
-        yield
+    return at
 
 
-@contextmanager
-def ablate_norm_preserving(
-    model: nn.Module, adapter: Adapter, direction: torch.Tensor, strength_of: Callable[[ResolvedWriter], Any]
-) -> Iterator[None]:
+def norm_preserving_projection(direction: torch.Tensor, strength_of: StrengthOf) -> Operator:
     """The hook equivalent of the column-norm-preserving fold ``W' = (I − s r̂ r̂ᵀ) W D``
-    (``abliterate.edit.kernel.norm_factors``): scale what each writer reads by ``D``, then project its output.
-
-    An embedding's ``D`` is per token, so its hook scales each output row by ``D[token]``. Fused experts
-    have no module boundary between the expert choice and their weights, so they are refused.
+    (``abliterate.edit.kernel.norm_factors``): scale what each writer reads by ``D``, then project its
+    output. An embedding's ``D`` is per token, so its output rows are scaled by ``D[token]``. Fused
+    experts have no module boundary between the expert choice and their weights, so they are refused.
 
     Args:
-        direction: ``[d_model]``, or an orthonormal subspace ``[k, d_model]``.
+        direction: ``[d_model]``, or an orthonormal subspace ``[k, d_model]`` (rows normalized here).
         strength_of: each writer's strength (per row of a subspace).
     """
-    from abliterate.edit.kernel import norm_factors
-    from abliterate.edit.walker import check_norm_preserving
+    basis = unit_rows(direction.reshape(-1, direction.shape[-1]))
 
-    basis = direction.reshape(-1, direction.shape[-1])
-    basis = basis / basis.norm(dim=-1, keepdim=True)
-    writers = list(residual_writers(model, adapter))
-    check_norm_preserving(writers)  # before any hook is installed
+    def at(writer: ResolvedWriter | None) -> Patch:
+        check_norm_preserving([writer])
+        scales = torch.as_tensor(strength_of(writer), dtype=torch.float64).expand(basis.shape[0])
+        factors = norm_factors(writer.weight_tensor(), basis, writer.layout, tuple(scales.tolist()))
+        if writer.group == "embedding":  # per token: no input to scale, its output rows are scaled
+            return Patch(lambda out, ids: _scale_rows(project_out_subspace(out, basis, scales), factors, ids))
+        return Patch(lambda out, inputs: project_out_subspace(out, basis, scales), _scaling(factors))
 
-    def handles() -> Iterator[torch.utils.hooks.RemovableHandle]:
-        for writer in writers:
-            strength = strength_of(writer)
-            scales = torch.as_tensor(strength, dtype=torch.float64).expand(basis.shape[0])
-            factors = norm_factors(writer.weight_tensor(), basis, writer.layout, tuple(scales.tolist()))
-            yield writer.module.register_forward_hook(
-                _projecting(basis, scales, factors, writer.group == "embedding")
-            )
-            if writer.group != "embedding":
-                yield writer.module.register_forward_pre_hook(_scaling_input(factors))
-
-    with registered(handles()):
-        yield
+    return at
 
 
-def _scaling_input(factors: torch.Tensor) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
-        hidden = args[0]
-        scaled = (hidden.to(torch.float32) * factors.to(device=hidden.device, dtype=torch.float32)).to(
-            hidden.dtype
-        )
-        return (scaled, *args[1:])
+def _scaling(factors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def scale(hidden: torch.Tensor) -> torch.Tensor:
+        wide = factors.to(device=hidden.device, dtype=torch.float32)
+        return (hidden.to(torch.float32) * wide).to(hidden.dtype)
 
-    return hook
+    return scale
 
 
-def _projecting(
-    basis: torch.Tensor, scales: torch.Tensor, factors: torch.Tensor, per_token: bool
-) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        def ablate(out: torch.Tensor) -> torch.Tensor:
-            projected = project_out_subspace(out, basis, scales)
-            if not per_token:
-                return projected
-            row_scale = factors.to(out.device)[args[0]].to(torch.float32)[..., None]
-            return (projected.to(torch.float32) * row_scale).to(out.dtype)
-
-        return _map_output(output, ablate)
-
-    return hook
+def _scale_rows(projected: torch.Tensor, factors: torch.Tensor, inputs: tuple[Any, ...]) -> torch.Tensor:
+    # An embedding's factors are per token: row ``i`` of the output is scaled by ``D[token_i]``.
+    row_scale = factors.to(projected.device)[inputs[0]].to(torch.float32)[..., None]
+    return (projected.to(torch.float32) * row_scale).to(projected.dtype)
 
 
-def ablate_edit(
-    model: nn.Module,
-    adapter: Adapter,
+def edit_projection(
     direction: torch.Tensor,
     strength_of: Callable[[ResolvedWriter], Any] | None,
     norm_preserving: bool = False,
-) -> contextlib.AbstractContextManager[None]:
-    """The hooked reference of a fold: ``direction`` ``[d_model]`` with ``strength_of`` (``None``: 1
-    everywhere, the paper's edit), or a subspace ``[k, d_model]`` whose ``strength_of`` gives one
-    strength per row (``DeclaredEdit.scales_for``); ``norm_preserving``: of the fold ``(I − s r̂ r̂ᵀ) W D``
-    (``ablate_norm_preserving``)."""
+) -> Operator:
+    """The operator whose hooks are the reference of a fold: ``direction`` ``[d_model]`` with
+    ``strength_of`` (``None``: 1 everywhere, the paper's edit), or a subspace ``[k, d_model]`` whose
+    ``strength_of`` gives one strength per row (``DeclaredEdit.scales_for``); ``norm_preserving``: of
+    the fold ``(I − s r̂ r̂ᵀ) W D`` (``norm_preserving_projection``)."""
     if norm_preserving:
-        if strength_of is None:
-            return ablate_norm_preserving(model, adapter, direction, lambda writer: 1.0)
-        return ablate_norm_preserving(model, adapter, direction, strength_of)
+        return norm_preserving_projection(direction, strength_of or (lambda writer: 1.0))
     if direction.dim() == 2:
         rows = direction.shape[0]
-        return ablate_subspace(model, adapter, direction, strength_of or (lambda writer: [1.0] * rows))
-    if strength_of is None:
-        return ablate_direction(model, adapter, direction)
-    return ablate_with_strengths(model, adapter, direction, strength_of)
-
-
-@contextmanager
-def add_to_block_input(
-    model: nn.Module, adapter: Adapter, vector: torch.Tensor, layer: int
-) -> Iterator[None]:
-    """Add ``vector`` to the residual stream entering block ``layer`` at every position (steering)."""
-    _, blocks = blocks_of(model, adapter)
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        hidden = _hidden_of(args, kwargs)
-        steered = hidden + vector.to(device=hidden.device, dtype=hidden.dtype)
-        if args:
-            return (steered, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": steered}
-
-    handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    with registered([handle]):
-        yield
+        return subspace_projection(direction, strength_of or (lambda writer: [1.0] * rows))
+    return projection(direction, strength_of)

@@ -18,7 +18,7 @@ from abliterate.find.search import Confirm, SearchData, SearchResult, SearchSett
 from abliterate.find.select import RefusalDirection, direction_at, select_direction
 from abliterate.find.space import SearchSpace
 from abliterate.model.batching import EncodedPrompts, last_logits
-from abliterate.model.hooks import ablate_edit
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.evaluation import generation_options
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.parity import kl_divergence
@@ -127,7 +127,7 @@ def _confirmation(
     model, adapter = subject.model, subject.adapter
 
     def confirm(point: EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
-        with ablate_edit(model, adapter, direction, point.strength_of, point.norm_preserving):
+        with ablated(model, adapter, edit_projection(direction, point.strength_of, point.norm_preserving)):
             replies = refusal_rate(
                 model, subject.tokenizer, inputs.harmful.val, **generation_options(config, subject)
             ).replies

@@ -24,7 +24,7 @@ from abliterate.model.batching import (
     encode,
 )
 from abliterate.model.gguf_source import certificate_source
-from abliterate.model.hooks import ablate_edit
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
@@ -49,9 +49,8 @@ def norm_preserving(chosen: RefusalDirection) -> bool:
 
 def hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextManager:
     """The hook equivalent of the chosen edit (the paper's or a searched point)."""
-    return ablate_edit(
-        subject.model, subject.adapter, chosen.direction, strengths(chosen), norm_preserving(chosen)
-    )
+    operator = edit_projection(chosen.direction, strengths(chosen), norm_preserving(chosen))
+    return ablated(subject.model, subject.adapter, operator)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from torch import nn
 from abliterate.adapters import Adapter, residual_writers
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
-from abliterate.model.hooks import StrengthOf, ablate_edit
+from abliterate.model.hooks import StrengthOf, ablated, edit_projection
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import CompanionReport
 from abliterate.prove.parity import (
@@ -124,13 +124,13 @@ def hooked_reference(
     Args:
         strength_of: per-writer strengths of the declared edit (default: 1 everywhere), the same
             function the fold is given.
-        norm_preserving: the declared edit is the norm-preserving fold (``ablate_norm_preserving``).
+        norm_preserving: the declared edit is the norm-preserving fold (``norm_preserving_projection``).
 
     Raises:
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    with ablate_edit(model, adapter, direction, strength_of, norm_preserving):
+    with ablated(model, adapter, edit_projection(direction, strength_of, norm_preserving)):
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 

@@ -1,18 +1,18 @@
 """Full residual-stream ablation: the reference that post-norm families can only approximate.
 
-``abliterate.model.hooks.ablate_direction`` projects r̂ out of what each writer emits, which is exactly what
-the weight fold reproduces. Where a norm sits between a writer and the residual add (Gemma-2/3,
+``abliterate.model.hooks.ablated`` projects r̂ out of what each writer emits, which is exactly what the
+weight fold reproduces. Where a norm sits between a writer and the residual add (Gemma-2/3,
 OLMo-2), the normed output can point along r̂ again, so the residual stream still carries r̂. The
-context manager here projects r̂ out of every term that is actually added to the residual stream (the
-embeddings, and each writer's output norm where it has one, else the writer), so r̂ is absent from
-the residual stream everywhere. For pre-norm families it installs the same hooks as the writer-level
-ablation; for post-norm families the logit distance between the two is the price of the fold.
+placement here, ``residual_sites`` with the ``full_projection`` operator, projects r̂ out of every term
+that is actually added to the residual stream (the embeddings, and each writer's output norm where it
+has one, else the writer), so r̂ is absent from the residual stream everywhere. For pre-norm families
+it installs the same hooks as the writer-level ablation; for post-norm families the logit distance
+between the two is the price of the fold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
 from abliterate.edit.kernel import ulp
 from abliterate.model.dispatch import input_device
-from abliterate.model.hooks import _map_output, project_out, project_out_subspace, registered
+from abliterate.model.hooks import Operator, projection, registered, subspace_projection, unit_rows
 
 
 def residual_terms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
@@ -51,27 +51,23 @@ def residual_terms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
     return terms
 
 
-@contextmanager
-def ablate_residual_stream(model: nn.Module, adapter: Adapter, direction: torch.Tensor) -> Iterator[None]:
-    """Project ``direction`` out of every term added to the residual stream.
+def residual_sites(model: nn.Module, adapter: Adapter) -> list[tuple[nn.Module, None]]:
+    """The placement of an ablation on every term added to the residual stream (``residual_terms``);
+    these sites are no writers, so operators get ``None`` for them."""
+    return [(module, None) for module in residual_terms(model, adapter)]
+
+
+def full_projection(direction: torch.Tensor) -> Operator:
+    """All of ``direction`` projected out at every site (strength 1), for ``residual_sites``.
 
     Args:
-        model: the causal LM.
-        adapter: its architecture description.
-        direction: ``[d_model]``, normalized here; or an orthonormal subspace ``[k, d_model]``.
+        direction: ``[d_model]``, normalized here; or an orthonormal subspace ``[k, d_model]`` (each
+            row normalized here).
     """
-    unit = direction / direction.norm(dim=-1, keepdim=True)
-
-    def ablate(hidden: torch.Tensor) -> torch.Tensor:
-        if unit.dim() == 2:
-            return project_out_subspace(hidden, unit, torch.ones(unit.shape[0]))
-        return project_out(hidden, unit)
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return _map_output(output, ablate)
-
-    with registered(module.register_forward_hook(hook) for module in residual_terms(model, adapter)):
-        yield
+    if direction.dim() == 2:
+        rows = direction.shape[0]
+        return subspace_projection(unit_rows(direction), lambda site: [1.0] * rows)
+    return projection(direction)
 
 
 @dataclass(frozen=True)

@@ -186,9 +186,10 @@ def _forward_checks(
     )
     residual_reference = None
     if adapter.post_norm:
-        from abliterate.prove.residual import ablate_residual_stream
+        from abliterate.model.hooks import ablated
+        from abliterate.prove.residual import full_projection, residual_sites
 
-        with ablate_residual_stream(model, adapter, direction):
+        with ablated(model, adapter, full_projection(direction), where=residual_sites):
             residual_reference = all_position_logits(model, encoded)
     del reference_model, model
     edited_model = load_model(edited, **options)
