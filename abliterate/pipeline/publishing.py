@@ -23,12 +23,12 @@ from abliterate.edit.direction import save_direction
 from abliterate.find.select import RefusalDirection
 from abliterate.io import output as checkpoint
 from abliterate.io.interrupts import Interrupted, signal_number
+from abliterate.model.sources import local_checkpoint
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.gate import GateReport
 from abliterate.ship import search_io
 from abliterate.ship.hub import PushError, PushResult, PushTarget, push_folder
 from abliterate.ship.report import model_card, plot_candidate_scores
-from abliterate.ship.streaming import local_checkpoint
 
 
 @dataclass

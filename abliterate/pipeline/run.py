@@ -18,6 +18,7 @@ from abliterate.config import RunConfig
 from abliterate.find.select import RefusalDirection
 from abliterate.io import output as checkpoint
 from abliterate.model.batching import EncodedPrompts
+from abliterate.model.sources import local_checkpoint
 from abliterate.pipeline.evaluation import Baseline, evaluate_after, evaluate_before
 from abliterate.pipeline.finding import extract, search, select
 from abliterate.pipeline.gating import (
@@ -43,7 +44,7 @@ from abliterate.prove.files import compare_companions
 from abliterate.prove.gate import GateReport, completeness_on
 from abliterate.ship import search_io
 from abliterate.ship.report import model_card
-from abliterate.ship.streaming import local_checkpoint, stream_into
+from abliterate.ship.streaming import stream_into
 
 P = ParamSpec("P")
 T = TypeVar("T")

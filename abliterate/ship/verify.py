@@ -56,11 +56,11 @@ def verify_checkpoints(
     from abliterate.edit.direction import load_direction
     from abliterate.model.gguf_source import certificate_source
     from abliterate.model.loading import check_device
+    from abliterate.model.sources import local_checkpoint
     from abliterate.prove.certificate import certify_checkpoint
     from abliterate.prove.gate import GateReport
     from abliterate.prove.lora_certificate import is_adapter, verify_adapter
     from abliterate.ship.search_io import declared_from_file
-    from abliterate.ship.streaming import local_checkpoint
 
     check_device(device)  # before the certificate's minutes, not after them
     if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
