@@ -13,10 +13,11 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter
+from abliterate.edit.lora_factors import lora_state
 from abliterate.find.search import EditPoint
 from abliterate.model.batching import encode
 from abliterate.prove.certificate import DeclaredEdit
-from abliterate.ship.lora import describe, lora_state, peft_parity, write_lora
+from abliterate.ship.lora import describe, peft_parity, write_lora
 from abliterate.ship.search_io import declared_edit, writer_strengths
 
 pytest.importorskip("peft")

@@ -115,7 +115,7 @@ def certify_adapter(
     Raises:
         ValueError: ``adapter_config.json`` is not a JSON object.
     """
-    from abliterate.ship.lora import lora_state
+    from abliterate.edit.lora_factors import lora_state
     from abliterate.ship.search_io import writer_strengths
 
     started = time.perf_counter()
