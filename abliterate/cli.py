@@ -310,7 +310,7 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
     """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
     with _one_line_errors():
-        from abliterate.ship.verify import evaluate_model
+        from abliterate.find.evaluate import evaluate_model
 
         result = evaluate_model(model, dispatch=_pop_dispatch(options), **options)
         if as_json:
