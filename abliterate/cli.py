@@ -208,8 +208,7 @@ def apply_command(
 ) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
-        from abliterate.edit.direction import load_direction
-        from abliterate.ship.search_io import declared_from_file
+        from abliterate.ship.direction_file import declared_from_file, load_direction
         from abliterate.ship.streaming import stream_apply
 
         direction, metadata = load_direction(direction_file)

@@ -41,8 +41,8 @@ from abliterate.adapters import registered_model_types, residual_writers, resolv
 from abliterate.find.search import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
 from abliterate.prove.certificate import DeclaredEdit  # noqa: E402
+from abliterate.ship.direction_file import declared_edit, writer_strengths  # noqa: E402
 from abliterate.ship.lora import adapter_size, describe, peft_parity, write_lora  # noqa: E402
-from abliterate.ship.search_io import declared_edit, writer_strengths  # noqa: E402
 
 COMMAND = "python benchmarks/lora_by_family.py"
 POINT = EditPoint(

@@ -17,8 +17,8 @@ from abliterate.edit.lora_factors import lora_state
 from abliterate.find.search import EditPoint
 from abliterate.model.batching import encode
 from abliterate.prove.certificate import DeclaredEdit
+from abliterate.ship.direction_file import declared_edit, writer_strengths
 from abliterate.ship.lora import describe, peft_parity, write_lora
-from abliterate.ship.search_io import declared_edit, writer_strengths
 
 pytest.importorskip("peft")
 
@@ -194,8 +194,12 @@ def test_apply_format_lora_writes_a_rank2_adapter_and_a_rank1_file_fails_against
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
-    from abliterate.edit.direction import load_direction, save_direction
-    from abliterate.ship.search_io import declared_from_file, point_metadata
+    from abliterate.ship.direction_file import (
+        declared_from_file,
+        load_direction,
+        point_metadata,
+        save_direction,
+    )
 
     source = save_tiny(tmp_path / "model", "qwen2")
     model = AutoModelForCausalLM.from_pretrained(source).eval()

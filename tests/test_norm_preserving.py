@@ -14,16 +14,17 @@ from tiny import make_model, make_tokenizer, quick_run_args
 
 from abliterate.adapters import residual_writers, resolve_adapter
 from abliterate.edit import fold as edit
-from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.fold import fold_direction, norm_factors, orthogonalize
 from abliterate.find.search import EditPoint
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablate_edit
 from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
-from abliterate.ship.search_io import (
+from abliterate.ship.direction_file import (
     declared_edit,
     declared_from_file,
+    load_direction,
     point_metadata,
+    save_direction,
     strengths_from_metadata,
 )
 

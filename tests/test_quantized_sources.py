@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.edit.direction import save_direction
+from abliterate.ship.direction_file import save_direction
 
 FAST = quick_run_args(4, 2, layer=1)
 

@@ -12,7 +12,6 @@ import torch
 from tiny import make_model, make_tokenizer, open_selection_config
 
 from abliterate.adapters import resolve_adapter
-from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.fold import fold_direction
 from abliterate.find.search import (
     EditPoint,
@@ -29,6 +28,7 @@ from abliterate.find.search import (
 from abliterate.model.batching import all_position_logits, encode, last_logits
 from abliterate.model.hooks import ablate_edit, ablate_with_strengths
 from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
+from abliterate.ship.direction_file import load_direction, save_direction
 
 PROFILE = EditPoint(layer=1.4, position=-1, embedding=0.3, attention=1.2, mlp=0.6, peak=1.0, width=2.0)
 RANK2 = EditPoint(layer=1.0, position=-1, mlp=0.8, second=-2, second_weight=0.6)
@@ -136,7 +136,7 @@ def test_certificate_proves_a_layer_profile(tmp_path: Path) -> None:
 
 
 def test_direction_file_keeps_the_point(tmp_path: Path) -> None:
-    from abliterate.ship.search_io import point_metadata, strengths_from_metadata
+    from abliterate.ship.direction_file import point_metadata, strengths_from_metadata
 
     direction = torch.randn(16)
     path = save_direction(tmp_path / "d.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, 4))
@@ -230,7 +230,7 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
-    from abliterate.ship.search_io import point_metadata
+    from abliterate.ship.direction_file import point_metadata
 
     source = save_tiny(tmp_path / "original", model_type)
     model = AutoModelForCausalLM.from_pretrained(source)
@@ -258,7 +258,7 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     import json
 
     from abliterate import run
-    from abliterate.ship.search_io import strengths_from_metadata
+    from abliterate.ship.direction_file import strengths_from_metadata
 
     result = run(_search_config(tiny_qwen2, tmp_path / "out"))
     front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())

@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM
 from abliterate.adapters import get_adapter
 from abliterate.adapters.resolve import model_type_of
 from abliterate.edit import fold as edit
-from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.fold import fold_direction
 from abliterate.ship import streaming
+from abliterate.ship.direction_file import load_direction, save_direction
 from abliterate.ship.streaming import INDEX_NAME, StreamReport, stream_apply
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

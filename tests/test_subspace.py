@@ -12,13 +12,13 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from abliterate.adapters import resolve_adapter
-from abliterate.edit.direction import load_direction, save_direction, unit_direction
+from abliterate.edit.direction import unit_direction
 from abliterate.edit.fold import check_basis, fold_direction, orthogonalize
 from abliterate.find.search import EditPoint, point_direction
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablate_edit
 from abliterate.prove.certificate import DeclaredEdit, certify_checkpoint
-from abliterate.ship.search_io import declared_from_file, point_metadata
+from abliterate.ship.direction_file import declared_from_file, load_direction, point_metadata, save_direction
 
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 POINT = EditPoint(

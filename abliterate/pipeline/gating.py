@@ -36,7 +36,7 @@ from abliterate.prove.gate import (
     hooked_reference,
 )
 from abliterate.prove.residual import CompletenessReport
-from abliterate.ship import search_io
+from abliterate.ship import direction_file
 
 
 def strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
@@ -150,7 +150,7 @@ def certify_saved(
     gate.certificate = certify_checkpoint(
         source,
         staging,
-        search_io.declared_edit(chosen.direction, chosen.edit_point, n_layers),
+        direction_file.declared_edit(chosen.direction, chosen.edit_point, n_layers),
         architecture=config.architecture,
         progress=config.progress,
     )

@@ -116,7 +116,7 @@ def certify_adapter(
         ValueError: ``adapter_config.json`` is not a JSON object.
     """
     from abliterate.edit.lora_factors import lora_state
-    from abliterate.ship.search_io import writer_strengths
+    from abliterate.ship.direction_file import writer_strengths
 
     started = time.perf_counter()
     directory = Path(directory).expanduser()
@@ -289,10 +289,9 @@ def verify_adapter(
         The gate report as a plain dictionary, as ``verify_checkpoints`` returns it.
     """
     from abliterate.adapters import resolve_adapter
-    from abliterate.edit.direction import load_direction
     from abliterate.model.loading import load_model
     from abliterate.prove.gate import GateReport
-    from abliterate.ship.search_io import declared_from_file
+    from abliterate.ship.direction_file import declared_from_file, load_direction
 
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)

@@ -11,19 +11,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
+from abliterate.adapters import Adapter, ResolvedWriter, residual_writers, resolve_adapter
 from abliterate.edit.lora_factors import NORM_PRESERVING_REFUSAL, lora_state
 from abliterate.errors import GateError
-
-if TYPE_CHECKING:
-    from abliterate.model.batching import EncodedPrompts
-    from abliterate.prove.certificate import DeclaredEdit
-    from abliterate.prove.parity import ParityReport
+from abliterate.io.output import atomic_directory, prepare_output, write_apply_manifest
+from abliterate.model import loading  # called through its module, so tests can replace a load
+from abliterate.model.batching import EncodedPrompts, all_position_logits, encode
+from abliterate.model.prompts import bundled
+from abliterate.prove.certificate import DeclaredEdit
+from abliterate.prove.gate import dithered, hooked_reference
+from abliterate.prove.parity import SIXTEEN_BIT, ParityReport, RoundingFloor, compare_logits, measure_floor
+from abliterate.ship.direction_file import writer_strengths
 
 
 def write_lora(
@@ -101,10 +104,6 @@ def peft_parity(
     Returns:
         The ``ParityReport``.
     """
-    from abliterate.prove.gate import dithered, hooked_reference
-    from abliterate.prove.parity import SIXTEEN_BIT, RoundingFloor, compare_logits, measure_floor
-    from abliterate.ship.search_io import writer_strengths
-
     strength_of = writer_strengths(declared)
     reference = hooked_reference(model, adapter, declared.direction, prompts, dtype, strength_of)
     edited = _adapted_logits(model, directory, prompts)
@@ -125,8 +124,6 @@ _SIBLINGS = 2
 
 def _adapted_logits(model: nn.Module, directory: str | Path, prompts: EncodedPrompts) -> torch.Tensor:
     """All-position logits of ``model`` with the adapter loaded through peft, then unloaded again."""
-    from abliterate.model.batching import all_position_logits
-
     wrapped = load_lora(model, directory)
     try:
         return all_position_logits(wrapped, prompts)
@@ -156,18 +153,11 @@ def apply_lora(
         GateError: the adapter does not reproduce the edit (nothing is written).
         ValueError: a writer peft cannot express exactly, or a norm-preserving edit (full rank).
     """
-    from abliterate.adapters import resolve_adapter
-    from abliterate.io.output import atomic_directory, prepare_output, write_apply_manifest
-    from abliterate.model.batching import encode
-    from abliterate.model.loading import load_model
-    from abliterate.model.prompts import bundled
-    from abliterate.ship.search_io import writer_strengths
-
     declared.validate()  # finite and in range, before the model is loaded
     if declared.norm_preserving:
         raise ValueError(NORM_PRESERVING_REFUSAL)
     target = prepare_output(output, checkpoint, overwrite)
-    loaded = load_model(checkpoint)
+    loaded = loading.load_model(checkpoint)
     adapter = resolve_adapter(loaded.model, architecture)
     declared.validate((w.group, w.layer) for w in residual_writers(loaded.model, adapter))  # not a no-op
     texts = bundled("harmful", "eval")[:4] + bundled("harmless", "eval")[:4]

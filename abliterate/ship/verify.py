@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.adapters import resolve_adapter
-from abliterate.edit.direction import load_direction
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.dispatch import Dispatch
@@ -20,7 +19,7 @@ from abliterate.prove.gate import GateReport, completeness_on, edited_parity, ho
 from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import ablate_residual_stream
-from abliterate.ship.search_io import declared_from_file, writer_strengths
+from abliterate.ship.direction_file import declared_from_file, load_direction, writer_strengths
 
 
 def verify_checkpoints(
