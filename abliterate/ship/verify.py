@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from abliterate.adapters import resolve_adapter
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import all_position_logits, encode
@@ -110,29 +112,6 @@ def _check_on_disk(
     )
 
 
-def _check_forward(
-    original: str,
-    edited: str,
-    declared: DeclaredEdit,
-    gate: GateReport,
-    forward: bool,
-    options: dict[str, Any],
-    architecture: str | None,
-    prompts: list[str] | None,
-) -> dict[str, Any]:
-    """Run the forward checks when asked and the declared edit is valid; else say in ``gate`` why not."""
-    invalid = _why_invalid(declared)
-    if invalid:  # the certificate reports it too; no forward check can stand for such an edit
-        gate.skipped["completeness"] = gate.skipped["parity"] = invalid
-        return {}
-    if not forward:
-        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
-        return {}
-    if options["dtype"] == "auto":
-        options = {**options, "dtype": _checkpoint_dtype(edited) or "auto"}
-    return _forward_checks(original, edited, declared, gate, options, architecture, prompts)
-
-
 def _why_invalid(declared: DeclaredEdit) -> str:
     """``DeclaredEdit.validate``'s one line, or an empty string for a valid declared edit."""
     try:
@@ -167,16 +146,29 @@ def _checkpoint_dtype(checkpoint: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _forward_checks(
+def _check_forward(
     original: str,
     edited: str,
     declared: DeclaredEdit,
     gate: GateReport,
+    forward: bool,
     options: dict[str, Any],
     architecture: str | None,
     prompts: list[str] | None,
 ) -> dict[str, Any]:
-    """Completeness on the original, then logit parity of the edited model against the hooked original."""
+    """Completeness on the original, then logit parity of the edited model against the hooked original.
+
+    Skipped, saying why in ``gate``, without ``forward`` or for an invalid declared edit.
+    """
+    invalid = _why_invalid(declared)
+    if invalid:  # the certificate reports it too; no forward check can stand for such an edit
+        gate.skipped["completeness"] = gate.skipped["parity"] = invalid
+        return {}
+    if not forward:
+        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
+        return {}
+    if options["dtype"] == "auto":
+        options = {**options, "dtype": _checkpoint_dtype(edited) or "auto"}
     direction = declared.direction
     reference_model = loading.load_model(original, **options)
     model = reference_model.model
@@ -187,14 +179,9 @@ def _forward_checks(
     prompts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
     encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
     gate.completeness = completeness_on(model, adapter, encoded)
+    strength_of, dtype_name = writer_strengths(declared), reference_model.dtype_name
     reference = hooked_reference(
-        model,
-        adapter,
-        direction,
-        encoded,
-        reference_model.dtype_name,
-        writer_strengths(declared),
-        declared.norm_preserving,
+        model, adapter, direction, encoded, dtype_name, strength_of, declared.norm_preserving
     )
     residual_reference = None
     if adapter.post_norm:
@@ -206,9 +193,18 @@ def _forward_checks(
     extra: dict[str, Any] = {"adapter": adapter.name}
     if residual_reference is not None:
         candidate = all_position_logits(edited_model.model, encoded)
-        residual = compare_logits(residual_reference, candidate, "float32", reference.mask)
-        extra["post_norm"] = True
-        extra["full_residual_ablation_max_abs_logit_diff"] = residual.max_abs_logit_diff
-        extra["full_residual_ablation_mean_kl"] = residual.mean_kl
-        extra["full_residual_ablation_top1_agreement"] = residual.top1_agreement
+        extra.update(_full_residual_ablation(residual_reference, candidate, reference.mask))
     return extra
+
+
+def _full_residual_ablation(
+    residual_reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor
+) -> dict[str, Any]:
+    """How far a post-norm model's edited logits are from a full residual-stream ablation's."""
+    residual = compare_logits(residual_reference, candidate, "float32", mask)
+    return {
+        "post_norm": True,
+        "full_residual_ablation_max_abs_logit_diff": residual.max_abs_logit_diff,
+        "full_residual_ablation_mean_kl": residual.mean_kl,
+        "full_residual_ablation_top1_agreement": residual.top1_agreement,
+    }
