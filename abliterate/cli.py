@@ -208,8 +208,7 @@ def apply_command(
 ) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
-        from abliterate.edit.direction import load_direction
-        from abliterate.ship.search_io import declared_from_file
+        from abliterate.ship.direction_file import declared_from_file, load_direction
         from abliterate.ship.streaming import stream_apply
 
         direction, metadata = load_direction(direction_file)
@@ -310,7 +309,7 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
     """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
     with _one_line_errors():
-        from abliterate.ship.verify import evaluate_model
+        from abliterate.find.evaluate import evaluate_model
 
         result = evaluate_model(model, dispatch=_pop_dispatch(options), **options)
         if as_json:

@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=128, help="prompts per class")
     args = parser.parse_args()
 
-    from abliterate.adapters import resolve_adapter
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.find.extract import extract_candidates
     from abliterate.model.batching import encode, eoi_length, format_chat, forward_batches, last_logits
     from abliterate.model.prompts import bundled

@@ -14,8 +14,7 @@ import argparse
 import json
 import time
 
-from abliterate.adapters import resolve_adapter
-from abliterate.edit.direction import load_direction
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.find.evaluate import generate_replies
 from abliterate.find.judge import refusal_count
 from abliterate.find.scores import refusal_scores, refusal_token_ids
@@ -24,6 +23,7 @@ from abliterate.model.hooks import ablated, edit_projection, norm_preserving_pro
 from abliterate.model.loading import load_model
 from abliterate.model.prompts import bundled
 from abliterate.prove.parity import kl_divergence
+from abliterate.ship.direction_file import load_direction
 
 
 def main() -> None:

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from tiny import make_model, make_tokenizer  # noqa: E402
 
-from abliterate.adapters import registered_model_types, resolve_adapter  # noqa: E402
+from abliterate.adapters import resolve_adapter  # noqa: E402
 from abliterate.adapters.matrix import MEASURED_GATE  # noqa: E402
+from abliterate.adapters.registry import registered_model_types  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
 from abliterate.prove.controls import gate_on_controls  # noqa: E402
 

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from abliterate.adapters import resolve_adapter
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.adapters.spec import writer_group
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.direction import load_direction
 from abliterate.model.batching import encode
 from abliterate.model.loading import load_model
 from abliterate.model.prompts import bundled
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.controls import available_controls, fold_control
 from abliterate.prove.gate import completeness_on, edited_parity, hooked_reference
+from abliterate.ship.direction_file import load_direction
 
 
 def main() -> None:

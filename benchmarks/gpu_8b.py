@@ -392,7 +392,7 @@ def main() -> None:
     direction_file = out_dir / "direction.safetensors"
     if not direction_file.exists():
         direction_file = options.workdir / "direction.safetensors"
-        from abliterate.edit.direction import save_direction
+        from abliterate.ship.direction_file import save_direction
 
         save_direction(direction_file, direction, chosen.layer, chosen.position, str(model_dir))
 

@@ -37,12 +37,14 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 from tiny import make_model, make_tokenizer  # noqa: E402
 
-from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter  # noqa: E402
+from abliterate.adapters import resolve_adapter  # noqa: E402
+from abliterate.adapters.registry import registered_model_types  # noqa: E402
+from abliterate.adapters.resolve import residual_writers  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
 from abliterate.find.point import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
+from abliterate.ship.direction_file import declared_edit, writer_strengths  # noqa: E402
 from abliterate.ship.lora import adapter_size, describe, peft_parity, write_lora  # noqa: E402
-from abliterate.ship.search_io import declared_edit, writer_strengths  # noqa: E402
 
 COMMAND = "python benchmarks/lora_by_family.py"
 POINT = EditPoint(

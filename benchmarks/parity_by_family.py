@@ -32,7 +32,8 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 from tiny import make_model, make_tokenizer  # noqa: E402
 
-from abliterate.adapters import registered_model_types, resolve_adapter  # noqa: E402
+from abliterate.adapters import resolve_adapter  # noqa: E402
+from abliterate.adapters.registry import registered_model_types  # noqa: E402
 from abliterate.edit.walker import fold_direction  # noqa: E402
 from abliterate.model.hooks import ablated, projection  # noqa: E402
 from abliterate.prove.parity import kl_divergence  # noqa: E402

@@ -116,7 +116,7 @@ def build_clean(root: Path, dtype: str) -> Triple:
     checkpoint ``abliterate apply`` (streamed, certified) writes from them."""
     from conftest import save_tiny
 
-    from abliterate.edit.direction import load_direction, save_direction
+    from abliterate.ship.direction_file import load_direction, save_direction
     from abliterate.ship.streaming import stream_apply
 
     root.mkdir(parents=True, exist_ok=True)

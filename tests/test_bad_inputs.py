@@ -194,7 +194,7 @@ def _direction_file(model: Path, path: Path) -> Path:
 
     import torch
 
-    from abliterate.edit.direction import save_direction
+    from abliterate.ship.direction_file import save_direction
 
     width = json.loads((model / "config.json").read_text())["hidden_size"]
     return save_direction(path, torch.randn(width, generator=torch.Generator().manual_seed(0)), 1, -1, "x")

@@ -12,7 +12,7 @@ from conftest import save_tiny
 from safetensors.torch import load_file
 
 from abliterate.cli import main
-from abliterate.edit.direction import save_direction
+from abliterate.ship.direction_file import save_direction
 
 
 def _invoke(*args: str) -> object:
@@ -38,9 +38,9 @@ def applied(tiny_qwen2: Path, direction_file: Path, tmp_path_factory: pytest.Tem
 def test_apply_equals_in_memory_fold(tiny_qwen2: Path, direction_file: Path, applied: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from abliterate.adapters import resolve_adapter
-    from abliterate.edit.direction import load_direction
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.edit.walker import fold_direction
+    from abliterate.ship.direction_file import load_direction
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
     fold_direction(model, resolve_adapter(model), load_direction(direction_file)[0])

@@ -72,12 +72,12 @@ def test_demo_checkpoint_reloads_and_answers(demo_output: Path) -> None:
 
 def test_gate_rejects_every_control_on_the_demo_in_bf16(demo_output: Path, tmp_path: Path) -> None:
     """The whole gate on the real model in bf16: the complete edit passes, every control fails."""
-    from abliterate.adapters import resolve_adapter
-    from abliterate.edit.direction import load_direction
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.model.batching import encode
     from abliterate.model.loading import load_model
     from abliterate.model.prompts import bundled
     from abliterate.prove.controls import gate_on_controls
+    from abliterate.ship.direction_file import load_direction
 
     direction, _ = load_direction(demo_output / "direction.safetensors")
     loaded = load_model("demo", dtype="bfloat16", device="cpu")

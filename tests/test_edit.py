@@ -17,7 +17,7 @@ from torch.nn import functional
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from abliterate.adapters import resolve_adapter
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.edit.kernel import orthogonalize
 from abliterate.edit.walker import fold_direction, untie_embeddings
 from abliterate.model.hooks import project_out

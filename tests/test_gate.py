@@ -17,7 +17,8 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
-from abliterate.adapters import registered_model_types, resolve_adapter
+from abliterate.adapters.registry import registered_model_types
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.adapters.spec import writer_group
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.model.batching import encode
@@ -111,7 +112,7 @@ def test_bounded_certificate_accepts_another_float32_kernel_and_rejects_a_rotati
 
 
 def fold_targets(model: torch.nn.Module, adapter: object) -> list:
-    from abliterate.adapters import residual_writers
+    from abliterate.adapters.resolve import residual_writers
     from abliterate.edit.walker import untie_embeddings
 
     untie_embeddings(model, adapter)
@@ -174,7 +175,8 @@ def test_apply_refuses_an_eight_bit_float_writer(tmp_path: Path) -> None:
 
 
 def test_an_adapter_cannot_resolve_a_block_without_mlp_writers() -> None:
-    from abliterate.adapters import Writer, resolve_writers
+    from abliterate.adapters.resolve import resolve_writers
+    from abliterate.adapters.spec import Writer
 
     model = make_model("qwen3_moe")
     adapter = resolve_adapter(model)

@@ -20,10 +20,9 @@ from tiny import make_model, quick_run_args
 from tiny_gguf import MIXED, write_gguf
 
 from abliterate.cli import main
-from abliterate.edit.direction import load_direction
 from abliterate.model.gguf_source import GGUFSource, certificate_source
 from abliterate.prove.certificate import Certificate, certify_checkpoint
-from abliterate.ship.search_io import declared_from_file
+from abliterate.ship.direction_file import declared_from_file, load_direction
 
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,8 +14,8 @@ from conftest import save_tiny
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.edit.direction import save_direction
 from abliterate.model.prompts import load_splits
+from abliterate.ship.direction_file import save_direction
 
 FAST = quick_run_args(4, 2, evaluate=False)
 MANUAL = ["--layer", "1", "--position", "-1"]

@@ -12,12 +12,14 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
-from abliterate.adapters import registered_model_types, residual_writers, resolve_adapter
+from abliterate.adapters.registry import registered_model_types
+from abliterate.adapters.resolve import residual_writers, resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
+from abliterate.edit.lora_factors import lora_state
 from abliterate.find.point import EditPoint
 from abliterate.model.batching import encode
-from abliterate.ship.lora import describe, lora_state, peft_parity, write_lora
-from abliterate.ship.search_io import declared_edit, writer_strengths
+from abliterate.ship.direction_file import declared_edit, writer_strengths
+from abliterate.ship.lora import describe, peft_parity, write_lora
 
 pytest.importorskip("peft")
 
@@ -193,8 +195,12 @@ def test_apply_format_lora_writes_a_rank2_adapter_and_a_rank1_file_fails_against
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
-    from abliterate.edit.direction import load_direction, save_direction
-    from abliterate.ship.search_io import declared_from_file, point_metadata
+    from abliterate.ship.direction_file import (
+        declared_from_file,
+        load_direction,
+        point_metadata,
+        save_direction,
+    )
 
     source = save_tiny(tmp_path / "model", "qwen2")
     model = AutoModelForCausalLM.from_pretrained(source).eval()

@@ -12,20 +12,21 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer, quick_run_args
 
-from abliterate.adapters import residual_writers, resolve_adapter
+from abliterate.adapters.resolve import residual_writers, resolve_adapter
 from abliterate.edit import kernel
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.kernel import norm_factors, orthogonalize
 from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
-from abliterate.ship.search_io import (
+from abliterate.ship.direction_file import (
     declared_edit,
     declared_from_file,
+    load_direction,
     point_metadata,
+    save_direction,
     strengths_from_metadata,
 )
 

@@ -22,9 +22,9 @@ from conftest import save_tiny
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.edit.direction import save_direction
 from abliterate.io import output as checkpoint
 from abliterate.ship import streaming
+from abliterate.ship.direction_file import save_direction
 
 FAST_RUN = [*quick_run_args(4, 2, layer=1, evaluate=False)]
 EARLIER = {"abliterate_version": "0.0.0", "command": "apply", "format": "checkpoint", "source": "x"}

@@ -81,7 +81,7 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
 
 def test_saved_checkpoint_equals_hooked_original(tiny_qwen2: Path, run_output: Path) -> None:
     """Reload both from disk; the edited model must equal the original with the direction hooked out."""
-    from abliterate.adapters import resolve_adapter
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.model.hooks import ablated, projection
 
     direction = load_file(run_output / "direction.safetensors")["direction"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.edit.direction import save_direction
+from abliterate.ship.direction_file import save_direction
 
 FAST = quick_run_args(4, 2, layer=1)
 
@@ -101,7 +101,7 @@ def test_gguf_output_is_bf16_unless_asked(
     from tiny_gguf import write_gguf
     from transformers import AutoModelForCausalLM
 
-    from abliterate.adapters import resolve_adapter
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.edit.walker import fold_direction
 
     # The load below is the tiny checkpoint's; the certificate reads the same weights from this GGUF (F32).

@@ -11,9 +11,8 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer, open_selection_config
 
-from abliterate.adapters import resolve_adapter
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.find.search import (
@@ -29,6 +28,7 @@ from abliterate.find.space import SearchSpace
 from abliterate.model.batching import all_position_logits, encode, last_logits
 from abliterate.model.hooks import ablated, edit_projection, projection
 from abliterate.prove.certificate import certify_checkpoint
+from abliterate.ship.direction_file import load_direction, save_direction
 
 PROFILE = EditPoint(layer=1.4, position=-1, embedding=0.3, attention=1.2, mlp=0.6, peak=1.0, width=2.0)
 RANK2 = EditPoint(layer=1.0, position=-1, mlp=0.8, second=-2, second_weight=0.6)
@@ -138,7 +138,7 @@ def test_certificate_proves_a_layer_profile(tmp_path: Path) -> None:
 
 
 def test_direction_file_keeps_the_point(tmp_path: Path) -> None:
-    from abliterate.ship.search_io import point_metadata, strengths_from_metadata
+    from abliterate.ship.direction_file import point_metadata, strengths_from_metadata
 
     direction = torch.randn(16)
     path = save_direction(tmp_path / "d.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, 4))
@@ -232,7 +232,7 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
     from transformers import AutoModelForCausalLM
 
     from abliterate.cli import main
-    from abliterate.ship.search_io import point_metadata
+    from abliterate.ship.direction_file import point_metadata
 
     source = save_tiny(tmp_path / "original", model_type)
     model = AutoModelForCausalLM.from_pretrained(source)
@@ -260,7 +260,7 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     import json
 
     from abliterate import run
-    from abliterate.ship.search_io import strengths_from_metadata
+    from abliterate.ship.direction_file import strengths_from_metadata
 
     result = run(_search_config(tiny_qwen2, tmp_path / "out"))
     front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())

@@ -7,7 +7,7 @@ import math
 import torch
 from tiny import make_model, make_tokenizer
 
-from abliterate.adapters import resolve_adapter
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.find.extract import extract_candidates
 from abliterate.find.scores import refusal_scores, refusal_token_ids
 from abliterate.find.select import select_direction

@@ -18,13 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from abliterate.adapters import get_adapter
+from abliterate.adapters.registry import get_adapter
 from abliterate.adapters.resolve import model_type_of
 from abliterate.edit import kernel
-from abliterate.edit.direction import load_direction, save_direction
 from abliterate.edit.walker import fold_direction
+from abliterate.io.safetensors import INDEX_NAME
 from abliterate.ship import streaming
-from abliterate.ship.streaming import INDEX_NAME, StreamReport, stream_apply
+from abliterate.ship.direction_file import load_direction, save_direction
+from abliterate.ship.streaming import StreamReport, stream_apply
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 D_MODEL = 64

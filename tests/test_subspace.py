@@ -11,16 +11,16 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
-from abliterate.adapters import resolve_adapter
+from abliterate.adapters.resolve import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.direction import load_direction, save_direction, unit_direction
+from abliterate.edit.direction import unit_direction
 from abliterate.edit.kernel import check_basis, orthogonalize
 from abliterate.edit.walker import fold_direction
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
-from abliterate.ship.search_io import declared_from_file, point_metadata
+from abliterate.ship.direction_file import declared_from_file, load_direction, point_metadata, save_direction
 
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 POINT = EditPoint(
@@ -189,7 +189,7 @@ def test_norm_factors_keep_every_written_vector_length(layout: str) -> None:
 def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
     """The norm-preserving hooks equal a model whose weights hold ``(I − s r̂ r̂ᵀ) W D`` and whose biases
     hold ``(I − s r̂ r̂ᵀ) b``."""
-    from abliterate.adapters import residual_writers
+    from abliterate.adapters.resolve import residual_writers
     from abliterate.edit.kernel import norm_factors
     from abliterate.model.hooks import norm_preserving_projection
 

@@ -219,7 +219,7 @@ def test_apply_refuses_a_source_writer_with_nan(clean: dict[str, Triple], tmp_pa
 def test_fold_refuses_a_writer_with_inf_before_editing_anything() -> None:
     from tiny import make_model
 
-    from abliterate.adapters import resolve_adapter
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.edit.walker import fold_direction
 
     model = make_model("qwen2")

@@ -257,8 +257,8 @@ def test_apply_refuses_an_output_whose_files_differ(
 ) -> None:
     import torch
 
-    from abliterate.edit.direction import save_direction
     from abliterate.ship import streaming
+    from abliterate.ship.direction_file import save_direction
 
     honest = streaming._copy_other_files
 

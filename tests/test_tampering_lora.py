@@ -56,9 +56,8 @@ def build_clean_adapter(root: Path, dtype: str) -> Triple:
 def _adapter_triple(root: Path, dtype: str, seed: int) -> Triple:
     from conftest import save_tiny
 
-    from abliterate.edit.direction import load_direction, save_direction
+    from abliterate.ship.direction_file import declared_from_file, load_direction, save_direction
     from abliterate.ship.lora import apply_lora
-    from abliterate.ship.search_io import declared_from_file
 
     root.mkdir(parents=True, exist_ok=True)
     original = save_tiny(root / "original", MODEL_TYPE, dtype=getattr(torch, dtype))
@@ -288,10 +287,14 @@ def test_a_rank2_adapter_verifies_and_a_rank1_file_does_not_match_it(tmp_path: P
     from conftest import save_tiny
     from tiny import make_model
 
-    from abliterate.edit.direction import load_direction, save_direction
     from abliterate.find.point import EditPoint
+    from abliterate.ship.direction_file import (
+        declared_from_file,
+        load_direction,
+        point_metadata,
+        save_direction,
+    )
     from abliterate.ship.lora import apply_lora
-    from abliterate.ship.search_io import declared_from_file, point_metadata
 
     source = save_tiny(tmp_path / "model", MODEL_TYPE)
     basis, _ = torch.linalg.qr(

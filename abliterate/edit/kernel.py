@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from abliterate.adapters import Layout
+from abliterate.adapters.spec import Layout
 from abliterate.io.threads import one_intra_op_thread
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).

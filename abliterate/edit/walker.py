@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
-from abliterate.adapters.resolve import embeddings_of, locate
+from abliterate.adapters.paths import locate
+from abliterate.adapters.resolve import ResolvedWriter, embeddings_of, residual_writers
+from abliterate.adapters.spec import Adapter
 from abliterate.edit.kernel import FUSED_EXPERTS, Strength, orthogonalize_, refuse_non_finite
 
 

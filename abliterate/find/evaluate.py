@@ -1,17 +1,25 @@
-"""Before/after evaluation: refusal rate by greedy generation, first-token KL on harmless prompts."""
+"""Before/after evaluation: refusal rate by greedy generation, first-token KL on harmless prompts.
+
+``evaluate_model`` is the ``abliterate evaluate`` command: one model, optionally against a baseline.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from abliterate.find.judge import refusal_count
-from abliterate.model.batching import format_chat
+from abliterate.find.judge import refusal_count, wilson_interval
+from abliterate.model import loading  # called through its module, so tests can replace a load
+from abliterate.model.batching import encode, format_chat, forward_batches
 from abliterate.model.chat import ChatFormat
-from abliterate.model.dispatch import input_device
+from abliterate.model.dispatch import Dispatch, input_device
+from abliterate.model.prompt_files import read_prompts
+from abliterate.model.prompts import bundled
+from abliterate.prove.parity import kl_divergence
 
 # Substrings that mark a refusal in a model's reply (compared case-insensitively).
 REFUSAL_MARKERS = (
@@ -129,3 +137,58 @@ def refusal_rate(
     judged = refusal_count(replies)
     n = max(len(replies), 1)
     return RefusalEvaluation(refused / n, len(replies), replies, judged / n)
+
+
+def evaluate_model(
+    model: str,
+    *,
+    baseline: str | None = None,
+    harmful: str | None = None,
+    harmless: str | None = None,
+    n_prompts: int = 50,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_new_tokens: int = 24,
+    dispatch: Dispatch | None = None,
+) -> dict[str, Any]:
+    """Refusal rate of ``model`` on harmful prompts, and first-token KL to ``baseline`` on harmless ones.
+
+    Returns:
+        ``{"refusal_rate" (markers), "judged_refusal_rate" (judge), "judged_interval_95", "n", ...}`` plus
+        ``baseline_refusal_rate``, ``baseline_judged_refusal_rate`` and ``kl_harmless`` with a baseline.
+
+    Raises:
+        ValueError: ``n_prompts`` is below 1, ``device`` is not a device of this machine, or a prompt
+            source is malformed.
+    """
+    if n_prompts < 1:  # a negative count would slice from the end: -3 evaluated 47 prompts
+        raise ValueError(f"--n must be at least 1, got {n_prompts}")
+    loading.check_device(device)
+    harmful_prompts = (read_prompts(harmful) if harmful else bundled("harmful", "eval"))[:n_prompts]
+    harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
+
+    def measure(source: str) -> tuple[Any, torch.Tensor]:
+        loaded = loading.load_model(source, dtype=dtype, device=device, dispatch=dispatch)
+        evaluation = refusal_rate(
+            loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
+        )
+        encoded = encode(loaded.tokenizer, harmless_prompts, batch_size=32)
+        logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(loaded.model, encoded)])
+        return evaluation, logits
+
+    evaluation, logits = measure(model)
+    judged = round(evaluation.judged_refusal_rate * evaluation.n)
+    result: dict[str, Any] = {
+        "model": model,
+        "refusal_rate": evaluation.refusal_rate,
+        "judged_refusal_rate": evaluation.judged_refusal_rate,
+        "judged_interval_95": wilson_interval(judged, evaluation.n),
+        "n": evaluation.n,
+    }
+    if baseline is not None:
+        base, base_logits = measure(baseline)
+        result["baseline"] = baseline
+        result["baseline_refusal_rate"] = base.refusal_rate
+        result["baseline_judged_refusal_rate"] = base.judged_refusal_rate
+        result["kl_harmless"] = kl_divergence(base_logits, logits).mean().item()
+    return result

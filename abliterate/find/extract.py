@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from abliterate.adapters import Adapter
 from abliterate.adapters.resolve import blocks_of
+from abliterate.adapters.spec import Adapter
 from abliterate.model.batching import EncodedPrompts, forward_batches
 from abliterate.model.hooks import record_block_inputs, stop_before
 

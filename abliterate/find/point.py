@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from abliterate.adapters import ResolvedWriter
+from abliterate.adapters.resolve import ResolvedWriter
 from abliterate.edit.kernel import Strength
 
 # Writer groups that take the MLP strength.

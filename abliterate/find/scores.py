@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from abliterate.adapters import Adapter
+from abliterate.adapters.spec import Adapter
 from abliterate.model.batching import EncodedPrompts, last_logits
 from abliterate.prove.parity import kl_divergence
 

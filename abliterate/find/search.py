@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, ResolvedWriter
+from abliterate.adapters.resolve import ResolvedWriter
+from abliterate.adapters.spec import Adapter
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.find.scores import refusal_scores
 from abliterate.find.space import SearchSpace, warm_starts

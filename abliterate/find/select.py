@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from abliterate.adapters import Adapter
+from abliterate.adapters.spec import Adapter
 from abliterate.find.point import EditPoint
 from abliterate.find.scores import CandidateScores, Pair, Scorer, ablation_pass, refusal_scores
 from abliterate.find.search import SearchResult

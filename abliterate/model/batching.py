@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter
+from abliterate.adapters.spec import Adapter
 from abliterate.model.chat import ChatFormat
 from abliterate.model.dispatch import input_device
 from abliterate.model.hooks import StopForward, ablated, add_to_block_input, projection

@@ -47,9 +47,9 @@ def certificate_source(model: str) -> tuple[Path | GGUFSource | None, str]:
     """What the certificate reads a run's or ``verify``'s original from, or ``(None, why not)``.
 
     A ``.gguf`` file is read tensor by tensor (``GGUFSource``); anything else is the safetensors
-    directory behind it (``streaming.local_checkpoint``).
+    directory behind it (``sources.local_checkpoint``).
     """
-    from abliterate.ship.streaming import local_checkpoint
+    from abliterate.model.sources import local_checkpoint
 
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, ResolvedWriter, residual_writers
-from abliterate.adapters.resolve import blocks_of
+from abliterate.adapters.resolve import ResolvedWriter, blocks_of, residual_writers
+from abliterate.adapters.spec import Adapter
 from abliterate.edit.kernel import norm_factors
 from abliterate.edit.walker import check_norm_preserving
 

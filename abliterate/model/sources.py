@@ -1,7 +1,8 @@
 """What a model source is, read cheaply before any heavy work: its config, quantization and place on disk.
 
 ``run`` and ``apply`` refuse here what they cannot do well (a pre-quantized checkpoint, a ``--layer`` past the
-last block) so that a bad input costs seconds, not a model load.
+last block) so that a bad input costs seconds, not a model load. The safetensors directory behind a source
+(``local_checkpoint``, downloading a Hub id's weights and companion files) is resolved here too.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Any
 
 from abliterate.adapters.tying import tie_word_embeddings
 from abliterate.io.locations import HUB_ID, cache_dir
+from abliterate.io.safetensors import find_shards
+from abliterate.model.demo import converted_demo_dir
+from abliterate.prove.files import COMPANION_PATTERNS
 
 logger = logging.getLogger(__name__)
 
+# The weights and every file transformers reads beside them (what verify compares, byte for byte).
+HUB_ALLOW_PATTERNS = ["*.safetensors", *COMPANION_PATTERNS]
 # ``quant_method`` values that are not weights a fold can edit: everything except GGUF, which transformers
 # dequantizes to plain float tensors on load.
 _DEQUANTIZED_ON_LOAD = {"gguf"}
@@ -60,11 +66,22 @@ class SourceInfo:
     @property
     def n_layers(self) -> int | None:
         """Decoder blocks declared by the config, when it says."""
-        for part in (self.config or {}, (self.config or {}).get("text_config") or {}):
-            for key in _LAYER_KEYS:
-                if isinstance(part.get(key), int):
-                    return part[key]
-        return None
+        return declared_layers(self.config or {})
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a multimodal config (its ``text_config``), or ``{}`` when it has none."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else {}
+
+
+def declared_layers(config: dict[str, Any]) -> int | None:
+    """The number of decoder blocks a config declares (top level or ``text_config``), when it says."""
+    for part in (config, text_config(config)):
+        for key in _LAYER_KEYS:
+            if isinstance(part.get(key), int):
+                return part[key]
+    return None
 
 
 def describe_source(source: str) -> SourceInfo:
@@ -109,9 +126,10 @@ def check_config(config: dict[str, Any] | None, where: str = "config.json") -> N
     Raises:
         ValueError: a value has the wrong type (one line naming the key).
     """
-    for prefix, part in (("", config), ("text_config.", (config or {}).get("text_config"))):
-        if isinstance(part, dict):
-            tie_word_embeddings(part, prefix, where)
+    if config is None:
+        return
+    for prefix, part in (("", config), ("text_config.", text_config(config))):
+        tie_word_embeddings(part, prefix, where)
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -136,7 +154,7 @@ def _hub_config(repo_id: str) -> dict[str, Any] | None:
 
 def quantization_method(config: dict[str, Any]) -> str | None:
     """``quant_method`` of a config's ``quantization_config`` (top level or ``text_config``), unless GGUF."""
-    for part in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+    for part in (config, text_config(config)):
         quantization = part.get("quantization_config")
         if quantization:
             method = (
@@ -184,3 +202,54 @@ def check_layer(layer: int | None, n_layers: int | None) -> None:
         raise ValueError(
             f"--layer {layer} is out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
         )
+
+
+def local_checkpoint(source: str | Path) -> tuple[Path | None, str]:
+    """The local safetensors directory behind a model source, or ``(None, why not)``.
+
+    ``demo`` is its converted cache directory; a Hub id is downloaded (safetensors and JSON only); a
+    GGUF file or a directory without safetensors weights has none.
+
+    Raises:
+        ValueError: the checkpoint's ``config.json`` holds a malformed value (see ``check_config``).
+    """
+    if str(source) == "demo":
+        return converted_demo_dir(), ""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return None, f"{source} is a single file, not a safetensors checkpoint directory"
+    try:
+        directory = resolve_checkpoint(source)
+        find_shards(directory)
+    except ValueError as error:
+        return None, str(error)
+    describe_source(str(directory))  # a malformed config.json is refused, not a reason to skip
+    return directory, ""
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint directory behind a local path or a Hub id (its weights and companion files downloaded).
+
+    Raises:
+        ValueError: a file, neither a directory nor a Hub id, or a failed download.
+    """
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return path.absolute()
+    if path.exists():
+        raise ValueError(f"{path} is a file; give the checkpoint directory (with config.json) instead")
+    if not HUB_ID.match(str(checkpoint)):
+        raise ValueError(f"checkpoint {checkpoint} is neither a local directory nor a Hub id like owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    logger.info("%s is not a local directory: downloading it from the Hub", checkpoint)
+    try:
+        local = snapshot_download(
+            repo_id=str(checkpoint),
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=["consolidated*"],  # Mistral's second, unsharded copy of the weights
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise ValueError(f"could not download {checkpoint} from the Hub: {error}") from error
+    return Path(local)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter
+from abliterate.adapters.spec import Adapter
 from abliterate.config import RunConfig
 
 # walker is called through its module, so tests can replace the fold (a broken one) by patching it.
@@ -36,7 +36,7 @@ from abliterate.prove.gate import (
     hooked_reference,
 )
 from abliterate.prove.residual import CompletenessReport
-from abliterate.ship import search_io
+from abliterate.ship import direction_file
 
 
 def strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
@@ -149,7 +149,7 @@ def certify_saved(
     gate.certificate = certify_checkpoint(
         source,
         staging,
-        search_io.declared_edit(chosen.direction, chosen.edit_point, n_layers),
+        direction_file.declared_edit(chosen.direction, chosen.edit_point, n_layers),
         architecture=config.architecture,
         progress=config.progress,
     )

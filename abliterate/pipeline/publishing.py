@@ -18,18 +18,18 @@ from tqdm.auto import tqdm
 
 from abliterate import __version__
 from abliterate.config import RunConfig
-from abliterate.edit.direction import save_direction
 from abliterate.find.select import RefusalDirection
 from abliterate.io.interrupts import Interrupted, signal_number
 from abliterate.io.output import OutputDir, atomic_directory, prepare_output
+from abliterate.model.sources import local_checkpoint
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.gate import GateReport
 
 # checkpoint is called through its module, so tests can replace the save (an interrupted one) by patching it.
-from abliterate.ship import checkpoint, search_io
+from abliterate.ship import checkpoint, direction_file, front
+from abliterate.ship.direction_file import save_direction
 from abliterate.ship.hub import PushError, PushResult, PushTarget, push_folder
 from abliterate.ship.report import model_card, plot_candidate_scores
-from abliterate.ship.streaming import local_checkpoint
 
 
 @dataclass
@@ -72,7 +72,7 @@ def save_direction_files(
     )
     if chosen.search is not None:
         png = directory / "pareto_front.png"
-        search_io.save_front(chosen.search, config.search_max_kl, directory / "pareto_front.json", png)
+        front.save_front(chosen.search, config.search_max_kl, directory / "pareto_front.json", png)
     if chosen.scores:
         starred = (chosen.position + subject.n_eoi, chosen.layer)
         plot_candidate_scores(chosen.scores, starred, directory / "candidate_scores.png")
@@ -83,7 +83,7 @@ def save_direction_files(
 def _point_metadata(chosen: RefusalDirection, subject: Subject) -> dict[str, str]:
     if chosen.edit_point is None:
         return {}
-    return search_io.point_metadata(chosen.edit_point, subject.n_layers)
+    return direction_file.point_metadata(chosen.edit_point, subject.n_layers)
 
 
 def build_manifest(
@@ -119,7 +119,7 @@ def build_manifest(
             "project_harmless": config.project_harmless,
             "edit_point": None if chosen.edit_point is None else asdict(chosen.edit_point),
         },
-        "search": None if chosen.search is None else search_io.summary(chosen.search),
+        "search": None if chosen.search is None else front.summary(chosen.search),
         "parity": gate.to_dict(),
         "evaluation": evaluation,
         "prompts": inputs.prompt_sizes,  # what was used: ``config``'s ``n_*`` are what was asked for

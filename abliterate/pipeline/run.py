@@ -18,6 +18,7 @@ from abliterate.config import RunConfig
 from abliterate.find.select import RefusalDirection
 from abliterate.io import output as checkpoint
 from abliterate.model.batching import EncodedPrompts
+from abliterate.model.sources import local_checkpoint
 from abliterate.pipeline.evaluation import Baseline, evaluate_after, evaluate_before
 from abliterate.pipeline.finding import candidates_and_means, paper_direction, searched_direction
 from abliterate.pipeline.gating import (
@@ -41,9 +42,9 @@ from abliterate.pipeline.publishing import (
 from abliterate.pipeline.subject import Inputs, Subject, load, prepare
 from abliterate.prove.files import compare_companions
 from abliterate.prove.gate import GateReport, completeness_on
-from abliterate.ship import search_io
+from abliterate.ship import direction_file
 from abliterate.ship.report import model_card
-from abliterate.ship.streaming import local_checkpoint, stream_into
+from abliterate.ship.streaming import stream_into
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -134,7 +135,7 @@ def run_streamed(
             staging,
             architecture=config.architecture,
             progress=config.progress,
-            declared=search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
+            declared=direction_file.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
         )
         gate.certificate = streamed.certificate
         gate.files = compare_companions(source, staging)  # stream_into raised if they differ
@@ -171,7 +172,7 @@ def run_lora(
         timed,
         certificate="--format lora: no checkpoint written; parity is checked through peft",
     )
-    declared = search_io.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
+    declared = direction_file.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
     base_model = subject.loaded.base_model or config.model
 
     def write(staging: Path) -> dict[str, Any]:

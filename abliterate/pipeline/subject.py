@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
-from abliterate.adapters import Adapter, residual_writers, resolve_adapter
-from abliterate.adapters.resolve import blocks_of
+from abliterate.adapters.resolve import blocks_of, residual_writers, resolve_adapter
+from abliterate.adapters.spec import Adapter
 from abliterate.config import RunConfig
 from abliterate.edit.walker import check_norm_preserving
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, residual_writers
-from abliterate.adapters.spec import WRITER_GROUPS
+from abliterate.adapters.resolve import residual_writers
+from abliterate.adapters.spec import WRITER_GROUPS, Adapter
 from abliterate.edit.walker import fold_direction
 
 if TYPE_CHECKING:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, residual_writers
+from abliterate.adapters.resolve import residual_writers
+from abliterate.adapters.spec import Adapter
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
 from abliterate.model.hooks import StrengthOf, ablated, edit_projection

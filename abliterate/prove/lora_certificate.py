@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter, residual_writers
+from abliterate.adapters.resolve import residual_writers
+from abliterate.adapters.spec import Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import all_finite, ulp
 from abliterate.prove.verdict import Verdict
@@ -107,8 +108,8 @@ def certify_adapter(
     Raises:
         ValueError: ``adapter_config.json`` is not a JSON object.
     """
-    from abliterate.ship.lora import lora_state
-    from abliterate.ship.search_io import writer_strengths
+    from abliterate.edit.lora_factors import lora_state
+    from abliterate.ship.direction_file import writer_strengths
 
     started = time.perf_counter()
     directory = Path(directory).expanduser()
@@ -280,11 +281,10 @@ def verify_adapter(
     Returns:
         The gate report as a plain dictionary, as ``verify_checkpoints`` returns it.
     """
-    from abliterate.adapters import resolve_adapter
-    from abliterate.edit.direction import load_direction
+    from abliterate.adapters.resolve import resolve_adapter
     from abliterate.model.loading import load_model
     from abliterate.prove.gate import GateReport
-    from abliterate.ship.search_io import declared_from_file
+    from abliterate.ship.direction_file import declared_from_file, load_direction
 
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)

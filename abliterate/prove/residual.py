@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters import Adapter
 from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
+from abliterate.adapters.spec import Adapter
 from abliterate.edit.kernel import ulp
 from abliterate.model.dispatch import input_device
 from abliterate.model.hooks import Operator, projection, registered, subspace_projection, unit_rows

@@ -105,8 +105,8 @@ def read_structure(checkpoint: Path | TensorSource, architecture: str | None = N
     """
     from transformers import AutoModelForCausalLM
 
-    from abliterate.adapters import resolve_adapter
-    from abliterate.adapters.resolve import embeddings_of, locate, resolve_writers
+    from abliterate.adapters.paths import locate
+    from abliterate.adapters.resolve import embeddings_of, resolve_adapter, resolve_writers
 
     try:
         config = _config_of(checkpoint, architecture)

@@ -1,12 +1,12 @@
 """Apply a refusal direction to a safetensors checkpoint on disk, one tensor at a time.
 
-Never instantiates a model: ``config.json`` picks the adapter, whose ``checkpoint_writers`` and
-``checkpoint_embeddings`` patterns name the tensors to edit. Edited tensors go through the same
+Never instantiates a model: ``abliterate.ship.plan`` decides from ``config.json`` and the shard headers
+which tensors to edit and validates it before anything is written. Edited tensors go through the same
 ``orthogonalize`` as the in-memory fold; every other byte is copied as is, so shard names, tensor order,
 dtypes and header metadata are preserved. The byte-level work (header parsing, kernel copies,
-incremental shard writing) lives in ``abliterate.io.safetensors``; this module decides what to edit,
-validates it before anything is written, and handles the index, config, a tied head and the atomic
-output (a temporary sibling directory renamed into place at the end).
+incremental shard writing) lives in ``abliterate.io.safetensors``; this module writes the shards, the
+index, config, a tied head and the companion files, certifies what it wrote, and places the output
+atomically (a temporary sibling directory renamed into place at the end).
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.adapters.registry import get_adapter, registered_model_types
-from abliterate.adapters.spec import Adapter, Layout
-from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.edit.kernel import ROWS_WRITE, Strength, changes, orthogonalize_, refuse_non_finite
+from abliterate.edit.kernel import changes, orthogonalize_, refuse_non_finite
 from abliterate.errors import GateError
+from abliterate.io.locations import HUB_ID
 from abliterate.io.output import (
     MANIFEST_NAME,
     atomic_directory,
@@ -38,29 +36,21 @@ from abliterate.io.output import (
     write_apply_manifest,
 )
 from abliterate.io.safetensors import (
-    DTYPES,
     INDEX_NAME,
     SHARD_NAME,
     Shard,
     TensorEntry,
-    find_shards,
-    read_header,
-    read_json,
     reuse_freed_memory,
     write_shard,
 )
-from abliterate.model.sources import describe_source, refuse_prequantized
+from abliterate.model.sources import describe_source, refuse_prequantized, resolve_checkpoint
 from abliterate.prove.certificate import Certificate
-from abliterate.prove.files import COMPANION_PATTERNS, compare_companions
+from abliterate.prove.files import compare_companions
+from abliterate.ship.plan import StreamPlan, TensorEdit, edit_by_name, plan_edit
 from abliterate.ship.report import apply_card
 
 logger = logging.getLogger(__name__)
 
-# The weights and every file transformers reads beside them (what verify compares, byte for byte).
-HUB_ALLOW_PATTERNS = ["*.safetensors", *COMPANION_PATTERNS]
-# The module names attention blocks use on disk (``self_attn``, ``attn``, ``attention``, ``self_attention``).
-_ATTENTION_NAME = re.compile(r"\.(self_attn|attn|attention|self_attention)\.")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Weight files the loader could pick up instead of (or beside) the edited shards; never copied.
 _STALE_WEIGHTS = re.compile(
     r"(model|consolidated.*|pytorch_model.*|tf_model|flax_model)\.(safetensors|bin|pth|pt|h5|msgpack)"
@@ -90,18 +80,6 @@ class StreamReport:
     output: Path
     model_type: str
     certificate: Certificate | None = None
-
-
-@dataclass(frozen=True)
-class _Plan:
-    shards: tuple[Shard, ...]
-    index: dict | None
-    config: dict
-    model_type: str
-    edits: dict[str, Layout]  # tensor name -> layout to orthogonalize it with
-    embedding: TensorEntry  # the token embedding, as stored
-    add_lm_head: str | None  # name of an lm_head tensor to add (tied embeddings), else None
-    untie: bool
 
 
 def stream_apply(
@@ -140,21 +118,16 @@ def stream_apply(
     """
     started = time.perf_counter()
     unit_direction(direction, "the direction")  # validation only: it raises on a bad vector
-    # The vector goes to ``orthogonalize`` as given, like the in-memory fold, so both edits are bitwise equal.
-    vector = direction.detach().cpu()
     refuse_prequantized(describe_source(str(checkpoint)), command="apply")
     target = prepare_output(output, checkpoint, overwrite)  # before the download and the plan
-    source = _resolve_checkpoint(checkpoint)
-    plan = _plan(source, vector, architecture)
-    declared = _declared(vector, declared)
+    source = resolve_checkpoint(checkpoint)
+    plan, declared = _planned(source, direction, architecture, declared)  # before the staging directory
     with atomic_directory(target) as temp:
-        counts, certificate = _write_and_certify(
-            plan, source, temp, declared, architecture, progress, certify
-        )
-        card = apply_card(str(checkpoint), plan.model_type, certificate, _HUB_ID.match(str(checkpoint)))
+        report = _write_and_certify(plan, source, temp, declared, architecture, progress, certify, started)
+        card = apply_card(str(checkpoint), plan.model_type, report.certificate, HUB_ID.match(str(checkpoint)))
         (temp / "README.md").write_text(card, "utf-8")
         write_apply_manifest(temp, str(checkpoint), "checkpoint")
-    return StreamReport(*counts, time.perf_counter() - started, target.path, plan.model_type, certificate)
+    return replace(report, seconds=time.perf_counter() - started, output=target.path)
 
 
 def stream_into(
@@ -173,87 +146,57 @@ def stream_into(
         GateError: the written files fail the weight certificate.
     """
     started = time.perf_counter()
+    plan, declared = _planned(source, direction, architecture, declared)
+    return _write_and_certify(plan, source, directory, declared, architecture, progress, True, started)
+
+
+def _planned(
+    source: Path, direction: torch.Tensor, architecture: str | None, declared: DeclaredEdit | None
+) -> tuple[StreamPlan, DeclaredEdit]:
+    """The plan, and the declared edit carrying the direction as given.
+
+    The vector goes to ``orthogonalize`` as given (not normalized here), like the in-memory fold, so both
+    edits are bitwise equal.
+    """
     vector = direction.detach().cpu()
-    plan = _plan(source, vector, architecture)
-    declared = _declared(vector, declared)
-    counts, certificate = _write_and_certify(plan, source, directory, declared, architecture, progress, True)
-    return StreamReport(*counts, time.perf_counter() - started, directory, plan.model_type, certificate)
+    plan = plan_edit(source, vector, architecture)
+    return plan, (DeclaredEdit(vector) if declared is None else replace(declared, direction=vector))
 
 
 def _write_and_certify(
-    plan: _Plan,
+    plan: StreamPlan,
     source: Path,
-    temp: Path,
+    directory: Path,
     declared: DeclaredEdit,
     architecture: str | None,
     progress: bool,
     certify: bool,
-) -> tuple[tuple[int, ...], Certificate | None]:
-    edit_of = _edit_by_name(source, architecture, declared, plan)
+    started: float,
+) -> StreamReport:
+    """Write every file of the edited checkpoint into ``directory`` and certify it (when asked).
+
+    Raises:
+        GateError: the written files fail the weight certificate or the companion-file comparison.
+    """
+    edit_of = edit_by_name(source, architecture, declared, plan)
     threads = torch.get_num_threads()
     try:
         # Slices this small gain nothing from intra-op threads, which only add a barrier per operation
         # (measured 3-10x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
         reuse_freed_memory()
-        counts = _write_all(plan, source, temp, declared.direction, progress, edit_of)
-        certificate = _certify(source, temp, declared, architecture, progress) if certify else None
+        counts = _write_all(plan, source, directory, declared.direction, progress, edit_of)
+        certificate = _certify(source, directory, declared, architecture, progress) if certify else None
     finally:
         torch.set_num_threads(threads)
-    return counts, certificate
-
-
-def _declared(vector: torch.Tensor, declared: DeclaredEdit | None) -> DeclaredEdit:
-    return DeclaredEdit(vector) if declared is None else replace(declared, direction=vector)
-
-
-# What one tensor's fold is given: its strength, and whether it is scaled by ``D`` (a norm-preserving
-# edit's weights; never a bias).
-TensorEdit = tuple[Strength, bool]
-
-
-def _edit_by_name(
-    source: Path, architecture: str | None, declared: DeclaredEdit, plan: _Plan
-) -> Callable[[str], TensorEdit] | None:
-    """Each edited tensor's strength and scaling by its on-disk name, or ``None`` for the plain edit.
-
-    The group, block and whether a tensor is a bias come from the model's structure
-    (``certificate.read_structure``), as the certificate reads them.
-
-    Raises:
-        ValueError: a tensor's writer group is unknown, the declared edit is out of range or zero
-            (``DeclaredEdit.validate``), or a norm-preserving edit meets fused experts.
-    """
-    from abliterate.prove.structure import canonical, read_structure
-
-    if declared.is_plain():
-        return None
-    required = read_structure(source, architecture).edits
-    missing = [name for name in plan.edits if canonical(name) not in required]
-    if missing:
-        raise ValueError(
-            f"cannot tell the writer group of {missing[0]} from the model's structure, so a per-group "
-            "strength cannot be applied to it; fold with `abliterate run` instead"
-        )
-    declared.validate((required[canonical(n)].group, required[canonical(n)].layer) for n in plan.edits)
-    if declared.norm_preserving:
-        fused = [name for name in plan.edits if required[canonical(name)].group == "experts"]
-        if fused:
-            raise ValueError(
-                f"{fused[0]}: a norm-preserving edit cannot scale a fused expert's input "
-                "(no module boundary); use a plain edit for this model"
-            )
-
-    def edit(name: str) -> TensorEdit:
-        tensor = required[canonical(name)]
-        return declared.scales_for(tensor.group, tensor.layer), declared.norm_preserving and not tensor.bias
-
-    return edit
+    seconds = time.perf_counter() - started
+    return StreamReport(*counts, seconds, directory, plan.model_type, certificate)
 
 
 def _certify(
     source: Path, written: Path, declared: DeclaredEdit, architecture: str | None, progress: bool
 ) -> Certificate:
+    # Looked up when called, so tests can replace the certificate (one that must not run).
     from abliterate.prove.certificate import certify_checkpoint
 
     certificate = certify_checkpoint(source, written, declared, architecture=architecture, progress=progress)
@@ -265,225 +208,40 @@ def _certify(
     return certificate
 
 
-def local_checkpoint(source: str | Path) -> tuple[Path | None, str]:
-    """The local safetensors directory behind a model source, or ``(None, why not)``.
-
-    ``demo`` is its converted cache directory; a Hub id is downloaded (safetensors and JSON only); a
-    GGUF file or a directory without safetensors weights has none.
-
-    Raises:
-        ValueError: the checkpoint's ``config.json`` holds a malformed value (see ``sources.check_config``).
-    """
-    if str(source) == "demo":
-        from abliterate.model.demo import converted_demo_dir
-
-        return converted_demo_dir(), ""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return None, f"{source} is a single file, not a safetensors checkpoint directory"
-    try:
-        directory = _resolve_checkpoint(source)
-        find_shards(directory)
-    except ValueError as error:
-        return None, str(error)
-    describe_source(str(directory))  # a malformed config.json is refused, not a reason to skip
-    return directory, ""
-
-
-def _resolve_checkpoint(checkpoint: str | Path) -> Path:
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        return path.absolute()
-    if path.exists():
-        raise ValueError(f"{path} is a file; give the checkpoint directory (with config.json) instead")
-    if not _HUB_ID.match(str(checkpoint)):
-        raise ValueError(f"checkpoint {checkpoint} is neither a local directory nor a Hub id like owner/name")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    logger.info("%s is not a local directory: downloading it from the Hub", checkpoint)
-    try:
-        local = snapshot_download(
-            repo_id=str(checkpoint),
-            allow_patterns=HUB_ALLOW_PATTERNS,
-            ignore_patterns=["consolidated*"],  # Mistral's second, unsharded copy of the weights
-        )
-    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
-        raise ValueError(f"could not download {checkpoint} from the Hub: {error}") from error
-    return Path(local)
-
-
-def _plan(checkpoint: Path, direction: torch.Tensor, architecture: str | None) -> _Plan:
-    """Read config and shard headers, decide every edit and validate it before anything is written."""
-    config = read_json(checkpoint / "config.json", "config.json")
-    adapter, model_type = _pick_adapter(config, architecture, checkpoint)
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    quantization = config.get("quantization_config") or text_config.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
-        raise ValueError(
-            f"{checkpoint} is pre-quantized ({method}); apply edits full-precision weights only: "
-            "apply the direction to its unquantized release"
-        )
-    if not adapter.checkpoint_writers or not adapter.checkpoint_embeddings:
-        raise ValueError(
-            f"the {adapter.name} adapter has no checkpoint patterns; use `abliterate run` instead"
-        )
-    names, index = find_shards(checkpoint)
-    shards = tuple(read_header(checkpoint / name) for name in names)
-    if index is not None:
-        _check_index(index, shards)
-    writers = [(re.compile(pattern), layout) for pattern, layout in adapter.checkpoint_writers]
-    embeddings = [re.compile(pattern) for pattern in adapter.checkpoint_embeddings]
-    edits: dict[str, Layout] = {}
-    found_embeddings: list[TensorEntry] = []
-    by_name = {entry.name: entry for shard in shards for entry in shard.entries}
-    for entry in by_name.values():
-        if any(pattern.fullmatch(entry.name) for pattern in embeddings):
-            found_embeddings.append(entry)
-            edits[entry.name] = _edit_layout(entry, "embedding")
-            continue
-        layout = next((layout for pattern, layout in writers if pattern.fullmatch(entry.name)), None)
-        if layout is not None:
-            edits[entry.name] = _edit_layout(entry, layout)
-    if not found_embeddings or len(edits) == len(found_embeddings):
-        raise ValueError(
-            f"no {'embedding' if not found_embeddings else 'residual-writer'} tensor in {checkpoint} matches "
-            f"the {adapter.name} adapter's patterns; is the model type right (see --architecture)?"
-        )
-    # The token embedding (GPT-2 also edits its position embedding): the tensor named like the adapter's
-    # first embedding module, e.g. ``...embed_tokens.weight`` or ``...wte.weight``.
-    token_suffix = adapter.embeddings[0].rsplit(".", 1)[-1] + ".weight"
-    named_like = [
-        e for e in found_embeddings if e.name == token_suffix or e.name.endswith("." + token_suffix)
-    ]
-    token_embedding = (named_like or found_embeddings)[0]
-    d_model = token_embedding.shape[-1]
-    if direction.shape[-1] != d_model:
-        raise ValueError(
-            f"the direction has {direction.shape[-1]} entries but {checkpoint}'s embedding "
-            f"{token_embedding.name} is {list(token_embedding.shape)} (d_model={d_model}): "
-            "the direction belongs to another model"
-        )
-    for name, layout in edits.items():
-        _check_editable(by_name[name], layout, d_model)
-    _check_every_block(edits, by_name, config, adapter, checkpoint)
-    untie = ties_embeddings(config, model_type)
-    # The head takes the embedding's on-disk prefix: "lm_head.weight" beside "model.embed_tokens.weight",
-    # "language_model.lm_head.weight" beside "language_model.model.embed_tokens.weight" (multimodal).
-    embed_key, head_key = f"{adapter.embeddings[0]}.weight", f"{adapter.lm_head}.weight"
-    on_disk = token_embedding.name
-    prefix = on_disk[: -len(embed_key)] if on_disk.endswith("." + embed_key) else ""
-    head = prefix + head_key
-    has_head = any(name == head_key or name.endswith("." + head_key) for name in by_name)
-    add_head = head if untie and not has_head else None
-    return _Plan(shards, index, config, model_type, edits, token_embedding, add_head, untie)
-
-
-def _check_every_block(
-    edits: dict[str, Layout],
-    by_name: dict[str, TensorEntry],
-    config: dict,
-    adapter: Adapter,
-    checkpoint: Path,
-) -> None:
-    """Every decoder block must have at least one attention and one MLP writer among the matched tensors.
-
-    A checkpoint whose names the patterns only partly cover (a renamed MLP in some blocks, a missing
-    shard) would otherwise be edited incompletely, and the output would silently keep the direction.
-    """
-    from abliterate.prove.structure import layer_of
-
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    n_layers = next(
-        (
-            part[key]
-            for part in (config, text_config)
-            for key in ("num_hidden_layers", "n_layer", "num_layers")
-            if isinstance(part.get(key), int)
-        ),
-        None,
-    )
-    if n_layers is None:
-        return
-    roles: dict[int, set[str]] = {layer: set() for layer in range(n_layers)}
-    for name in edits:
-        layer = layer_of(name)
-        if layer in roles and len(by_name[name].shape) >= 2:  # weights, not biases
-            roles[layer].add("attention" if _ATTENTION_NAME.search(name) else "mlp")
-    for layer, found in roles.items():
-        missing = {"attention", "mlp"} - found
-        if missing:
-            raise ValueError(
-                f"block {layer} of {checkpoint} has no {' or '.join(sorted(missing))} writer among the "
-                f"tensors the {adapter.name} adapter's patterns match; nothing was written "
-                "(is --architecture right?)"
-            )
-
-
-def _pick_adapter(config: dict, architecture: str | None, checkpoint: Path) -> tuple[Adapter, str]:
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    model_type = architecture or config.get("model_type")
-    if architecture is None and get_adapter(str(model_type)) is None and text_config.get("model_type"):
-        model_type = text_config["model_type"]
-    adapter = get_adapter(str(model_type))
-    if adapter is None:
-        known = ", ".join(registered_model_types())
-        how = "given with --architecture" if architecture else f"from {checkpoint / 'config.json'}"
-        raise LookupError(
-            f"no adapter for model type {model_type!r} ({how}); pass --architecture with one of: {known}"
-        )
-    return adapter, str(model_type)
-
-
-def _check_index(index: dict, shards: tuple[Shard, ...]) -> None:
-    stored = {shard.path.name: {entry.name for entry in shard.entries} for shard in shards}
-    for name, file in index["weight_map"].items():
-        if name not in stored[file]:
-            raise ValueError(f"{INDEX_NAME} places {name} in {file}, but that shard does not hold it")
-
-
-def _edit_layout(entry: TensorEntry, layout: Layout) -> Layout:
-    """The layout to orthogonalize a matched tensor with: a bias (one axis less) has d_model last."""
-    weight_dims = 3 if layout in ("experts", "experts_t") else 2
-    if len(entry.shape) == weight_dims:
-        return layout
-    if len(entry.shape) == weight_dims - 1:
-        return "embedding"
-    raise ValueError(
-        f"tensor {entry.name} matches a {layout} writer pattern but has shape {list(entry.shape)}"
-    )
-
-
-def _check_editable(entry: TensorEntry, layout: Layout, d_model: int) -> None:
-    if entry.dtype not in DTYPES:
-        raise ValueError(
-            f"tensor {entry.name} has dtype {entry.dtype}; only {', '.join(DTYPES)} can be edited"
-        )
-    numel = 1
-    for size in entry.shape:
-        numel *= size
-    if numel * DTYPES[entry.dtype].itemsize != entry.end - entry.start:
-        raise ValueError(
-            f"tensor {entry.name}: shape {list(entry.shape)} does not match its stored byte count"
-        )
-    axis = -1 if layout in ROWS_WRITE else (0 if layout == "linear" else -2)
-    if entry.shape[axis] != d_model:
-        raise ValueError(
-            f"tensor {entry.name} ({layout}, {list(entry.shape)}) has no axis of size d_model={d_model}"
-        )
-
-
 def _write_all(
-    plan: _Plan,
+    plan: StreamPlan,
     source: Path,
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
     edit_of: Callable[[str], TensorEdit] | None = None,
-) -> tuple[int, ...]:
+) -> tuple[int, int, int, int]:
     """Write every shard, the index, config.json and the other files; return the report's counts."""
     head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
+    counts = _write_shards(plan, head_shard, temp, direction, progress, edit_of)
+    _write_index(plan, head_shard, source, temp)
+    _write_config(plan, source, temp)
+    # The source's README.md is its own model card, and its abliterate.json (an abliterate output as the
+    # source) describes another edit: the edited checkpoint gets its own of both instead.
+    handled = {shard.path.name for shard in plan.shards} | {
+        INDEX_NAME,
+        "config.json",
+        "README.md",
+        MANIFEST_NAME,
+    }
+    _copy_other_files(source, temp, handled)
+    return counts
+
+
+def _write_shards(
+    plan: StreamPlan,
+    head_shard: Shard,
+    temp: Path,
+    direction: torch.Tensor,
+    progress: bool,
+    edit_of: Callable[[str], TensorEdit] | None,
+) -> tuple[int, int, int, int]:
+    """Write every shard with its edited tensors folded; ``(tensors, edited, bytes read, bytes written)``."""
     total_bytes = sum(shard.path.stat().st_size for shard in plan.shards)
     # One read buffer, sized for the largest edited tensor and reused for all of them.
     by_name = {entry.name: entry for shard in plan.shards for entry in shard.entries}
@@ -508,33 +266,33 @@ def _write_all(
             counts = write_shard(shard, destination, edits, edit, buffer, append, bar.update)
             tensors, edited = tensors + counts[0], edited + counts[1]
             read, written = read + counts[2], written + counts[3]
-    if plan.index is not None:
-        if plan.add_lm_head is None:
-            copy_source_file(source / INDEX_NAME, temp / INDEX_NAME, source)
-        else:
-            index = json.loads(json.dumps(plan.index))
-            index["weight_map"][plan.add_lm_head] = head_shard.path.name
-            if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
-                index["metadata"]["total_size"] += plan.embedding.end - plan.embedding.start
-            _write_json(temp / INDEX_NAME, index, sort_keys=True)
-    if plan.untie:
-        config = json.loads(json.dumps(plan.config))
-        config["tie_word_embeddings"] = False
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"]["tie_word_embeddings"] = False
-        _write_json(temp / "config.json", config, sort_keys=False)
-    else:
-        copy_source_file(source / "config.json", temp / "config.json", source)
-    # The source's README.md is its own model card, and its abliterate.json (an abliterate output as the
-    # source) describes another edit: the edited checkpoint gets its own of both instead.
-    handled = {shard.path.name for shard in plan.shards} | {
-        INDEX_NAME,
-        "config.json",
-        "README.md",
-        MANIFEST_NAME,
-    }
-    _copy_other_files(source, temp, handled)
     return tensors, edited, read, written
+
+
+def _write_index(plan: StreamPlan, head_shard: Shard, source: Path, temp: Path) -> None:
+    """The shard index: copied as is, or with an added ``lm_head`` placed beside the embedding."""
+    if plan.index is None:
+        return
+    if plan.add_lm_head is None:
+        copy_source_file(source / INDEX_NAME, temp / INDEX_NAME, source)
+        return
+    index = json.loads(json.dumps(plan.index))
+    index["weight_map"][plan.add_lm_head] = head_shard.path.name
+    if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+        index["metadata"]["total_size"] += plan.embedding.end - plan.embedding.start
+    _write_json(temp / INDEX_NAME, index, sort_keys=True)
+
+
+def _write_config(plan: StreamPlan, source: Path, temp: Path) -> None:
+    """``config.json``: copied as is, or saying ``tie_word_embeddings: false`` (also in a ``text_config``)."""
+    if not plan.untie:
+        copy_source_file(source / "config.json", temp / "config.json", source)
+        return
+    config = json.loads(json.dumps(plan.config))
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    _write_json(temp / "config.json", config, sort_keys=False)
 
 
 def _copy_other_files(source: Path, temp: Path, handled: set[str]) -> None:

@@ -1,19 +1,28 @@
-"""``abliterate verify`` and ``abliterate evaluate``: compare checkpoints on disk."""
+"""``abliterate verify``: prove that an edited checkpoint on disk is the declared edit of its original."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from abliterate.model.batching import all_position_logits, encode, forward_batches
+from abliterate.adapters.resolve import resolve_adapter
+from abliterate.edit.declared import DeclaredEdit
+from abliterate.model import loading  # called through its module, so tests can replace a load
+from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.dispatch import Dispatch
-from abliterate.model.prompt_files import read_prompts
+from abliterate.model.gguf_source import certificate_source
+from abliterate.model.hooks import ablated
 from abliterate.model.prompts import bundled
-
-if TYPE_CHECKING:
-    from abliterate.prove.gate import GateReport
+from abliterate.model.sources import local_checkpoint
+from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
+from abliterate.prove.gate import GateReport, completeness_on, edited_parity, hooked_reference
+from abliterate.prove.lora_certificate import is_adapter, verify_adapter
+from abliterate.prove.parity import compare_logits
+from abliterate.prove.residual import full_projection, residual_sites
+from abliterate.ship.direction_file import declared_from_file, load_direction, writer_strengths
 
 
 def verify_checkpoints(
@@ -54,18 +63,9 @@ def verify_checkpoints(
     Returns:
         The gate report as a plain dictionary (``passed`` tells the verdict).
     """
-    from abliterate.edit.direction import load_direction
-    from abliterate.model.gguf_source import certificate_source
-    from abliterate.model.loading import check_device
-    from abliterate.prove.certificate import certify_checkpoint
-    from abliterate.prove.gate import GateReport
-    from abliterate.prove.lora_certificate import is_adapter, verify_adapter
-    from abliterate.ship.search_io import declared_from_file
-    from abliterate.ship.streaming import local_checkpoint
-
-    check_device(device)  # before the certificate's minutes, not after them
+    loading.check_device(device)  # before the certificate's minutes, not after them
+    options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
     if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
-        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
         return verify_adapter(
             original, edited, direction_file, options, architecture=architecture, prompts=prompts,
             forward=forward, certificate=certificate,
@@ -73,34 +73,8 @@ def verify_checkpoints(
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
-    original_dir, why_not = local_checkpoint(original)
-    edited_dir, why_not_edited = local_checkpoint(edited)
-    _compare_files(original, original_dir, edited_dir, gate)
-    if certificate:
-        original_source, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
-        if original_source is not None and edited_dir is not None:
-            gate.certificate = certify_checkpoint(
-                original_source,
-                edited_dir,
-                declared,
-                architecture=architecture,
-                progress=progress,
-            )
-        else:
-            gate.skipped["certificate"] = why_not or why_not_edited
-    else:
-        gate.skipped["certificate"] = "not asked for (--no-certificate)"
-    extra: dict[str, Any] = {}
-    invalid = _why_invalid(declared)
-    if invalid:  # the certificate reports it too; no forward check can stand for such an edit
-        gate.skipped["completeness"] = gate.skipped["parity"] = invalid
-    elif forward:
-        if dtype == "auto":
-            dtype = _checkpoint_dtype(edited) or "auto"
-        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
-        extra = _forward_checks(original, edited, declared, gate, options, architecture, prompts)
-    else:
-        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
+    _check_on_disk(original, edited, declared, gate, certificate, architecture, progress)
+    extra = _check_forward(original, edited, declared, gate, forward, options, architecture, prompts)
     return {
         "original": original,
         "edited": edited,
@@ -111,7 +85,35 @@ def verify_checkpoints(
     }
 
 
-def _why_invalid(declared: Any) -> str:
+def _check_on_disk(
+    original: str,
+    edited: str,
+    declared: DeclaredEdit,
+    gate: GateReport,
+    certificate: bool,
+    architecture: str | None,
+    progress: bool,
+) -> None:
+    """Add to ``gate`` the files beside the weights and, when asked, the weight certificate (or why not)."""
+    original_dir, _ = local_checkpoint(original)
+    edited_dir, why_not_edited = local_checkpoint(edited)
+    _compare_files(original, original_dir, edited_dir, gate)
+    if not certificate:
+        gate.skipped["certificate"] = "not asked for (--no-certificate)"
+        return
+    # Looked up when called, so tests can replace the certificate (one that must not run).
+    from abliterate.prove.certificate import certify_checkpoint
+
+    original_source, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
+    if original_source is None or edited_dir is None:
+        gate.skipped["certificate"] = why_not or why_not_edited
+        return
+    gate.certificate = certify_checkpoint(
+        original_source, edited_dir, declared, architecture=architecture, progress=progress
+    )
+
+
+def _why_invalid(declared: DeclaredEdit) -> str:
     """``DeclaredEdit.validate``'s one line, or an empty string for a valid declared edit."""
     try:
         declared.validate()
@@ -125,8 +127,6 @@ def _compare_files(
 ) -> None:
     """Add the comparison of everything beside the weights to ``gate``: ``config.json`` and the companion
     files byte for byte, or for a GGUF original its tokenizer as read from both."""
-    from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
-
     if edited_dir is None:
         gate.skipped["files"] = "the edited checkpoint is not a local or Hub checkpoint directory"
     elif original_dir is not None:
@@ -139,8 +139,6 @@ def _compare_files(
 
 def _checkpoint_dtype(checkpoint: str) -> str | None:
     """The dtype a local checkpoint's config.json declares, if any."""
-    import json
-
     config = Path(checkpoint).expanduser() / "config.json"
     if not config.is_file():
         return None
@@ -149,24 +147,31 @@ def _checkpoint_dtype(checkpoint: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _forward_checks(
+def _check_forward(
     original: str,
     edited: str,
-    declared: Any,
-    gate: Any,
+    declared: DeclaredEdit,
+    gate: GateReport,
+    forward: bool,
     options: dict[str, Any],
     architecture: str | None,
     prompts: list[str] | None,
 ) -> dict[str, Any]:
-    """Completeness on the original, then logit parity of the edited model against the hooked original."""
-    from abliterate.adapters import resolve_adapter
-    from abliterate.model.loading import load_model
-    from abliterate.prove.gate import completeness_on, edited_parity, hooked_reference
-    from abliterate.prove.parity import compare_logits
-    from abliterate.ship.search_io import writer_strengths
+    """Completeness on the original, then logit parity of the edited model against the hooked original.
 
+    Skipped, saying why in ``gate``, without ``forward`` or for an invalid declared edit.
+    """
+    invalid = _why_invalid(declared)
+    if invalid:  # the certificate reports it too; no forward check can stand for such an edit
+        gate.skipped["completeness"] = gate.skipped["parity"] = invalid
+        return {}
+    if not forward:
+        gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
+        return {}
+    if options["dtype"] == "auto":
+        options = {**options, "dtype": _checkpoint_dtype(edited) or "auto"}
     direction = declared.direction
-    reference_model = load_model(original, **options)
+    reference_model = loading.load_model(original, **options)
     model = reference_model.model
     adapter = resolve_adapter(model, architecture)
     d_model = model.get_input_embeddings().weight.shape[-1]
@@ -175,91 +180,32 @@ def _forward_checks(
     prompts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
     encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
     gate.completeness = completeness_on(model, adapter, encoded)
+    strength_of, dtype_name = writer_strengths(declared), reference_model.dtype_name
     reference = hooked_reference(
-        model,
-        adapter,
-        direction,
-        encoded,
-        reference_model.dtype_name,
-        writer_strengths(declared),
-        declared.norm_preserving,
+        model, adapter, direction, encoded, dtype_name, strength_of, declared.norm_preserving
     )
     residual_reference = None
     if adapter.post_norm:
-        from abliterate.model.hooks import ablated
-        from abliterate.prove.residual import full_projection, residual_sites
-
         with ablated(model, adapter, full_projection(direction), where=residual_sites):
             residual_reference = all_position_logits(model, encoded)
     del reference_model, model
-    edited_model = load_model(edited, **options)
+    edited_model = loading.load_model(edited, **options)
     gate.parity = edited_parity(edited_model.model, adapter, encoded, reference)
     extra: dict[str, Any] = {"adapter": adapter.name}
     if residual_reference is not None:
         candidate = all_position_logits(edited_model.model, encoded)
-        residual = compare_logits(residual_reference, candidate, "float32", reference.mask)
-        extra["post_norm"] = True
-        extra["full_residual_ablation_max_abs_logit_diff"] = residual.max_abs_logit_diff
-        extra["full_residual_ablation_mean_kl"] = residual.mean_kl
-        extra["full_residual_ablation_top1_agreement"] = residual.top1_agreement
+        extra.update(_full_residual_ablation(residual_reference, candidate, reference.mask))
     return extra
 
 
-def evaluate_model(
-    model: str,
-    *,
-    baseline: str | None = None,
-    harmful: str | None = None,
-    harmless: str | None = None,
-    n_prompts: int = 50,
-    dtype: str = "auto",
-    device: str = "auto",
-    max_new_tokens: int = 24,
-    dispatch: Dispatch | None = None,
+def _full_residual_ablation(
+    residual_reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor
 ) -> dict[str, Any]:
-    """Refusal rate of ``model`` on harmful prompts, and first-token KL to ``baseline`` on harmless ones.
-
-    Returns:
-        ``{"refusal_rate" (markers), "judged_refusal_rate" (judge), "judged_interval_95", "n", ...}`` plus
-        ``baseline_refusal_rate``, ``baseline_judged_refusal_rate`` and ``kl_harmless`` with a baseline.
-
-    Raises:
-        ValueError: ``n_prompts`` is below 1, ``device`` is not a device of this machine, or a prompt
-            source is malformed.
-    """
-    from abliterate.find.evaluate import refusal_rate
-    from abliterate.find.judge import wilson_interval
-    from abliterate.model.loading import check_device, load_model
-    from abliterate.prove.parity import kl_divergence
-
-    if n_prompts < 1:  # a negative count would slice from the end: -3 evaluated 47 prompts
-        raise ValueError(f"--n must be at least 1, got {n_prompts}")
-    check_device(device)
-    harmful_prompts = (read_prompts(harmful) if harmful else bundled("harmful", "eval"))[:n_prompts]
-    harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
-
-    def measure(source: str) -> tuple[Any, torch.Tensor]:
-        loaded = load_model(source, dtype=dtype, device=device, dispatch=dispatch)
-        evaluation = refusal_rate(
-            loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
-        )
-        encoded = encode(loaded.tokenizer, harmless_prompts, batch_size=32)
-        logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(loaded.model, encoded)])
-        return evaluation, logits
-
-    evaluation, logits = measure(model)
-    judged = round(evaluation.judged_refusal_rate * evaluation.n)
-    result: dict[str, Any] = {
-        "model": model,
-        "refusal_rate": evaluation.refusal_rate,
-        "judged_refusal_rate": evaluation.judged_refusal_rate,
-        "judged_interval_95": wilson_interval(judged, evaluation.n),
-        "n": evaluation.n,
+    """How far a post-norm model's edited logits are from a full residual-stream ablation's."""
+    residual = compare_logits(residual_reference, candidate, "float32", mask)
+    return {
+        "post_norm": True,
+        "full_residual_ablation_max_abs_logit_diff": residual.max_abs_logit_diff,
+        "full_residual_ablation_mean_kl": residual.mean_kl,
+        "full_residual_ablation_top1_agreement": residual.top1_agreement,
     }
-    if baseline is not None:
-        base, base_logits = measure(baseline)
-        result["baseline"] = baseline
-        result["baseline_refusal_rate"] = base.refusal_rate
-        result["baseline_judged_refusal_rate"] = base.judged_refusal_rate
-        result["kl_harmless"] = kl_divergence(base_logits, logits).mean().item()
-    return result

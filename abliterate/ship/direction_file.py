@@ -1,6 +1,9 @@
-"""What the edit search leaves behind: the Pareto front (JSON and plot), the manifest's ``search`` entry,
-and the searched point's strengths in ``direction.safetensors`` metadata, read back as the declared edit
-that ``apply``, ``verify``, LoRA output and the certificate check.
+"""``direction.safetensors``: the unit refusal direction (or an orthonormal subspace), where it came from,
+and the edit it declares.
+
+A searched point's strengths are stored in the file's metadata (``point_metadata``) and read back as the
+declared edit (``declared_from_file``) that ``apply``, ``verify``, LoRA output and the certificate check;
+an old file without them declares strength 1 on every writer.
 """
 
 from __future__ import annotations
@@ -8,43 +11,77 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from abliterate.adapters import ResolvedWriter
+from abliterate.adapters.resolve import ResolvedWriter
 from abliterate.edit.declared import DeclaredEdit
+from abliterate.edit.direction import unit_direction
 from abliterate.edit.kernel import Strength
 from abliterate.find.point import EditPoint
-from abliterate.find.search import SearchResult, pareto_front
+
+TENSOR_NAME = "direction"
 
 
-def save_front(result: SearchResult, max_kl: float, json_path: object, png_path: object) -> None:
-    """Write the Pareto JSON and a refusal-score-vs-KL plot, the paper's and the chosen point marked."""
-    from pathlib import Path
+def save_direction(
+    path: str | Path,
+    vector: torch.Tensor,
+    layer: int,
+    position: int,
+    source: str,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write a direction file: tensor ``direction`` (unit, float32, ``[d_model]``) plus metadata.
 
-    Path(json_path).write_text(json.dumps(result.to_dict(max_kl), indent=1) + "\n", "utf-8")
-    import matplotlib
+    Args:
+        path: the file to write, conventionally ``<output>/direction.safetensors``.
+        vector: the direction, ``[d_model]``; normalized here (in float64) before saving.
+        layer: the decoder layer the candidate was taken from.
+        position: the end-of-instruction position it was taken at (negative, from the end).
+        source: the model it was extracted from (hub id or path).
+        extra: further string metadata to store, e.g. scores; may not override the keys above.
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+    Returns:
+        The path written.
+    """
+    unit = unit_direction(vector, f"the direction to save to {path}")
+    metadata = {"layer": str(int(layer)), "position": str(int(position)), "source": str(source)}
+    for key, value in (extra or {}).items():
+        if key in metadata:
+            raise ValueError(f"extra metadata key {key!r} would override the standard field of that name")
+        metadata[str(key)] = str(value)
+    path = Path(path)
+    save_file({TENSOR_NAME: unit.contiguous()}, str(path), metadata=metadata)
+    return path
 
-    figure, axes = pyplot.subplots(figsize=(6, 4))
-    axes.scatter([t.kl for t in result.trials], [t.refusal_score for t in result.trials], s=10, c="0.6")
-    front = pareto_front(result.trials)
-    axes.plot([t.kl for t in front], [t.refusal_score for t in front], "-o", ms=3, label="Pareto front")
-    paper, chosen = result.trials[0], result.chosen
-    axes.scatter([paper.kl], [paper.refusal_score], marker="s", s=60, c="tab:orange", label="paper rule")
-    axes.scatter([chosen.kl], [chosen.refusal_score], marker="*", s=160, c="tab:red", label="chosen")
-    axes.axvline(max_kl, ls="--", c="0.4", lw=1)
-    kls = [t.kl for t in result.trials if t.kl > 0] + [max_kl]
-    if max(kls) / min(kls) > 20:  # a wide range reads best on a log axis; a narrow one keeps its ticks
-        axes.set_xscale("log")
-    axes.set_xlabel("first-token KL, harmless val (trial prompts)")
-    axes.set_ylabel("refusal score, harmful val (trial prompts)")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=110)
-    pyplot.close(figure)
+
+def load_direction(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """Read a direction file written by ``save_direction`` (or any file with a ``direction`` tensor).
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        ``(direction, metadata)``: the unit vector as float32 ``[d_model]`` and the file's string metadata
+        (``layer``, ``position``, ``source`` when written by this package).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"direction file {path} does not exist (expected a direction.safetensors file)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = list(handle.keys())
+            if TENSOR_NAME not in stored:
+                names = ", ".join(sorted(stored)) or "none"
+                raise ValueError(f"{path} has no tensor named {TENSOR_NAME!r} (it holds: {names})")
+            vector = handle.get_tensor(TENSOR_NAME)
+            metadata = dict(handle.metadata() or {})
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    return unit_direction(vector, f"the direction in {path}"), metadata
 
 
 # Metadata key of ``direction.safetensors`` that holds a searched point (absent: strength 1 everywhere).
@@ -97,20 +134,6 @@ def declared_edit(direction: torch.Tensor, point: EditPoint | None, n_layers: in
     layers = point.layer_strengths(n_layers)
     embedding = {"embedding": point.embedding}
     return DeclaredEdit(direction, embedding, 1.0, layers, point.weights(), point.norm_preserving)
-
-
-def summary(result: SearchResult) -> dict[str, object]:
-    """The manifest's ``search`` entry: sizes, the paper's and the chosen point, the front's extent."""
-    front = pareto_front(result.trials)
-    paper = next((trial for trial in result.confirmed if trial.point == result.trials[0].point), None)
-    return {
-        "trials": len(result.trials),
-        "front_size": len(front),
-        "seconds": result.seconds,
-        "paper": None if paper is None else paper.to_dict(),
-        "chosen": result.chosen.to_dict(),
-        "confirmed": [trial.to_dict() for trial in result.confirmed],
-    }
 
 
 def declared_from_file(direction: torch.Tensor, metadata: dict[str, str]) -> DeclaredEdit:
