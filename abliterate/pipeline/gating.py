@@ -151,7 +151,7 @@ def certify_saved(
         source,
         staging,
         search_io.declared_edit(chosen.direction, chosen.edit_point, n_layers),
-        architecture=config.architecture,
+        architecture=config.load.architecture,
         progress=config.progress,
     )
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from abliterate.config import LoadConfig
 from abliterate.model.batching import all_position_logits, encode, forward_batches
-from abliterate.model.dispatch import Dispatch
 from abliterate.model.prompts import bundled, read_prompts
 
 if TYPE_CHECKING:
@@ -20,11 +20,7 @@ def verify_checkpoints(
     edited: str,
     direction_file: str,
     *,
-    dtype: str = "auto",
-    device: str = "auto",
-    architecture: str | None = None,
-    trust_remote_code: bool = False,
-    dispatch: Dispatch | None = None,
+    load: LoadConfig | None = None,
     prompts: list[str] | None = None,
     forward: bool = True,
     certificate: bool = True,
@@ -41,10 +37,8 @@ def verify_checkpoints(
         original: the unedited model (hub id, directory, .gguf, or ``demo``).
         edited: the edited checkpoint.
         direction_file: ``direction.safetensors``.
-        dtype: dtype of both models for the forward checks (``auto``: the edited checkpoint's).
-        device: device for both.
-        architecture: adapter override.
-        trust_remote_code: allow repository code.
+        load: how both models are loaded (default ``LoadConfig()``): ``dtype`` ``auto`` is the edited
+            checkpoint's; ``architecture`` overrides the adapter.
         prompts: prompts to compare on (default: 8 bundled harmful + 8 harmless evaluation prompts).
         forward: run the checks that load the models (completeness, logit parity).
         certificate: run the weight certificate.
@@ -62,11 +56,12 @@ def verify_checkpoints(
     from abliterate.ship.search_io import declared_from_file
     from abliterate.ship.streaming import local_checkpoint
 
-    check_device(device)  # before the certificate's minutes, not after them
+    load = load or LoadConfig()
+    check_device(load.device)  # before the certificate's minutes, not after them
     if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
-        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
+        options = _load_options(load, load.dtype)
         return verify_adapter(
-            original, edited, direction_file, options, architecture=architecture, prompts=prompts,
+            original, edited, direction_file, options, architecture=load.architecture, prompts=prompts,
             forward=forward, certificate=certificate,
         )  # fmt: skip
     direction, metadata = load_direction(direction_file)
@@ -82,7 +77,7 @@ def verify_checkpoints(
                 original_source,
                 edited_dir,
                 declared,
-                architecture=architecture,
+                architecture=load.architecture,
                 progress=progress,
             )
         else:
@@ -94,10 +89,10 @@ def verify_checkpoints(
     if invalid:  # the certificate reports it too; no forward check can stand for such an edit
         gate.skipped["completeness"] = gate.skipped["parity"] = invalid
     elif forward:
-        if dtype == "auto":
-            dtype = _checkpoint_dtype(edited) or "auto"
-        options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
-        extra = _forward_checks(original, edited, declared, gate, options, architecture, prompts)
+        dtype = load.dtype if load.dtype != "auto" else _checkpoint_dtype(edited) or "auto"
+        extra = _forward_checks(
+            original, edited, declared, gate, _load_options(load, dtype), load.architecture, prompts
+        )
     else:
         gate.skipped["completeness"] = gate.skipped["parity"] = "not asked for (--no-forward)"
     return {
@@ -108,6 +103,13 @@ def verify_checkpoints(
         **extra,
         **gate.to_dict(),
     }
+
+
+def _load_options(load: LoadConfig, dtype: str) -> dict[str, Any]:
+    """``load_model``'s keyword arguments for ``load``, at ``dtype``."""
+    return dict(
+        dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code, dispatch=load.dispatch
+    )
 
 
 def _why_invalid(declared: Any) -> str:
@@ -210,10 +212,8 @@ def evaluate_model(
     harmful: str | None = None,
     harmless: str | None = None,
     n_prompts: int = 50,
-    dtype: str = "auto",
-    device: str = "auto",
+    load: LoadConfig | None = None,
     max_new_tokens: int = 24,
-    dispatch: Dispatch | None = None,
 ) -> dict[str, Any]:
     """Refusal rate of ``model`` on harmful prompts, and first-token KL to ``baseline`` on harmless ones.
 
@@ -222,7 +222,7 @@ def evaluate_model(
         ``baseline_refusal_rate``, ``baseline_judged_refusal_rate`` and ``kl_harmless`` with a baseline.
 
     Raises:
-        ValueError: ``n_prompts`` is below 1, ``device`` is not a device of this machine, or a prompt
+        ValueError: ``n_prompts`` is below 1, ``load.device`` is not a device of this machine, or a prompt
             source is malformed.
     """
     from abliterate.find.evaluate import refusal_rate
@@ -232,12 +232,14 @@ def evaluate_model(
 
     if n_prompts < 1:  # a negative count would slice from the end: -3 evaluated 47 prompts
         raise ValueError(f"--n must be at least 1, got {n_prompts}")
-    check_device(device)
+    load = load or LoadConfig()
+    check_device(load.device)
+    options = dict(dtype=load.dtype, device=load.device, dispatch=load.dispatch)
     harmful_prompts = (read_prompts(harmful) if harmful else bundled("harmful", "eval"))[:n_prompts]
     harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
 
     def measure(source: str) -> tuple[Any, torch.Tensor]:
-        loaded = load_model(source, dtype=dtype, device=device, dispatch=dispatch)
+        loaded = load_model(source, **options)
         evaluation = refusal_rate(
             loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
         )
