@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     from abliterate.model.dispatch import Dispatch
 
 
-def _help(text: str) -> dict[str, Any]:
-    """Metadata of a field that is no command-line option (a setting of the library)."""
-    return {"help": text}
+def _option(default: Any, *flags: str, help: str, **click: Any) -> Any:
+    """A field that is a command-line option: its flags, help text and click settings in its metadata."""
+    return field(default=default, metadata={"flags": flags, "help": help, **click})
 
 
-def _flag(*flags: str, help: str, **click: Any) -> dict[str, Any]:
-    """Metadata of a field that is a command-line option: its flags, help text and click settings."""
-    return {"flags": flags, "help": help, **click}
+def _setting(default: Any, help: str) -> Any:
+    """A field that is no command-line option (a setting of the library), with its help text."""
+    return field(default=default, metadata={"help": help})
 
 
 def _at_least(config: object, minimum: int, *names: str) -> None:
@@ -40,36 +40,27 @@ def _at_least(config: object, minimum: int, *names: str) -> None:
 class PublishingConfig:
     """Where the result goes: an output directory and/or a Hub repository, and in which form."""
 
-    output: str | None = field(
-        default=None, metadata=_flag("--output", "-o", help="Output directory for the checkpoint.")
+    output: str | None = _option(None, "--output", "-o", help="Output directory for the checkpoint.")
+    push_to_hub: str | None = _option(
+        None, "--push-to-hub", metavar="REPO_ID", help="Hub repo id to push to."
     )
-    push_to_hub: str | None = field(
-        default=None, metadata=_flag("--push-to-hub", metavar="REPO_ID", help="Hub repo id to push to.")
+    private: bool = _option(False, "--private", help="Create the Hub repo as private.")
+    direction_only: bool = _option(
+        False,
+        "--direction-only",
+        help="Find and check the direction (hooks only) and write it with the manifest, no weights; "
+        "`abliterate apply` folds it into a checkpoint later.",
     )
-    private: bool = field(default=False, metadata=_flag("--private", help="Create the Hub repo as private."))
-    direction_only: bool = field(
-        default=False,
-        metadata=_flag(
-            "--direction-only",
-            help="Find and check the direction (hooks only) and write it with the manifest, no weights; "
-            "`abliterate apply` folds it into a checkpoint later.",
-        ),
+    format: str = _option(
+        "checkpoint",
+        "--format",
+        choices=("checkpoint", "lora"),
+        help="Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora').",
     )
-    format: str = field(
-        default="checkpoint",
-        metadata=_flag(
-            "--format",
-            choices=("checkpoint", "lora"),
-            help="Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora').",
-        ),
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata=_flag(
-            "--overwrite",
-            help="Replace an earlier abliterate output at --output (a directory holding its "
-            "abliterate.json).",
-        ),
+    overwrite: bool = _option(
+        False,
+        "--overwrite",
+        help="Replace an earlier abliterate output at --output (a directory holding its abliterate.json).",
     )
 
     def __post_init__(self) -> None:
@@ -83,35 +74,23 @@ class PublishingConfig:
 class PromptConfig:
     """Which prompts, how many of each split, and how they are put into the chat template."""
 
-    harmful: str | None = field(
-        default=None,
-        metadata=_flag("--harmful", metavar="SRC", help="Harmful prompt source (default: bundled)."),
+    harmful: str | None = _option(
+        None, "--harmful", metavar="SRC", help="Harmful prompt source (default: bundled)."
     )
-    harmless: str | None = field(
-        default=None,
-        metadata=_flag("--harmless", metavar="SRC", help="Harmless prompt source (default: bundled)."),
+    harmless: str | None = _option(
+        None, "--harmless", metavar="SRC", help="Harmless prompt source (default: bundled)."
     )
-    n_train: int = field(
-        default=128, metadata=_flag("--n-train", help="Prompts per class used to extract candidates.")
-    )
-    n_val: int = field(
-        default=32, metadata=_flag("--n-val", help="Prompts per class used to score candidates.")
-    )
-    n_eval: int = field(
-        default=50, metadata=_flag("--n-eval", help="Prompts per class for the before/after evaluation.")
-    )
-    n_parity: int = field(default=4, metadata=_help("Held-aside prompts for the parity check."))
-    seed: int = field(default=0, metadata=_flag("--seed", help="Seed for prompt sampling."))
-    system_prompt: str | None = field(
-        default=None, metadata=_flag("--system-prompt", help="System prompt for every chat.")
-    )
-    chat_template_kwargs: str | None = field(
-        default=None,
-        metadata=_flag(
-            "--chat-template-kwargs",
-            metavar="JSON",
-            help="JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'.",
-        ),
+    n_train: int = _option(128, "--n-train", help="Prompts per class used to extract candidates.")
+    n_val: int = _option(32, "--n-val", help="Prompts per class used to score candidates.")
+    n_eval: int = _option(50, "--n-eval", help="Prompts per class for the before/after evaluation.")
+    n_parity: int = _setting(4, "Held-aside prompts for the parity check.")
+    seed: int = _option(0, "--seed", help="Seed for prompt sampling.")
+    system_prompt: str | None = _option(None, "--system-prompt", help="System prompt for every chat.")
+    chat_template_kwargs: str | None = _option(
+        None,
+        "--chat-template-kwargs",
+        metavar="JSON",
+        help="JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'.",
     )
 
     def __post_init__(self) -> None:
@@ -123,67 +102,45 @@ class PromptConfig:
 class LoadConfig:
     """How the model is loaded and run: device, dtype, adapter, trust, placement over devices, batch size."""
 
-    device: str = field(
-        default="auto",
-        metadata=_flag("--device", help="auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps."),
+    device: str = _option("auto", "--device", help="auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps.")
+    dtype: str = _option(
+        "auto",
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto (checkpoint dtype), float32, bfloat16, float16.",
     )
-    dtype: str = field(
-        default="auto",
-        metadata=_flag(
-            "--dtype",
-            choices=("auto", "float32", "bfloat16", "float16"),
-            help="auto (checkpoint dtype), float32, bfloat16, float16.",
-        ),
+    batch_size: int | str = _option(
+        32, "--batch-size", help="Prompts per forward pass, or 'auto' for the largest that fits on the GPU."
     )
-    batch_size: int | str = field(
-        default=32,
-        metadata=_flag(
-            "--batch-size", help="Prompts per forward pass, or 'auto' for the largest that fits on the GPU."
-        ),
+    architecture: str | None = _option(
+        None, "--architecture", metavar="MODEL_TYPE", help="Use this registered model type's adapter."
     )
-    architecture: str | None = field(
-        default=None,
-        metadata=_flag(
-            "--architecture", metavar="MODEL_TYPE", help="Use this registered model type's adapter."
-        ),
+    device_map: str | None = _option(
+        None,
+        "--device-map",
+        metavar="auto|balanced|sequential|FILE.json",
+        help="auto, balanced, sequential or FILE.json ({module: device}): spread the model over GPUs, CPU "
+        "and disk with accelerate; the output is then streamed from the source files.",
     )
-    device_map: str | None = field(
-        default=None,
-        metadata=_flag(
-            "--device-map",
-            metavar="auto|balanced|sequential|FILE.json",
-            help="auto, balanced, sequential or FILE.json ({module: device}): spread the model over GPUs, "
-            "CPU and disk with accelerate; the output is then streamed from the source files.",
-        ),
+    max_memory: str | None = _option(
+        None,
+        "--max-memory",
+        metavar="DEVICE=SIZE,…",
+        help="Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
     )
-    max_memory: str | None = field(
-        default=None,
-        metadata=_flag(
-            "--max-memory",
-            metavar="DEVICE=SIZE,…",
-            help="Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
-        ),
+    offload_folder: str | None = _option(
+        None, "--offload-folder", metavar="DIR", help="Folder for weights --device-map offloads to disk."
     )
-    offload_folder: str | None = field(
-        default=None,
-        metadata=_flag(
-            "--offload-folder", metavar="DIR", help="Folder for weights --device-map offloads to disk."
-        ),
+    load_in_4bit: bool = _option(
+        False,
+        "--load-in-4bit",
+        help="Find the direction on a 4-bit (bitsandbytes, GPU) copy; the output is streamed from the "
+        "full-precision source files.",
     )
-    load_in_4bit: bool = field(
-        default=False,
-        metadata=_flag(
-            "--load-in-4bit",
-            help="Find the direction on a 4-bit (bitsandbytes, GPU) copy; the output is streamed from the "
-            "full-precision source files.",
-        ),
+    trust_remote_code: bool = _option(
+        False, "--trust-remote-code", help="Allow code from the model repository."
     )
-    trust_remote_code: bool = field(
-        default=False, metadata=_flag("--trust-remote-code", help="Allow code from the model repository.")
-    )
-    allow_pickle: bool = field(
-        default=False, metadata=_flag("--allow-pickle", help="Allow loading .bin/.pt pickled weights.")
-    )
+    allow_pickle: bool = _option(False, "--allow-pickle", help="Allow loading .bin/.pt pickled weights.")
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
@@ -207,59 +164,43 @@ class LoadConfig:
 class SelectionConfig:
     """Which direction: a given candidate, or the paper's selection and the search around it."""
 
-    layer: int | None = field(
-        default=None, metadata=_flag("--layer", help="Use this layer's candidate, skip selection.")
+    layer: int | None = _option(None, "--layer", help="Use this layer's candidate, skip selection.")
+    position: int | None = _option(
+        None, "--position", help="EOI position (negative from the end) with --layer."
     )
-    position: int | None = field(
-        default=None, metadata=_flag("--position", help="EOI position (negative from the end) with --layer.")
+    max_kl: float | None = _option(
+        None,
+        "--max-kl",
+        help="First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
+        "(default 0.05); with --search none, the paper's candidate filter (default 0.1).",
     )
-    max_kl: float | None = field(
-        default=None,
-        metadata=_flag(
-            "--max-kl",
-            help="First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
-            "(default 0.05); with --search none, the paper's candidate filter (default 0.1).",
-        ),
+    search: str = _option(
+        "tpe",
+        "--search",
+        choices=("tpe", "none"),
+        help="Search a family of exact edits with Optuna TPE ('tpe'), or keep the paper's rule ('none').",
     )
-    search: str = field(
-        default="tpe",
-        metadata=_flag(
-            "--search",
-            choices=("tpe", "none"),
-            help="Search a family of exact edits with Optuna TPE ('tpe'), or keep the paper's rule ('none').",
-        ),
+    min_steering: float | None = _option(
+        None,
+        "--min-steering",
+        help="Discard candidates whose steering score is not above this (default: the unsteered score).",
     )
-    min_steering: float | None = field(
-        default=None,
-        metadata=_flag(
-            "--min-steering",
-            help="Discard candidates whose steering score is not above this (default: the unsteered score).",
-        ),
+    project_harmless: bool = _option(
+        False,
+        "--project-harmless",
+        help="Remove each candidate's component along the harmless mean (lower KL; off = the paper).",
     )
-    project_harmless: bool = field(
-        default=False,
-        metadata=_flag(
-            "--project-harmless",
-            help="Remove each candidate's component along the harmless mean (lower KL; off = the paper).",
-        ),
+    norm_preserving: bool = _option(
+        False,
+        "--norm-preserving",
+        help="Fold (I − s r̂ r̂ᵀ) W D, D keeping every writer column's length (exact and certified; not for "
+        "fused experts, not as LoRA).",
     )
-    norm_preserving: bool = field(
-        default=False,
-        metadata=_flag(
-            "--norm-preserving",
-            help="Fold (I − s r̂ r̂ᵀ) W D, D keeping every writer column's length (exact and certified; not "
-            "for fused experts, not as LoRA).",
-        ),
-    )
-    max_layer_fraction: float = field(
-        default=0.8, metadata=_help("Discard candidates at layer >= this fraction.")
-    )
-    screen_prompts: int = field(
-        default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen.")
-    )
-    screen_keep: int = field(default=6, metadata=_help("Candidates kept after the screen for full scoring."))
-    layer_stride: int = field(
-        default=2, metadata=_help("Screen every N-th layer first, then the layers beside the best (1 = all).")
+    max_layer_fraction: float = _setting(0.8, "Discard candidates at layer >= this fraction.")
+    screen_prompts: int = _setting(4, "Harmful prompts for the first, coarse ablation screen.")
+    screen_keep: int = _setting(6, "Candidates kept after the screen for full scoring.")
+    layer_stride: int = _setting(
+        2, "Screen every N-th layer first, then the layers beside the best (1 = all)."
     )
 
     def __post_init__(self) -> None:
@@ -273,19 +214,14 @@ class SelectionConfig:
 class SearchConfig:
     """The budget of the search over exact edits (``--search tpe``)."""
 
-    trials: int = field(
-        default=48, metadata=_flag("--trials", help="Cheap trials of the search (batched per forward).")
+    trials: int = _option(48, "--trials", help="Cheap trials of the search (batched per forward).")
+    search_budget: float = _option(
+        150.0, "--search-budget", metavar="SECONDS", help="Seconds the search's trials may take."
     )
-    search_budget: float = field(
-        default=150.0,
-        metadata=_flag("--search-budget", metavar="SECONDS", help="Seconds the search's trials may take."),
+    search_prompts: int = _setting(
+        8, "Harmful and harmless validation prompts each cheap trial is scored on."
     )
-    search_prompts: int = field(
-        default=8, metadata=_help("Harmful and harmless validation prompts each cheap trial is scored on.")
-    )
-    finalists: int = field(
-        default=3, metadata=_help("Trials confirmed by greedy generation (besides the paper's point).")
-    )
+    finalists: int = _setting(3, "Trials confirmed by greedy generation (besides the paper's point).")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "trials")
@@ -301,20 +237,15 @@ class SearchConfig:
 class EvaluationConfig:
     """The refusal rate and KL measured before and after the edit, and how long replies are generated."""
 
-    evaluate: bool = field(
-        default=True,
-        metadata=_flag("--evaluate/--no-evaluate", help="Measure refusal rate and KL before and after."),
+    evaluate: bool = _option(
+        True, "--evaluate/--no-evaluate", help="Measure refusal rate and KL before and after."
     )
-    max_thinking_tokens: int = field(
-        default=512,
-        metadata=_flag(
-            "--max-thinking-tokens",
-            help="Extra tokens generated per reply when the template opens a thinking block.",
-        ),
+    max_thinking_tokens: int = _option(
+        512,
+        "--max-thinking-tokens",
+        help="Extra tokens generated per reply when the template opens a thinking block.",
     )
-    max_new_tokens: int = field(
-        default=24, metadata=_help("Tokens generated per prompt when evaluating refusals.")
-    )
+    max_new_tokens: int = _setting(24, "Tokens generated per prompt when evaluating refusals.")
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_thinking_tokens")
@@ -327,17 +258,14 @@ class RunConfig:
     ``from_options`` builds it from the flat options the CLI parses; ``to_options`` gives them back.
     """
 
-    model: str = field(metadata=_help("Hub id, local directory, a .gguf file, or 'demo'."))
+    model: str = field(metadata={"help": "Hub id, local directory, a .gguf file, or 'demo'."})
     publishing: PublishingConfig = field(default_factory=PublishingConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    progress: bool = field(
-        default=True,
-        metadata=_flag("--progress/--no-progress", show_default=False, help="Show progress bars."),
-    )
+    progress: bool = _option(True, "--progress/--no-progress", show_default=False, help="Show progress bars.")
 
     def __post_init__(self) -> None:
         if self.selection.norm_preserving and self.publishing.format == "lora":
