@@ -8,13 +8,14 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import click
 
 from abliterate import __version__
-from abliterate.config import help_of
+from abliterate.config import LoadConfig, PromptConfig, PublishingConfig, RunConfig, parts_of
 from abliterate.errors import GateError
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -75,28 +76,53 @@ def _verbose() -> bool:
     return bool(context and context.find_root().params.get("verbose"))
 
 
-def _option(name: str, *flags: str, **kwargs: Any) -> Callable:
-    return click.option(*flags, help=help_of(name), **kwargs)
+def _options(config: type, *names: str, **overrides: Any) -> Callable[[Callable], Callable]:
+    """click options generated from the fields of the dataclass ``config``: those ``names``, or every field
+    with flags (a part's fields where the part is), each with its field's type, default and metadata;
+    ``overrides`` replace a generated setting where a command differs (another help text, no choices)."""
+    flagged = dict(_flagged(config))
+    chosen = [flagged[name] for name in names] if names else list(flagged.values())
+    options = [_option(each, hint, **overrides) for each, hint in chosen]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
-def _dispatch_options(command: Callable) -> Callable:
-    """``--device-map``, ``--max-memory`` and ``--offload-folder``, as ``run`` has them."""
-    for name, flag, metavar in reversed(_DISPATCH_FLAGS):
-        command = click.option(flag, name, metavar=metavar, help=help_of(name))(command)
-    return command
+def _flagged(config: type) -> Iterator[tuple[str, tuple[Field, Any]]]:
+    """``(name, (field, type))`` of every field of ``config`` with flags, the parts' fields in their place."""
+    hints, parts = get_type_hints(config), parts_of(config)
+    for each in fields(config):
+        if each.name in parts:
+            yield from _flagged(parts[each.name])
+        elif "flags" in each.metadata:
+            yield each.name, (each, hints[each.name])
 
 
-_DISPATCH_FLAGS = (
-    ("device_map", "--device-map", "auto|balanced|sequential|FILE.json"),
-    ("max_memory", "--max-memory", "DEVICE=SIZE,…"),
-    ("offload_folder", "--offload-folder", "DIR"),
-)
+def _option(each: Field, hint: Any, **overrides: Any) -> Callable:
+    """The click option of one field: its flags, help, default (shown unless None or off) and type."""
+    metadata, default = each.metadata, each.default
+    settings: dict[str, Any] = {
+        "help": metadata["help"],
+        "show_default": metadata.get("show_default", default is not None and default is not False),
+    }
+    if default is not None:
+        settings["default"] = default
+    if hint is bool:
+        settings["is_flag"] = True
+    else:
+        settings["metavar"] = metadata.get("metavar")
+        settings["type"] = click.Choice(metadata["choices"]) if "choices" in metadata else _scalar(hint)
+    return click.option(*metadata["flags"], each.name, **{**settings, **overrides})
 
 
-def _pop_dispatch(options: dict[str, Any]) -> Any:
-    from abliterate.model.dispatch import parse_dispatch
-
-    return parse_dispatch(*(options.pop(name) for name, _, _ in _DISPATCH_FLAGS))
+def _scalar(hint: Any) -> type:
+    """``int``, ``float`` or ``str`` for a field's type (``None`` left out); text for a mixed type."""
+    kinds = [kind for kind in get_args(hint) or (hint,) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, str) else str
 
 
 @click.group()
@@ -111,59 +137,14 @@ def main(verbose: bool) -> None:
 
 @main.command("run")
 @click.argument("model")
-@_option("output", "--output", "-o")
-@_option("push_to_hub", "--push-to-hub", metavar="REPO_ID")
-@_option("private", "--private", is_flag=True)
-@_option("harmful", "--harmful", metavar="SRC")
-@_option("harmless", "--harmless", metavar="SRC")
-@_option("n_train", "--n-train", type=int, default=128, show_default=True)
-@_option("n_val", "--n-val", type=int, default=32, show_default=True)
-@_option("n_eval", "--n-eval", type=int, default=50, show_default=True)
-@_option("seed", "--seed", type=int, default=0, show_default=True)
-@_option("device", "--device", default="auto", show_default=True)
-@_option(
-    "dtype",
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-)
-@_option("layer", "--layer", type=int)
-@_option("position", "--position", type=int)
-@_option("batch_size", "--batch-size", default="32", show_default=True)
-@_option("max_kl", "--max-kl", type=float)
-@_option("search", "--search", type=click.Choice(["tpe", "none"]), default="tpe", show_default=True)
-@_option("trials", "--trials", type=int, default=48, show_default=True)
-@_option("search_budget", "--search-budget", type=float, default=150.0, show_default=True, metavar="SECONDS")
-@_option("min_steering", "--min-steering", type=float)
-@_option("architecture", "--architecture", metavar="MODEL_TYPE")
-@_option("system_prompt", "--system-prompt")
-@_option("project_harmless", "--project-harmless", is_flag=True)
-@_option("norm_preserving", "--norm-preserving", is_flag=True)
-@_option("evaluate", "--evaluate/--no-evaluate", default=True, show_default=True)
-@_option("direction_only", "--direction-only", is_flag=True)
-@_option(
-    "format", "--format", type=click.Choice(["checkpoint", "lora"]), default="checkpoint", show_default=True
-)
-@_option("device_map", "--device-map", metavar="auto|balanced|sequential|FILE.json")
-@_option("max_memory", "--max-memory", metavar="DEVICE=SIZE,…")
-@_option("offload_folder", "--offload-folder", metavar="DIR")
-@_option("load_in_4bit", "--load-in-4bit", is_flag=True)
-@_option("chat_template_kwargs", "--chat-template-kwargs", metavar="JSON")
-@_option("max_thinking_tokens", "--max-thinking-tokens", type=int, default=512, show_default=True)
-@_option("trust_remote_code", "--trust-remote-code", is_flag=True)
-@_option("allow_pickle", "--allow-pickle", is_flag=True)
-@_option("overwrite", "--overwrite", is_flag=True)
-@_option("progress", "--progress/--no-progress", default=True)
-def run_command(**options: Any) -> None:
+@_options(RunConfig)
+def run_command(model: str, **options: Any) -> None:
     """Find the refusal direction of MODEL, fold it into the weights, verify, save and/or push.
 
     MODEL is a hub id, a local directory, a .gguf file, or 'demo' (the embedded demo model).
     """
-    from abliterate.config import RunConfig
-
     with _one_line_errors():
-        config = RunConfig(**options)
+        config = RunConfig.from_options(model, **options)
         from abliterate.pipeline.run import run
         from abliterate.ship.report import summary_table
 
@@ -180,47 +161,39 @@ def run_command(**options: Any) -> None:
 @main.command("apply")
 @click.argument("checkpoint")
 @click.option("--direction", "direction_file", required=True, help="direction.safetensors from a run.")
-@click.option("--output", "-o", required=True, help="Output directory.")
-@click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
-@click.option("--overwrite", is_flag=True, help=help_of("overwrite"))
+@_options(PublishingConfig, "output", required=True, help="Output directory.")
+@_options(LoadConfig, "architecture")
+@_options(PublishingConfig, "overwrite")
 @click.option(
     "--certify/--no-certify",
     default=True,
     show_default=True,
     help="Certify the written weights against CHECKPOINT before moving them into place (exit 2 if not).",
 )
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["checkpoint", "lora"]),
-    default="checkpoint",
-    show_default=True,
+@_options(
+    PublishingConfig,
+    "format",
     help="A full checkpoint (streamed), or an exact PEFT LoRA adapter (loads the model; parity via peft).",
 )
 def apply_command(
-    checkpoint: str,
-    direction_file: str,
-    output: str,
-    architecture: str | None,
-    overwrite: bool,
-    certify: bool,
-    output_format: str,
+    checkpoint: str, direction_file: str, architecture: str | None, certify: bool, **options: Any
 ) -> None:
     """Fold a saved direction into CHECKPOINT (safetensors, streamed tensor by tensor) and save to OUTPUT."""
     with _one_line_errors():
         from abliterate.ship.direction_file import declared_from_file, load_direction
         from abliterate.ship.streaming import stream_apply
 
+        publishing = PublishingConfig(**options)
         direction, metadata = load_direction(direction_file)
-        if output_format == "lora":
+        if publishing.format == "lora":
             from abliterate.ship.lora import adapter_size, apply_lora
 
             target, parity = apply_lora(
                 checkpoint,
                 declared_from_file(direction, metadata),
-                output,
+                publishing.output,
                 architecture=architecture,
-                overwrite=overwrite,
+                overwrite=publishing.overwrite,
             )
             click.echo(
                 f"LoRA adapter ({adapter_size(target) / 2**20:.1f} MiB) saved to {target}; parity through "
@@ -230,15 +203,15 @@ def apply_command(
         report = stream_apply(
             checkpoint,
             direction,
-            output,
+            publishing.output,
             architecture=architecture,
-            overwrite=overwrite,
+            overwrite=publishing.overwrite,
             certify=certify,
             declared=declared_from_file(direction, metadata),  # a searched edit's strengths
         )
         click.echo(
             f"edited {report.tensors_edited} of {report.tensors_total} tensors "
-            f"({report.bytes_written / 2**20:.0f} MiB) in {report.seconds:.1f}s; saved to {output}"
+            f"({report.bytes_written / 2**20:.0f} MiB) in {report.seconds:.1f}s; saved to {publishing.output}"
         )
         if report.certificate is not None:
             from abliterate.ship.report import gate_lines
@@ -248,16 +221,15 @@ def apply_command(
             )
 
 
+_DISPATCH = ("device_map", "max_memory", "offload_folder")
+
+
 @main.command("verify")
 @click.argument("original")
 @click.argument("edited")
 @click.option("--direction", "direction_file", required=True, help="direction.safetensors used for the edit.")
-@click.option(
-    "--dtype", default="auto", show_default=True, help="Dtype of both models (auto: the edited one's)."
-)
-@click.option("--device", default="auto", show_default=True, help=help_of("device"))
-@click.option("--architecture", metavar="MODEL_TYPE", help=help_of("architecture"))
-@click.option("--trust-remote-code", is_flag=True, help=help_of("trust_remote_code"))
+@_options(LoadConfig, "dtype", type=str, help="Dtype of both models (auto: the edited one's).")
+@_options(LoadConfig, "device", "architecture", "trust_remote_code")
 @click.option(
     "--forward/--no-forward",
     default=True,
@@ -271,8 +243,8 @@ def apply_command(
     help="Certify the weights tensor by tensor (needs both as safetensors checkpoints).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_dispatch_options
-@click.option("--progress/--no-progress", default=True, help=help_of("progress"))
+@_options(LoadConfig, *_DISPATCH)
+@_options(RunConfig, "progress")
 def verify_command(original: str, edited: str, direction_file: str, as_json: bool, **options: Any) -> None:
     """Prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
 
@@ -284,9 +256,7 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
         from abliterate.ship.report import gate_lines
         from abliterate.ship.verify import verify_checkpoints
 
-        report = verify_checkpoints(
-            original, edited, direction_file, dispatch=_pop_dispatch(options), **options
-        )
+        report = verify_checkpoints(original, edited, direction_file, load=_pop_load(options), **options)
         if as_json:
             click.echo(json.dumps(report, indent=2))
         else:
@@ -299,24 +269,30 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
 @main.command("evaluate")
 @click.argument("model")
 @click.option("--baseline", help="Original model to compare against (refusal rate and KL).")
-@click.option("--harmful", metavar="SRC", help=help_of("harmful"))
-@click.option("--harmless", metavar="SRC", help=help_of("harmless"))
+@_options(PromptConfig, "harmful", "harmless")
 @click.option("--n", "n_prompts", type=int, default=50, show_default=True, help="Prompts per class.")
-@click.option("--dtype", default="auto", show_default=True, help=help_of("dtype"))
-@click.option("--device", default="auto", show_default=True, help=help_of("device"))
+@_options(LoadConfig, "dtype", type=str)
+@_options(LoadConfig, "device")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_dispatch_options
+@_options(LoadConfig, *_DISPATCH)
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
     """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
     with _one_line_errors():
         from abliterate.find.evaluate import evaluate_model
 
-        result = evaluate_model(model, dispatch=_pop_dispatch(options), **options)
+        result = evaluate_model(model, load=_pop_load(options), **options)
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
             for key, value in result.items():
                 click.echo(f"{key:20s} {value}")
+
+
+def _pop_load(options: dict[str, Any]) -> LoadConfig:
+    """The ``LoadConfig`` of a command's loading options, taken out of ``options``."""
+    return LoadConfig(
+        **{each.name: options.pop(each.name) for each in fields(LoadConfig) if each.name in options}
+    )
 
 
 if __name__ == "__main__":

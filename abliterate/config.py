@@ -1,9 +1,16 @@
-"""One typed configuration object for a run; the CLI builds it, the pipeline reads it."""
+"""The typed configuration of a run, in parts: how the model is loaded, which prompts, how the direction is
+selected and searched, the evaluation, and where the result goes.
+
+Each field's metadata holds its help text and, for a command-line option, its flags and click settings
+(``metavar``, ``choices``, ``show_default``); the CLI generates its options from them, so each default and
+help text is written once, here. Every part checks its own fields when built; ``RunConfig`` checks what
+spans parts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from abliterate.model.chat import parse_template_kwargs
 
@@ -11,196 +18,301 @@ if TYPE_CHECKING:
     from abliterate.model.dispatch import Dispatch
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _option(default: Any, *flags: str, help: str, **click: Any) -> Any:
+    """A field that is a command-line option: its flags, help text and click settings in its metadata."""
+    return field(default=default, metadata={"flags": flags, "help": help, **click})
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A field that is no command-line option (a setting of the library), with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def _at_least(config: object, minimum: int, *names: str) -> None:
+    """Refuse a count below ``minimum`` (a negative count would slice prompts from the end)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything ``abliterate run`` needs. Each field's ``metadata["help"]`` documents it."""
+class PublishingConfig:
+    """Where the result goes: an output directory and/or a Hub repository, and in which form."""
 
-    model: str = field(metadata=_help("Hub id, local directory, a .gguf file, or 'demo'."))
-    output: str | None = field(default=None, metadata=_help("Output directory for the checkpoint."))
-    push_to_hub: str | None = field(default=None, metadata=_help("Hub repo id to push to."))
-    private: bool = field(default=False, metadata=_help("Create the Hub repo as private."))
-    harmful: str | None = field(default=None, metadata=_help("Harmful prompt source (default: bundled)."))
-    harmless: str | None = field(default=None, metadata=_help("Harmless prompt source (default: bundled)."))
-    n_train: int = field(default=128, metadata=_help("Prompts per class used to extract candidates."))
-    n_val: int = field(default=32, metadata=_help("Prompts per class used to score candidates."))
-    n_eval: int = field(default=50, metadata=_help("Prompts per class for the before/after evaluation."))
-    n_parity: int = field(default=4, metadata=_help("Held-aside prompts for the parity check."))
-    seed: int = field(default=0, metadata=_help("Seed for prompt sampling."))
-    device: str = field(
-        default="auto", metadata=_help("auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps.")
+    output: str | None = _option(None, "--output", "-o", help="Output directory for the checkpoint.")
+    push_to_hub: str | None = _option(
+        None, "--push-to-hub", metavar="REPO_ID", help="Hub repo id to push to."
     )
-    dtype: str = field(default="auto", metadata=_help("auto (checkpoint dtype), float32, bfloat16, float16."))
-    layer: int | None = field(default=None, metadata=_help("Use this layer's candidate, skip selection."))
-    position: int | None = field(
-        default=None, metadata=_help("EOI position (negative from the end) with --layer.")
+    private: bool = _option(False, "--private", help="Create the Hub repo as private.")
+    direction_only: bool = _option(
+        False,
+        "--direction-only",
+        help="Find and check the direction (hooks only) and write it with the manifest, no weights; "
+        "`abliterate apply` folds it into a checkpoint later.",
     )
-    batch_size: int | str = field(
-        default=32,
-        metadata=_help("Prompts per forward pass, or 'auto' for the largest that fits on the GPU."),
+    format: str = _option(
+        "checkpoint",
+        "--format",
+        choices=("checkpoint", "lora"),
+        help="Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora').",
     )
-    architecture: str | None = field(
-        default=None, metadata=_help("Use this registered model type's adapter.")
-    )
-    trust_remote_code: bool = field(default=False, metadata=_help("Allow code from the model repository."))
-    allow_pickle: bool = field(default=False, metadata=_help("Allow loading .bin/.pt pickled weights."))
-    overwrite: bool = field(
-        default=False,
-        metadata=_help(
-            "Replace an earlier abliterate output at --output (a directory holding its abliterate.json)."
-        ),
-    )
-    system_prompt: str | None = field(default=None, metadata=_help("System prompt for every chat."))
-    max_layer_fraction: float = field(
-        default=0.8, metadata=_help("Discard candidates at layer >= this fraction.")
-    )
-    max_kl: float | None = field(
-        default=None,
-        metadata=_help(
-            "First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
-            "(default 0.05); with --search none, the paper's candidate filter (default 0.1)."
-        ),
-    )
-    search: str = field(
-        default="tpe",
-        metadata=_help(
-            "Search a family of exact edits with Optuna TPE ('tpe'), or keep the paper's rule ('none')."
-        ),
-    )
-    trials: int = field(default=48, metadata=_help("Cheap trials of the search (batched per forward)."))
-    search_budget: float = field(default=150.0, metadata=_help("Seconds the search's trials may take."))
-    search_prompts: int = field(
-        default=8, metadata=_help("Harmful and harmless validation prompts each cheap trial is scored on.")
-    )
-    finalists: int = field(
-        default=3, metadata=_help("Trials confirmed by greedy generation (besides the paper's point).")
-    )
-    min_steering: float | None = field(
-        default=None,
-        metadata=_help(
-            "Discard candidates whose steering score is not above this (default: the unsteered score)."
-        ),
-    )
-    screen_prompts: int = field(
-        default=4, metadata=_help("Harmful prompts for the first, coarse ablation screen.")
-    )
-    screen_keep: int = field(default=6, metadata=_help("Candidates kept after the screen for full scoring."))
-    layer_stride: int = field(
-        default=2, metadata=_help("Screen every N-th layer first, then the layers beside the best (1 = all).")
-    )
-    project_harmless: bool = field(
-        default=False,
-        metadata=_help(
-            "Remove each candidate's component along the harmless mean (lower KL; off = the paper)."
-        ),
-    )
-    norm_preserving: bool = field(
-        default=False,
-        metadata=_help(
-            "Fold (I − s r̂ r̂ᵀ) W D, D keeping every writer column's length (exact and certified; not for "
-            "fused experts, not as LoRA)."
-        ),
-    )
-    max_new_tokens: int = field(
-        default=24, metadata=_help("Tokens generated per prompt when evaluating refusals.")
-    )
-    evaluate: bool = field(default=True, metadata=_help("Measure refusal rate and KL before and after."))
-    progress: bool = field(default=True, metadata=_help("Show progress bars."))
-    chat_template_kwargs: str | None = field(
-        default=None,
-        metadata=_help("JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'."),
-    )
-    max_thinking_tokens: int = field(
-        default=512,
-        metadata=_help("Extra tokens generated per reply when the template opens a thinking block."),
-    )
-    device_map: str | None = field(
-        default=None,
-        metadata=_help(
-            "auto, balanced, sequential or FILE.json ({module: device}): spread the model over GPUs, CPU "
-            "and disk with accelerate; the output is then streamed from the source files."
-        ),
-    )
-    max_memory: str | None = field(
-        default=None, metadata=_help("Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
-    )
-    offload_folder: str | None = field(
-        default=None, metadata=_help("Folder for weights --device-map offloads to disk.")
-    )
-    load_in_4bit: bool = field(
-        default=False,
-        metadata=_help(
-            "Find the direction on a 4-bit (bitsandbytes, GPU) copy; the output is streamed from the "
-            "full-precision source files."
-        ),
-    )
-    direction_only: bool = field(
-        default=False,
-        metadata=_help(
-            "Find and check the direction (hooks only) and write it with the manifest, no weights; "
-            "`abliterate apply` folds it into a checkpoint later."
-        ),
-    )
-    format: str = field(
-        default="checkpoint",
-        metadata=_help("Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora')."),
+    overwrite: bool = _option(
+        False,
+        "--overwrite",
+        help="Replace an earlier abliterate output at --output (a directory holding its abliterate.json).",
     )
 
     def __post_init__(self) -> None:
-        if (self.layer is None) != (self.position is None):
-            raise ValueError("--layer and --position go together: give both or neither")
+        if self.format not in ("checkpoint", "lora"):
+            raise ValueError(f"--format {self.format!r}: choose 'checkpoint' or 'lora'")
+        if self.direction_only and self.push_to_hub is not None:
+            raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Which prompts, how many of each split, and how they are put into the chat template."""
+
+    harmful: str | None = _option(
+        None, "--harmful", metavar="SRC", help="Harmful prompt source (default: bundled)."
+    )
+    harmless: str | None = _option(
+        None, "--harmless", metavar="SRC", help="Harmless prompt source (default: bundled)."
+    )
+    n_train: int = _option(128, "--n-train", help="Prompts per class used to extract candidates.")
+    n_val: int = _option(32, "--n-val", help="Prompts per class used to score candidates.")
+    n_eval: int = _option(50, "--n-eval", help="Prompts per class for the before/after evaluation.")
+    n_parity: int = _setting(4, "Held-aside prompts for the parity check.")
+    seed: int = _option(0, "--seed", help="Seed for prompt sampling.")
+    system_prompt: str | None = _option(None, "--system-prompt", help="System prompt for every chat.")
+    chat_template_kwargs: str | None = _option(
+        None,
+        "--chat-template-kwargs",
+        metavar="JSON",
+        help="JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'.",
+    )
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "n_train", "n_val", "n_eval", "n_parity")
+        parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How the model is loaded and run: device, dtype, adapter, trust, placement over devices, batch size."""
+
+    device: str = _option("auto", "--device", help="auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps.")
+    dtype: str = _option(
+        "auto",
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto (checkpoint dtype), float32, bfloat16, float16.",
+    )
+    batch_size: int | str = _option(
+        32, "--batch-size", help="Prompts per forward pass, or 'auto' for the largest that fits on the GPU."
+    )
+    architecture: str | None = _option(
+        None, "--architecture", metavar="MODEL_TYPE", help="Use this registered model type's adapter."
+    )
+    device_map: str | None = _option(
+        None,
+        "--device-map",
+        metavar="auto|balanced|sequential|FILE.json",
+        help="auto, balanced, sequential or FILE.json ({module: device}): spread the model over GPUs, CPU "
+        "and disk with accelerate; the output is then streamed from the source files.",
+    )
+    max_memory: str | None = _option(
+        None,
+        "--max-memory",
+        metavar="DEVICE=SIZE,…",
+        help="Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+    )
+    offload_folder: str | None = _option(
+        None, "--offload-folder", metavar="DIR", help="Folder for weights --device-map offloads to disk."
+    )
+    load_in_4bit: bool = _option(
+        False,
+        "--load-in-4bit",
+        help="Find the direction on a 4-bit (bitsandbytes, GPU) copy; the output is streamed from the "
+        "full-precision source files.",
+    )
+    trust_remote_code: bool = _option(
+        False, "--trust-remote-code", help="Allow code from the model repository."
+    )
+    allow_pickle: bool = _option(False, "--allow-pickle", help="Allow loading .bin/.pt pickled weights.")
+
+    def __post_init__(self) -> None:
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             if not self.batch_size.isdigit():
                 raise ValueError(f"--batch-size {self.batch_size!r}: give a number or 'auto'")
             object.__setattr__(self, "batch_size", int(self.batch_size))
-        counts = ("n_train", "n_val", "n_eval", "n_parity", "trials")
-        for name in counts + (("batch_size",) if self.batch_size != "auto" else ()):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_thinking_tokens < 0:
-            raise ValueError(f"--max-thinking-tokens must be at least 0, got {self.max_thinking_tokens}")
-        if not self.search_budget > 0:  # written so that NaN is refused too
-            raise ValueError(
-                f"--search-budget must be a positive number of seconds, got {self.search_budget}"
-            )
-        parse_template_kwargs(self.chat_template_kwargs)  # raises on anything but a JSON object
-        if self.format not in ("checkpoint", "lora"):
-            raise ValueError(f"--format {self.format!r}: choose 'checkpoint' or 'lora'")
-        if self.norm_preserving and self.format == "lora":
-            raise ValueError("a norm-preserving edit is full rank; use --format checkpoint")  # as lora.py
-        if self.search not in ("tpe", "none"):
-            raise ValueError(f"--search {self.search!r}: choose 'tpe' or 'none'")
-        if self.trials < 1 or self.finalists < 0 or self.search_prompts < 1:
-            raise ValueError("--trials and the search's prompt count must be at least 1")
+        if self.batch_size != "auto":
+            _at_least(self, 1, "batch_size")
         self.dispatch  # noqa: B018 - parses the dispatch flags: raises on a malformed one
-        if self.direction_only and self.push_to_hub is not None:
-            raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
-        if self.output is None and self.push_to_hub is None:
-            raise ValueError("nothing to do: give --output DIR and/or --push-to-hub REPO_ID")
-
-    @property
-    def selection_max_kl(self) -> float:
-        """The paper's candidate filter: ``--max-kl`` with ``--search none``, else its default 0.1."""
-        if self.search == "none" and self.max_kl is not None:
-            return self.max_kl
-        return 0.1 if self.max_kl is None else max(self.max_kl, 0.1)
-
-    @property
-    def search_max_kl(self) -> float:
-        """The KL bound the search's choice must meet (default 0.05)."""
-        return 0.05 if self.max_kl is None else self.max_kl
 
     @property
     def dispatch(self) -> Dispatch:
         """``--device-map``, ``--max-memory``, ``--offload-folder`` and ``--load-in-4bit``, parsed."""
+        # Imported here: it imports torch, and the CLI reads these fields for ``--help``.
         from abliterate.model.dispatch import parse_dispatch
 
         return parse_dispatch(self.device_map, self.max_memory, self.offload_folder, self.load_in_4bit)
 
 
-def help_of(name: str) -> str:
-    """The help text of a ``RunConfig`` field (the CLI uses it so texts live in one place)."""
-    return next(f.metadata["help"] for f in fields(RunConfig) if f.name == name)
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which direction: a given candidate, or the paper's selection and the search around it."""
+
+    layer: int | None = _option(None, "--layer", help="Use this layer's candidate, skip selection.")
+    position: int | None = _option(
+        None, "--position", help="EOI position (negative from the end) with --layer."
+    )
+    max_kl: float | None = _option(
+        None,
+        "--max-kl",
+        help="First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
+        "(default 0.05); with --search none, the paper's candidate filter (default 0.1).",
+    )
+    search: str = _option(
+        "tpe",
+        "--search",
+        choices=("tpe", "none"),
+        help="Search a family of exact edits with Optuna TPE ('tpe'), or keep the paper's rule ('none').",
+    )
+    min_steering: float | None = _option(
+        None,
+        "--min-steering",
+        help="Discard candidates whose steering score is not above this (default: the unsteered score).",
+    )
+    project_harmless: bool = _option(
+        False,
+        "--project-harmless",
+        help="Remove each candidate's component along the harmless mean (lower KL; off = the paper).",
+    )
+    norm_preserving: bool = _option(
+        False,
+        "--norm-preserving",
+        help="Fold (I − s r̂ r̂ᵀ) W D, D keeping every writer column's length (exact and certified; not for "
+        "fused experts, not as LoRA).",
+    )
+    max_layer_fraction: float = _setting(0.8, "Discard candidates at layer >= this fraction.")
+    screen_prompts: int = _setting(4, "Harmful prompts for the first, coarse ablation screen.")
+    screen_keep: int = _setting(6, "Candidates kept after the screen for full scoring.")
+    layer_stride: int = _setting(
+        2, "Screen every N-th layer first, then the layers beside the best (1 = all)."
+    )
+
+    def __post_init__(self) -> None:
+        if (self.layer is None) != (self.position is None):
+            raise ValueError("--layer and --position go together: give both or neither")
+        if self.search not in ("tpe", "none"):
+            raise ValueError(f"--search {self.search!r}: choose 'tpe' or 'none'")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The budget of the search over exact edits (``--search tpe``)."""
+
+    trials: int = _option(48, "--trials", help="Cheap trials of the search (batched per forward).")
+    search_budget: float = _option(
+        150.0, "--search-budget", metavar="SECONDS", help="Seconds the search's trials may take."
+    )
+    search_prompts: int = _setting(
+        8, "Harmful and harmless validation prompts each cheap trial is scored on."
+    )
+    finalists: int = _setting(3, "Trials confirmed by greedy generation (besides the paper's point).")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "trials")
+        if not self.search_budget > 0:  # written so that NaN is refused too
+            raise ValueError(
+                f"--search-budget must be a positive number of seconds, got {self.search_budget}"
+            )
+        if self.trials < 1 or self.finalists < 0 or self.search_prompts < 1:
+            raise ValueError("--trials and the search's prompt count must be at least 1")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The refusal rate and KL measured before and after the edit, and how long replies are generated."""
+
+    evaluate: bool = _option(
+        True, "--evaluate/--no-evaluate", help="Measure refusal rate and KL before and after."
+    )
+    max_thinking_tokens: int = _option(
+        512,
+        "--max-thinking-tokens",
+        help="Extra tokens generated per reply when the template opens a thinking block.",
+    )
+    max_new_tokens: int = _setting(24, "Tokens generated per prompt when evaluating refusals.")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "max_thinking_tokens")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``abliterate run`` needs: the model, and one part per concern.
+
+    ``from_options`` builds it from the flat options the CLI parses; ``to_options`` gives them back.
+    """
+
+    model: str = field(metadata={"help": "Hub id, local directory, a .gguf file, or 'demo'."})
+    publishing: PublishingConfig = field(default_factory=PublishingConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    progress: bool = _option(True, "--progress/--no-progress", show_default=False, help="Show progress bars.")
+
+    def __post_init__(self) -> None:
+        if self.selection.norm_preserving and self.publishing.format == "lora":
+            raise ValueError("a norm-preserving edit is full rank; use --format checkpoint")  # as lora.py
+        if self.publishing.output is None and self.publishing.push_to_hub is None:
+            raise ValueError("nothing to do: give --output DIR and/or --push-to-hub REPO_ID")
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> RunConfig:
+        """The config of flat ``options``, each named as a field of a part (or of ``RunConfig`` itself).
+
+        Raises:
+            ValueError: an option out of range, or options that contradict each other.
+            TypeError: a name that is no field.
+        """
+        parts = {}
+        for name, part in parts_of(cls).items():
+            names = {each.name for each in fields(part)} & options.keys()
+            parts[name] = part(**{each: options.pop(each) for each in names})
+        return cls(model=model, **parts, **options)
+
+    def to_options(self) -> dict[str, Any]:
+        """The flat options of this config (``from_options``'s input), e.g. for the run's manifest."""
+        options: dict[str, Any] = {}
+        for each in fields(self):
+            value = getattr(self, each.name)
+            if is_dataclass(value):
+                options.update({inner.name: getattr(value, inner.name) for inner in fields(value)})
+            else:
+                options[each.name] = value
+        return options
+
+    @property
+    def selection_max_kl(self) -> float:
+        """The paper's candidate filter: ``--max-kl`` with ``--search none``, else its default 0.1."""
+        max_kl = self.selection.max_kl
+        if self.selection.search == "none" and max_kl is not None:
+            return max_kl
+        return 0.1 if max_kl is None else max(max_kl, 0.1)
+
+    @property
+    def search_max_kl(self) -> float:
+        """The KL bound the search's choice must meet (default 0.05)."""
+        return 0.05 if self.selection.max_kl is None else self.selection.max_kl
+
+
+def parts_of(config: type) -> dict[str, type]:
+    """The fields of the dataclass ``config`` that are configs themselves, by name, in field order."""
+    hints = get_type_hints(config)
+    return {each.name: hints[each.name] for each in fields(config) if is_dataclass(hints[each.name])}

@@ -234,19 +234,15 @@ def test_apply_format_lora_writes_a_rank2_adapter_and_a_rank1_file_fails_against
 
 
 def test_run_format_lora_writes_an_adapter_proven_through_peft(tiny_qwen2: Path, tmp_path: Path) -> None:
-    from abliterate import RunConfig, run
+    from abliterate import PromptConfig, PublishingConfig, RunConfig, SelectionConfig, run
 
     output = tmp_path / "lora"
     result = run(
         RunConfig(
             model=str(tiny_qwen2),
-            output=str(output),
-            format="lora",
-            layer=1,
-            position=-1,
-            n_train=8,
-            n_val=4,
-            n_eval=2,
+            publishing=PublishingConfig(output=str(output), format="lora"),
+            selection=SelectionConfig(layer=1, position=-1),
+            prompts=PromptConfig(n_train=8, n_val=4, n_eval=2),
             progress=False,
         )
     )

@@ -242,7 +242,7 @@ def test_run_refuses_an_output_whose_files_differ(
         (directory / "chat_template.json").write_text(json.dumps({"chat_template": INJECTION}), "utf-8")
         return names
 
-    monkeypatch.setattr(companion_files, "copy_companions", injecting)
+    monkeypatch.setattr("abliterate.ship.checkpoint.copy_companions", injecting)
     output = tmp_path / "out"
     result = CliRunner().invoke(
         main, ["run", str(tiny_qwen2), "-o", str(output), *quick_run_args(6, 2, 2, 2, False)]

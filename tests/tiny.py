@@ -275,7 +275,8 @@ def quick_run_args(
 
 def open_selection_config(model: Path | str, output: Path | str, **fields: object) -> object:
     """A ``RunConfig`` for a quick run on a tiny random model whose selection filters are open (a random
-    model never refuses, so the paper's thresholds would reject every candidate); ``fields`` override."""
+    model never refuses, so the paper's thresholds would reject every candidate); ``fields`` (flat, as
+    ``RunConfig.from_options`` takes them) override."""
     from abliterate import RunConfig
 
     settings: dict[str, object] = {
@@ -288,4 +289,4 @@ def open_selection_config(model: Path | str, output: Path | str, **fields: objec
         "min_steering": -float("inf"),
         "progress": False,
     }
-    return RunConfig(model=str(model), output=str(output), **{**settings, **fields})
+    return RunConfig.from_options(str(model), output=str(output), **{**settings, **fields})

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from abliterate.config import LoadConfig
 from abliterate.find.judge import refusal_count, wilson_interval
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import encode, format_chat, forward_batches
 from abliterate.model.chat import ChatFormat
-from abliterate.model.dispatch import Dispatch, input_device
+from abliterate.model.dispatch import input_device
 from abliterate.model.prompt_files import read_prompts
 from abliterate.model.prompts import bundled
 from abliterate.prove.parity import kl_divergence
@@ -146,10 +147,8 @@ def evaluate_model(
     harmful: str | None = None,
     harmless: str | None = None,
     n_prompts: int = 50,
-    dtype: str = "auto",
-    device: str = "auto",
+    load: LoadConfig | None = None,
     max_new_tokens: int = 24,
-    dispatch: Dispatch | None = None,
 ) -> dict[str, Any]:
     """Refusal rate of ``model`` on harmful prompts, and first-token KL to ``baseline`` on harmless ones.
 
@@ -158,17 +157,18 @@ def evaluate_model(
         ``baseline_refusal_rate``, ``baseline_judged_refusal_rate`` and ``kl_harmless`` with a baseline.
 
     Raises:
-        ValueError: ``n_prompts`` is below 1, ``device`` is not a device of this machine, or a prompt
+        ValueError: ``n_prompts`` is below 1, ``load.device`` is not a device of this machine, or a prompt
             source is malformed.
     """
     if n_prompts < 1:  # a negative count would slice from the end: -3 evaluated 47 prompts
         raise ValueError(f"--n must be at least 1, got {n_prompts}")
-    loading.check_device(device)
+    load = load or LoadConfig()
+    loading.check_device(load.device)
     harmful_prompts = (read_prompts(harmful) if harmful else bundled("harmful", "eval"))[:n_prompts]
     harmless_prompts = (read_prompts(harmless) if harmless else bundled("harmless", "eval"))[:n_prompts]
 
     def measure(source: str) -> tuple[Any, torch.Tensor]:
-        loaded = loading.load_model(source, dtype=dtype, device=device, dispatch=dispatch)
+        loaded = loading.load_model(source, dtype=load.dtype, device=load.device, dispatch=load.dispatch)
         evaluation = refusal_rate(
             loaded.model, loaded.tokenizer, harmful_prompts, max_new_tokens=max_new_tokens
         )

@@ -31,7 +31,7 @@ class Baseline:
 
 def evaluate_before(config: RunConfig, subject: Subject, inputs: Inputs) -> Baseline | None:
     """Measure the original model (``None`` with ``--no-evaluate``)."""
-    if not config.evaluate:
+    if not config.evaluation.evaluate:
         return None
     return _measure(config, subject, inputs, "evaluate before")
 
@@ -83,7 +83,8 @@ def _rates(evaluation: RefusalEvaluation) -> dict[str, Any]:
 def generation_options(config: RunConfig, subject: Subject) -> dict[str, Any]:
     thinking = subject.replies.opens_thinking(subject.tokenizer)
     return dict(
-        max_new_tokens=config.max_new_tokens + (config.max_thinking_tokens if thinking else 0),
+        max_new_tokens=config.evaluation.max_new_tokens
+        + (config.evaluation.max_thinking_tokens if thinking else 0),
         batch_size=subject.batch_size,
         progress=config.progress,
         chat=subject.replies,

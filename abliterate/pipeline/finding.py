@@ -33,10 +33,12 @@ def candidates_and_means(
     Selection never looks at layers past the fraction (or past ``--layer``), so the forward passes stop
     there and ``n_extracted`` may be less than the model's depth.
     """
-    if config.layer is None:
-        limit = min(subject.n_layers, max(1, math.ceil(config.max_layer_fraction * subject.n_layers)))
+    if config.selection.layer is None:
+        limit = min(
+            subject.n_layers, max(1, math.ceil(config.selection.max_layer_fraction * subject.n_layers))
+        )
     else:
-        limit = min(subject.n_layers, config.layer + 1)
+        limit = min(subject.n_layers, config.selection.layer + 1)
     prompts = {
         "harmful": subject.encoded(inputs.harmful.train),
         "harmless": subject.encoded(inputs.harmless.train),
@@ -44,7 +46,7 @@ def candidates_and_means(
     means = extract_means(
         subject.model, subject.adapter, prompts, subject.n_eoi, limit, progress=config.progress
     )
-    candidates = candidate_directions(means["harmful"], means["harmless"], config.project_harmless)
+    candidates = candidate_directions(means["harmful"], means["harmless"], config.selection.project_harmless)
     return candidates, means["harmless"]
 
 
@@ -52,8 +54,8 @@ def paper_direction(
     config: RunConfig, subject: Subject, inputs: Inputs, candidates: torch.Tensor
 ) -> RefusalDirection:
     """The candidate given by ``--layer/--position``, or the one the search selects."""
-    if config.layer is not None:
-        return _as_stored(direction_at(candidates, config.layer, config.position))
+    if config.selection.layer is not None:
+        return _as_stored(direction_at(candidates, config.selection.layer, config.selection.position))
     harmful, harmless = inputs.harmful, inputs.harmless
     chosen = select_direction(
         subject.model,
@@ -61,16 +63,16 @@ def paper_direction(
         candidates,
         subject.encoded(harmful.val),
         subject.encoded(harmless.val),
-        subject.encoded(harmful.val[: config.screen_prompts]),
+        subject.encoded(harmful.val[: config.selection.screen_prompts]),
         refusal_token_ids(subject.tokenizer),
-        harmless_screen=subject.encoded(harmless.val[: config.screen_prompts]),
-        max_layer_fraction=config.max_layer_fraction,
+        harmless_screen=subject.encoded(harmless.val[: config.selection.screen_prompts]),
+        max_layer_fraction=config.selection.max_layer_fraction,
         max_kl=config.selection_max_kl,
-        min_steering=config.min_steering,
-        screen_keep=config.screen_keep,
+        min_steering=config.selection.min_steering,
+        screen_keep=config.selection.screen_keep,
         batch_size=subject.batch_size,
         n_layers=subject.n_layers,
-        layer_stride=config.layer_stride,
+        layer_stride=config.selection.layer_stride,
         progress=config.progress,
     )
     return _as_stored(chosen)
@@ -90,9 +92,9 @@ def searched_direction(
     Raises:
         ValueError: no confirmed point meets ``--max-kl`` (nothing is written).
     """
-    if config.search == "none" or config.layer is not None:
-        if config.norm_preserving:  # the paper's candidate, folded norm-preserving
-            point = EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, True)
+    if config.selection.search == "none" or config.selection.layer is not None:
+        if config.selection.norm_preserving:  # the paper's candidate, folded norm-preserving
+            point = EditPoint.paper(chosen.layer, chosen.position, config.selection.project_harmless, True)
             return replace(chosen, edit_point=point)
         return chosen
     model, adapter = subject.model, subject.adapter
@@ -101,18 +103,25 @@ def searched_direction(
     confirm_harmless = subject.encoded(inputs.harmless.val)
     reference = last_logits(model, adapter, confirm_harmless)[0]
     data = SearchData(
-        subject.encoded(inputs.harmful.val[: config.search_prompts]),
+        subject.encoded(inputs.harmful.val[: config.search.search_prompts]),
         confirm_harmless,
         reference,
         refusal_token_ids(subject.tokenizer),
     )
-    anchor = EditPoint.paper(chosen.layer, chosen.position, config.project_harmless, config.norm_preserving)
-    space = SearchSpace(
-        candidates, harmless_means, subject.n_layers, anchor, norm_preserving=config.norm_preserving
+    anchor = EditPoint.paper(
+        chosen.layer, chosen.position, config.selection.project_harmless, config.selection.norm_preserving
     )
-    per_forward = max(1, subject.batch_size // config.search_prompts)
+    space = SearchSpace(
+        candidates, harmless_means, subject.n_layers, anchor, norm_preserving=config.selection.norm_preserving
+    )
+    per_forward = max(1, subject.batch_size // config.search.search_prompts)
     settings = SearchSettings(
-        config.trials, config.search_budget, per_forward, config.finalists, config.search_max_kl, config.seed
+        config.search.trials,
+        config.search.search_budget,
+        per_forward,
+        config.search.finalists,
+        config.search_max_kl,
+        config.prompts.seed,
     )
     confirm = _confirmation(config, subject, inputs, confirm_harmless, reference)
     result = search_edit(model, adapter, space, data, confirm, settings)

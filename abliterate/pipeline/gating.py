@@ -150,7 +150,7 @@ def certify_saved(
         source,
         staging,
         direction_file.declared_edit(chosen.direction, chosen.edit_point, n_layers),
-        architecture=config.architecture,
+        architecture=config.load.architecture,
         progress=config.progress,
     )
 

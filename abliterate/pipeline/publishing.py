@@ -115,8 +115,8 @@ def build_manifest(
             "ablation_score": chosen.ablation_score,
             "steering_score": chosen.steering_score,
             "kl": chosen.kl,
-            "selected_by": "user" if config.layer is not None else "search",
-            "project_harmless": config.project_harmless,
+            "selected_by": "user" if config.selection.layer is not None else "search",
+            "project_harmless": config.selection.project_harmless,
             "edit_point": None if chosen.edit_point is None else asdict(chosen.edit_point),
         },
         "search": None if chosen.search is None else front.summary(chosen.search),
@@ -126,7 +126,7 @@ def build_manifest(
         # The configuration as run: ``--batch-size auto`` shows the size it resolved to.
         "config": {
             key: value
-            for key, value in {**vars(config), "batch_size": subject.batch_size}.items()
+            for key, value in {**config.to_options(), "batch_size": subject.batch_size}.items()
             if key != "push_to_hub"
         },
         "timings": timings,
@@ -151,7 +151,7 @@ def push(
     """Upload ``directory`` to ``--push-to-hub`` when asked; return where it went."""
     if target is None:
         return None
-    return push_folder(directory, target, private=config.private, api=hub_api)
+    return push_folder(directory, target, private=config.publishing.private, api=hub_api)
 
 
 def publish(

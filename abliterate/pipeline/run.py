@@ -71,12 +71,12 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     candidates, harmless_means = timed("extract", candidates_and_means, config, subject, inputs)
     chosen = timed("select", paper_direction, config, subject, inputs, candidates)
     chosen = timed("search", searched_direction, config, subject, inputs, candidates, harmless_means, chosen)
-    if config.direction_only:
+    if config.publishing.direction_only:
         return run_direction_only(config, inputs, subject, chosen, timed)
-    if config.format == "lora":
+    if config.publishing.format == "lora":
         return run_lora(config, inputs, subject, chosen, timed, hub_api)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
-    if config.dispatch.active:
+    if config.load.dispatch.active:
         return run_streamed(config, inputs, subject, chosen, before, timed, hub_api)
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
@@ -133,7 +133,7 @@ def run_streamed(
             source,
             chosen.direction,
             staging,
-            architecture=config.architecture,
+            architecture=config.load.architecture,
             progress=config.progress,
             declared=direction_file.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
         )

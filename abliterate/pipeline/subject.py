@@ -57,13 +57,13 @@ class Inputs:
 def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
     """Check the source, the output directory and the Hub token and read the prompts: bad input fails
     here, early."""
-    loading.check_device(config.device)
+    loading.check_device(config.load.device)
     source = describe_source(config.model)
-    refuse_prequantized(source, direction_only=config.direction_only)
-    check_layer(config.layer, source.n_layers)
+    refuse_prequantized(source, direction_only=config.publishing.direction_only)
+    check_layer(config.selection.layer, source.n_layers)
     if (
-        config.dispatch.active
-        and not config.direction_only
+        config.load.dispatch.active
+        and not config.publishing.direction_only
         and (source.is_gguf or source.weights_bytes is None)
     ):
         if source.path is not None:  # a hub id is checked once downloaded
@@ -72,20 +72,24 @@ def prepare(config: RunConfig, hub_api: object | None) -> Inputs:
                 f"and {config.model} has none: convert it to safetensors first, or run without them"
             )
     output = (
-        checkpoint.prepare_output(config.output, config.model, config.overwrite) if config.output else None
+        checkpoint.prepare_output(config.publishing.output, config.model, config.publishing.overwrite)
+        if config.publishing.output
+        else None
     )
-    target = check_push_auth(config.push_to_hub, hub_api) if config.push_to_hub else None
+    target = (
+        check_push_auth(config.publishing.push_to_hub, hub_api) if config.publishing.push_to_hub else None
+    )
     staging = None
     if target is not None and output is None:
         staging = staging_directory(target.repo_id, source.weights_bytes)
     sizes = dict(
-        n_train=config.n_train,
-        n_val=config.n_val,
-        n_eval=config.n_eval,
-        n_parity=config.n_parity,
-        seed=config.seed,
+        n_train=config.prompts.n_train,
+        n_val=config.prompts.n_val,
+        n_eval=config.prompts.n_eval,
+        n_parity=config.prompts.n_parity,
+        seed=config.prompts.seed,
     )
-    harmful, harmless = load_prompt_classes(config.harmful, config.harmless, **sizes)
+    harmful, harmless = load_prompt_classes(config.prompts.harmful, config.prompts.harmless, **sizes)
     return Inputs(output, target, harmful, harmless, staging)
 
 
@@ -147,23 +151,25 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
     from_gguf = Path(config.model).suffix == ".gguf"
     loaded = loading.load_model(
         config.model,
-        dtype="float32" if from_gguf else config.dtype,
-        device=config.device,
-        trust_remote_code=config.trust_remote_code,
-        allow_pickle=config.allow_pickle,
-        dispatch=config.dispatch,
+        dtype="float32" if from_gguf else config.load.dtype,
+        device=config.load.device,
+        trust_remote_code=config.load.trust_remote_code,
+        allow_pickle=config.load.allow_pickle,
+        dispatch=config.load.dispatch,
     )
     check_dtype(loaded.dtype_name)  # no parity proof for 8-bit floats or unknown formats: refuse now
-    adapter = resolve_adapter(loaded.model, config.architecture)
+    adapter = resolve_adapter(loaded.model, config.load.architecture)
     n_layers = len(blocks_of(loaded.model, adapter)[1])
     chat, replies = _chat_formats(config, loaded.tokenizer)
     n_eoi = eoi_length(loaded.tokenizer, chat=chat)
-    check_layer(config.layer, n_layers)
-    if config.norm_preserving:  # fused experts cannot carry it: refuse before any forward pass
+    check_layer(config.selection.layer, n_layers)
+    if config.selection.norm_preserving:  # fused experts cannot carry it: refuse before any forward pass
         check_norm_preserving(residual_writers(loaded.model, adapter))
-    if config.position is not None and not -n_eoi <= config.position < n_eoi:
-        raise ValueError(f"--position {config.position} is out of range: there are {n_eoi} EOI tokens")
-    batch_size = config.batch_size
+    if config.selection.position is not None and not -n_eoi <= config.selection.position < n_eoi:
+        raise ValueError(
+            f"--position {config.selection.position} is out of range: there are {n_eoi} EOI tokens"
+        )
+    batch_size = config.load.batch_size
     if batch_size == "auto":
         prompts = inputs.harmful.train + inputs.harmless.train
         batch_size = auto_batch_size(loaded.model, loaded.tokenizer, prompts)
@@ -173,7 +179,7 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         n_layers=n_layers,
         n_eoi=n_eoi,
         batch_size=batch_size,
-        system_prompt=config.system_prompt,
+        system_prompt=config.prompts.system_prompt,
         cast_to=_cast_after_fold(config, loaded),
         chat=chat,
         replies=replies,
@@ -183,13 +189,13 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
 def _chat_formats(config: RunConfig, tokenizer: object) -> tuple[ChatFormat, ChatFormat]:
     """The scoring format (thinking closed) and the format replies are generated with."""
     thinking = detect_thinking(tokenizer)
-    kwargs = parse_template_kwargs(config.chat_template_kwargs)
-    scoring = ChatFormat(config.system_prompt, kwargs, thinking, close_thinking=True)
-    return scoring, ChatFormat(config.system_prompt, kwargs, thinking)
+    kwargs = parse_template_kwargs(config.prompts.chat_template_kwargs)
+    scoring = ChatFormat(config.prompts.system_prompt, kwargs, thinking, close_thinking=True)
+    return scoring, ChatFormat(config.prompts.system_prompt, kwargs, thinking)
 
 
 def _cast_after_fold(config: RunConfig, loaded: loading.LoadedModel) -> str | None:
     if not loaded.from_gguf:
         return None
-    wanted = gguf_output_dtype(config.dtype)
+    wanted = gguf_output_dtype(config.load.dtype)
     return None if wanted == loaded.dtype_name else wanted

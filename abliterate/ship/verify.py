@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from abliterate.adapters.resolve import resolve_adapter
+from abliterate.config import LoadConfig
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import all_position_logits, encode
-from abliterate.model.dispatch import Dispatch
 from abliterate.model.gguf_source import certificate_source
 from abliterate.model.hooks import ablated
 from abliterate.model.prompts import bundled
@@ -30,11 +30,7 @@ def verify_checkpoints(
     edited: str,
     direction_file: str,
     *,
-    dtype: str = "auto",
-    device: str = "auto",
-    architecture: str | None = None,
-    trust_remote_code: bool = False,
-    dispatch: Dispatch | None = None,
+    load: LoadConfig | None = None,
     prompts: list[str] | None = None,
     forward: bool = True,
     certificate: bool = True,
@@ -51,10 +47,8 @@ def verify_checkpoints(
         original: the unedited model (hub id, directory, .gguf, or ``demo``).
         edited: the edited checkpoint.
         direction_file: ``direction.safetensors``.
-        dtype: dtype of both models for the forward checks (``auto``: the edited checkpoint's).
-        device: device for both.
-        architecture: adapter override.
-        trust_remote_code: allow repository code.
+        load: how both models are loaded (default ``LoadConfig()``): ``dtype`` ``auto`` is the edited
+            checkpoint's; ``architecture`` overrides the adapter.
         prompts: prompts to compare on (default: 8 bundled harmful + 8 harmless evaluation prompts).
         forward: run the checks that load the models (completeness, logit parity).
         certificate: run the weight certificate.
@@ -63,18 +57,19 @@ def verify_checkpoints(
     Returns:
         The gate report as a plain dictionary (``passed`` tells the verdict).
     """
-    loading.check_device(device)  # before the certificate's minutes, not after them
-    options = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, dispatch=dispatch)
+    load = load or LoadConfig()
+    loading.check_device(load.device)  # before the certificate's minutes, not after them
+    options = _load_options(load, load.dtype)
     if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
         return verify_adapter(
-            original, edited, direction_file, options, architecture=architecture, prompts=prompts,
+            original, edited, direction_file, options, architecture=load.architecture, prompts=prompts,
             forward=forward, certificate=certificate,
         )  # fmt: skip
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
     gate = GateReport()
-    _check_on_disk(original, edited, declared, gate, certificate, architecture, progress)
-    extra = _check_forward(original, edited, declared, gate, forward, options, architecture, prompts)
+    _check_on_disk(original, edited, declared, gate, certificate, load.architecture, progress)
+    extra = _check_forward(original, edited, declared, gate, forward, options, load.architecture, prompts)
     return {
         "original": original,
         "edited": edited,
@@ -83,6 +78,13 @@ def verify_checkpoints(
         **extra,
         **gate.to_dict(),
     }
+
+
+def _load_options(load: LoadConfig, dtype: str) -> dict[str, Any]:
+    """``load_model``'s keyword arguments for ``load``, at ``dtype``."""
+    return dict(
+        dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code, dispatch=load.dispatch
+    )
 
 
 def _check_on_disk(
