@@ -75,10 +75,7 @@ def fold_direction(
     chosen = list(residual_writers(model, adapter) if writers is None else writers)
     if norm_preserving:
         check_norm_preserving(chosen)
-    for writer in chosen:  # before anything is folded: the model is left as it was
-        refuse_non_finite(f"{writer.name}.{writer.weight}", writer.weight_tensor())
-        if writer.bias_tensor() is not None:
-            refuse_non_finite(f"{writer.name}.{writer.bias}", writer.bias_tensor())
+    check_finite(chosen)  # before anything is folded: the model is left as it was
     untie_embeddings(model, adapter)
     edited = 0
     for writer in chosen:
@@ -90,6 +87,18 @@ def fold_direction(
             orthogonalize_(bias.data, direction, "embedding", strength)  # a bias is never scaled by D
             edited += 1
     return edited
+
+
+def check_finite(writers: Iterable[ResolvedWriter]) -> None:
+    """Refuse, in one line naming the tensor, writers whose weight or bias holds NaN or Inf values.
+
+    Weights not in memory (offloaded to the meta device) are skipped: the streamed fold checks each
+    tensor as it reads it.
+    """
+    for writer in writers:
+        for name, tensor in ((writer.weight, writer.weight_tensor()), (writer.bias, writer.bias_tensor())):
+            if tensor is not None and tensor.device.type != "meta":
+                refuse_non_finite(f"{writer.name}.{name}", tensor)
 
 
 def check_norm_preserving(writers: Iterable[ResolvedWriter]) -> None:

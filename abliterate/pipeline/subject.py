@@ -10,7 +10,7 @@ from torch import nn
 from abliterate.adapters.resolve import blocks_of, residual_writers, resolve_adapter
 from abliterate.adapters.spec import Adapter
 from abliterate.config import RunConfig
-from abliterate.edit.walker import check_norm_preserving
+from abliterate.edit.walker import check_finite, check_norm_preserving
 
 # checkpoint and loading are called through their modules, so tests can replace a stage's core (a load
 # that must not happen) by patching the module attribute.
@@ -159,6 +159,8 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
     )
     check_dtype(loaded.dtype_name)  # no parity proof for 8-bit floats or unknown formats: refuse now
     adapter = resolve_adapter(loaded.model, config.load.architecture)
+    # NaN/Inf in a writer would make every candidate direction NaN, and the fold spread it: say so now.
+    check_finite(residual_writers(loaded.model, adapter))
     n_layers = len(blocks_of(loaded.model, adapter)[1])
     chat, replies = _chat_formats(config, loaded.tokenizer)
     n_eoi = eoi_length(loaded.tokenizer, chat=chat)
