@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+from abliterate.adapters.names import ATTENTION_MODULES, EXPERT_INDEX, TEXT_PREFIXES
 
 # How a writer's weight is laid out in memory.
 #   "linear":        nn.Linear weight  [d_model, d_in]            (out × in)
@@ -26,6 +29,10 @@ class Writer:
         optional: the module exists only in some blocks (dense vs MoE layers, shared experts).
         output_norm: dotted path (relative to the block) of a norm applied to this writer's output
             before the residual add (Gemma-2/3, OLMo-2 post-norms), or ``None``.
+        aliases: other on-disk names of this writer's tensors, relative to the block, each with its
+            layout: the per-expert tensors ``save_pretrained`` writes for fused experts (``*`` stands
+            for the expert index) or the original hub name. Its own ``path.weight`` (and
+            ``path.bias``) are always accepted.
     """
 
     path: str
@@ -34,6 +41,7 @@ class Writer:
     bias: str | None = "bias"
     optional: bool = False
     output_norm: str | None = None
+    aliases: tuple[tuple[str, Layout], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,9 +57,9 @@ class Adapter:
         lm_head: dotted path of the output projection.
         post_norm: writers pass through a norm before the residual add (Gemma-2/3, OLMo-2): the fold
             is then exact only with respect to hooks on the writers themselves.
-        checkpoint_writers: regular expressions (full match) for on-disk tensor names that are residual
-            writers, as ``(pattern, layout)``; used by streaming apply, which never instantiates a model.
-        checkpoint_embeddings: regular expressions for on-disk embedding tensor names.
+        aliases: ``(path, on-disk path)`` pairs for the block list or an embedding that checkpoints
+            also store under another name (OpenAI's GPT-2 files omit ``transformer.``). Paths under
+            ``model.`` need none: a checkpoint may put any of ``TEXT_PREFIXES`` there.
         markers: dotted paths relative to a block (modules or parameters) that must exist in at least
             one block for discovery to recognise this structure, e.g. Gemma-2's
             ``"pre_feedforward_layernorm"``; they tell apart families whose writers have the same names.
@@ -64,8 +72,7 @@ class Adapter:
     writers: tuple[Writer, ...]
     lm_head: str = "lm_head"
     post_norm: bool = False
-    checkpoint_writers: tuple[tuple[str, Layout], ...] = field(default_factory=tuple)
-    checkpoint_embeddings: tuple[str, ...] = field(default_factory=tuple)
+    aliases: tuple[tuple[str, str], ...] = ()
     markers: tuple[str, ...] = field(default_factory=tuple)
     note: str = ""
 
@@ -74,11 +81,44 @@ class Adapter:
         """The first model type, used as the adapter's display name."""
         return self.model_types[0]
 
+    @property
+    def checkpoint_writers(self) -> tuple[tuple[str, Layout], ...]:
+        """Regular expressions (full match) for the on-disk names of residual writers, as ``(pattern,
+        layout)``: each writer's weight and bias under every spelling of the block list, and its aliases.
+        Streaming apply, which never instantiates a model, edits what they match."""
+        block = self._spelled(self.blocks) + r"\.\d+\."
+        patterns: list[tuple[str, Layout]] = []
+        for writer in self.writers:
+            tensors = (writer.weight,) if writer.bias is None else (writer.weight, writer.bias)
+            patterns.append((block + re.escape(writer.path) + r"\." + _one_of(tensors), writer.layout))
+            for alias, layout in writer.aliases:
+                expert_index = r"\d+".join(re.escape(part) for part in alias.split(EXPERT_INDEX))
+                patterns.append((block + expert_index, layout))
+        return tuple(patterns)
+
+    @property
+    def checkpoint_embeddings(self) -> tuple[str, ...]:
+        """Regular expressions (full match) for the on-disk names of the embeddings' weights."""
+        return tuple(self._spelled(path) + r"\.weight" for path in self.embeddings)
+
+    def _spelled(self, path: str) -> str:
+        """A regular expression for every name a checkpoint may give the module at ``path``."""
+        names = [path, *(alias for original, alias in self.aliases if original == path)]
+        spellings = []
+        for name in names:
+            rest = name.removeprefix("model.")
+            spellings += [prefix + rest for prefix in TEXT_PREFIXES] if rest != name else [name]
+        return _one_of(spellings)
+
+
+def _one_of(names: tuple[str, ...] | list[str]) -> str:
+    """A regular expression matching exactly one of ``names``."""
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
+
 
 # Writer groups, as the certificate and the negative controls name them; "attention" is one role, every
 # other group is the MLP role (a block needs at least one writer of each role).
 WRITER_GROUPS = ("embedding", "attention", "mlp", "experts", "shared_experts")
-_ATTENTION_MODULES = ("self_attn", "attn", "attention", "self_attention")
 
 
 def writer_group(writer: Writer) -> str:
@@ -86,7 +126,7 @@ def writer_group(writer: Writer) -> str:
     if writer.layout in ("experts", "experts_t"):
         return "experts"
     first = writer.path.split(".")[0]
-    if first in _ATTENTION_MODULES:
+    if first in ATTENTION_MODULES:
         return "attention"
     if "shared_expert" in writer.path:
         return "shared_experts"

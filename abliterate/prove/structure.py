@@ -17,19 +17,13 @@ from typing import Any, Protocol
 
 import torch
 
+from abliterate.adapters.names import NAME_PREFIXES
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import Shard, TensorEntry, find_shards, read_header
 
 logger = logging.getLogger(__name__)
 
-_TEXT_PREFIXES = (
-    "model.language_model.",
-    "language_model.model.",
-    "language_model.",
-    "model.",
-    "transformer.",
-)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -74,7 +68,7 @@ class TensorSource(Protocol):
 
 def canonical(name: str) -> str:
     """An on-disk tensor name without the text-model prefix it may carry (``model.``, ``transformer.``…)."""
-    for prefix in _TEXT_PREFIXES:
+    for prefix in NAME_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix) :]
     return name

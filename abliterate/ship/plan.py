@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from abliterate.adapters.names import ATTENTION_MODULES
 from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import Adapter, Layout
 from abliterate.adapters.tying import ties_embeddings
@@ -33,7 +34,7 @@ from abliterate.model.sources import declared_layers, text_config
 from abliterate.prove.structure import canonical, layer_of, read_structure
 
 # The module names attention blocks use on disk (``self_attn``, ``attn``, ``attention``, ``self_attention``).
-_ATTENTION_NAME = re.compile(r"\.(self_attn|attn|attention|self_attention)\.")
+_ATTENTION_NAME = re.compile(r"\.(" + "|".join(ATTENTION_MODULES) + r")\.")
 
 # What one tensor's fold is given: its strength, and whether it is scaled by ``D`` (a norm-preserving
 # edit's weights; never a bias).
