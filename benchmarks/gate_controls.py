@@ -32,7 +32,7 @@ from abliterate.model.loading import load_model
 from abliterate.model.prompts import bundled
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.controls import available_controls, fold_control
-from abliterate.prove.gate import completeness_on, edited_parity, hooked_reference
+from abliterate.prove.gate import Candidate, candidate_parity, completeness_on, gate_reference
 from abliterate.ship.direction_file import load_direction
 
 
@@ -70,16 +70,16 @@ def main() -> None:
             rows.append((f"completeness: adapter without {group}", float("nan"), 1.0, f"refused: {error}"))
     print(f"completeness: {time.perf_counter() - started:.1f}s")
 
-    reference = hooked_reference(model, adapter, direction, prompts, loaded.dtype_name)
+    declared = DeclaredEdit(direction)
+    reference = gate_reference(model, adapter, prompts, declared, loaded.dtype_name, completeness=False)
     original_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gate-controls-"))
     original_dir = workdir / "original"
     model.save_pretrained(original_dir)
     tokenizer.save_pretrained(original_dir)
-    declared = DeclaredEdit(direction)
     for control in ["complete", *available_controls(model, adapter)]:
         fold_control(model, adapter, direction, control)
-        parity = edited_parity(model, adapter, prompts, reference)
+        parity = candidate_parity(reference, adapter, Candidate(model))
         control_dir = workdir / control.replace(":", "_")
         model.save_pretrained(control_dir)
         certificate = certify_checkpoint(original_dir, control_dir, declared, progress=False)

@@ -43,8 +43,9 @@ from abliterate.adapters.resolve import residual_writers  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
 from abliterate.find.point import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
+from abliterate.prove.lora_parity import peft_parity  # noqa: E402
 from abliterate.ship.direction_file import declared_edit, writer_strengths  # noqa: E402
-from abliterate.ship.lora import adapter_size, describe, peft_parity, write_lora  # noqa: E402
+from abliterate.ship.lora import adapter_size, describe, write_lora  # noqa: E402
 
 COMMAND = "python benchmarks/lora_by_family.py"
 POINT = EditPoint(

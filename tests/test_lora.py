@@ -18,8 +18,9 @@ from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.lora_factors import lora_state
 from abliterate.find.point import EditPoint
 from abliterate.model.batching import encode
+from abliterate.prove.lora_parity import peft_parity
 from abliterate.ship.direction_file import declared_edit, writer_strengths
-from abliterate.ship.lora import describe, peft_parity, write_lora
+from abliterate.ship.lora import describe, write_lora
 
 pytest.importorskip("peft")
 
@@ -139,7 +140,7 @@ def test_dense_and_shared_writers_of_moe_types_are_not_dropped_by_peft(tmp_path:
     model, adapter, _ = _setup("qwen3_moe")  # mlp_only_layers=[1]: block 1 is dense
     write_lora(model, adapter, _direction(_d_model(model)), tmp_path, base_model="tiny")
     assert "model.layers.1.mlp.down_proj.weight" in describe(tmp_path)["target_parameters"]
-    from abliterate.ship.lora import load_lora
+    from abliterate.prove.lora_parity import load_lora
 
     wrapped = load_lora(model, tmp_path)
     try:

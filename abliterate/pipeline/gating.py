@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from abliterate.adapters.spec import Adapter
 from abliterate.config import RunConfig
 
 # walker is called through its module, so tests can replace the fold (a broken one) by patching it.
@@ -28,14 +24,7 @@ from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
-from abliterate.prove.gate import (
-    GateReport,
-    HookedReference,
-    completeness_on,
-    edited_parity,
-    hooked_reference,
-)
-from abliterate.prove.residual import CompletenessReport
+from abliterate.prove.gate import GateReference, GateReport, gate_reference
 from abliterate.ship import direction_file
 
 
@@ -53,52 +42,17 @@ def hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextMa
     return ablated(subject.model, subject.adapter, operator)
 
 
-@dataclass(frozen=True)
-class ParityReference:
-    """What the gate measures on the original before the fold.
-
-    Attributes:
-        prompts: harmful and harmless parity prompts in one batch, padded once, so hooked and edited
-            logits line up position by position.
-        hooked: the hooked original's logits on them (and the 16-bit rounding floor).
-        completeness: the residual-stream completeness check of the adapter's writer list.
-    """
-
-    prompts: EncodedPrompts
-    hooked: HookedReference
-    completeness: CompletenessReport
-
-
 def parity_reference(
     config: RunConfig, subject: Subject, inputs: Inputs, chosen: RefusalDirection
-) -> ParityReference:
-    """The reference the gate compares with: the original model with the direction ablated by hooks."""
+) -> GateReference:
+    """What the gate compares with, measured before the fold: completeness of the writer list, and the
+    original model with the chosen edit hooked on the parity prompts (for a cast output, the original
+    rounded to the saved dtype once, then hooked)."""
+    declared = direction_file.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
     prompts = parity_prompts(config, subject, inputs)
-    completeness = completeness_on(subject.model, subject.adapter, prompts)
-    if subject.cast_to is None:
-        hooked = hooked_reference(
-            subject.model,
-            subject.adapter,
-            chosen.direction,
-            prompts,
-            subject.dtype_name,
-            strengths(chosen),
-            norm_preserving(chosen),
-        )
-    else:
-        # The gate of the saved dtype: the reference is the original rounded to it once, then hooked.
-        rounded = copy.deepcopy(subject.model).to(getattr(torch, subject.cast_to))
-        hooked = hooked_reference(
-            rounded,
-            subject.adapter,
-            chosen.direction,
-            prompts,
-            subject.cast_to,
-            strengths(chosen),
-            norm_preserving(chosen),
-        )
-        del rounded
-    return ParityReference(prompts, hooked, completeness)
+    return gate_reference(
+        subject.model, subject.adapter, prompts, declared, subject.dtype_name, rounded_to=subject.cast_to
+    )
 
 
 def parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> EncodedPrompts:
@@ -118,17 +72,6 @@ def fold(subject: Subject, chosen: RefusalDirection) -> None:
     )
     if subject.cast_to is not None:
         subject.model.to(getattr(torch, subject.cast_to))
-
-
-def check_parity(model: nn.Module, adapter: Adapter, reference: ParityReference) -> GateReport:
-    """The in-memory part of the gate: completeness of the writer list, and logit parity of the edited
-    model against the hooked original on the parity prompts.
-
-    Returns:
-        The gate report so far; ``certify_saved`` adds the weight certificate of the saved files.
-    """
-    parity = edited_parity(model, adapter, reference.prompts, reference.hooked)
-    return GateReport(completeness=reference.completeness, parity=parity)
 
 
 def certify_saved(

@@ -23,7 +23,6 @@ from abliterate.pipeline.evaluation import Baseline, evaluate_after, evaluate_be
 from abliterate.pipeline.finding import candidates_and_means, paper_direction, searched_direction
 from abliterate.pipeline.gating import (
     certify_saved,
-    check_parity,
     fold,
     hooked_edit,
     parity_prompts,
@@ -41,7 +40,8 @@ from abliterate.pipeline.publishing import (
 )
 from abliterate.pipeline.subject import Inputs, Subject, load, prepare
 from abliterate.prove.files import compare_companions
-from abliterate.prove.gate import GateReport, completeness_on
+from abliterate.prove.gate import Candidate, GateReport, completeness_on, gate_candidate
+from abliterate.prove.lora_parity import peft_parity
 from abliterate.ship import direction_file
 from abliterate.ship.report import model_card
 from abliterate.ship.streaming import stream_into
@@ -80,7 +80,7 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         return run_streamed(config, inputs, subject, chosen, before, timed, hub_api)
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
-    gate = timed("verify", check_parity, subject.model, subject.adapter, reference)
+    gate = timed("verify", gate_candidate, reference, subject.adapter, Candidate(subject.model))
     del reference  # [n, S, vocab] logits: free them before evaluating and saving
     raise_unless_passed(gate, "nothing was saved or pushed")
     evaluation = timed("evaluate", evaluate_after, config, subject, inputs, before)
@@ -187,7 +187,7 @@ def run_lora(
             strength_of=strengths(chosen),
         )
         gate.parity = timed(
-            "verify", lora.peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
+            "verify", peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
         )
         raise_unless_passed(gate, "nothing was saved or pushed")
         save_direction_files(staging, config, subject, chosen)

@@ -16,18 +16,18 @@ import copy
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from abliterate.adapters.resolve import residual_writers
 from abliterate.adapters.spec import WRITER_GROUPS, Adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
-
-if TYPE_CHECKING:
-    from abliterate.model.batching import EncodedPrompts
-    from abliterate.prove.gate import GateReport
+from abliterate.model.batching import EncodedPrompts
+from abliterate.prove.certificate import certify_checkpoint
+from abliterate.prove.gate import Candidate, GateReport, gate_candidate, gate_reference
+from abliterate.prove.structure import read_structure
 
 
 def rotated(direction: torch.Tensor, degrees: float, seed: int = 0) -> torch.Tensor:
@@ -96,28 +96,23 @@ def gate_on_controls(
     Returns:
         Control name → the gate's report (``complete`` must pass, every other must fail).
     """
-    from abliterate.edit.declared import DeclaredEdit
-    from abliterate.prove.certificate import certify_checkpoint
-    from abliterate.prove.gate import GateReport, completeness_on, edited_parity, hooked_reference
-    from abliterate.prove.structure import read_structure
-
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     original = workdir / "original"
     model.save_pretrained(original)
     structure = read_structure(original)
-    completeness = completeness_on(model, adapter, prompts)
-    reference = hooked_reference(model, adapter, direction, prompts, dtype_name)
+    declared = DeclaredEdit(direction)
+    reference = gate_reference(model, adapter, prompts, declared, dtype_name)
     reports = {}
     for control in controls or ["complete", *available_controls(model, adapter)]:
         edited = copy.deepcopy(model)
         fold_control(edited, adapter, direction, control)
-        parity = edited_parity(edited, adapter, prompts, reference)
+        report = gate_candidate(reference, adapter, Candidate(edited))
         saved = workdir / control.replace(":", "_")
         edited.save_pretrained(saved)
         del edited
-        certificate = certify_checkpoint(
-            original, saved, DeclaredEdit(direction), progress=False, structure=structure
+        report.certificate = certify_checkpoint(
+            original, saved, declared, progress=False, structure=structure
         )
         shutil.rmtree(saved)
-        reports[control] = GateReport(certificate=certificate, completeness=completeness, parity=parity)
+        reports[control] = report
     return reports

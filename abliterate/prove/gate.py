@@ -9,36 +9,36 @@
   within 1e-3 of the logit scale, in 16-bit within ``FLOOR_FACTOR`` times the model's measured
   rounding floor.
 
-``run`` runs all three (the certificate on the saved files when the source is a safetensors checkpoint),
-``verify`` all three (``--no-forward`` keeps only the certificate, for models that do not fit), ``apply``
-the certificate. Which ones ran, and why any was skipped, is part of the report.
+The forward half is run in one place, in two steps: ``gate_reference`` measures the original
+(completeness, the hooked logits) before any candidate exists, and ``gate_candidate`` judges a
+``Candidate`` against it (logit parity, with the 16-bit rounding floor of ``abliterate.prove.floor``).
+Two steps, because a run folds the original in place after measuring it, ``verify`` frees the original
+before loading the edited checkpoint, and the negative controls judge many candidates against one
+reference. ``run`` (on the in-memory fold), ``verify`` (on the loaded edited checkpoint), the controls
+and the LoRA check (the adapter loaded through peft) all call these two; each adds its own parts around
+them: the certificate on the saved files, the distance to a full residual ablation, the files beside
+the weights. Which ones ran, and why any was skipped, is part of the report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from abliterate.adapters.resolve import residual_writers
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
-from abliterate.model.hooks import StrengthOf, ablated, edit_projection
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import CompanionReport
-from abliterate.prove.parity import (
-    SIXTEEN_BIT,
-    ParityReport,
-    RoundingFloor,
-    check_dtype,
-    compare_logits,
-    measure_floor,
-)
+from abliterate.prove.floor import rounding_floor
+from abliterate.prove.parity import SIXTEEN_BIT, ParityReport, RoundingFloor, check_dtype, compare_logits
 from abliterate.prove.residual import CompletenessReport, check_completeness
 
 
@@ -111,27 +111,97 @@ class HookedReference:
     dtype: str
 
 
-def hooked_reference(
+@dataclass(frozen=True)
+class GateReference:
+    """What the gate measures on the original, before any candidate exists.
+
+    Attributes:
+        prompts: the parity prompts in one batch, padded once, so hooked and candidate logits line up
+            position by position.
+        hooked: the hooked original's logits on them.
+        completeness: the residual-stream completeness check of the adapter's writer list, or ``None``
+            where the caller does not ask for it.
+    """
+
+    prompts: EncodedPrompts
+    hooked: HookedReference
+    completeness: CompletenessReport | None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The edited model the gate judges, however it is held: a loaded edited checkpoint, the original
+    with the edit folded in memory, or the original with a LoRA adapter loaded through peft.
+
+    Attributes:
+        model: the module whose residual writers hold the weights the candidate computes with; the
+            16-bit rounding floor dithers them (``abliterate.prove.floor``). For a LoRA adapter: the base
+            model under it.
+        logits: the candidate's all-position logits given ``model`` and the gate's prompts.
+        may_advise: 16-bit parity of routed experts or offloaded weights may be reported without gating
+            (a weight certificate carries the proof of a checkpoint); ``False`` keeps it gating.
+    """
+
+    model: nn.Module
+    logits: Callable[[nn.Module, EncodedPrompts], torch.Tensor] = all_position_logits
+    may_advise: bool = True
+
+
+def gate_reference(
     model: nn.Module,
     adapter: Adapter,
-    direction: torch.Tensor,
     prompts: EncodedPrompts,
+    edit: DeclaredEdit,
     dtype: str,
-    strength_of: StrengthOf | None = None,
-    norm_preserving: bool = False,
-) -> HookedReference:
-    """Run the hooked original on ``prompts`` (one batch).
+    *,
+    completeness: bool = True,
+    rounded_to: str | None = None,
+) -> GateReference:
+    """The first half of the gate, on the original: completeness of the writer list, then the hooked
+    original's logits (``gate_candidate`` is the second half).
 
     Args:
-        strength_of: per-writer strengths of the declared edit (default: 1 everywhere), the same
-            function the fold is given.
-        norm_preserving: the declared edit is the norm-preserving fold (``norm_preserving_projection``).
+        model: the original model, unedited.
+        adapter: its architecture description.
+        prompts: the parity prompts (the first batch is used).
+        edit: the declared edit the hooks apply.
+        dtype: ``model``'s dtype name (selects the parity tolerances).
+        completeness: run the completeness check.
+        rounded_to: the dtype the candidate is saved in, when it differs from ``model``'s: the hooked
+            reference is then the original rounded to it once (a copy), then hooked.
+
+    Raises:
+        ValueError: the dtype has no parity proof (8-bit floats, unknown formats).
+    """
+    checked = completeness_on(model, adapter, prompts) if completeness else None
+    if rounded_to is None:
+        return GateReference(prompts, hooked_reference(model, adapter, edit, prompts, dtype), checked)
+    rounded = copy.deepcopy(model).to(getattr(torch, rounded_to))
+    hooked = hooked_reference(rounded, adapter, edit, prompts, rounded_to)
+    del rounded
+    return GateReference(prompts, hooked, checked)
+
+
+def gate_candidate(reference: GateReference, adapter: Adapter, candidate: Candidate) -> GateReport:
+    """The second half of the gate: the candidate's logit parity against the hooked original, with the
+    completeness measured on the original; the weight certificate and the files are the caller's to add.
+    """
+    parity = candidate_parity(reference, adapter, candidate)
+    return GateReport(completeness=reference.completeness, parity=parity)
+
+
+def hooked_reference(
+    model: nn.Module, adapter: Adapter, edit: DeclaredEdit, prompts: EncodedPrompts, dtype: str
+) -> HookedReference:
+    """Run the original with ``edit`` hooked on every residual writer on ``prompts`` (one batch).
 
     Raises:
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    with ablated(model, adapter, edit_projection(direction, strength_of, norm_preserving)):
+    # The hooks take per-writer strengths (``None``: the paper's strength-1 edit, on its own code path).
+    strength_of = None if edit.is_plain() else (lambda writer: edit.scales_for(writer.group, writer.layer))
+    with ablated(model, adapter, edit_projection(edit.direction, strength_of, edit.norm_preserving)):
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 
@@ -146,37 +216,31 @@ def completeness_on(model: nn.Module, adapter: Adapter, prompts: EncodedPrompts)
     return check_completeness(model, adapter, input_ids, mask)
 
 
-def edited_parity(
-    model: nn.Module, adapter: Adapter, prompts: EncodedPrompts, reference: HookedReference
-) -> ParityReport:
-    """Compare the edited model's logits on ``prompts`` with the hooked reference.
+def candidate_parity(reference: GateReference, adapter: Adapter, candidate: Candidate) -> ParityReport:
+    """Compare the candidate's logits on the gate's prompts with the hooked reference.
 
-    In 16-bit the limit comes from the rounding floor measured on the edited model itself: the distance
-    between it and a sibling that rounds the same exact fold differently (``dithered``).
+    In 16-bit the limit comes from the rounding floor measured on the candidate itself
+    (``abliterate.prove.floor.rounding_floor``).
     """
-    edited = all_position_logits(model, prompts)
-    if reference.dtype not in SIXTEEN_BIT:
-        return compare_logits(reference.logits, edited, reference.dtype, reference.mask)
-    if offloaded(model):
+    hooked, prompts = reference.hooked, reference.prompts
+    edited = candidate.logits(candidate.model, prompts)
+    if hooked.dtype not in SIXTEEN_BIT:
+        return compare_logits(hooked.logits, edited, hooked.dtype, hooked.mask)
+    if candidate.may_advise and offloaded(candidate.model):
         # Offloaded weights are reloaded from disk per forward pass: no sibling can be made in place.
         report = compare_logits(
-            reference.logits, edited, reference.dtype, reference.mask, RoundingFloor(float("inf"), 1.0)
+            hooked.logits, edited, hooked.dtype, hooked.mask, RoundingFloor(float("inf"), 1.0)
         )
         return replace(report, advisory=_OFFLOADED_ADVISORY)
-    floors = []
-    for seed in range(_SIBLINGS):
-        with dithered(model, adapter, seed):
-            sibling = all_position_logits(model, prompts)
-        floors.append(measure_floor(edited, sibling, reference.mask))
-    floor = RoundingFloor(max(f.mean_kl for f in floors), max(f.top1_disagreement for f in floors))
-    report = compare_logits(reference.logits, edited, reference.dtype, reference.mask, floor)
-    if any(writer.layout in ("experts", "experts_t") for writer in adapter.writers):
+    floor = rounding_floor(
+        candidate.model, adapter, edited, lambda: candidate.logits(candidate.model, prompts), hooked.mask
+    )
+    report = compare_logits(hooked.logits, edited, hooked.dtype, hooked.mask, floor)
+    if candidate.may_advise and any(writer.layout in ("experts", "experts_t") for writer in adapter.writers):
         report = replace(report, advisory=_ROUTED_ADVISORY)
     return report
 
 
-# Siblings whose distances make the floor (the largest counts): rounding noise is a random variable.
-_SIBLINGS = 2
 # Expert routing turns ulp-level rounding into discrete expert flips whose effect spreads to every later
 # token through attention; in 16-bit their logit distance is heavy-tailed (measured on a tiny OLMoE in
 # fp16: the complete edit at 30x a typical sibling's distance, and one sibling seed in three as far).
@@ -188,42 +252,3 @@ _ROUTED_ADVISORY = (
     "reported, not gating: 16-bit expert routing makes logit distances heavy-tailed; "
     "the weight certificate and the completeness check carry the proof"
 )
-
-
-# Two roundings of the same exact fold differ by about one rounding error per element. The sibling
-# moves each element of every residual-writer tensor one ulp up with probability 1/24 and one ulp down
-# with probability 1/24: zero mean and variance 1/12 ulp², the variance of round-to-nearest's own error.
-_DITHER_PROBABILITY = 1 / 24
-_DITHER_CHUNK = 1 << 22
-
-
-@contextmanager
-def dithered(model: nn.Module, adapter: Adapter, seed: int = 0) -> Iterator[None]:
-    """Inside the block, every residual writer's weights and biases carry a one-ulp dither (seeded).
-
-    The changed elements' values are kept and written back afterwards, so the model leaves the block
-    bitwise as it entered, also when the body raises.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for writer in residual_writers(model, adapter):
-                for tensor in (writer.weight_tensor(), writer.bias_tensor()):
-                    if tensor is not None:
-                        saved.extend(_dither(tensor.data.view(-1), generator))
-        yield
-    finally:
-        with torch.no_grad():
-            for flat, indices, values in reversed(saved):
-                flat[indices] = values
-
-
-def _dither(flat: torch.Tensor, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-    for start in range(0, flat.numel(), _DITHER_CHUNK):
-        chunk = flat[start : start + _DITHER_CHUNK]
-        draw = torch.rand(chunk.numel(), generator=generator).to(chunk.device)
-        indices = (draw < 2 * _DITHER_PROBABILITY).nonzero().flatten()
-        towards = torch.where(draw[indices] < _DITHER_PROBABILITY, float("inf"), float("-inf"))
-        yield chunk, indices, chunk[indices].clone()
-        chunk[indices] = torch.nextafter(chunk[indices], towards.to(chunk.dtype))

@@ -13,7 +13,7 @@ element, for elements that cancel to near zero); the same bound for float32 and 
 omitted field is peft's default, as peft reads it; a field the installed peft does not know fails), so
 ``lora_alpha`` doubled, another ``r``, ``alpha_pattern`` or ``use_dora`` fail. ``verify`` without
 ``--no-forward`` adds completeness on ORIGINAL and logit parity through peft
-(``abliterate.ship.lora.peft_parity``).
+(``abliterate.prove.lora_parity.peft_candidate``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from abliterate.adapters.resolve import residual_writers
 from abliterate.adapters.spec import Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import all_finite, ulp
+from abliterate.prove.gate import GateReport, gate_candidate, gate_reference
+from abliterate.prove.lora_parity import peft_candidate
 from abliterate.prove.verdict import Verdict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -283,7 +285,6 @@ def verify_adapter(
     """
     from abliterate.adapters.resolve import resolve_adapter
     from abliterate.model.loading import load_model
-    from abliterate.prove.gate import GateReport
     from abliterate.ship.direction_file import declared_from_file, load_direction
 
     direction, metadata = load_direction(direction_file)
@@ -325,8 +326,6 @@ def _forward_checks(
     why neither can stand (a declared edit no adapter can be, or a failed certificate)."""
     from abliterate.model.batching import encode
     from abliterate.model.prompts import bundled
-    from abliterate.prove.gate import completeness_on
-    from abliterate.ship.lora import peft_parity
 
     try:
         why = NORM_PRESERVING if declared.validate().norm_preserving else ""
@@ -339,5 +338,6 @@ def _forward_checks(
         return
     texts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
     encoded = encode(loaded.tokenizer, texts, batch_size=len(texts), share_prefix=False)
-    gate.completeness = completeness_on(loaded.model, adapter, encoded)
-    gate.parity = peft_parity(loaded.model, adapter, declared, directory, encoded, loaded.dtype_name)
+    reference = gate_reference(loaded.model, adapter, encoded, declared, loaded.dtype_name)
+    checked = gate_candidate(reference, adapter, peft_candidate(loaded.model, directory))
+    gate.completeness, gate.parity = checked.completeness, checked.parity

@@ -16,7 +16,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
 # In 16-bit formats the edited weights are rounded once to 8 (bf16) or 11 (fp16) mantissa bits, so no
 # constant tolerance separates "rounded differently" from "slightly wrong". The gate measures the
 # model's own rounding floor instead: the distance between the edited model and a sibling that rounds
-# the same exact fold differently (``abliterate.prove.gate.dithered``: one-ulp changes with the variance of
+# the same exact fold differently (``abliterate.prove.floor.dithered``: one-ulp changes with the variance of
 # round-to-nearest's error). The edited model may be at most FLOOR_FACTOR times as far from the hooked
 # reference as that, in (trimmed) mean KL and in top-1 disagreement. Measured margins are in
 # BENCHMARKS.md (parity gate section).

@@ -1,5 +1,5 @@
 """The edit as a PEFT LoRA adapter on disk: ``adapter_config.json``, ``adapter_model.safetensors``, its card,
-and ``apply --format lora`` with its parity through peft.
+and ``apply --format lora`` with its parity through peft (``abliterate.prove.lora_parity``).
 
 The factors themselves (rank k per residual writer, exact up to float rounding, and what peft cannot
 express) are computed by ``abliterate.edit.lora_factors``. The adapter is exact only on the weights it
@@ -23,10 +23,10 @@ from abliterate.edit.lora_factors import NORM_PRESERVING_REFUSAL, lora_state
 from abliterate.errors import GateError
 from abliterate.io.output import atomic_directory, prepare_output, write_apply_manifest
 from abliterate.model import loading  # called through its module, so tests can replace a load
-from abliterate.model.batching import EncodedPrompts, all_position_logits, encode
+from abliterate.model.batching import encode
 from abliterate.model.prompts import bundled
-from abliterate.prove.gate import dithered, hooked_reference
-from abliterate.prove.parity import SIXTEEN_BIT, ParityReport, RoundingFloor, compare_logits, measure_floor
+from abliterate.prove.lora_parity import peft_parity
+from abliterate.prove.parity import ParityReport
 from abliterate.ship.direction_file import writer_strengths
 
 
@@ -68,13 +68,6 @@ def write_lora(
     return output
 
 
-def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
-    """``PeftModel.from_pretrained(model, directory)`` in eval mode (the parity gate's edited model)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(directory)).eval()
-
-
 def adapter_size(directory: str | Path) -> int:
     """Bytes of the adapter's weights file."""
     return (Path(directory) / "adapter_model.safetensors").stat().st_size
@@ -83,53 +76,6 @@ def adapter_size(directory: str | Path) -> int:
 def describe(directory: str | Path) -> dict[str, object]:
     """The adapter's config as a dictionary (for manifests and tests)."""
     return json.loads((Path(directory) / "adapter_config.json").read_text("utf-8"))
-
-
-def peft_parity(
-    model: nn.Module,
-    adapter: Adapter,
-    declared: DeclaredEdit,
-    directory: str | Path,
-    prompts: EncodedPrompts,
-    dtype: str,
-) -> ParityReport:
-    """Logit parity of ``PeftModel.from_pretrained(model, directory)`` against the hooked original.
-
-    The adapter is loaded onto ``model`` itself and unloaded afterwards, so the original weights are
-    never copied. In float32 the gate's fixed tolerances apply; in 16-bit the limit is the model's own
-    rounding floor, measured as the gate measures it (``abliterate.prove.gate.edited_parity``): the distance
-    between the adapter on the model and the adapter on siblings whose writer weights carry a one-ulp
-    dither. Unlike the checkpoint gate, MoE families stay gating here: no certificate stands behind an
-    adapter.
-
-    Returns:
-        The ``ParityReport``.
-    """
-    strength_of = writer_strengths(declared)
-    reference = hooked_reference(model, adapter, declared.direction, prompts, dtype, strength_of)
-    edited = _adapted_logits(model, directory, prompts)
-    if dtype not in SIXTEEN_BIT:
-        return compare_logits(reference.logits, edited, dtype, reference.mask)
-    floors = []
-    for seed in range(_SIBLINGS):
-        with dithered(model, adapter, seed):
-            sibling = _adapted_logits(model, directory, prompts)
-        floors.append(measure_floor(edited, sibling, reference.mask))
-    floor = RoundingFloor(max(f.mean_kl for f in floors), max(f.top1_disagreement for f in floors))
-    return compare_logits(reference.logits, edited, dtype, reference.mask, floor)
-
-
-# Dithered siblings whose largest distance makes the 16-bit floor (as ``abliterate.prove.gate``'s).
-_SIBLINGS = 2
-
-
-def _adapted_logits(model: nn.Module, directory: str | Path, prompts: EncodedPrompts) -> torch.Tensor:
-    """All-position logits of ``model`` with the adapter loaded through peft, then unloaded again."""
-    wrapped = load_lora(model, directory)
-    try:
-        return all_position_logits(wrapped, prompts)
-    finally:
-        wrapped.unload()
 
 
 def apply_lora(

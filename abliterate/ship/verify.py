@@ -18,11 +18,11 @@ from abliterate.model.hooks import ablated
 from abliterate.model.prompts import bundled
 from abliterate.model.sources import local_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
-from abliterate.prove.gate import GateReport, completeness_on, edited_parity, hooked_reference
+from abliterate.prove.gate import Candidate, GateReport, gate_candidate, gate_reference
 from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
-from abliterate.ship.direction_file import declared_from_file, load_direction, writer_strengths
+from abliterate.ship.direction_file import declared_from_file, load_direction
 
 
 def verify_checkpoints(
@@ -181,22 +181,19 @@ def _check_forward(
         raise ValueError(f"direction has {direction.shape[-1]} dimensions, the model has {d_model}")
     prompts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
     encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
-    gate.completeness = completeness_on(model, adapter, encoded)
-    strength_of, dtype_name = writer_strengths(declared), reference_model.dtype_name
-    reference = hooked_reference(
-        model, adapter, direction, encoded, dtype_name, strength_of, declared.norm_preserving
-    )
+    reference = gate_reference(model, adapter, encoded, declared, reference_model.dtype_name)
     residual_reference = None
     if adapter.post_norm:
         with ablated(model, adapter, full_projection(direction), where=residual_sites):
             residual_reference = all_position_logits(model, encoded)
     del reference_model, model
     edited_model = loading.load_model(edited, **options)
-    gate.parity = edited_parity(edited_model.model, adapter, encoded, reference)
+    checked = gate_candidate(reference, adapter, Candidate(edited_model.model))
+    gate.completeness, gate.parity = checked.completeness, checked.parity
     extra: dict[str, Any] = {"adapter": adapter.name}
     if residual_reference is not None:
         candidate = all_position_logits(edited_model.model, encoded)
-        extra.update(_full_residual_ablation(residual_reference, candidate, reference.mask))
+        extra.update(_full_residual_ablation(residual_reference, candidate, reference.hooked.mask))
     return extra
 
 
