@@ -1,4 +1,4 @@
-"""The edit as an exact PEFT LoRA adapter, per registered model type (issue 9, item 4).
+"""The edit as an exact PEFT LoRA adapter, per registered model type.
 
 For every registered model type: the tiny random model of ``tests/tiny.py`` (4 blocks, d_model 64), a random
 orthonormal rank-2 subspace (second direction at weight 0.4) with a strength profile over the blocks, and

@@ -3,8 +3,8 @@
 The fold ``W' = (I − Qᵀ diag(s) Q) W`` (``Q`` ``[k, d_model]``: one unit direction, or the orthonormal
 rows of a subspace; ``s`` the writer's strength per row) changes every writer by a product of rank k, so a
 LoRA of rank ``r = k`` with scaling 1 (``lora_alpha = r``) expresses it: ``B = −Qᵀ diag(s)``
-(``[d_model, k]``) and ``A = Q W`` (``[k, d_in]``), computed from the weights the adapter will be loaded
-on. Per layout, in peft's terms:
+(``[d_model, k]``) and ``A = Q W`` (``[k, d_in]``), computed from the weights the LoRA adapter will be
+loaded on. Per layout, in peft's terms:
 
 * linear ``[d_model, d_in]``: ``lora_A = Q W``;
 * GPT-2 ``Conv1D`` ``[d_in, d_model]`` (``fan_in_fan_out``): ``lora_A = (W Qᵀ)ᵀ``;
@@ -18,10 +18,10 @@ on. Per layout, in peft's terms:
   ``mlp.down_proj`` in Qwen3-MoE, DeepSeek, GLM-4-MoE) is targeted as the parameter ``<name>.weight``
   (``ParamWrapper`` with one "expert"): the same tensors, wrapped instead of silently dropped.
 
-peft has one ``lora_bias`` switch per adapter and refuses it on embeddings and on ``target_parameters``:
+peft has one ``lora_bias`` switch per LoRA adapter and refuses it on embeddings and on ``target_parameters``:
 an edit that touches a writer bias together with an embedding or fused experts, or a bias on a fused
-expert tensor, cannot be one exact adapter and is refused in one line naming the writer. The factors are
-exact only on the weights they were computed from. ``abliterate.ship.lora`` writes them as an adapter.
+expert tensor, cannot be one exact LoRA adapter and is refused in one line naming the writer. The factors are
+exact only on the weights they were computed from. ``abliterate.ship.lora`` writes them as a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def lora_state(
     direction: torch.Tensor,
     strength_of: Callable[[ResolvedWriter], Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """The adapter's tensors (peft's on-disk names) and its ``LoraConfig`` fields.
+    """The LoRA adapter's tensors (peft's on-disk names) and its ``LoraConfig`` fields.
 
     Args:
         model: the original model (not edited), on any device.
-        adapter: its architecture description.
+        adapter: its architecture description (not the LoRA adapter).
         direction: ``[d_model]`` direction (normalized here), or an orthonormal subspace ``[k, d_model]``
-            (``abliterate.edit.fold.check_basis``); the adapter's rank is ``k``.
+            (``abliterate.edit.kernel.check_basis``); the LoRA adapter's rank is ``k``.
         strength_of: per-writer strength (default 1): a float for a direction, one per row for a subspace
             (``DeclaredEdit.scales_for``); writers whose strengths are all 0 get no LoRA.
 
@@ -222,7 +222,7 @@ def _check_expressible(writer: ResolvedWriter) -> None:
 def _check_combination(
     biased: list[str], embedded: list[str], parameters: list[str], fan_in_fan_out: bool
 ) -> None:
-    """Refuse what one ``LoraConfig`` cannot hold together (``lora_bias`` is one switch per adapter)."""
+    """Refuse what one ``LoraConfig`` cannot hold together (``lora_bias`` is one switch per LoRA adapter)."""
     if biased and embedded:
         raise ValueError(
             f"the writer bias {biased[0]} and the embedding {embedded[0]} cannot share one exact peft "
