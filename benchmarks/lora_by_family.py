@@ -40,6 +40,7 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 from abliterate.adapters import resolve_adapter  # noqa: E402
 from abliterate.adapters.registry import registered_model_types  # noqa: E402
 from abliterate.adapters.resolve import residual_writers  # noqa: E402
+from abliterate.adapters.spec import FUSED_LAYOUTS  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
 from abliterate.find.point import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
@@ -108,7 +109,7 @@ def tensor_bytes(model: torch.nn.Module, adapter: object, rank: int, embedding: 
         if writer.layout == "embedding" and not embedding:
             continue
         shape = writer.weight_tensor().shape
-        if writer.layout in ("experts", "experts_t"):
+        if writer.layout in FUSED_LAYOUTS:
             elements += rank * shape[0] * (shape[1] + shape[2])
         else:
             elements += rank * (shape[0] + shape[1])

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from abliterate.adapters.resolve import ResolvedWriter, residual_writers
-from abliterate.adapters.spec import Adapter
+from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import check_basis, refuse_non_finite
 
 LORA_LAYOUTS = ("linear", "conv1d", "embedding", "experts", "experts_t")
-_FUSED = ("experts", "experts_t")
 _REFUSED = "use --format checkpoint"
 # ``(I − s r̂ r̂ᵀ) W D`` differs from ``W`` in every column, so no rank-k adapter holds it.
 NORM_PRESERVING_REFUSAL = f"a norm-preserving edit is full rank; {_REFUSED}"
@@ -122,11 +122,11 @@ def _targeted_by_parameter(model: nn.Module, chosen: list[ResolvedWriter]) -> li
     Raises:
         ValueError: peft re-reads a non-linear target as an expert name.
     """
-    relabelled = _rewritten_by_peft(model, [w.name for w in chosen if w.layout not in _FUSED])
+    relabelled = _rewritten_by_peft(model, [w.name for w in chosen if w.layout not in FUSED_LAYOUTS])
     for writer in chosen:
         if writer.name in relabelled and writer.layout != "linear":
             raise ValueError(f"peft re-reads the target {writer.name} as an expert name; {_REFUSED}")
-    return [w for w in chosen if w.layout in _FUSED or w.name in relabelled]
+    return [w for w in chosen if w.layout in FUSED_LAYOUTS or w.name in relabelled]
 
 
 def _add_zero_biases(tensors: dict[str, torch.Tensor], chosen: list[ResolvedWriter]) -> None:
@@ -143,7 +143,7 @@ def _factors(writer: ResolvedWriter, basis: torch.Tensor, scales: torch.Tensor) 
     up = -(basis.T * scales)  # [d_model, k]: B = −Qᵀ diag(s)
     if writer.layout == "embedding":  # weight [vocab, d_model]
         return {"lora_embedding_A": basis @ weight.T, "lora_embedding_B": up}  # A [k, vocab]
-    if writer.layout in _FUSED:
+    if writer.layout in FUSED_LAYOUTS:
         experts = weight.shape[0]
         # Per expert A_e = Q W_e with W_e as [d_model, d_in]; peft reads lora_A as [E, k, d_in] (expert-major)
         # and lora_B as [d_model, k, E] (rank-major), see ParamWrapper.get_delta_weight.
@@ -182,8 +182,7 @@ def _basis(direction: torch.Tensor) -> torch.Tensor:
     """``[k, d_model]`` float64 rows: the normalized direction (k = 1) or the checked subspace."""
     if direction.dim() == 2:
         return check_basis(direction.detach().cpu())
-    unit = direction.detach().double().cpu().flatten()
-    return (unit / unit.norm())[None, :]
+    return unit_rows(direction.detach().double().cpu().flatten())[None, :]
 
 
 def _scales(
@@ -203,7 +202,7 @@ def _check_expressible(writer: ResolvedWriter) -> None:
     """Refuse a writer no peft LoRA layer reproduces exactly."""
     if writer.layout not in LORA_LAYOUTS:
         raise ValueError(f"{writer.name} ({writer.layout} layout) has no exact peft LoRA layer; {_REFUSED}")
-    if writer.layout not in _FUSED:
+    if writer.layout not in FUSED_LAYOUTS:
         return
     if writer.bias_tensor() is not None:
         raise ValueError(

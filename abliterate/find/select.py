@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.direction import unit_rows
 from abliterate.find.point import EditPoint
 from abliterate.find.scores import CandidateScores, Pair, Scorer, ablation_pass, refusal_scores
 from abliterate.find.search import SearchResult
@@ -60,10 +61,6 @@ class RefusalDirection:
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     edit_point: EditPoint | None = None
     search: SearchResult | None = field(default=None, repr=False)
-
-
-def _units(candidates: torch.Tensor) -> torch.Tensor:
-    return (candidates / candidates.norm(dim=-1, keepdim=True)).float()
 
 
 @dataclass(frozen=True)
@@ -135,7 +132,9 @@ def select_direction(
         LookupError: no candidate passes the filters.
     """
     n_layers = n_layers or candidates.shape[1]
-    scorer = Scorer(model, adapter, candidates, _units(candidates), refusal_ids, batch_size, progress)
+    scorer = Scorer(
+        model, adapter, candidates, unit_rows(candidates).float(), refusal_ids, batch_size, progress
+    )
     scores = CandidateScores.unscored(*candidates.shape[:2])
     constraints = SelectionConstraints(max_layer_fraction, max_kl, min_steering)
     eligible = eligible_candidates(candidates, n_layers, max_layer_fraction)
@@ -335,5 +334,7 @@ def direction_at(candidates: torch.Tensor, layer: int, position: int) -> Refusal
         raise ValueError(f"--position {position} is out of range: there are {n_positions} EOI tokens")
     index = position % n_positions
     return RefusalDirection(
-        direction=_units(candidates[index, layer]).clone(), layer=layer, position=index - n_positions
+        direction=unit_rows(candidates[index, layer]).float().clone(),
+        layer=layer,
+        position=index - n_positions,
     )

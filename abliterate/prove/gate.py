@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from abliterate.adapters.resolve import residual_writers
-from abliterate.adapters.spec import Adapter
+from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
 from abliterate.model.hooks import StrengthOf, ablated, edit_projection
@@ -170,7 +170,7 @@ def edited_parity(
         floors.append(measure_floor(edited, sibling, reference.mask))
     floor = RoundingFloor(max(f.mean_kl for f in floors), max(f.top1_disagreement for f in floors))
     report = compare_logits(reference.logits, edited, reference.dtype, reference.mask, floor)
-    if any(writer.layout in ("experts", "experts_t") for writer in adapter.writers):
+    if any(writer.layout in FUSED_LAYOUTS for writer in adapter.writers):
         report = replace(report, advisory=_ROUTED_ADVISORY)
     return report
 
