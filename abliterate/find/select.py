@@ -121,8 +121,7 @@ def select_direction(
         batch_size: rows per forward; several candidates share a forward when prompts are few.
         n_layers: depth of the model (default: the candidates' layer count); extraction may stop
             early, so the candidates can cover fewer layers than the model has.
-        layer_stride: screen every ``layer_stride``-th layer first, then the layers beside the best
-            (1 screens every candidate).
+        layer_stride: screen every ``layer_stride``-th layer first, then those beside the best (1: all).
         progress: show progress bars.
 
     Returns:
@@ -132,9 +131,8 @@ def select_direction(
         LookupError: no candidate passes the filters.
     """
     n_layers = n_layers or candidates.shape[1]
-    scorer = Scorer(
-        model, adapter, candidates, unit_rows(candidates).float(), refusal_ids, batch_size, progress
-    )
+    units = unit_rows(candidates).float()
+    scorer = Scorer(model, adapter, candidates, units, refusal_ids, batch_size, progress)
     scores = CandidateScores.unscored(*candidates.shape[:2])
     constraints = SelectionConstraints(max_layer_fraction, max_kl, min_steering)
     eligible = eligible_candidates(candidates, n_layers, max_layer_fraction)
