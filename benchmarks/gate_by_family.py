@@ -27,6 +27,7 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 from abliterate.adapters import resolve_adapter  # noqa: E402
 from abliterate.adapters.matrix import MEASURED_GATE  # noqa: E402
 from abliterate.adapters.registry import registered_model_types  # noqa: E402
+from abliterate.edit.direction import unit_rows  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
 from abliterate.prove.controls import gate_on_controls  # noqa: E402
 
@@ -45,7 +46,7 @@ def measure(model_type: str, dtype: torch.dtype, prompts: object) -> dict[str, o
     adapter = resolve_adapter(model)
     d_model = model.get_input_embeddings().weight.shape[-1]
     direction = torch.randn(d_model, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    direction = (direction / direction.norm()).float()
+    direction = unit_rows(direction).float()
     with tempfile.TemporaryDirectory() as workdir:
         reports = gate_on_controls(model, adapter, direction, prompts, Path(workdir))
     complete = reports.pop("complete")

@@ -1,4 +1,4 @@
-"""Generate greedy replies of the demo model (original and edited) for hand labelling (issue 9, item 3).
+"""Generate greedy replies of the demo model (original and edited) for hand labelling.
 
     python benchmarks/generate_replies.py --edited /tmp/x --out /tmp/replies.json
 

@@ -369,7 +369,7 @@ def main() -> None:
         manifest = json.loads(manifest_path.read_text())
         shutil.copy(manifest_path, options.results.parent / "abliterate.json")
         run["timings"] = manifest.get("timings")
-        run["parity"] = manifest.get("parity")
+        run["gate"] = manifest.get("gate")
         run["peak_rss_mib"] = manifest.get("peak_rss_mib")
     chosen = probe.chosen
     if chosen is not None:

@@ -1,4 +1,4 @@
-"""The edit as an exact PEFT LoRA adapter, per registered model type (issue 9, item 4).
+"""The edit as an exact PEFT LoRA adapter, per registered model type.
 
 For every registered model type: the tiny random model of ``tests/tiny.py`` (4 blocks, d_model 64), a random
 orthonormal rank-2 subspace (second direction at weight 0.4) with a strength profile over the blocks, and
@@ -40,6 +40,7 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 from abliterate.adapters import resolve_adapter  # noqa: E402
 from abliterate.adapters.registry import registered_model_types  # noqa: E402
 from abliterate.adapters.resolve import residual_writers  # noqa: E402
+from abliterate.adapters.spec import FUSED_LAYOUTS  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
 from abliterate.find.point import EditPoint  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
@@ -109,7 +110,7 @@ def tensor_bytes(model: torch.nn.Module, adapter: object, rank: int, embedding: 
         if writer.layout == "embedding" and not embedding:
             continue
         shape = writer.weight_tensor().shape
-        if writer.layout in ("experts", "experts_t"):
+        if writer.layout in FUSED_LAYOUTS:
             elements += rank * shape[0] * (shape[1] + shape[2])
         else:
             elements += rank * (shape[0] + shape[1])

@@ -34,6 +34,7 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 
 from abliterate.adapters import resolve_adapter  # noqa: E402
 from abliterate.adapters.registry import registered_model_types  # noqa: E402
+from abliterate.edit.direction import unit_rows  # noqa: E402
 from abliterate.edit.walker import fold_direction  # noqa: E402
 from abliterate.model.hooks import ablated, projection  # noqa: E402
 from abliterate.prove.parity import kl_divergence  # noqa: E402
@@ -66,8 +67,7 @@ def _relative(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def _unit(size: int, generator: torch.Generator) -> torch.Tensor:
-    vector = torch.randn(size, generator=generator)
-    return vector / vector.norm()
+    return unit_rows(torch.randn(size, generator=generator))
 
 
 def measure(model_type: str, prompts: list[torch.Tensor]) -> dict[str, float | str | bool]:

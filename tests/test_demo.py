@@ -39,7 +39,7 @@ def test_demo_refusals_drop_and_parity_holds(demo_output: Path) -> None:
     assert evaluation["before"]["refusal_rate"] >= 0.5, "the demo model should refuse most harmful prompts"
     assert evaluation["after"]["refusal_rate"] <= 0.10, evaluation
     assert evaluation["kl_harmless"] <= 0.1
-    gate = manifest["parity"]
+    gate = manifest["gate"]
     assert gate["passed"], gate["reason"]
     parity = gate["parity"]
     assert parity["top1_agreement"] >= 0.99

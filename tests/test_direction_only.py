@@ -35,7 +35,7 @@ def test_direction_only_writes_no_weights(direction_run: Path) -> None:
     assert names == {"direction.safetensors", "abliterate.json", "model_card.md"}
     manifest = json.loads((direction_run / "abliterate.json").read_text())
     assert manifest["weights"] is None
-    gate = manifest["parity"]
+    gate = manifest["gate"]
     assert gate["passed"] and gate["completeness"]["passed"]
     assert gate["certificate"] is None and gate["parity"] is None
     assert set(gate["skipped"]) == {"certificate", "parity"}
@@ -68,7 +68,7 @@ def test_direction_only_with_search_draws_the_heatmap(tmp_path: Path) -> None:
     output = tmp_path / "direction"
     config = open_selection_config(source, output, direction_only=True, screen_keep=2, evaluate=False)
     result = run(config)
-    assert result.manifest["direction"]["selected_by"] == "search"
+    assert result.manifest["direction"]["selected_by"] == "screening"
     assert (output / "candidate_scores.png").stat().st_size > 1000
     assert not list(output.glob("model*.safetensors"))
 

@@ -1,4 +1,4 @@
-"""Guards (issue 8, item 7): outputs that overlap the source, apply's own card, early layer checks,
+"""Guards: outputs that overlap the source, apply's own card, early layer checks,
 disjoint parity prompts, and which errors the CLI turns into one line."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Push that fails early and cleanly (issue 8, item 6), against a recording fake of ``HfApi``."""
+"""Push that fails early and cleanly, against a recording fake of ``HfApi``."""
 
 from __future__ import annotations
 

@@ -248,8 +248,8 @@ def test_run_format_lora_writes_an_adapter_proven_through_peft(tiny_qwen2: Path,
         )
     )
     manifest = result.manifest
-    assert manifest["parity"]["passed"] and manifest["parity"]["parity"]["top1_agreement"] == 1.0
-    assert "certificate" in manifest["parity"]["skipped"]
+    assert manifest["gate"]["passed"] and manifest["gate"]["parity"]["top1_agreement"] == 1.0
+    assert "certificate" in manifest["gate"]["skipped"]
     assert manifest["weights"]["format"] == "lora"
     assert not list(output.glob("model*.safetensors"))
     assert (output / "adapter_config.json").is_file() and (output / "direction.safetensors").is_file()

@@ -1,5 +1,5 @@
-"""The column-norm-preserving edit ``W ← (I − Q diag(s) Qᵀ) W D`` as a member of the edit family (issue 9,
-item 1): the fold kernel's invariant and determinism, fold = hooks, the certificate (with negative
+"""The column-norm-preserving edit ``W ← (I − Q diag(s) Qᵀ) W D`` as a member of the edit family:
+the fold kernel's invariant and determinism, fold = hooks, the certificate (with negative
 controls: the plain fold, a norm-preserving fold declared plain, a bias scaled by ``D``), the direction
 file and streaming ``apply``, the refusals (fused experts, LoRA) and ``run --norm-preserving``."""
 
@@ -322,7 +322,7 @@ def test_run_norm_preserving_end_to_end(tiny_qwen2: Path, tmp_path: Path, search
     assert result.exit_code == 0, result.output
     manifest = json.loads((output / "abliterate.json").read_text())
     assert (manifest["search"] is not None) == searched
-    gate = manifest["parity"]
+    gate = manifest["gate"]
     assert gate["passed"] and gate["certificate"]["passed"] and gate["certificate"]["n_edited"] > 0
     assert gate["parity"]["max_abs_logit_diff"] <= 1e-4 * gate["parity"]["logit_scale"]
     _, metadata = load_direction(output / "direction.safetensors")

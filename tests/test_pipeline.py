@@ -55,7 +55,7 @@ def test_run_writes_the_output_contract(run_output: Path) -> None:
     assert (run_output / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~_umask()
     manifest = json.loads((run_output / "abliterate.json").read_text())
     assert manifest["direction"] == {**manifest["direction"], "layer": 2, "position": -1}
-    gate = manifest["parity"]
+    gate = manifest["gate"]
     assert gate["passed"] is True
     assert gate["parity"]["max_abs_logit_diff"] <= 1e-4 * gate["parity"]["logit_scale"]
     assert gate["completeness"]["passed"] and gate["completeness"]["max_statistic"] <= 1
@@ -138,7 +138,7 @@ def test_selection_runs_and_draws_heatmap(tiny_qwen2: Path, tmp_path: Path) -> N
 
     output = tmp_path / "out"
     result = run(open_selection_config(tiny_qwen2, output))
-    assert result.manifest["direction"]["selected_by"] == "search"
+    assert result.manifest["direction"]["selected_by"] == "screening"
     assert result.manifest["direction"]["layer"] < 0.8 * 4
     assert (output / "candidate_scores.png").stat().st_size > 1000
     scores = json.loads((output / "candidate_scores.json").read_text())

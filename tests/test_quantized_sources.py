@@ -1,4 +1,4 @@
-"""Pre-quantized checkpoints are refused before heavy work; GGUF runs save bf16 by default (issue 8.4)."""
+"""Pre-quantized checkpoints are refused before heavy work; GGUF runs save bf16 by default."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_gguf_output_is_bf16_unless_asked(
     assert calls[0]["dtype"] == "float32"
     manifest = json.loads((output / "abliterate.json").read_text())
     assert manifest["model"]["dtype"] == str(saved).removeprefix("torch.")
-    gate = manifest["parity"]
+    gate = manifest["gate"]
     assert gate["passed"] and gate["parity"]["dtype"] == manifest["model"]["dtype"]
     certificate = gate["certificate"]  # against the dequantized GGUF, folded in float32 before the cast
     assert certificate["passed"] and certificate["n_exact"] == certificate["n_edited"] > 0

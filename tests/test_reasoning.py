@@ -1,4 +1,4 @@
-"""Reasoning templates (issue 8, item 5): EOI tokens and selection with the thinking block closed,
+"""Reasoning templates: EOI tokens and selection with the thinking block closed,
 evaluation past the block with refusals inside it and in the answer counted apart, template kwargs."""
 
 from __future__ import annotations

@@ -268,8 +268,8 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     assert front["confirmed"][0]["point"] == front["paper"]["point"]  # the paper's point is a finalist
     assert (tmp_path / "out" / "pareto_front.png").stat().st_size > 1000
     manifest = result.manifest
-    assert manifest["search"]["trials"] == 8 and manifest["parity"]["passed"]
-    assert manifest["parity"]["certificate"]["passed"]
+    assert manifest["search"]["trials"] == 8 and manifest["gate"]["passed"]
+    assert manifest["gate"]["certificate"]["passed"]
     assert "## Edit search" in (tmp_path / "out" / "README.md").read_text()
     _, metadata = load_direction(tmp_path / "out" / "direction.safetensors")
     chosen = EditPoint(**front["chosen"]["point"])

@@ -1,4 +1,4 @@
-"""Rank-k edits ``W ← (I − Q diag(s) Qᵀ) W`` (issue 9, item 1): the fold's invariant, its hooks, the
+"""Rank-k edits ``W ← (I − Q diag(s) Qᵀ) W``: the fold's invariant, its hooks, the
 certificate (with negative controls: a dropped or re-weighted second direction), the direction file and
 streaming ``apply``."""
 

@@ -226,7 +226,7 @@ def test_a_clean_run_output_passes_with_the_sources_files(
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((output / "abliterate.json").read_text())
-    assert manifest["parity"]["files"]["passed"] and manifest["parity"]["files"]["files"] == names
+    assert manifest["gate"]["files"]["passed"] and manifest["gate"]["files"]["files"] == names
 
 
 def test_run_refuses_an_output_whose_files_differ(

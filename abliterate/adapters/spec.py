@@ -15,6 +15,8 @@ from abliterate.adapters.names import ATTENTION_MODULES, EXPERT_INDEX, TEXT_PREF
 #   "experts_t":     fused experts      [n_experts, d_in, d_model] (in × out per expert)
 #   "embedding":     embedding table    [vocab, d_model]           (rows are written)
 Layout = Literal["linear", "conv1d", "experts", "experts_t", "embedding"]
+# The fused-experts layouts: one 3-d tensor holds every expert's weight, with no module per expert.
+FUSED_LAYOUTS: tuple[Layout, ...] = ("experts", "experts_t")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ WRITER_GROUPS = ("embedding", "attention", "mlp", "experts", "shared_experts")
 
 def writer_group(writer: Writer) -> str:
     """The group a block writer belongs to: ``attention``, ``mlp``, ``experts`` or ``shared_experts``."""
-    if writer.layout in ("experts", "experts_t"):
+    if writer.layout in FUSED_LAYOUTS:
         return "experts"
     first = writer.path.split(".")[0]
     if first in ATTENTION_MODULES:

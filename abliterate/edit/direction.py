@@ -7,6 +7,12 @@ import torch
 from abliterate.edit.kernel import check_basis
 
 
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """``v / |v|`` along the last axis, in ``vectors``' own dtype and device: a direction ``[d_model]``, or
+    each row of ``[k, d_model]``. Nothing is checked (``unit_direction`` validates a direction first)."""
+    return vectors / vectors.norm(dim=-1, keepdim=True)
+
+
 def unit_direction(vector: torch.Tensor, what: str = "the direction") -> torch.Tensor:
     """Validate a refusal direction and return it as a unit float32 vector.
 
@@ -29,10 +35,9 @@ def unit_direction(vector: torch.Tensor, what: str = "the direction") -> torch.T
     wide = vector.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(wide).all()):
         raise ValueError(f"{what} contains NaN or infinite values")
-    norm = wide.norm(dim=-1, keepdim=True)
-    if bool((norm == 0).any()):
+    if bool((wide.norm(dim=-1) == 0).any()):
         raise ValueError(f"{what} is the zero vector" if vector.dim() == 1 else f"{what} has a zero row")
-    unit = (wide / norm).to(torch.float32)
+    unit = unit_rows(wide).to(torch.float32)
     if unit.dim() == 2:
         try:
             check_basis(unit)

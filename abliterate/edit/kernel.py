@@ -13,13 +13,11 @@ from typing import TypeVar
 
 import torch
 
-from abliterate.adapters.spec import Layout
+from abliterate.adapters.spec import FUSED_LAYOUTS, Layout
 from abliterate.io.threads import one_intra_op_thread
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
 ROWS_WRITE = ("conv1d", "experts_t", "embedding")
-# Fused experts: no module boundary between the expert choice and the weights, so no norm-preserving edit.
-FUSED_EXPERTS = ("experts", "experts_t")
 
 T = TypeVar("T")
 
@@ -110,7 +108,8 @@ def orthogonalize_(
     """
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
-    if norm_preserving and layout in FUSED_EXPERTS:
+    # Fused experts: no module boundary between the expert choice and the weights, so no norm-preserving edit.
+    if norm_preserving and layout in FUSED_LAYOUTS:
         raise ValueError(f"a norm-preserving edit cannot scale a fused expert's input (layout {layout})")
     if direction.dim() == 2:
         r: torch.Tensor = _basis(direction, weight)

@@ -3,8 +3,8 @@
 The fold ``W' = (I − Qᵀ diag(s) Q) W`` (``Q`` ``[k, d_model]``: one unit direction, or the orthonormal
 rows of a subspace; ``s`` the writer's strength per row) changes every writer by a product of rank k, so a
 LoRA of rank ``r = k`` with scaling 1 (``lora_alpha = r``) expresses it: ``B = −Qᵀ diag(s)``
-(``[d_model, k]``) and ``A = Q W`` (``[k, d_in]``), computed from the weights the adapter will be loaded
-on. Per layout, in peft's terms:
+(``[d_model, k]``) and ``A = Q W`` (``[k, d_in]``), computed from the weights the LoRA adapter will be
+loaded on. Per layout, in peft's terms:
 
 * linear ``[d_model, d_in]``: ``lora_A = Q W``;
 * GPT-2 ``Conv1D`` ``[d_in, d_model]`` (``fan_in_fan_out``): ``lora_A = (W Qᵀ)ᵀ``;
@@ -18,10 +18,10 @@ on. Per layout, in peft's terms:
   ``mlp.down_proj`` in Qwen3-MoE, DeepSeek, GLM-4-MoE) is targeted as the parameter ``<name>.weight``
   (``ParamWrapper`` with one "expert"): the same tensors, wrapped instead of silently dropped.
 
-peft has one ``lora_bias`` switch per adapter and refuses it on embeddings and on ``target_parameters``:
+peft has one ``lora_bias`` switch per LoRA adapter and refuses it on embeddings and on ``target_parameters``:
 an edit that touches a writer bias together with an embedding or fused experts, or a bias on a fused
-expert tensor, cannot be one exact adapter and is refused in one line naming the writer. The factors are
-exact only on the weights they were computed from. ``abliterate.ship.lora`` writes them as an adapter.
+expert tensor, cannot be one exact LoRA adapter and is refused in one line naming the writer. The factors are
+exact only on the weights they were computed from. ``abliterate.ship.lora`` writes them as a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from abliterate.adapters.resolve import ResolvedWriter, residual_writers
-from abliterate.adapters.spec import Adapter
+from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import check_basis, refuse_non_finite
 
 LORA_LAYOUTS = ("linear", "conv1d", "embedding", "experts", "experts_t")
-_FUSED = ("experts", "experts_t")
 _REFUSED = "use --format checkpoint"
 # ``(I − s r̂ r̂ᵀ) W D`` differs from ``W`` in every column, so no rank-k adapter holds it.
 NORM_PRESERVING_REFUSAL = f"a norm-preserving edit is full rank; {_REFUSED}"
@@ -49,13 +49,13 @@ def lora_state(
     direction: torch.Tensor,
     strength_of: Callable[[ResolvedWriter], Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """The adapter's tensors (peft's on-disk names) and its ``LoraConfig`` fields.
+    """The LoRA adapter's tensors (peft's on-disk names) and its ``LoraConfig`` fields.
 
     Args:
         model: the original model (not edited), on any device.
-        adapter: its architecture description.
+        adapter: its architecture description (not the LoRA adapter).
         direction: ``[d_model]`` direction (normalized here), or an orthonormal subspace ``[k, d_model]``
-            (``abliterate.edit.fold.check_basis``); the adapter's rank is ``k``.
+            (``abliterate.edit.kernel.check_basis``); the LoRA adapter's rank is ``k``.
         strength_of: per-writer strength (default 1): a float for a direction, one per row for a subspace
             (``DeclaredEdit.scales_for``); writers whose strengths are all 0 get no LoRA.
 
@@ -122,11 +122,11 @@ def _targeted_by_parameter(model: nn.Module, chosen: list[ResolvedWriter]) -> li
     Raises:
         ValueError: peft re-reads a non-linear target as an expert name.
     """
-    relabelled = _rewritten_by_peft(model, [w.name for w in chosen if w.layout not in _FUSED])
+    relabelled = _rewritten_by_peft(model, [w.name for w in chosen if w.layout not in FUSED_LAYOUTS])
     for writer in chosen:
         if writer.name in relabelled and writer.layout != "linear":
             raise ValueError(f"peft re-reads the target {writer.name} as an expert name; {_REFUSED}")
-    return [w for w in chosen if w.layout in _FUSED or w.name in relabelled]
+    return [w for w in chosen if w.layout in FUSED_LAYOUTS or w.name in relabelled]
 
 
 def _add_zero_biases(tensors: dict[str, torch.Tensor], chosen: list[ResolvedWriter]) -> None:
@@ -143,7 +143,7 @@ def _factors(writer: ResolvedWriter, basis: torch.Tensor, scales: torch.Tensor) 
     up = -(basis.T * scales)  # [d_model, k]: B = −Qᵀ diag(s)
     if writer.layout == "embedding":  # weight [vocab, d_model]
         return {"lora_embedding_A": basis @ weight.T, "lora_embedding_B": up}  # A [k, vocab]
-    if writer.layout in _FUSED:
+    if writer.layout in FUSED_LAYOUTS:
         experts = weight.shape[0]
         # Per expert A_e = Q W_e with W_e as [d_model, d_in]; peft reads lora_A as [E, k, d_in] (expert-major)
         # and lora_B as [d_model, k, E] (rank-major), see ParamWrapper.get_delta_weight.
@@ -182,8 +182,7 @@ def _basis(direction: torch.Tensor) -> torch.Tensor:
     """``[k, d_model]`` float64 rows: the normalized direction (k = 1) or the checked subspace."""
     if direction.dim() == 2:
         return check_basis(direction.detach().cpu())
-    unit = direction.detach().double().cpu().flatten()
-    return (unit / unit.norm())[None, :]
+    return unit_rows(direction.detach().double().cpu().flatten())[None, :]
 
 
 def _scales(
@@ -203,7 +202,7 @@ def _check_expressible(writer: ResolvedWriter) -> None:
     """Refuse a writer no peft LoRA layer reproduces exactly."""
     if writer.layout not in LORA_LAYOUTS:
         raise ValueError(f"{writer.name} ({writer.layout} layout) has no exact peft LoRA layer; {_REFUSED}")
-    if writer.layout not in _FUSED:
+    if writer.layout not in FUSED_LAYOUTS:
         return
     if writer.bias_tensor() is not None:
         raise ValueError(
@@ -222,7 +221,7 @@ def _check_expressible(writer: ResolvedWriter) -> None:
 def _check_combination(
     biased: list[str], embedded: list[str], parameters: list[str], fan_in_fan_out: bool
 ) -> None:
-    """Refuse what one ``LoraConfig`` cannot hold together (``lora_bias`` is one switch per adapter)."""
+    """Refuse what one ``LoraConfig`` cannot hold together (``lora_bias`` is one switch per LoRA adapter)."""
     if biased and embedded:
         raise ValueError(
             f"the writer bias {biased[0]} and the embedding {embedded[0]} cannot share one exact peft "

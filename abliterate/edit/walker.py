@@ -13,8 +13,8 @@ from torch import nn
 
 from abliterate.adapters.paths import locate
 from abliterate.adapters.resolve import ResolvedWriter, embeddings_of, residual_writers
-from abliterate.adapters.spec import Adapter
-from abliterate.edit.kernel import FUSED_EXPERTS, Strength, orthogonalize_, refuse_non_finite
+from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
+from abliterate.edit.kernel import Strength, orthogonalize_, refuse_non_finite
 
 
 def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
@@ -105,7 +105,7 @@ def check_norm_preserving(writers: Iterable[ResolvedWriter]) -> None:
     """Raise one line naming the first fused-experts writer: a norm-preserving edit scales a writer's
     input, and fused experts have no module boundary where their input could be scaled."""
     for writer in writers:
-        if writer.layout in FUSED_EXPERTS:
+        if writer.layout in FUSED_LAYOUTS:
             raise ValueError(
                 f"{writer.name}: a norm-preserving edit cannot scale a fused expert's input "
                 "(no module boundary); use a plain edit for this model"

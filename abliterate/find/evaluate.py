@@ -87,7 +87,6 @@ def generate_replies(
     *,
     max_new_tokens: int = 24,
     batch_size: int = 32,
-    system_prompt: str | None = None,
     progress: bool = True,
     description: str = "generate",
     chat: ChatFormat | None = None,
@@ -98,7 +97,7 @@ def generate_replies(
     are kept in the replies so the thinking can be told from the answer.
     """
     device = input_device(model)
-    texts = format_chat(tokenizer, prompts, system_prompt, chat=chat)
+    texts = format_chat(tokenizer, prompts, chat=chat)
     keep_special = chat is not None and chat.thinking is not None and chat.thinking.name == "harmony"
     replies: list[str] = []
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", disable=not progress):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from abliterate.adapters.resolve import ResolvedWriter
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import Strength
 
 # Writer groups that take the MLP strength.
@@ -116,10 +117,10 @@ def point_direction(point: EditPoint, candidates: torch.Tensor, harmless_means: 
         return first.float()
     second = _blended(point, point.second, candidates, harmless_means)
     second = second - (second @ first) * first
-    basis = torch.stack([first, second / second.norm()])
+    basis = torch.stack([first, unit_rows(second)])
     # One more Gram-Schmidt pass in float64 keeps the float32 rows orthonormal to rounding.
     basis[1] -= (basis[1] @ basis[0]) * basis[0]
-    return (basis / basis.norm(dim=-1, keepdim=True)).float()
+    return unit_rows(basis).float()
 
 
 def _blended(
@@ -133,14 +134,12 @@ def _blended(
     high = min(low + 1, n_layers - 1)
     fraction = point.layer - low
     # Blend the unit candidates so neither layer dominates by its norm alone.
-    units = candidates[index, [low, high]].double()
-    units = units / units.norm(dim=-1, keepdim=True)
+    units = unit_rows(candidates[index, [low, high]].double())
     vector = (1 - fraction) * units[0] + fraction * units[1]
     if point.orthogonal:
-        mean = harmless_means[index, min(round(point.layer), n_layers - 1)].double()
-        mean = mean / mean.norm()
+        mean = unit_rows(harmless_means[index, min(round(point.layer), n_layers - 1)].double())
         vector = vector - (vector @ mean) * mean
-    return vector / vector.norm()
+    return unit_rows(vector)
 
 
 def strength_function(point: EditPoint | None) -> Callable[[ResolvedWriter], Strength] | None:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.direction import unit_rows
 from abliterate.find.point import EditPoint
 from abliterate.find.scores import CandidateScores, Pair, Scorer, ablation_pass, refusal_scores
 from abliterate.find.search import SearchResult
@@ -60,10 +61,6 @@ class RefusalDirection:
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     edit_point: EditPoint | None = None
     search: SearchResult | None = field(default=None, repr=False)
-
-
-def _units(candidates: torch.Tensor) -> torch.Tensor:
-    return (candidates / candidates.norm(dim=-1, keepdim=True)).float()
 
 
 @dataclass(frozen=True)
@@ -124,8 +121,7 @@ def select_direction(
         batch_size: rows per forward; several candidates share a forward when prompts are few.
         n_layers: depth of the model (default: the candidates' layer count); extraction may stop
             early, so the candidates can cover fewer layers than the model has.
-        layer_stride: screen every ``layer_stride``-th layer first, then the layers beside the best
-            (1 screens every candidate).
+        layer_stride: screen every ``layer_stride``-th layer first, then those beside the best (1: all).
         progress: show progress bars.
 
     Returns:
@@ -135,7 +131,8 @@ def select_direction(
         LookupError: no candidate passes the filters.
     """
     n_layers = n_layers or candidates.shape[1]
-    scorer = Scorer(model, adapter, candidates, _units(candidates), refusal_ids, batch_size, progress)
+    units = unit_rows(candidates).float()
+    scorer = Scorer(model, adapter, candidates, units, refusal_ids, batch_size, progress)
     scores = CandidateScores.unscored(*candidates.shape[:2])
     constraints = SelectionConstraints(max_layer_fraction, max_kl, min_steering)
     eligible = eligible_candidates(candidates, n_layers, max_layer_fraction)
@@ -335,5 +332,7 @@ def direction_at(candidates: torch.Tensor, layer: int, position: int) -> Refusal
         raise ValueError(f"--position {position} is out of range: there are {n_positions} EOI tokens")
     index = position % n_positions
     return RefusalDirection(
-        direction=_units(candidates[index, layer]).clone(), layer=layer, position=index - n_positions
+        direction=unit_rows(candidates[index, layer]).float().clone(),
+        layer=layer,
+        position=index - n_positions,
     )

@@ -27,14 +27,12 @@ from abliterate.model.hooks import StopForward, ablated, add_to_block_input, pro
 HookFactory = Callable[[int, bool], AbstractContextManager]
 
 
-def format_chat(
-    tokenizer: object, prompts: list[str], system_prompt: str | None = None, *, chat: ChatFormat | None = None
-) -> list[str]:
+def format_chat(tokenizer: object, prompts: list[str], *, chat: ChatFormat | None = None) -> list[str]:
     """Wrap each prompt in the model's chat template with the generation prompt appended.
 
-    ``chat`` (template kwargs, a closed thinking block) replaces ``system_prompt`` when given.
+    ``chat``: the system prompt, template kwargs and thinking block (default: the bare template).
     """
-    chat = chat or ChatFormat(system_prompt)
+    chat = chat or ChatFormat()
     return [chat.render(tokenizer, prompt) for prompt in prompts]
 
 
@@ -43,14 +41,14 @@ def _token_ids(tokenizer: object, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def eoi_length(tokenizer: object, system_prompt: str | None = None, *, chat: ChatFormat | None = None) -> int:
+def eoi_length(tokenizer: object, *, chat: ChatFormat | None = None) -> int:
     """Number of end-of-instruction tokens: the template tokens that follow every instruction.
 
     Derived from the template itself, as the longest token suffix shared by chats with different
     instructions (their last characters differ, so the instruction's own tokens never match).
     """
     probes = ["Name a colour.", "What is 2 + 2?", "Say hi!", "Tell me about cats", "ok"]
-    sequences = _token_ids(tokenizer, format_chat(tokenizer, probes, system_prompt, chat=chat))
+    sequences = _token_ids(tokenizer, format_chat(tokenizer, probes, chat=chat))
     length = 0
     while all(len(ids) > length for ids in sequences) and len({ids[-1 - length] for ids in sequences}) == 1:
         length += 1
@@ -81,7 +79,6 @@ def encode(
     prompts: list[str],
     *,
     batch_size: int,
-    system_prompt: str | None = None,
     share_prefix: bool = True,
     keep_last: int = 1,
     sort_by_length: bool = True,
@@ -93,13 +90,12 @@ def encode(
         tokenizer: the model's tokenizer.
         prompts: raw instructions.
         batch_size: prompts per batch.
-        system_prompt: optional system message.
         share_prefix: split off the common token prefix (``False``: ``prefix`` is empty).
         keep_last: tokens every prompt keeps after the prefix (at least the EOI tokens).
         sort_by_length: batch prompts of similar length together (rows then follow ``order``).
-        chat: the chat format (replaces ``system_prompt`` when given).
+        chat: the chat format (default: the bare template).
     """
-    sequences = _token_ids(tokenizer, format_chat(tokenizer, prompts, system_prompt, chat=chat))
+    sequences = _token_ids(tokenizer, format_chat(tokenizer, prompts, chat=chat))
     order = list(range(len(sequences)))
     if sort_by_length:
         order.sort(key=lambda index: len(sequences[index]))

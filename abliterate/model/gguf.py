@@ -12,7 +12,7 @@ def drop_gguf_quantization(model: nn.Module) -> None:
     """Dequantized GGUF weights are plain tensors: forget the quantizer so the model saves cleanly.
 
     ``save_pretrained`` refuses a GGUF-loaded model while ``hf_quantizer`` is set, even after the
-    config's ``quantization_config`` is deleted, so both go (see DESIGN.md, measured facts).
+    config's ``quantization_config`` is deleted, so both go.
     """
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -18,6 +18,7 @@ from torch import nn
 
 from abliterate.adapters.resolve import ResolvedWriter, blocks_of, residual_writers
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import norm_factors
 from abliterate.edit.walker import check_norm_preserving
 
@@ -115,11 +116,6 @@ def add_to_block_input(
     handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
     with registered([handle]):
         yield
-
-
-def unit_rows(direction: torch.Tensor) -> torch.Tensor:
-    """``r / |r|`` along the last axis: a direction ``[d_model]``, or each row of ``[k, d_model]``."""
-    return direction / direction.norm(dim=-1, keepdim=True)
 
 
 def project_out(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

@@ -115,12 +115,12 @@ def build_manifest(
             "ablation_score": chosen.ablation_score,
             "steering_score": chosen.steering_score,
             "kl": chosen.kl,
-            "selected_by": "user" if config.selection.layer is not None else "search",
+            "selected_by": "user" if config.selection.layer is not None else "screening",
             "project_harmless": config.selection.project_harmless,
             "edit_point": None if chosen.edit_point is None else asdict(chosen.edit_point),
         },
         "search": None if chosen.search is None else front.summary(chosen.search),
-        "parity": gate.to_dict(),
+        "gate": gate.to_dict(),
         "evaluation": evaluation,
         "prompts": inputs.prompt_sizes,  # what was used: ``config``'s ``n_*`` are what was asked for
         # The configuration as run: ``--batch-size auto`` shows the size it resolved to.

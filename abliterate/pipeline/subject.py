@@ -103,7 +103,6 @@ class Subject:
         n_layers: decoder blocks in the model.
         n_eoi: end-of-instruction tokens of its chat template.
         batch_size: prompts per forward pass (``--batch-size auto`` resolved).
-        system_prompt: system message of every chat, or ``None``.
         cast_to: dtype the model is cast to right after the fold (a GGUF source: the fold is computed
             from the dequantized float32 weights and rounded once), or ``None``.
         chat: the chat format of extraction, selection and parity (any thinking block closed).
@@ -115,7 +114,6 @@ class Subject:
     n_layers: int
     n_eoi: int
     batch_size: int
-    system_prompt: str | None
     cast_to: str | None = None
     chat: ChatFormat = field(default_factory=ChatFormat)
     replies: ChatFormat = field(default_factory=ChatFormat)
@@ -181,7 +179,6 @@ def load(config: RunConfig, inputs: Inputs) -> Subject:
         n_layers=n_layers,
         n_eoi=n_eoi,
         batch_size=batch_size,
-        system_prompt=config.prompts.system_prompt,
         cast_to=_cast_after_fold(config, loaded),
         chat=chat,
         replies=replies,

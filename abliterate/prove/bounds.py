@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from abliterate.adapters.spec import Layout
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import ROWS_WRITE, compute_dtype, norm_factors, orthogonalize_, ulp
 
 # A correctly rounded fold leaves, along r̂, only its rounding error; a bounded (non-bitwise) tensor may
@@ -104,7 +105,7 @@ def _reduction_bound(
 ) -> torch.Tensor:
     """``γ Σ_k |s_k| |q_ki| Σ_l |q_kl w_lj|`` per element, with ``γ = (d_model + 2) 2^-24``: the float32
     error of the dot products ``p`` in any summation order."""
-    basis = _unit_rows(direction).abs()
+    basis = _wide_unit_rows(direction).abs()
     scales = torch.tensor(strength if isinstance(strength, tuple) else (strength,), dtype=torch.float64).abs()
     gamma = (basis.shape[-1] + 2) * 2.0**-24
     spread = _along(wide.abs(), basis, layout)  # S = Σ_l |q_kl w_lj| per written vector and row of Q
@@ -113,10 +114,9 @@ def _reduction_bound(
     return gamma * torch.einsum("...ki,kd->...di", spread * scales[:, None], basis)
 
 
-def _unit_rows(direction: torch.Tensor) -> torch.Tensor:
+def _wide_unit_rows(direction: torch.Tensor) -> torch.Tensor:
     """``direction`` as float64 unit rows ``[k, d_model]`` (``k = 1`` for a single direction)."""
-    rows = direction.to(torch.float64).reshape(-1, direction.shape[-1])
-    return rows / rows.norm(dim=-1, keepdim=True)
+    return unit_rows(direction.to(torch.float64).reshape(-1, direction.shape[-1]))
 
 
 def _along(tensor: torch.Tensor, r: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -131,7 +131,7 @@ def leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tenso
     """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold); for a
     subspace, the components along all of its rows together."""
     rounded = exact.to(target.dtype).to(torch.float64)
-    r = _unit_rows(direction)
+    r = _wide_unit_rows(direction)
     leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
     floor = _along(rounded - exact, r, layout).norm().item()
     return leak / max(floor, torch.finfo(torch.float64).tiny)

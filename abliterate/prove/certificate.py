@@ -43,9 +43,8 @@ from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import DTYPES, TensorEntry, read_json
 from abliterate.prove.bounds import LEAK_RATIO_LIMIT, judge_bounded
 from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
-from abliterate.prove.verdict import Verdict
+from abliterate.prove.verdict import MAX_LISTED_FAILURES, Verdict
 
-_MAX_LISTED_FAILURES = 20
 # The failure of a tensor that no residual writer lives in, yet differs from the original.
 _NO_WRITER_THERE = "changed, but the structure says no residual writer lives there"
 
@@ -252,7 +251,7 @@ class _Tally:
             max_leak_ratio=self.max_leak,
             leak_ratio_limit=LEAK_RATIO_LIMIT,
             groups=groups,
-            failures=self.failures[:_MAX_LISTED_FAILURES],
+            failures=self.failures[:MAX_LISTED_FAILURES],
             n_failures=len(self.failures),
             bytes_read=self.bytes_read,
             seconds=round(seconds, 3),

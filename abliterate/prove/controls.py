@@ -23,6 +23,7 @@ from torch import nn
 from abliterate.adapters.resolve import residual_writers
 from abliterate.adapters.spec import WRITER_GROUPS, Adapter
 from abliterate.edit.declared import DeclaredEdit
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.walker import fold_direction
 from abliterate.model.batching import EncodedPrompts
 from abliterate.prove.certificate import certify_checkpoint
@@ -32,10 +33,10 @@ from abliterate.prove.structure import read_structure
 
 def rotated(direction: torch.Tensor, degrees: float, seed: int = 0) -> torch.Tensor:
     """A unit vector ``degrees`` away from ``direction``, towards a seeded random orthogonal one."""
-    unit = direction.double() / direction.double().norm()
+    unit = unit_rows(direction.double())
     other = torch.randn(unit.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     other = other - (other @ unit) * unit
-    other = other / other.norm()
+    other = unit_rows(other)
     angle = math.radians(degrees)
     return (math.cos(angle) * unit + math.sin(angle) * other).to(direction.dtype)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abliterate.prove.verdict import Verdict
+from abliterate.prove.verdict import MAX_LISTED_FAILURES, Verdict
 
 # The config.json keys an edit may change, and the only change allowed to each. Nothing else may differ:
 # no other value, no added and no removed key, at any depth.
@@ -52,7 +52,6 @@ COMPANION_PATTERNS: tuple[str, ...] = (
 # Never companions: config.json (compared key by key), weight indexes (the certificate reads the tensors
 # themselves), and the files abliterate writes about the edit.
 _NOT_COMPANIONS = frozenset({"config.json", "abliterate.json", "candidate_scores.json", "pareto_front.json"})
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,7 @@ def _report(failures: list[str], changed: list[str], files: list[str], mode: str
         config_changes=changed,
         files=files,
         mode=mode,
-        failures=failures[:_MAX_LISTED],
+        failures=failures[:MAX_LISTED_FAILURES],
         n_failures=len(failures),
     )
 

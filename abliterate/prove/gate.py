@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from abliterate.adapters.spec import Adapter
+from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
@@ -236,7 +236,7 @@ def candidate_parity(reference: GateReference, adapter: Adapter, candidate: Cand
         candidate.model, adapter, edited, lambda: candidate.logits(candidate.model, prompts), hooked.mask
     )
     report = compare_logits(hooked.logits, edited, hooked.dtype, hooked.mask, floor)
-    if candidate.may_advise and any(writer.layout in ("experts", "experts_t") for writer in adapter.writers):
+    if candidate.may_advise and any(writer.layout in FUSED_LAYOUTS for writer in adapter.writers):
         report = replace(report, advisory=_ROUTED_ADVISORY)
     return report
 

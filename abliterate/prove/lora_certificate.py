@@ -33,7 +33,7 @@ from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import all_finite, ulp
 from abliterate.prove.gate import GateReport, gate_candidate, gate_reference
 from abliterate.prove.lora_parity import peft_candidate
-from abliterate.prove.verdict import Verdict
+from abliterate.prove.verdict import MAX_LISTED_FAILURES, Verdict
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,7 +44,6 @@ PROVENANCE_FIELDS = ("base_model_name_or_path", "revision", "peft_version", "inf
 ULP_BOUND = 1.0
 _SCALE_FLOOR = 2.0**-24
 _STORED_DTYPE = torch.float32  # lora_state's tensors, whatever the model's dtype
-_MAX_LISTED_FAILURES = 20
 KIND = "lora adapter"  # the certificate's "kind" in reports (abliterate.ship.report.gate_lines)
 NORM_PRESERVING = (
     "the direction file declares a norm-preserving edit, which is full rank: no LoRA adapter holds it"
@@ -141,7 +140,7 @@ def certify_adapter(
         rank=int(fields["r"]),  # type: ignore[call-overload]
         n_config_fields=n_fields,
         base_model=base_model,
-        failures=failures[:_MAX_LISTED_FAILURES],
+        failures=failures[:MAX_LISTED_FAILURES],
         n_failures=len(failures),
         seconds=time.perf_counter() - started,
     )

@@ -22,9 +22,10 @@ from torch import nn
 from abliterate.adapters.paths import module_at
 from abliterate.adapters.resolve import blocks_of, embeddings_of
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import ulp
 from abliterate.model.dispatch import input_device
-from abliterate.model.hooks import Operator, projection, registered, subspace_projection, unit_rows
+from abliterate.model.hooks import Operator, projection, registered, subspace_projection
 
 
 def residual_terms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:

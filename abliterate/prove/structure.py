@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from abliterate.adapters.names import NAME_PREFIXES
+from abliterate.adapters.spec import FUSED_LAYOUTS
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import Shard, TensorEntry, find_shards, read_header
@@ -170,7 +171,7 @@ def _on_disk_names(
             reverted = {}
         for disk_name, tensor in reverted.items():
             layout = required.layout
-            if tensor.dim() < state[name].dim() and layout in ("experts", "experts_t"):
+            if tensor.dim() < state[name].dim() and layout in FUSED_LAYOUTS:
                 layout = "linear" if layout == "experts" else "conv1d"
             edits[canonical(disk_name)] = replace(required, layout=layout)
         alternatives.append((canonical(name), tuple(sorted(canonical(n) for n in reverted))))

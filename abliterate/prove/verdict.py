@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, ClassVar
 
+# A verdict lists its first failures only (``n_failures`` counts them all), so a report stays readable.
+MAX_LISTED_FAILURES = 20
+
 
 class Verdict:
     """Base of a proof's frozen dataclass verdict (``passed``, ``failures``, ``n_failures``).

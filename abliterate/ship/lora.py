@@ -2,8 +2,9 @@
 and ``apply --format lora`` with its parity through peft (``abliterate.prove.lora_parity``).
 
 The factors themselves (rank k per residual writer, exact up to float rounding, and what peft cannot
-express) are computed by ``abliterate.edit.lora_factors``. The adapter is exact only on the weights it
-was computed from.
+express) are computed by ``abliterate.edit.lora_factors``. The LoRA adapter is exact only on the weights
+it was computed from. ``adapter`` arguments are the architecture description
+(``abliterate.adapters.spec.Adapter``), never the LoRA adapter, which is always a directory here.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def write_lora(
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``output``.
 
     Args:
-        model: the original model the adapter is computed from (and is exact on).
+        model: the original model the LoRA adapter is computed from (and is exact on).
         adapter: its architecture description.
-        direction: ``[d_model]`` direction, or an orthonormal subspace ``[k, d_model]`` (rank-k adapter).
+        direction: ``[d_model]`` direction, or an orthonormal subspace ``[k, d_model]`` (rank-k LoRA).
         output: an existing directory.
-        base_model: what the adapter must be loaded on, as recorded in ``base_model_name_or_path``.
+        base_model: what the LoRA adapter must be loaded on, as recorded in ``base_model_name_or_path``.
         strength_of: per-writer strengths of a searched edit (one per row for a subspace).
 
     Returns:
@@ -69,12 +70,12 @@ def write_lora(
 
 
 def adapter_size(directory: str | Path) -> int:
-    """Bytes of the adapter's weights file."""
+    """Bytes of the LoRA adapter's weights file."""
     return (Path(directory) / "adapter_model.safetensors").stat().st_size
 
 
 def describe(directory: str | Path) -> dict[str, object]:
-    """The adapter's config as a dictionary (for manifests and tests)."""
+    """The LoRA adapter's config as a dictionary (for manifests and tests)."""
     return json.loads((Path(directory) / "adapter_config.json").read_text("utf-8"))
 
 
@@ -86,18 +87,18 @@ def apply_lora(
     architecture: str | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, ParityReport]:
-    """``abliterate apply --format lora``: the adapter of a direction file's edit for ``checkpoint``.
+    """``abliterate apply --format lora``: the LoRA adapter of a direction file's edit for ``checkpoint``.
 
-    The model is loaded (not streamed: the adapter is computed from its weights), the adapter written,
-    loaded back through peft and compared with the hooked original on 4 + 4 bundled prompts. ``output``
-    is checked before the load (``checkpoint.prepare_output``: never over or around the source, and
+    The model is loaded (not streamed: the LoRA adapter is computed from its weights); the LoRA adapter is
+    written, loaded back through peft and compared with the hooked original on 4 + 4 bundled prompts.
+    ``output`` is checked before the load (``checkpoint.prepare_output``: never over or around the source, and
     ``overwrite`` replaces only an earlier abliterate output); an ``abliterate.json`` marks it.
 
     Returns:
         ``(output, parity report)``.
 
     Raises:
-        GateError: the adapter does not reproduce the edit (nothing is written).
+        GateError: the LoRA adapter does not reproduce the edit (nothing is written).
         ValueError: a writer peft cannot express exactly, or a norm-preserving edit (full rank).
     """
     declared.validate()  # finite and in range, before the model is loaded
@@ -130,12 +131,12 @@ def apply_lora(
 
 
 def lora_card(source: str, report: ParityReport, rank: int | None = None) -> str:
-    """The adapter's README: what it is exact on, and its parity.
+    """The LoRA adapter's README: what it is exact on, and its parity.
 
     Args:
-        source: the checkpoint the adapter was computed from.
+        source: the checkpoint the LoRA adapter was computed from.
         report: its parity through peft.
-        rank: the adapter's rank (the edit's: 1 for a direction, k for a subspace), when known.
+        rank: the LoRA adapter's rank (the edit's: 1 for a direction, k for a subspace), when known.
     """
     what = "A LoRA" if rank is None else f"A rank-{rank} LoRA"
     return "\n".join(

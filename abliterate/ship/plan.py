@@ -17,7 +17,7 @@ import torch
 
 from abliterate.adapters.names import ATTENTION_MODULES
 from abliterate.adapters.registry import get_adapter, registered_model_types
-from abliterate.adapters.spec import Adapter, Layout
+from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter, Layout
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import ROWS_WRITE, Strength
@@ -217,7 +217,7 @@ def _check_index(index: dict, shards: tuple[Shard, ...]) -> None:
 
 def _edit_layout(entry: TensorEntry, layout: Layout) -> Layout:
     """The layout to orthogonalize a matched tensor with: a bias (one axis less) has d_model last."""
-    weight_dims = 3 if layout in ("experts", "experts_t") else 2
+    weight_dims = 3 if layout in FUSED_LAYOUTS else 2
     if len(entry.shape) == weight_dims:
         return layout
     if len(entry.shape) == weight_dims - 1:

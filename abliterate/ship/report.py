@@ -133,7 +133,7 @@ def _adapter_line(certificate: dict[str, Any]) -> str:
 def summary_table(manifest: dict[str, Any]) -> str:
     """A small plain-text table of the run's numbers."""
     evaluation = manifest.get("evaluation") or {}
-    parity = manifest["parity"]
+    gate = manifest["gate"]
     rows = [
         ("direction", f"layer {manifest['direction']['layer']}, position {manifest['direction']['position']}")
     ]
@@ -151,13 +151,13 @@ def summary_table(manifest: dict[str, Any]) -> str:
     )
     width = max(len(name) for name, _ in rows)
     table = [f"{name.ljust(width)}  {value}" for name, value in rows]
-    return "\n".join(table + gate_lines(parity))
+    return "\n".join(table + gate_lines(gate))
 
 
 def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
     """The README.md model card for the edited checkpoint."""
     evaluation = manifest.get("evaluation") or {}
-    parity = manifest["parity"]
+    gate = manifest["gate"]
     header = ["---", "tags:", "- abliterated", "- abliterate", "- refusal-direction"]
     if base_model:
         header += [f"base_model: {base_model}", "base_model_relation: finetune"]
@@ -187,7 +187,7 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         "original (in 16-bit, against the model's measured rounding floor).",
         "",
         "```",
-        *gate_lines(parity),
+        *gate_lines(gate),
         "```",
         "",
     ]
