@@ -70,7 +70,7 @@ def main() -> None:
             rows.append((f"completeness: adapter without {group}", float("nan"), 1.0, f"refused: {error}"))
     print(f"completeness: {time.perf_counter() - started:.1f}s")
 
-    reference = hooked_reference(model, adapter, direction, prompts, loaded.dtype_name)
+    reference = hooked_reference(model, adapter, DeclaredEdit(direction), prompts, loaded.dtype_name)
     original_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gate-controls-"))
     original_dir = workdir / "original"

@@ -23,6 +23,7 @@ from torch import nn
 
 from abliterate.adapters.resolve import residual_writers
 from abliterate.adapters.spec import WRITER_GROUPS, Adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def fold_control(model: nn.Module, adapter: Adapter, direction: torch.Tensor, co
         for writer in residual_writers(model, adapter)
         if control != "nothing" and writer.group != group and writer.layer != layer
     ]
-    return fold_direction(model, adapter, direction, writers)
+    return fold_direction(model, adapter, DeclaredEdit(direction), writers)
 
 
 def gate_on_controls(
@@ -96,7 +97,6 @@ def gate_on_controls(
     Returns:
         Control name → the gate's report (``complete`` must pass, every other must fail).
     """
-    from abliterate.edit.declared import DeclaredEdit
     from abliterate.prove.certificate import certify_checkpoint
     from abliterate.prove.gate import GateReport, completeness_on, edited_parity, hooked_reference
     from abliterate.prove.structure import read_structure
@@ -106,7 +106,7 @@ def gate_on_controls(
     model.save_pretrained(original)
     structure = read_structure(original)
     completeness = completeness_on(model, adapter, prompts)
-    reference = hooked_reference(model, adapter, direction, prompts, dtype_name)
+    reference = hooked_reference(model, adapter, DeclaredEdit(direction), prompts, dtype_name)
     reports = {}
     for control in controls or ["complete", *available_controls(model, adapter)]:
         edited = copy.deepcopy(model)

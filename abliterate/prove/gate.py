@@ -26,9 +26,10 @@ from torch import nn
 
 from abliterate.adapters.resolve import residual_writers
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
-from abliterate.model.hooks import StrengthOf, ablated, edit_projection
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import CompanionReport
 from abliterate.prove.parity import (
@@ -114,24 +115,18 @@ class HookedReference:
 def hooked_reference(
     model: nn.Module,
     adapter: Adapter,
-    direction: torch.Tensor,
+    declared: DeclaredEdit,
     prompts: EncodedPrompts,
     dtype: str,
-    strength_of: StrengthOf | None = None,
-    norm_preserving: bool = False,
 ) -> HookedReference:
-    """Run the hooked original on ``prompts`` (one batch).
-
-    Args:
-        strength_of: per-writer strengths of the declared edit (default: 1 everywhere), the same
-            function the fold is given.
-        norm_preserving: the declared edit is the norm-preserving fold (``norm_preserving_projection``).
+    """Run the original on ``prompts`` (one batch) with the declared edit hooked (``edit_projection``),
+    the same edit the fold is given.
 
     Raises:
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    with ablated(model, adapter, edit_projection(direction, strength_of, norm_preserving)):
+    with ablated(model, adapter, edit_projection(declared)):
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 

@@ -22,7 +22,7 @@ from abliterate.prove.gate import GateReport, completeness_on, edited_parity, ho
 from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
-from abliterate.ship.direction_file import declared_from_file, load_direction, writer_strengths
+from abliterate.ship.direction_file import declared_from_file, load_direction
 
 
 def verify_checkpoints(
@@ -182,10 +182,7 @@ def _check_forward(
     prompts = prompts or bundled("harmful", "eval")[:8] + bundled("harmless", "eval")[:8]
     encoded = encode(reference_model.tokenizer, prompts, batch_size=len(prompts), share_prefix=False)
     gate.completeness = completeness_on(model, adapter, encoded)
-    strength_of, dtype_name = writer_strengths(declared), reference_model.dtype_name
-    reference = hooked_reference(
-        model, adapter, direction, encoded, dtype_name, strength_of, declared.norm_preserving
-    )
+    reference = hooked_reference(model, adapter, declared, encoded, reference_model.dtype_name)
     residual_reference = None
     if adapter.post_norm:
         with ablated(model, adapter, full_projection(direction), where=residual_sites):
