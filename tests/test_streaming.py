@@ -604,6 +604,7 @@ def _write_synthetic_llama(path: Path) -> int:
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys, torch
+    from abliterate.edit.declared import DeclaredEdit
     from abliterate.prove.structure import read_structure
     from abliterate.ship.streaming import stream_apply
 
