@@ -184,13 +184,13 @@ def apply_command(
         from abliterate.ship.streaming import stream_apply
 
         publishing = PublishingConfig(**options)
-        direction, metadata = load_direction(direction_file)
+        declared = declared_from_file(*load_direction(direction_file))  # 1 everywhere for old files
         if publishing.format == "lora":
             from abliterate.ship.lora import adapter_size, apply_lora
 
             target, parity = apply_lora(
                 checkpoint,
-                declared_from_file(direction, metadata),
+                declared,
                 publishing.output,
                 architecture=architecture,
                 overwrite=publishing.overwrite,
@@ -202,12 +202,11 @@ def apply_command(
             return
         report = stream_apply(
             checkpoint,
-            direction,
+            declared,
             publishing.output,
             architecture=architecture,
             overwrite=publishing.overwrite,
             certify=certify,
-            declared=declared_from_file(direction, metadata),  # a searched edit's strengths
         )
         click.echo(
             f"edited {report.tensors_edited} of {report.tensors_total} tensors "

@@ -58,7 +58,8 @@ if mode == "certify":
     assert certificate.passed, certificate.failures
     edited, total = certificate.n_edited, certificate.n_tensors
 else:
-    report = stream_apply(source, direction, output, progress=False, certify=mode == "apply+certify")
+    certify = mode == "apply+certify"
+    report = stream_apply(source, DeclaredEdit(direction), output, progress=False, certify=certify)
     edited, total = report.tensors_edited, report.tensors_total
 seconds = time.perf_counter() - started
 print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": status("VmHWM"),
@@ -202,8 +203,9 @@ def main() -> None:
                 sys.executable,
                 "-c",
                 "import sys; from abliterate.ship.streaming import stream_apply; import torch;"
-                "stream_apply(sys.argv[1], torch.randn(int(sys.argv[3]), generator=torch.Generator()"
-                ".manual_seed(0)), sys.argv[2], progress=False, certify=False)",
+                "from abliterate.edit.declared import DeclaredEdit;"
+                "stream_apply(sys.argv[1], DeclaredEdit(torch.randn(int(sys.argv[3]),"
+                " generator=torch.Generator().manual_seed(0))), sys.argv[2], progress=False, certify=False)",
                 str(source),
                 str(edited_copy),
                 str(info["d_model"]),

@@ -42,10 +42,9 @@ from abliterate.adapters.registry import registered_model_types  # noqa: E402
 from abliterate.adapters.resolve import residual_writers  # noqa: E402
 from abliterate.adapters.spec import FUSED_LAYOUTS  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
-from abliterate.find.point import EditPoint  # noqa: E402
+from abliterate.find.point import EditPoint, declared_edit  # noqa: E402
 from abliterate.model.batching import encode  # noqa: E402
 from abliterate.prove.lora_parity import peft_parity  # noqa: E402
-from abliterate.ship.direction_file import declared_edit, writer_strengths  # noqa: E402
 from abliterate.ship.lora import adapter_size, describe, write_lora  # noqa: E402
 
 COMMAND = "python benchmarks/lora_by_family.py"
@@ -74,9 +73,7 @@ def _edit(model: torch.nn.Module, adapter: object, point: EditPoint, prompts: ob
     declared = declared_edit(basis, point, model.config.num_hidden_layers)
     with tempfile.TemporaryDirectory() as directory:
         try:
-            write_lora(
-                model, adapter, basis, directory, base_model="tiny", strength_of=writer_strengths(declared)
-            )
+            write_lora(model, adapter, declared, directory, base_model="tiny")
         except ValueError as error:
             return {"refused": str(error)}
         report = peft_parity(model, adapter, declared, directory, prompts, dtype)

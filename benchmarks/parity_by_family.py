@@ -34,6 +34,7 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 
 from abliterate.adapters import resolve_adapter  # noqa: E402
 from abliterate.adapters.registry import registered_model_types  # noqa: E402
+from abliterate.edit.declared import DeclaredEdit  # noqa: E402
 from abliterate.edit.direction import unit_rows  # noqa: E402
 from abliterate.edit.walker import fold_direction  # noqa: E402
 from abliterate.model.hooks import ablated, projection  # noqa: E402
@@ -83,14 +84,14 @@ def measure(model_type: str, prompts: list[torch.Tensor]) -> dict[str, float | s
     with ablated(model, adapter, full_projection(direction), where=residual_sites):
         full_ablation = _logits(model, prompts)
     folded, folded_wrong = copy.deepcopy(model), copy.deepcopy(model)
-    fold_direction(folded, adapter, direction)
-    fold_direction(folded_wrong, adapter, wrong)
+    fold_direction(folded, adapter, DeclaredEdit(direction))
+    fold_direction(folded_wrong, adapter, DeclaredEdit(wrong))
     edited, edited_wrong = _logits(folded, prompts), _logits(folded_wrong, prompts)
 
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     with ablated(model_bf16, adapter, projection(direction)):
         hooked_bf16 = _logits(model_bf16, prompts)
-    fold_direction(model_bf16, adapter, direction)
+    fold_direction(model_bf16, adapter, DeclaredEdit(direction))
     edited_bf16 = _logits(model_bf16, prompts)
     return {
         "model_type": model_type,

@@ -116,6 +116,7 @@ def build_clean(root: Path, dtype: str) -> Triple:
     checkpoint ``abliterate apply`` (streamed, certified) writes from them."""
     from conftest import save_tiny
 
+    from abliterate.edit.declared import DeclaredEdit
     from abliterate.ship.direction_file import load_direction, save_direction
     from abliterate.ship.streaming import stream_apply
 
@@ -125,7 +126,7 @@ def build_clean(root: Path, dtype: str) -> Triple:
     save_direction(direction, seeded_direction(DIRECTION_SEED), 2, -1, "corpus")
     edited = root / "edited"
     # The saved (normalized) vector, as `abliterate apply --direction` folds it.
-    stream_apply(original, load_direction(direction)[0], edited, progress=False)
+    stream_apply(original, DeclaredEdit(load_direction(direction)[0]), edited, progress=False)
     return Triple(original, edited, direction)
 
 

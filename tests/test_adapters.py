@@ -28,6 +28,7 @@ from abliterate.adapters import (
 )
 from abliterate.adapters.discovery import discover_adapter, structure_of
 from abliterate.adapters.matrix import readme_matrix, support_matrix_markdown
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
 from abliterate.model.hooks import ablated, projection
 from abliterate.prove.parity import compare_logits, kl_divergence
@@ -142,7 +143,7 @@ def test_fold_reproduces_hooked_original(model_type: str) -> None:
     reference = _hooked(model, adapter, direction, ids)
     wrong_reference = _hooked(model, adapter, wrong, ids)
     folded = copy.deepcopy(model)
-    fold_direction(folded, adapter, direction)
+    fold_direction(folded, adapter, DeclaredEdit(direction))
     edited = _logits(folded, ids)
     assert fp32_agrees(reference, edited), compare_logits(reference, edited, "float32")
     assert not fp32_agrees(wrong_reference, edited)
@@ -159,7 +160,7 @@ def test_fold_reproduces_hooked_original(model_type: str) -> None:
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     hooked_bf16 = _hooked(model_bf16, adapter, direction, ids)
     wrong_hooked_bf16 = _hooked(model_bf16, adapter, wrong, ids)
-    fold_direction(model_bf16, adapter, direction)
+    fold_direction(model_bf16, adapter, DeclaredEdit(direction))
     assert all(param.dtype == torch.bfloat16 for param in model_bf16.parameters())
     edited_bf16 = _logits(model_bf16, ids)
     assert bf16_agrees(reference, hooked_bf16, edited_bf16), compare_logits(
@@ -190,7 +191,7 @@ def test_multimodal_wrapper_resolves_to_its_text_model() -> None:
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     direction = torch.randn(model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
     reference = _hooked(model, adapter, direction, ids)
-    fold_direction(model, adapter, direction)
+    fold_direction(model, adapter, DeclaredEdit(direction))
     assert fp32_agrees(reference, _logits(model, ids))
 
 

@@ -115,14 +115,19 @@ def test_parity_failure_saves_nothing(
     tiny_qwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fold a different direction than the hooks ablate: the gate must catch it and write nothing."""
+    from dataclasses import replace
+
     import torch
 
     import abliterate.edit.walker
+    from abliterate.edit.declared import DeclaredEdit
 
     real_fold = abliterate.edit.walker.fold_direction
 
-    def wrong_fold(model: object, adapter: object, direction: torch.Tensor, **options: object) -> int:
-        return real_fold(model, adapter, torch.roll(direction, 1), **options)
+    def wrong_fold(model: object, adapter: object, declared: DeclaredEdit, **options: object) -> int:
+        return real_fold(
+            model, adapter, replace(declared, direction=torch.roll(declared.direction, 1)), **options
+        )
 
     monkeypatch.setattr(abliterate.edit.walker, "fold_direction", wrong_fold)
     out = tmp_path / "out"

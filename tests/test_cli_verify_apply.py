@@ -12,6 +12,7 @@ from conftest import save_tiny
 from safetensors.torch import load_file
 
 from abliterate.cli import main
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.ship.direction_file import save_direction
 
 
@@ -43,7 +44,7 @@ def test_apply_equals_in_memory_fold(tiny_qwen2: Path, direction_file: Path, app
     from abliterate.ship.direction_file import load_direction
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
-    fold_direction(model, resolve_adapter(model), load_direction(direction_file)[0])
+    fold_direction(model, resolve_adapter(model), DeclaredEdit(load_direction(direction_file)[0]))
     streamed = load_file(applied / "model.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(streamed[name], tensor), name

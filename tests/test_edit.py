@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from abliterate.adapters.resolve import resolve_adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import orthogonalize
 from abliterate.edit.walker import fold_direction, untie_embeddings
 from abliterate.model.hooks import project_out
@@ -155,7 +156,7 @@ def test_fold_unties_embeddings_and_keeps_the_head(tied: bool, tmp_path: Path) -
     embedding = model.model.embed_tokens.weight.detach().clone()
     direction = _unit(model.config.hidden_size, seed=3)
 
-    fold_direction(model, adapter, direction)
+    fold_direction(model, adapter, DeclaredEdit(direction))
     assert torch.equal(model.lm_head.weight, head)
     assert not torch.equal(model.model.embed_tokens.weight, embedding)
     torch.testing.assert_close(
@@ -182,7 +183,7 @@ def test_fold_in_a_model_edits_exactly_the_writers() -> None:
     model = make_model("gpt2")
     before = copy.deepcopy(model.state_dict())
     direction = _unit(model.config.hidden_size, seed=4)
-    edited = fold_direction(model, resolve_adapter(model), direction)
+    edited = fold_direction(model, resolve_adapter(model), DeclaredEdit(direction))
     assert edited == 2 + model.config.n_layer * 2 * 2
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
     expected = {"transformer.wte.weight", "transformer.wpe.weight"} | {
@@ -203,7 +204,7 @@ def test_fold_in_moe_models_edits_every_expert_and_nothing_that_reads(model_type
     adapter = resolve_adapter(model)
     before = copy.deepcopy(model.state_dict())
     direction = _unit(model.config.hidden_size, seed=5)
-    fold_direction(model, adapter, direction)
+    fold_direction(model, adapter, DeclaredEdit(direction))
     after = model.state_dict()
     for name, tensor in after.items():
         # Routers, gate_up projections and their biases read the residual stream: never edited.

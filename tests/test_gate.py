@@ -154,7 +154,7 @@ def test_apply_refuses_a_block_whose_mlp_writer_is_not_found(tmp_path: Path) -> 
 
     _rewrite(checkpoint, rename)
     with pytest.raises(ValueError, match=r"block 2 .* has no mlp writer"):
-        stream_apply(checkpoint, direction, tmp_path / "out", progress=False)
+        stream_apply(checkpoint, DeclaredEdit(direction), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -170,7 +170,7 @@ def test_apply_refuses_an_eight_bit_float_writer(tmp_path: Path) -> None:
 
     _rewrite(checkpoint, to_fp8)
     with pytest.raises(ValueError, match="dtype F8_E4M3"):
-        stream_apply(checkpoint, direction, tmp_path / "out", progress=False)
+        stream_apply(checkpoint, DeclaredEdit(direction), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -199,7 +199,7 @@ def test_certificate_lists_structural_tensors_the_checkpoint_lacks(tmp_path: Pat
     edited = tmp_path / "edited"
     from abliterate.ship.streaming import stream_apply
 
-    stream_apply(checkpoint, direction, edited, progress=False, certify=False)
+    stream_apply(checkpoint, DeclaredEdit(direction), edited, progress=False, certify=False)
 
     def drop(tensors: dict) -> dict:
         del tensors["model.layers.3.mlp.down_proj.weight"]

@@ -16,10 +16,9 @@ from abliterate.adapters.registry import registered_model_types
 from abliterate.adapters.resolve import residual_writers, resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.lora_factors import lora_state
-from abliterate.find.point import EditPoint
+from abliterate.find.point import EditPoint, declared_edit
 from abliterate.model.batching import encode
 from abliterate.prove.lora_parity import peft_parity
-from abliterate.ship.direction_file import declared_edit, writer_strengths
 from abliterate.ship.lora import describe, write_lora
 
 pytest.importorskip("peft")
@@ -87,8 +86,7 @@ def test_rank1_adapter_reproduces_the_edit_through_peft(
     model, adapter, prompts = _setup(model_type)
     direction = _direction(_d_model(model))
     declared = declared_edit(direction, point, 4)
-    strength_of = None if point is None else point.strength_of
-    write_lora(model, adapter, direction, tmp_path, base_model="tiny", strength_of=strength_of)
+    write_lora(model, adapter, declared, tmp_path, base_model="tiny")
     assert describe(tmp_path)["r"] == 1
     report = peft_parity(model, adapter, declared, tmp_path, prompts, "float32")
     assert report.passed, report.reason
@@ -112,13 +110,11 @@ def test_every_family_passes_through_peft_or_is_refused_in_one_line(
     refusal = REFUSED[edit].get(model_type)
     if refusal is not None:
         with pytest.raises(ValueError, match=refusal) as error:
-            write_lora(
-                model, adapter, basis, tmp_path, base_model="tiny", strength_of=writer_strengths(declared)
-            )
+            write_lora(model, adapter, declared, tmp_path, base_model="tiny")
         assert "\n" not in str(error.value) and str(error.value).endswith("use --format checkpoint")
         assert not (tmp_path / "adapter_config.json").exists()
         return
-    write_lora(model, adapter, basis, tmp_path, base_model="tiny", strength_of=writer_strengths(declared))
+    write_lora(model, adapter, declared, tmp_path, base_model="tiny")
     config = describe(tmp_path)
     assert config["r"] == config["lora_alpha"] == 2
     targets = set(config["target_modules"]) | {p.rsplit(".", 1)[0] for p in config["target_parameters"] or ()}
@@ -138,7 +134,7 @@ def test_dense_and_shared_writers_of_moe_types_are_not_dropped_by_peft(tmp_path:
     expert name and drops it: the dense block's ``mlp.down_proj`` is targeted as a parameter instead, and
     peft wraps it."""
     model, adapter, _ = _setup("qwen3_moe")  # mlp_only_layers=[1]: block 1 is dense
-    write_lora(model, adapter, _direction(_d_model(model)), tmp_path, base_model="tiny")
+    write_lora(model, adapter, DeclaredEdit(_direction(_d_model(model))), tmp_path, base_model="tiny")
     assert "model.layers.1.mlp.down_proj.weight" in describe(tmp_path)["target_parameters"]
     from abliterate.prove.lora_parity import load_lora
 
@@ -156,19 +152,19 @@ def test_refusals_name_the_writer() -> None:
     # An experts tensor whose module claims the other orientation would be read transposed by peft.
     model.get_submodule("model.layers.0.mlp.experts").is_transposed = True
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.down_proj: .* other way round"):
-        lora_state(model, adapter, direction)
+        lora_state(model, adapter, DeclaredEdit(direction))
     model, adapter, _ = _setup("gpt2")
     with pytest.raises(
         ValueError, match=r"transformer\.h\.0\.attn\.c_proj\.bias and the embedding transformer\.wte"
     ):
-        lora_state(model, adapter, direction)
+        lora_state(model, adapter, DeclaredEdit(direction))
 
 
 def test_adapter_size_grows_with_the_rank_only() -> None:
     model, adapter, _ = _setup("llama")
     d_model = _d_model(model)
-    rank1, config = lora_state(copy.deepcopy(model), adapter, _direction(d_model))
-    rank2, _ = lora_state(model, adapter, _basis(d_model), lambda writer: (1.0, 0.4))
+    rank1, config = lora_state(copy.deepcopy(model), adapter, DeclaredEdit(_direction(d_model)))
+    rank2, _ = lora_state(model, adapter, DeclaredEdit(_basis(d_model), weights=(1.0, 0.4)))
     elements = sum(t.numel() for t in rank1.values())
     assert elements < 0.2 * sum(p.numel() for p in model.parameters())
     assert sum(t.numel() for t in rank2.values()) == 2 * elements
@@ -180,7 +176,7 @@ def test_16_bit_parity_through_peft_uses_the_measured_floor(dtype: torch.dtype, 
     model, adapter, prompts = _setup("qwen3_moe", dtype)
     basis = _basis(_d_model(model))
     declared = DeclaredEdit(basis, weights=(1.0, 0.4))
-    write_lora(model, adapter, basis, tmp_path, base_model="tiny", strength_of=writer_strengths(declared))
+    write_lora(model, adapter, declared, tmp_path, base_model="tiny")
     name = str(dtype).removeprefix("torch.")
     report = peft_parity(model, adapter, declared, tmp_path, prompts, name)
     assert report.passed, report.reason

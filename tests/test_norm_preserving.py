@@ -6,6 +6,7 @@ file and streaming ``apply``, the refusals (fused experts, LoRA) and ``run --nor
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,18 +18,11 @@ from abliterate.edit import kernel
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import norm_factors, orthogonalize
 from abliterate.edit.walker import fold_direction
-from abliterate.find.point import EditPoint
+from abliterate.find.point import EditPoint, declared_edit
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
-from abliterate.ship.direction_file import (
-    declared_edit,
-    declared_from_file,
-    load_direction,
-    point_metadata,
-    save_direction,
-    strengths_from_metadata,
-)
+from abliterate.ship.direction_file import declared_from_file, load_direction, point_metadata, save_direction
 
 PROMPTS = ["Tell me a joke.", "How do I hack into my neighbour's wifi?", "Write a poem about the sea."]
 # A searched rank-2 point with a layer profile, folded norm-preserving.
@@ -110,31 +104,32 @@ def test_kernel_refuses_fused_experts() -> None:
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 @pytest.mark.parametrize("direction_rows", [1, 2])
 def test_fold_equals_its_hooks(model_type: str, direction_rows: int) -> None:
-    """A searched point folded norm-preserving equals its hooks (``edit_projection(norm_preserving=True)``)
-    to 1e-4 of the logit scale; the plain fold of the same point is another edit."""
+    """A searched point folded norm-preserving equals its hooks (``edit_projection`` of the norm-preserving
+    edit) to 1e-4 of the logit scale; the plain fold of the same point is another edit."""
     model = make_model(model_type)
     adapter = resolve_adapter(model)
     basis = _basis(model.config.hidden_size)
     point = POINT if direction_rows == 2 else EditPoint(**{**POINT.__dict__, "second": None})
     direction = basis if direction_rows == 2 else basis[0]
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8, share_prefix=False)
-    with ablated(model, adapter, edit_projection(direction, point.strength_of, norm_preserving=True)):
+    declared = declared_edit(direction, point, model.config.num_hidden_layers)
+    with ablated(model, adapter, edit_projection(declared)):
         hooked = all_position_logits(model, prompts)
     folded = copy.deepcopy(model)
-    fold_direction(folded, adapter, direction, strength_of=point.strength_of, norm_preserving=True)
+    fold_direction(folded, adapter, declared)
     scale = hooked.abs().max()
     assert (hooked - all_position_logits(folded, prompts)).abs().max() <= 1e-4 * scale
     plain = copy.deepcopy(model)
-    fold_direction(plain, adapter, direction, strength_of=point.strength_of)
+    fold_direction(plain, adapter, replace(declared, norm_preserving=False))
     assert (hooked - all_position_logits(plain, prompts)).abs().max() > 1e-3 * scale
 
 
-def _other_kernel(model: torch.nn.Module, adapter: object, basis: torch.Tensor, point: EditPoint) -> None:
+def _other_kernel(model: torch.nn.Module, adapter: object, declared: DeclaredEdit) -> None:
     """A correct norm-preserving fold by another kernel: float32, whole-tensor reductions, ``D`` from
     float32 sums in torch's own order, then rounded toward zero (bf16 only) instead of to nearest."""
-    q = basis.float()
+    q = declared.direction.float()
     for writer in residual_writers(model, adapter):
-        scales = torch.tensor(point.strength_of(writer), dtype=torch.float32).reshape(-1)
+        scales = torch.tensor(declared.scales(writer.group, writer.layer), dtype=torch.float32).reshape(-1)
         weight = writer.weight_tensor()
         wide = weight.float()
         rows = writer.layout != "linear"
@@ -154,13 +149,14 @@ def _truncated(values: torch.Tensor) -> torch.Tensor:
     return (values.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _scale_biases_too(model: torch.nn.Module, adapter: object, basis: torch.Tensor, point: EditPoint) -> None:
+def _scale_biases_too(model: torch.nn.Module, adapter: object, declared: DeclaredEdit) -> None:
     """The bug the certificate must catch: the biases folded as if they were embedding rows, scaled by D."""
-    fold_direction(model, adapter, basis, strength_of=point.strength_of, norm_preserving=True)
+    fold_direction(model, adapter, declared)
     for writer in residual_writers(model, adapter):
         bias = writer.bias_tensor()
         if bias is not None:
-            bias.data.copy_(orthogonalize(bias, basis, "embedding", point.strength_of(writer), True))
+            scales = declared.scales(writer.group, writer.layer)
+            bias.data.copy_(orthogonalize(bias, declared.direction, "embedding", scales, True))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -184,29 +180,29 @@ def test_certificate_proves_the_fold_and_rejects_controls(
     assert declared.norm_preserving and not declared.is_plain()
 
     folded = copy.deepcopy(model)
-    fold_direction(folded, adapter, basis, strength_of=POINT.strength_of, norm_preserving=True)
+    fold_direction(folded, adapter, declared)
     folded.save_pretrained(tmp_path / "folded")
     passed = certify_checkpoint(tmp_path / "original", tmp_path / "folded", declared, progress=False)
     assert passed.passed, passed.failures
     assert passed.n_exact == passed.n_edited > 0  # bitwise: this machine's kernel
     if dtype == torch.bfloat16:  # the bounded path: a correct fold by another kernel passes
         other = copy.deepcopy(model)
-        fold_direction(other, adapter, basis, writers=[])  # unties a tied head
-        _other_kernel(other, adapter, basis, POINT)
+        fold_direction(other, adapter, DeclaredEdit(basis), writers=[])  # unties a tied head
+        _other_kernel(other, adapter, declared)
         other.save_pretrained(tmp_path / "other")
         report = certify_checkpoint(tmp_path / "original", tmp_path / "other", declared, progress=False)
         assert report.passed, report.failures
         assert report.n_bounded > 0
 
     plain = copy.deepcopy(model)
-    fold_direction(plain, adapter, basis, strength_of=POINT.strength_of)
+    plain_declared = declared_edit(basis, PLAIN_POINT, n_layers)
+    fold_direction(plain, adapter, plain_declared)
     plain.save_pretrained(tmp_path / "plain")
     controls = {"plain fold declared norm-preserving": ("plain", declared)}
-    plain_declared = declared_edit(basis, PLAIN_POINT, n_layers)
     controls["norm-preserving fold declared plain"] = ("folded", plain_declared)
     if any(w.bias_tensor() is not None for w in residual_writers(model, adapter)):
         scaled = copy.deepcopy(model)
-        _scale_biases_too(scaled, adapter, basis, POINT)
+        _scale_biases_too(scaled, adapter, declared)
         scaled.save_pretrained(tmp_path / "scaled")
         controls["a bias scaled by D"] = ("scaled", declared)
     assert certify_checkpoint(
@@ -238,10 +234,11 @@ def test_direction_file_apply_and_verify(tmp_path: Path) -> None:
         tmp_path / "np.safetensors", basis, 1, -1, "x", extra=point_metadata(POINT, n_layers)
     )
     stored, metadata = load_direction(path)
-    assert declared_from_file(stored, metadata).norm_preserving
-    assert not strengths_from_metadata(point_metadata(PLAIN_POINT, n_layers)).norm_preserving
-    assert not strengths_from_metadata({}).norm_preserving and not DeclaredEdit(stored).norm_preserving
-    fold_direction(model, adapter, stored, strength_of=POINT.strength_of, norm_preserving=True)
+    declared = declared_from_file(stored, metadata)
+    assert declared.norm_preserving
+    assert not declared_from_file(stored, point_metadata(PLAIN_POINT, n_layers)).norm_preserving
+    assert not declared_from_file(stored, {}).norm_preserving and not DeclaredEdit(stored).norm_preserving
+    fold_direction(model, adapter, declared_edit(stored, POINT, n_layers))
     model.save_pretrained(tmp_path / "folded")
     assert_apply_equals_fold(source, path, tmp_path / "folded", tmp_path / "applied")
     plain = save_direction(
@@ -264,8 +261,10 @@ def test_fused_experts_and_lora_are_refused_in_one_line(tmp_path: Path) -> None:
     basis = _basis(model.config.hidden_size)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     for refused in (
-        lambda: fold_direction(model, adapter, basis[0], norm_preserving=True),
-        lambda: ablated(model, adapter, edit_projection(basis[0], None, norm_preserving=True)).__enter__(),
+        lambda: fold_direction(model, adapter, DeclaredEdit(basis[0], norm_preserving=True)),
+        lambda: ablated(
+            model, adapter, edit_projection(DeclaredEdit(basis[0], norm_preserving=True))
+        ).__enter__(),
     ):
         with pytest.raises(ValueError, match=r"^\S*experts\S*: a norm-preserving edit cannot scale") as error:
             refused()
@@ -325,6 +324,6 @@ def test_run_norm_preserving_end_to_end(tiny_qwen2: Path, tmp_path: Path, search
     gate = manifest["gate"]
     assert gate["passed"] and gate["certificate"]["passed"] and gate["certificate"]["n_edited"] > 0
     assert gate["parity"]["max_abs_logit_diff"] <= 1e-4 * gate["parity"]["logit_scale"]
-    _, metadata = load_direction(output / "direction.safetensors")
-    assert strengths_from_metadata(metadata).norm_preserving
+    stored, metadata = load_direction(output / "direction.safetensors")
+    assert declared_from_file(stored, metadata).norm_preserving
     assert json.loads(metadata["edit_point"])["norm_preserving"] is True

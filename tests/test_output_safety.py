@@ -22,6 +22,7 @@ from conftest import save_tiny
 from tiny import quick_run_args
 
 from abliterate.cli import main
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.io import output as checkpoint
 from abliterate.ship import streaming
 from abliterate.ship.direction_file import save_direction
@@ -429,7 +430,7 @@ def test_a_link_out_of_the_source_is_copied_by_content_and_said(
     (source / "special_tokens_map.json").symlink_to(blob)
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="abliterate.io.output"):
-        streaming.stream_apply(source, torch.randn(64), out, progress=False)
+        streaming.stream_apply(source, DeclaredEdit(torch.randn(64)), out, progress=False)
     assert not (out / "tokenizer.json").is_symlink()
     assert (out / "tokenizer.json").read_bytes() == elsewhere.read_bytes()
     assert stat.S_IMODE((out / "tokenizer.json").stat().st_mode) == 0o600

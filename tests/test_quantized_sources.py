@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tiny import quick_run_args
 
 from abliterate.cli import main
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.ship.direction_file import save_direction
 
 FAST = quick_run_args(4, 2, layer=1)
@@ -124,6 +125,6 @@ def test_gguf_output_is_bf16_unless_asked(
     # Bitwise: the float32 fold of the original, cast once.
     expected = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
     direction = load_file(output / "direction.safetensors")["direction"]
-    fold_direction(expected, resolve_adapter(expected), direction)
+    fold_direction(expected, resolve_adapter(expected), DeclaredEdit(direction))
     for name, tensor in expected.to(saved).state_dict().items():
         assert torch.equal(weights[name], tensor), name

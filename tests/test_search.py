@@ -14,7 +14,7 @@ from tiny import make_model, make_tokenizer, open_selection_config
 from abliterate.adapters.resolve import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
-from abliterate.find.point import EditPoint, point_direction
+from abliterate.find.point import EditPoint, declared_edit, point_direction
 from abliterate.find.search import (
     SearchData,
     TrialScore,
@@ -26,7 +26,7 @@ from abliterate.find.search import (
 )
 from abliterate.find.space import SearchSpace
 from abliterate.model.batching import all_position_logits, encode, last_logits
-from abliterate.model.hooks import ablated, edit_projection, projection
+from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.ship.direction_file import load_direction, save_direction
 
@@ -51,16 +51,17 @@ def test_fold_with_a_profile_equals_its_hooks(model_type: str) -> None:
     adapter = resolve_adapter(model)
     direction = _direction(model)
     prompts = _encoded()
-    with ablated(model, adapter, projection(direction, PROFILE.strength_of)):
+    declared = declared_edit(direction, PROFILE, model.config.num_hidden_layers)
+    with ablated(model, adapter, edit_projection(declared)):
         hooked = all_position_logits(model, prompts)
     folded = copy.deepcopy(model)
-    fold_direction(folded, adapter, direction, strength_of=PROFILE.strength_of)
+    fold_direction(folded, adapter, declared)
     edited = all_position_logits(folded, prompts)
     scale = hooked.abs().max()
     assert (hooked - edited).abs().max() <= 1e-4 * scale
     # Negative control: the paper's flat strength-1 fold is a different edit.
     flat = copy.deepcopy(model)
-    fold_direction(flat, adapter, direction)
+    fold_direction(flat, adapter, DeclaredEdit(direction))
     assert (hooked - all_position_logits(flat, prompts)).abs().max() > 1e-2 * scale
 
 
@@ -86,16 +87,18 @@ def test_batched_trials_equal_single_trials() -> None:
     ]
     space = SearchSpace(candidates, means, 4, EditPoint.paper(2, -1))
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8)
-    batched = batched_logits(model, adapter, prompts, points, padded_bases(points, space))
+    edits = [space.declared(point) for point in points]
+    assert padded_bases(edits).shape == (4, 2, candidates.shape[-1])
+    batched = batched_logits(model, adapter, prompts, edits)
     for index, point in enumerate(points):
         direction = point_direction(point, candidates, means)
-        with ablated(model, adapter, edit_projection(direction, point.strength_of)):
+        with ablated(model, adapter, edit_projection(declared_edit(direction, point, 4))):
             single = last_logits(model, adapter, prompts)[0]
         torch.testing.assert_close(batched[index], single, atol=1e-4, rtol=1e-4)
     assert (batched[0] - batched[1]).abs().max() > 1e-3  # the rows really carry different edits
     rank1 = replace(RANK2, second=None, second_weight=0.0)
     with ablated(
-        model, adapter, edit_projection(point_direction(rank1, candidates, means), rank1.strength_of)
+        model, adapter, edit_projection(declared_edit(point_direction(rank1, candidates, means), rank1, 4))
     ):
         without_second = last_logits(model, adapter, prompts)[0]
     assert (batched[3] - without_second).abs().max() > 1e-3  # the second direction changes the logits
@@ -118,14 +121,9 @@ def test_certificate_proves_a_layer_profile(tmp_path: Path) -> None:
     adapter = resolve_adapter(model)
     direction = _direction(model)
     model.save_pretrained(tmp_path / "original")
-    fold_direction(model, adapter, direction, strength_of=PROFILE.strength_of)
+    declared = declared_edit(direction, PROFILE, model.config.num_hidden_layers)
+    fold_direction(model, adapter, declared)
     model.save_pretrained(tmp_path / "edited")
-    n_layers = model.config.num_hidden_layers
-    declared = DeclaredEdit(
-        direction,
-        strengths={"embedding": PROFILE.embedding},
-        layer_strengths=PROFILE.layer_strengths(n_layers),
-    )
     certificate = certify_checkpoint(tmp_path / "original", tmp_path / "edited", declared, progress=False)
     assert certificate.passed, certificate.failures
     for wrong in (
@@ -138,16 +136,15 @@ def test_certificate_proves_a_layer_profile(tmp_path: Path) -> None:
 
 
 def test_direction_file_keeps_the_point(tmp_path: Path) -> None:
-    from abliterate.ship.direction_file import point_metadata, strengths_from_metadata
+    from abliterate.ship.direction_file import declared_from_file, point_metadata
 
     direction = torch.randn(16)
     path = save_direction(tmp_path / "d.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, 4))
-    _, metadata = load_direction(path)
-    declared = strengths_from_metadata(metadata)
+    declared = declared_from_file(*load_direction(path))
     for group, layer in [("embedding", -1), ("attention", 0), ("attention", 1), ("mlp", 2), ("experts", 3)]:
-        assert declared.strength_for(group, layer) == pytest.approx(PROFILE.strength(group, layer))
+        assert declared.scales(group, layer) == pytest.approx(PROFILE.strength(group, layer))
     old = save_direction(tmp_path / "old.safetensors", direction, 1, -1, "x")
-    assert strengths_from_metadata(load_direction(old)[1]).strength_for("mlp", 2) == 1.0
+    assert declared_from_file(*load_direction(old)).scales("mlp", 2) == 1.0
 
 
 def _trial(
@@ -238,9 +235,9 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
     model = AutoModelForCausalLM.from_pretrained(source)
     adapter = resolve_adapter(model)
     direction = _direction(model)
-    fold_direction(model, adapter, direction, strength_of=PROFILE.strength_of)
-    model.save_pretrained(tmp_path / "folded")
     n_layers = model.config.num_hidden_layers if model_type != "gpt2" else model.config.n_layer
+    fold_direction(model, adapter, declared_edit(direction, PROFILE, n_layers))
+    model.save_pretrained(tmp_path / "folded")
     searched = save_direction(
         tmp_path / "searched.safetensors", direction, 1, -1, "x", extra=point_metadata(PROFILE, n_layers)
     )
@@ -260,7 +257,7 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     import json
 
     from abliterate import run
-    from abliterate.ship.direction_file import strengths_from_metadata
+    from abliterate.ship.direction_file import declared_from_file
 
     result = run(_search_config(tiny_qwen2, tmp_path / "out"))
     front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())
@@ -271,10 +268,9 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     assert manifest["search"]["trials"] == 8 and manifest["gate"]["passed"]
     assert manifest["gate"]["certificate"]["passed"]
     assert "## Edit search" in (tmp_path / "out" / "README.md").read_text()
-    _, metadata = load_direction(tmp_path / "out" / "direction.safetensors")
     chosen = EditPoint(**front["chosen"]["point"])
-    declared = strengths_from_metadata(metadata)
-    assert declared.strength_for("mlp", 2) == pytest.approx(chosen.strength("mlp", 2))
+    declared = declared_from_file(*load_direction(tmp_path / "out" / "direction.safetensors"))
+    assert declared.layer_strengths["mlp"][2] == pytest.approx(chosen.strength("mlp", 2))
 
 
 def test_run_stops_when_no_point_meets_the_kl_bound(

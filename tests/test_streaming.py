@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from abliterate.adapters.registry import get_adapter
 from abliterate.adapters.resolve import model_type_of
 from abliterate.edit import kernel
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
 from abliterate.io.safetensors import INDEX_NAME
 from abliterate.ship import streaming
@@ -102,11 +103,11 @@ def test_stream_apply_equals_in_memory_fold(
     original_state = _tensors(original)
     direction = _direction()
 
-    report = stream_apply(original, direction, tmp_path / "streamed", progress=False)
+    report = stream_apply(original, DeclaredEdit(direction), tmp_path / "streamed", progress=False)
 
     adapter = get_adapter(model_type)
     assert adapter is not None
-    fold_direction(model, adapter, direction)
+    fold_direction(model, adapter, DeclaredEdit(direction))
     folded = _save(model, tmp_path / "folded", sharded)
     streamed_state = _tensors(tmp_path / "streamed")
     _assert_bitwise_equal(streamed_state, _tensors(folded))
@@ -171,10 +172,10 @@ def test_every_registered_family_streams_like_the_fold(tmp_path: Path, model_typ
     model = _model(model_type)
     original = _save(model, tmp_path / "original", sharded=False)
     direction = _direction()
-    report = stream_apply(original, direction, tmp_path / "streamed", progress=False)
+    report = stream_apply(original, DeclaredEdit(direction), tmp_path / "streamed", progress=False)
     adapter = get_adapter(model_type)
     assert adapter is not None
-    fold_direction(model, adapter, direction)
+    fold_direction(model, adapter, DeclaredEdit(direction))
     _assert_bitwise_equal(_tensors(tmp_path / "streamed"), _tensors(_save(model, tmp_path / "folded", False)))
     assert report.tensors_edited > 0
 
@@ -183,8 +184,8 @@ def test_multimodal_checkpoint_uses_the_text_config(tmp_path: Path) -> None:
     model = tiny.make_multimodal_model()
     original = _save(model, tmp_path / "original", sharded=True)
     direction = _direction()
-    report = stream_apply(original, direction, tmp_path / "streamed", progress=False)
-    fold_direction(model, get_adapter(model_type_of(model)), direction)
+    report = stream_apply(original, DeclaredEdit(direction), tmp_path / "streamed", progress=False)
+    fold_direction(model, get_adapter(model_type_of(model)), DeclaredEdit(direction))
     _assert_bitwise_equal(_tensors(tmp_path / "streamed"), _tensors(_save(model, tmp_path / "folded", True)))
     config = json.loads((tmp_path / "streamed" / "config.json").read_text())
     assert report.model_type == config["text_config"]["model_type"]
@@ -199,8 +200,8 @@ def test_fused_experts_on_disk(tmp_path: Path) -> None:
     model.config.to_json_file(original / "config.json")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, original / "model.safetensors")
     direction = _direction()
-    stream_apply(original, direction, tmp_path / "streamed", progress=False)
-    fold_direction(model, get_adapter("qwen3_moe"), direction)
+    stream_apply(original, DeclaredEdit(direction), tmp_path / "streamed", progress=False)
+    fold_direction(model, get_adapter("qwen3_moe"), DeclaredEdit(direction))
     streamed = load_file(tmp_path / "streamed" / "model.safetensors")
     fused = [name for name in streamed if name.endswith("mlp.experts.down_proj")]
     assert fused and all(streamed[name].dim() == 3 for name in fused)
@@ -218,8 +219,8 @@ def test_sliced_edit_of_large_tensors_equals_whole_edit(
     model = _model(model_type)
     original = _save(model, tmp_path / "original", sharded=False)
     direction = _direction()
-    stream_apply(original, direction, tmp_path / "streamed", progress=False)
-    fold_direction(model, get_adapter(model_type), direction)
+    stream_apply(original, DeclaredEdit(direction), tmp_path / "streamed", progress=False)
+    fold_direction(model, get_adapter(model_type), DeclaredEdit(direction))
     _assert_bitwise_equal(_tensors(tmp_path / "streamed"), _tensors(_save(model, tmp_path / "folded", False)))
 
 
@@ -228,7 +229,7 @@ def test_copies_without_copy_file_range(
     llama_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     """Where the kernel cannot copy (not Linux, or another file system), bytes go through user space."""
-    expected = stream_apply(llama_checkpoint, _direction(), tmp_path / "kernel", progress=False)
+    expected = stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "kernel", progress=False)
     if failure == "missing":
         monkeypatch.delattr(os, "copy_file_range", raising=False)
     else:
@@ -237,7 +238,7 @@ def test_copies_without_copy_file_range(
             raise OSError(18, "Invalid cross-device link")
 
         monkeypatch.setattr(os, "copy_file_range", cross_device)
-    report = stream_apply(llama_checkpoint, _direction(), tmp_path / "user", progress=False)
+    report = stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "user", progress=False)
     assert report.bytes_written == expected.bytes_written
     for shard in (tmp_path / "kernel").glob("*.safetensors"):
         assert filecmp.cmp(shard, tmp_path / "user" / shard.name, shallow=False), shard.name
@@ -257,17 +258,17 @@ def test_overwrite_replaces_only_after_success(llama_checkpoint: Path, tmp_path:
     out = tmp_path / "out"
     _earlier_output(out)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        stream_apply(llama_checkpoint, _direction(), out, progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), out, progress=False)
     assert (out / "keep.txt").read_text() == "old" and _leftovers(tmp_path) == []
 
-    stream_apply(llama_checkpoint, _direction(), out, overwrite=True, progress=False)
+    stream_apply(llama_checkpoint, DeclaredEdit(_direction()), out, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / INDEX_NAME).is_file()
     assert _leftovers(tmp_path) == []
 
 
 def test_empty_existing_output_is_used(llama_checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+    stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "config.json").is_file()
 
 
@@ -288,7 +289,7 @@ def test_interruption_leaves_nothing(
     original_edit = streaming.orthogonalize_
     monkeypatch.setattr(streaming, "orthogonalize_", failing)
     with pytest.raises(interrupt):
-        stream_apply(llama_checkpoint, _direction(), out, overwrite=True, progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), out, overwrite=True, progress=False)
     assert len(calls) == 3
     assert sorted(p.name for p in out.iterdir()) == ["abliterate.json", "keep.txt"]
     assert _leftovers(tmp_path) == []
@@ -296,7 +297,9 @@ def test_interruption_leaves_nothing(
 
 def test_output_inside_checkpoint_is_refused(llama_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="overlaps the model source"):
-        stream_apply(llama_checkpoint, _direction(), llama_checkpoint / "edited", progress=False)
+        stream_apply(
+            llama_checkpoint, DeclaredEdit(_direction()), llama_checkpoint / "edited", progress=False
+        )
     assert not (llama_checkpoint / "edited").exists()
 
 
@@ -308,7 +311,7 @@ def test_read_only_parent(llama_checkpoint: Path, tmp_path: Path) -> None:
         if os.access(parent, os.W_OK):
             pytest.skip("running as root: chmod does not stop writes (see the simulated variant below)")
         with pytest.raises(PermissionError, match="not writable"):
-            stream_apply(llama_checkpoint, _direction(), parent / "out", progress=False)
+            stream_apply(llama_checkpoint, DeclaredEdit(_direction()), parent / "out", progress=False)
         assert list(parent.iterdir()) == []
     finally:
         parent.chmod(0o755)
@@ -323,7 +326,7 @@ def test_unwritable_parent_simulated(
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent and real_access(path, mode))
     with pytest.raises(PermissionError, match=f"{parent} is not writable"):
-        stream_apply(llama_checkpoint, _direction(), parent / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), parent / "out", progress=False)
     assert list(parent.iterdir()) == []
 
 
@@ -339,7 +342,7 @@ def test_temp_dir_creation_refused(
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(PermissionError, match="not writable"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -354,7 +357,7 @@ def _assert_nothing_written(tmp_path: Path, out: Path) -> None:
 def test_missing_index_with_shards_present(llama_checkpoint: Path, tmp_path: Path) -> None:
     (llama_checkpoint / INDEX_NAME).unlink()
     with pytest.raises(ValueError, match=r"has shards \(model-00001-of-.*no model.safetensors.index.json"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -362,7 +365,7 @@ def test_missing_shard(llama_checkpoint: Path, tmp_path: Path) -> None:
     missing = sorted(llama_checkpoint.glob("model-*.safetensors"))[2]
     missing.unlink()
     with pytest.raises(ValueError, match=f"lacks shard.*{missing.name}"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -373,7 +376,7 @@ def test_index_pointing_at_the_wrong_shard(llama_checkpoint: Path, tmp_path: Pat
     index["weight_map"][name] = shards[1]
     (llama_checkpoint / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=f"places {name} in {shards[1]}"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -381,7 +384,7 @@ def test_truncated_shard(llama_checkpoint: Path, tmp_path: Path) -> None:
     shard = sorted(llama_checkpoint.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -391,20 +394,22 @@ def test_no_safetensors_at_all(tmp_path: Path) -> None:
     _model("llama").config.to_json_file(checkpoint / "config.json")
     (checkpoint / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="only safetensors checkpoints can be streamed"):
-        stream_apply(checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_missing_config(llama_checkpoint: Path, tmp_path: Path) -> None:
     (llama_checkpoint / "config.json").unlink()
     with pytest.raises(ValueError, match=r"has no config\.json"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_missing_local_path_that_is_no_hub_id(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither a local directory nor a Hub id"):
-        stream_apply(tmp_path / "no" / "such" / "dir", _direction(), tmp_path / "out", progress=False)
+        stream_apply(
+            tmp_path / "no" / "such" / "dir", DeclaredEdit(_direction()), tmp_path / "out", progress=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -420,7 +425,7 @@ def test_missing_local_path_that_is_no_hub_id(tmp_path: Path) -> None:
 )
 def test_bad_direction(llama_checkpoint: Path, tmp_path: Path, direction: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        stream_apply(llama_checkpoint, direction, tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(direction), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -429,20 +434,32 @@ def test_unknown_architecture(llama_checkpoint: Path, tmp_path: Path) -> None:
     config["model_type"] = "my_custom_llama"
     (llama_checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(LookupError, match=r"'my_custom_llama'.*--architecture"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     with pytest.raises(LookupError, match=r"'nope' \(given with --architecture\)"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", architecture="nope", progress=False)
+        stream_apply(
+            llama_checkpoint,
+            DeclaredEdit(_direction()),
+            tmp_path / "out",
+            architecture="nope",
+            progress=False,
+        )
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
     report = stream_apply(
-        llama_checkpoint, _direction(), tmp_path / "out", architecture="llama", progress=False
+        llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", architecture="llama", progress=False
     )
     assert report.model_type == "llama" and report.tensors_edited == 9
 
 
 def test_wrong_architecture_matches_nothing(llama_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="matches the gpt2 adapter's patterns"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", architecture="gpt2", progress=False)
+        stream_apply(
+            llama_checkpoint,
+            DeclaredEdit(_direction()),
+            tmp_path / "out",
+            architecture="gpt2",
+            progress=False,
+        )
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -451,14 +468,14 @@ def test_quantized_checkpoint_refused(llama_checkpoint: Path, tmp_path: Path) ->
     config["quantization_config"] = {"quant_method": "fp8"}
     (llama_checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"quantized \(fp8\)"):
-        stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+        stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_stale_weight_files_are_not_copied(llama_checkpoint: Path, tmp_path: Path) -> None:
     (llama_checkpoint / "pytorch_model.bin").write_bytes(b"unedited weights")
     (llama_checkpoint / "notes.txt").write_text("hello")
-    stream_apply(llama_checkpoint, _direction(), tmp_path / "out", progress=False)
+    stream_apply(llama_checkpoint, DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "pytorch_model.bin").exists()
     assert (tmp_path / "out" / "notes.txt").read_text() == "hello"
 
@@ -479,7 +496,7 @@ def test_hub_id_is_downloaded_with_safetensors_patterns(
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     monkeypatch.chdir(tmp_path)
-    report = stream_apply("someone/tiny-llama", _direction(), tmp_path / "out", progress=False)
+    report = stream_apply("someone/tiny-llama", DeclaredEdit(_direction()), tmp_path / "out", progress=False)
     assert calls and calls[0]["repo_id"] == "someone/tiny-llama"
     assert "*.safetensors" in calls[0]["allow_patterns"] and "tokenizer*" in calls[0]["allow_patterns"]
     assert report.tensors_edited == 9
@@ -522,7 +539,7 @@ def test_direction_file_errors(tmp_path: Path) -> None:
 def test_stream_apply_accepts_a_loaded_direction_file(llama_checkpoint: Path, tmp_path: Path) -> None:
     path = save_direction(tmp_path / "direction.safetensors", _direction(), 1, -1, str(llama_checkpoint))
     direction, _ = load_direction(path)
-    report = stream_apply(llama_checkpoint, direction, tmp_path / "out", progress=False)
+    report = stream_apply(llama_checkpoint, DeclaredEdit(direction), tmp_path / "out", progress=False)
     assert isinstance(report, StreamReport) and report.tensors_edited == 9
 
 
@@ -587,6 +604,7 @@ def _write_synthetic_llama(path: Path) -> int:
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys, torch
+    from abliterate.edit.declared import DeclaredEdit
     from abliterate.prove.structure import read_structure
     from abliterate.ship.streaming import stream_apply
 
@@ -605,7 +623,7 @@ _MEASURE = textwrap.dedent(
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     baseline = status("VmRSS")
-    report = stream_apply(sys.argv[1], direction, sys.argv[2], progress=False)
+    report = stream_apply(sys.argv[1], DeclaredEdit(direction), sys.argv[2], progress=False)
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "edited": report.tensors_edited,
                       "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     """

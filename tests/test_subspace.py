@@ -5,6 +5,7 @@ streaming ``apply``."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
 from abliterate.edit.kernel import check_basis, orthogonalize
 from abliterate.edit.walker import fold_direction
-from abliterate.find.point import EditPoint, point_direction
+from abliterate.find.point import EditPoint, declared_edit, point_direction
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import certify_checkpoint
@@ -90,20 +91,18 @@ def test_subspace_fold_equals_its_hooks(model_type: str) -> None:
     adapter = resolve_adapter(model)
     basis = _basis(model.config.hidden_size)
     n_layers = model.config.num_hidden_layers
-    declared = DeclaredEdit(basis, {"embedding": 0.5}, 1.0, POINT.layer_strengths(n_layers), (1.0, 0.4))
-    strength_of = lambda writer: declared.scales_for(writer.group, writer.layer)  # noqa: E731
+    layers = declared_edit(basis, POINT, n_layers).layer_strengths
+    declared = DeclaredEdit(basis, {"embedding": 0.5}, 1.0, layers, (1.0, 0.4))
     prompts = encode(make_tokenizer(), PROMPTS, batch_size=8, share_prefix=False)
-    with ablated(model, adapter, edit_projection(basis, strength_of)):
+    with ablated(model, adapter, edit_projection(declared)):
         hooked = all_position_logits(model, prompts)
     folded = copy.deepcopy(model)
-    fold_direction(folded, adapter, basis, strength_of=strength_of)
+    fold_direction(folded, adapter, declared)
     scale = hooked.abs().max()
     assert (hooked - all_position_logits(folded, prompts)).abs().max() <= 1e-4 * scale
     # Negative control: folding the first direction alone is another edit.
     first_only = copy.deepcopy(model)
-    fold_direction(
-        first_only, adapter, basis[0], strength_of=lambda w: declared.strength_for(w.group, w.layer)
-    )
+    fold_direction(first_only, adapter, replace(declared, direction=basis[0]))
     assert (hooked - all_position_logits(first_only, prompts)).abs().max() > 1e-3 * scale
 
 
@@ -115,12 +114,12 @@ def test_certificate_proves_a_subspace_and_rejects_controls(tmp_path: Path, dtyp
     model.save_pretrained(tmp_path / "original")
     declared = DeclaredEdit(basis, weights=(1.0, 0.4))
     controls = {
-        "second direction dropped": lambda m: fold_direction(m, adapter, basis[0]),
-        "second weight 0.2": lambda m: fold_direction(m, adapter, basis, strength_of=lambda w: (1.0, 0.2)),
+        "second direction dropped": lambda m: fold_direction(m, adapter, DeclaredEdit(basis[0])),
+        "second weight 0.2": lambda m: fold_direction(m, adapter, DeclaredEdit(basis, weights=(1.0, 0.2))),
         "nothing": lambda m: None,
     }
     edited = copy.deepcopy(model)
-    fold_direction(edited, adapter, basis, strength_of=lambda w: (1.0, 0.4))
+    fold_direction(edited, adapter, declared)
     edited.save_pretrained(tmp_path / "edited")
     passed = certify_checkpoint(tmp_path / "original", tmp_path / "edited", declared, progress=False)
     assert passed.passed, passed.failures
@@ -155,7 +154,7 @@ def test_direction_file_and_apply_reproduce_a_rank2_point(tmp_path: Path) -> Non
     stored, metadata = load_direction(path)
     declared = declared_from_file(stored, metadata)
     assert declared.weights == (1.0, 0.4) and stored.shape == (2, d_model)
-    fold_direction(model, adapter, stored, strength_of=POINT.strength_of)
+    fold_direction(model, adapter, declared_edit(stored, POINT, n_layers))
     model.save_pretrained(tmp_path / "folded")
     assert_apply_equals_fold(source, path, tmp_path / "folded", tmp_path / "applied")
     first = save_direction(
@@ -200,7 +199,7 @@ def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
     with ablated(model, adapter, norm_preserving_projection(direction, lambda writer: 0.8)):
         hooked = all_position_logits(model, prompts)
     edited = copy.deepcopy(model)
-    fold_direction(edited, adapter, direction, writers=[])  # unties a tied head, edits nothing
+    fold_direction(edited, adapter, DeclaredEdit(direction), writers=[])  # unties a tied head, edits nothing
     for writer in residual_writers(edited, adapter):
         weight = writer.weight_tensor()
         factors = norm_factors(weight, direction, writer.layout, 0.8).to(weight.dtype)
@@ -213,5 +212,5 @@ def test_norm_preserving_hooks_equal_their_weight_edit(model_type: str) -> None:
     scale = hooked.abs().max()
     assert (hooked - all_position_logits(edited, prompts)).abs().max() <= 1e-4 * scale
     plain = copy.deepcopy(model)
-    fold_direction(plain, adapter, direction, strength_of=lambda writer: 0.8)
+    fold_direction(plain, adapter, DeclaredEdit(direction, default_strength=0.8))
     assert (hooked - all_position_logits(plain, prompts)).abs().max() > 1e-3 * scale  # a different edit

@@ -220,13 +220,14 @@ def test_fold_refuses_a_writer_with_inf_before_editing_anything() -> None:
     from tiny import make_model
 
     from abliterate.adapters.resolve import resolve_adapter
+    from abliterate.edit.declared import DeclaredEdit
     from abliterate.edit.walker import fold_direction
 
     model = make_model("qwen2")
     model.model.layers[3].mlp.down_proj.weight.data[0, 0] = math.inf
     before = model.model.embed_tokens.weight.detach().clone()
     with pytest.raises(ValueError, match=r"layers\.3\.mlp\.down_proj\.weight holds NaN/Inf values"):
-        fold_direction(model, resolve_adapter(model), seeded_direction(1))
+        fold_direction(model, resolve_adapter(model), DeclaredEdit(seeded_direction(1)))
     assert torch.equal(model.model.embed_tokens.weight, before)  # nothing was folded
 
 

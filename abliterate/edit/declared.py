@@ -1,7 +1,9 @@
 """The declared edit: what a direction file says an edited checkpoint carries, and what one tensor must carry.
 
-``DeclaredEdit`` is the edit's own type: the direction file is read into it, and streaming apply, LoRA
-output and the weight certificate take it, each checking it with the same ``DeclaredEdit.validate``.
+``DeclaredEdit`` is the one form of an edit: the search's point maps to it (``abliterate.find.point``), the
+direction file is read into it, and the fold, the hooks, the gate, the certificate, streaming apply and LoRA
+output take it; each writer's share of it is ``DeclaredEdit.scales``, and every consumer that reads a
+declared edit from outside checks it with the same ``DeclaredEdit.validate``.
 ``RequiredEdit`` is what one tensor must carry, as the model's structure says (layout, group, block, bias).
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from abliterate.adapters.spec import Layout
-from abliterate.edit.kernel import changes
+from abliterate.edit.kernel import Scales, changes
 
 # The largest strength a declared edit may give a writer; the search draws strengths from [0, MAX_STRENGTH].
 MAX_STRENGTH = 1.5
@@ -68,7 +70,7 @@ class DeclaredEdit:
             _check_range(f"{where} strength", value, MAX_STRENGTH)
         for row, weight in enumerate(self.weights):
             _check_range(f"subspace row {row} weight", weight, 1.0)
-        if writers is not None and not any(changes(self.scales_for(g, layer)) for g, layer in writers):
+        if writers is not None and not any(changes(self.scales(g, layer)) for g, layer in writers):
             raise ValueError(
                 "the direction file declares a zero edit (strength 0 on every writer): a no-op, "
                 "the output would equal the source"
@@ -80,29 +82,23 @@ class DeclaredEdit:
         plain = not self.strengths and not self.layer_strengths and self.default_strength == 1.0
         return plain and self.direction.dim() == 1 and not self.weights and not self.norm_preserving
 
-    def scales_for(self, group: str, layer: int) -> float | tuple[float, ...]:
-        """What the fold of a writer of ``group`` in block ``layer`` is given: ``strength_for``, or for a
-        subspace ``[k, d_model]`` that strength times each row's weight (``weights``; 1 when empty)."""
-        strength = self.strength_for(group, layer)
+    def scales(self, group: str, layer: int) -> Scales:
+        """What the fold of a writer of ``group`` in block ``layer`` (``-1``: embeddings) is given, and the
+        hooks and the LoRA factors with it: its strength ``s``, or for a subspace ``[k, d_model]`` that
+        strength times each row's weight (``weights``; 1 when empty).
+
+        The strength is ``layer_strengths[group][layer]`` when the edit declares a per-layer profile for
+        the group, else ``strengths[group]``, else ``default_strength``.
+        """
+        profile = self.layer_strengths.get(group)
+        if profile is not None and 0 <= layer < len(profile):
+            strength = float(profile[layer])
+        else:
+            strength = self.strengths.get(group, self.default_strength)
         if self.direction.dim() != 2:
             return strength
         weights = self.weights or (1.0,) * self.direction.shape[0]
         return tuple(strength * weight for weight in weights)
-
-    def strength(self, group: str) -> float:
-        """The strength the declared edit applies to writers of ``group``."""
-        return self.strengths.get(group, self.default_strength)
-
-    def strength_for(self, group: str, layer: int) -> float:
-        """The strength at the writers of ``group`` in block ``layer`` (``-1``: embeddings).
-
-        ``layer_strengths[group][layer]`` when the edit declares a per-layer profile for the group,
-        else ``strength(group)``.
-        """
-        profile = self.layer_strengths.get(group)
-        if profile is not None and 0 <= layer < len(profile):
-            return float(profile[layer])
-        return self.strength(group)
 
 
 def _check_range(what: str, value: float, upper: float) -> None:

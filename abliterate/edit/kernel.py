@@ -21,8 +21,9 @@ ROWS_WRITE = ("conv1d", "experts_t", "embedding")
 
 T = TypeVar("T")
 
-# A fold's strength: one float, or one per row of a subspace ``[k, d_model]``.
-Strength = float | Sequence[float]
+# What one tensor's fold is given (``DeclaredEdit.scales``): the strength ``s``, or one per row of a subspace
+# ``[k, d_model]``.
+Scales = float | Sequence[float]
 
 # Elements per tile of the in-place kernel: 1 MiB of float32, small enough to stay in a core's cache
 # between the reads and writes of one tile (measured fastest of 2^14 … 2^20 on the development VM).
@@ -57,7 +58,7 @@ def orthogonalize(
     weight: torch.Tensor,
     direction: torch.Tensor,
     layout: Layout,
-    strength: Strength = 1.0,
+    scales: Scales = 1.0,
     norm_preserving: bool = False,
 ) -> torch.Tensor:
     """Remove ``direction`` from everything ``weight`` can write into the residual stream.
@@ -72,7 +73,7 @@ def orthogonalize(
             ``[k, d_model]`` of orthonormal rows ``q_i`` (``check_basis``), which folds
             ``W' = (I − Σ_i s_i q_i q_iᵀ) W`` in one pass (one rounding per element).
         layout: the weight layout.
-        strength: ``s`` in ``W' = (I − s r̂ r̂ᵀ) W``; 1 removes the direction completely. For a subspace,
+        scales: ``s`` in ``W' = (I − s r̂ r̂ᵀ) W``; 1 removes the direction completely. For a subspace,
             one strength per row (a single float applies to every row).
         norm_preserving: fold ``W' = (I − s r̂ r̂ᵀ) W D`` instead, ``D`` (``norm_factors``) keeping the
             length of every vector the writer emits per input coordinate. Never for a bias (it has no
@@ -82,7 +83,7 @@ def orthogonalize(
         A new tensor ``W'`` with ``r̂ᵀ W' = (1 − s) r̂ᵀ W`` along the model axis, same shape and dtype.
     """
     edited = weight.detach().clone()
-    orthogonalize_(edited, direction, layout, strength, norm_preserving)
+    orthogonalize_(edited, direction, layout, scales, norm_preserving)
     return edited
 
 
@@ -90,7 +91,7 @@ def orthogonalize_(
     weight: torch.Tensor,
     direction: torch.Tensor,
     layout: Layout,
-    strength: Strength = 1.0,
+    scales: Scales = 1.0,
     norm_preserving: bool = False,
 ) -> None:
     """``weight ← orthogonalize(weight)`` in place, tile by tile (see ``TILE_ELEMENTS``).
@@ -113,12 +114,12 @@ def orthogonalize_(
         raise ValueError(f"a norm-preserving edit cannot scale a fused expert's input (layout {layout})")
     if direction.dim() == 2:
         r: torch.Tensor = _basis(direction, weight)
-        strength = _row_strengths(strength, r)
+        strength: float | torch.Tensor = _row_strengths(scales, r)
     else:
         r = _unit(direction, weight)
-        if isinstance(strength, Sequence):
+        if isinstance(scales, Sequence):
             raise ValueError("a single direction takes a single strength")
-        strength = float(strength)
+        strength = float(scales)
     workers = torch.get_num_threads() if weight.device.type == "cpu" else 1
     with one_intra_op_thread():
         _fold_in_place(weight, layout, _Fold(r, strength, workers, norm_preserving))
@@ -246,7 +247,7 @@ def _fold_columns(weight: torch.Tensor, fold: _Fold) -> None:
 
 
 def norm_factors(
-    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, strength: Strength = 1.0
+    weight: torch.Tensor, direction: torch.Tensor, layout: Layout, scales: Scales = 1.0
 ) -> torch.Tensor:
     """The diagonal ``D`` of the column-norm-preserving fold ``W' = (I − s r̂ r̂ᵀ) W D``.
 
@@ -260,14 +261,14 @@ def norm_factors(
     """
     basis = direction.reshape(-1, direction.shape[-1]).to(device=weight.device, dtype=torch.float64)
     basis = basis / basis.norm(dim=-1, keepdim=True)
-    scales = _row_strengths(strength, basis)
+    row_scales = _row_strengths(scales, basis)
     wide = weight.detach().to(torch.float64)
     if layout in ROWS_WRITE:
         along, squared = wide @ basis.T, (wide * wide).sum(-1)  # [..., k], [...]
     else:
         along, squared = torch.einsum("kd,...di->...ik", basis, wide), (wide * wide).sum(-2)
     coefficients = along.reshape(-1, basis.shape[0]).T  # [k, m], as the kernel's tiles hold them
-    return _factors(squared.reshape(-1), coefficients, scales).reshape(squared.shape)
+    return _factors(squared.reshape(-1), coefficients, row_scales).reshape(squared.shape)
 
 
 # The largest subspace the fold and the hooks accept, and how far from orthonormal its rows may be.
@@ -295,10 +296,8 @@ def _basis(basis: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return check_basis(basis).to(device=like.device, dtype=compute)
 
 
-def _row_strengths(strength: Strength, r: torch.Tensor) -> torch.Tensor:
-    values = (
-        [float(s) for s in strength] if isinstance(strength, Sequence) else [float(strength)] * r.shape[0]
-    )
+def _row_strengths(scales: Scales, r: torch.Tensor) -> torch.Tensor:
+    values = [float(s) for s in scales] if isinstance(scales, Sequence) else [float(scales)] * r.shape[0]
     if len(values) != r.shape[0]:
         raise ValueError(f"{len(values)} strengths for a subspace of {r.shape[0]} directions")
     return torch.tensor(values, dtype=r.dtype, device=r.device)
@@ -313,9 +312,9 @@ def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return r / norm
 
 
-def changes(strength: Strength) -> bool:
-    """Whether a fold at ``strength`` (one per row for a subspace) changes a tensor: not all zero."""
-    return any(value != 0 for value in (strength if isinstance(strength, Sequence) else (strength,)))
+def changes(scales: Scales) -> bool:
+    """Whether a fold at ``scales`` (one per row for a subspace) changes a tensor: not all zero."""
+    return any(value != 0 for value in (scales if isinstance(scales, Sequence) else (scales,)))
 
 
 # Elements per chunk of the finiteness check: its temporaries stay at a few MiB for any tensor (16M-element

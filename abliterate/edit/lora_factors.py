@@ -26,14 +26,12 @@ exact only on the weights they were computed from. ``abliterate.ship.lora`` writ
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
 from abliterate.adapters.resolve import ResolvedWriter, residual_writers
 from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import check_basis, refuse_non_finite
 
@@ -46,18 +44,17 @@ NORM_PRESERVING_REFUSAL = f"a norm-preserving edit is full rank; {_REFUSED}"
 def lora_state(
     model: nn.Module,
     adapter: Adapter,
-    direction: torch.Tensor,
-    strength_of: Callable[[ResolvedWriter], Any] | None = None,
+    declared: DeclaredEdit,
 ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """The LoRA adapter's tensors (peft's on-disk names) and its ``LoraConfig`` fields.
 
     Args:
         model: the original model (not edited), on any device.
-        adapter: its architecture description (not the LoRA adapter).
-        direction: ``[d_model]`` direction (normalized here), or an orthonormal subspace ``[k, d_model]``
-            (``abliterate.edit.kernel.check_basis``); the LoRA adapter's rank is ``k``.
-        strength_of: per-writer strength (default 1): a float for a direction, one per row for a subspace
-            (``DeclaredEdit.scales_for``); writers whose strengths are all 0 get no LoRA.
+        adapter: its architecture description.
+        declared: the edit (not norm-preserving: that one is full rank); its direction ``[d_model]``
+            (normalized here), or an orthonormal subspace ``[k, d_model]`` (``check_basis``), sets the
+            adapter's rank ``k``, and each writer gets ``declared.scales`` (a writer whose scales are all 0
+            gets no LoRA).
 
     Returns:
         ``(tensors, config fields)``; ``config["r"]`` is the edit's rank.
@@ -65,8 +62,8 @@ def lora_state(
     Raises:
         ValueError: a writer peft cannot express exactly, named in one line.
     """
-    basis = _basis(direction)  # [k, d_model], float64
-    tensors, chosen = _writer_factors(model, adapter, basis, strength_of)
+    basis = _basis(declared.direction)  # [k, d_model], float64
+    tensors, chosen = _writer_factors(model, adapter, basis, declared)
     by_parameter = _targeted_by_parameter(model, chosen)
     biased = [f"{w.name}.{w.bias}" for w in chosen if w.bias_tensor() is not None]
     fan_in_fan_out = any(w.layout == "conv1d" for w in chosen)
@@ -97,13 +94,13 @@ def _writer_factors(
     model: nn.Module,
     adapter: Adapter,
     basis: torch.Tensor,
-    strength_of: Callable[[ResolvedWriter], Any] | None,
+    declared: DeclaredEdit,
 ) -> tuple[dict[str, torch.Tensor], list[ResolvedWriter]]:
     """Every changed writer's factors in float32 under peft's names, and those writers in model order."""
     tensors: dict[str, torch.Tensor] = {}
     chosen: list[ResolvedWriter] = []
     for writer in residual_writers(model, adapter):
-        scales = _scales(writer, strength_of, basis.shape[0])
+        scales = _scales(writer, declared, basis.shape[0])
         if not bool((scales != 0).any()):
             continue
         _check_expressible(writer)
@@ -185,12 +182,9 @@ def _basis(direction: torch.Tensor) -> torch.Tensor:
     return unit_rows(direction.detach().double().cpu().flatten())[None, :]
 
 
-def _scales(
-    writer: ResolvedWriter, strength_of: Callable[[ResolvedWriter], Any] | None, rank: int
-) -> torch.Tensor:
+def _scales(writer: ResolvedWriter, declared: DeclaredEdit, rank: int) -> torch.Tensor:
     """The writer's strength per row of the basis, ``[k]`` float64."""
-    value = 1.0 if strength_of is None else strength_of(writer)
-    scales = torch.as_tensor(value, dtype=torch.float64).flatten()
+    scales = torch.as_tensor(declared.scales(writer.group, writer.layer), dtype=torch.float64).flatten()
     if scales.numel() == 1:
         return scales.expand(rank)
     if scales.numel() != rank:

@@ -6,7 +6,7 @@ edits (the adapter's residual writers, their biases) and refuses what it cannot 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from torch import nn
 from abliterate.adapters.paths import locate
 from abliterate.adapters.resolve import ResolvedWriter, embeddings_of, residual_writers
 from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
-from abliterate.edit.kernel import Strength, orthogonalize_, refuse_non_finite
+from abliterate.edit.declared import DeclaredEdit
+from abliterate.edit.kernel import orthogonalize_, refuse_non_finite
 
 
 def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
@@ -46,45 +47,42 @@ def untie_embeddings(model: nn.Module, adapter: Adapter) -> bool:
 def fold_direction(
     model: nn.Module,
     adapter: Adapter,
-    direction: torch.Tensor,
+    declared: DeclaredEdit,
     writers: Iterable[ResolvedWriter] | None = None,
-    strength_of: Callable[[ResolvedWriter], Strength] | None = None,
-    norm_preserving: bool = False,
 ) -> int:
-    """Edit ``model`` in place so no residual writer can write along ``direction``.
+    """Edit ``model`` in place so no residual writer can write along the declared edit's direction.
 
     Args:
         model: the causal LM (its weights are replaced in memory; nothing on disk changes).
         adapter: the architecture description.
-        direction: ``[d_model]`` refusal direction, or an orthonormal subspace ``[k, d_model]``.
+        declared: the edit: its ``direction`` (``[d_model]``, or an orthonormal subspace ``[k, d_model]``),
+            ``I − s r̂ r̂ᵀ`` on each writer's weight and bias with ``s = declared.scales(group, layer)``
+            (the hook equivalent is ``model.hooks.edit_projection``); when ``declared.norm_preserving``,
+            ``W' = (I − s r̂ r̂ᵀ) W D`` on every weight (``orthogonalize``), biases never scaled.
         writers: edit only these (default: every residual writer); the gate's negative controls
             (``abliterate.prove.controls``) leave some out.
-        strength_of: ``s`` of ``I − s r̂ r̂ᵀ`` per writer (weight and bias), default 1 everywhere;
-            the hook equivalent is ``model.hooks.edit_projection``. For a subspace, one strength per
-            row (``DeclaredEdit.scales_for``).
-        norm_preserving: fold ``W' = (I − s r̂ r̂ᵀ) W D`` into every weight (``orthogonalize``); biases
-            get ``(I − s r̂ r̂ᵀ) b``, never scaled.
 
     Returns:
         The number of tensors edited.
 
     Raises:
-        ValueError: ``norm_preserving`` with a fused-experts writer, or a writer holding NaN/Inf values
+        ValueError: a norm-preserving edit with a fused-experts writer, or a writer holding NaN/Inf values
             (both checked before anything is edited).
     """
     chosen = list(residual_writers(model, adapter) if writers is None else writers)
+    direction, norm_preserving = declared.direction, declared.norm_preserving
     if norm_preserving:
         check_norm_preserving(chosen)
     check_finite(chosen)  # before anything is folded: the model is left as it was
     untie_embeddings(model, adapter)
     edited = 0
     for writer in chosen:
-        strength = 1.0 if strength_of is None else strength_of(writer)
-        orthogonalize_(writer.weight_tensor().data, direction, writer.layout, strength, norm_preserving)
+        scales = declared.scales(writer.group, writer.layer)
+        orthogonalize_(writer.weight_tensor().data, direction, writer.layout, scales, norm_preserving)
         edited += 1
         bias = writer.bias_tensor()
         if bias is not None:
-            orthogonalize_(bias.data, direction, "embedding", strength)  # a bias is never scaled by D
+            orthogonalize_(bias.data, direction, "embedding", scales)  # a bias is never scaled by D
             edited += 1
     return edited
 

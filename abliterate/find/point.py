@@ -12,22 +12,20 @@ Every point is a weight edit ``W ← (I − s r̂ r̂ᵀ) W`` per residual write
   incl. experts), shaped over the layers by a triangular kernel ``max(0, 1 − |layer − peak| / width)``
   (``width = 0`` means flat: the same strength in every block).
 
-The paper's point (its candidate, strength 1 everywhere) is ``EditPoint.paper``. Each point has an exact
-hook equivalent (``abliterate.model.hooks.projection``), so the parity gate and the certificate
-(``DeclaredEdit.layer_strengths``) prove the folded result like the paper's edit.
+The paper's point (its candidate, strength 1 everywhere) is ``EditPoint.paper``. A point becomes an edit in
+one place, ``declared_edit``: the ``DeclaredEdit`` that the fold, the hooks, the gate, the certificate, the
+direction file, streaming apply and LoRA output take, so each point is proved like the paper's edit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from abliterate.adapters.resolve import ResolvedWriter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_rows
-from abliterate.edit.kernel import Strength
 
 # Writer groups that take the MLP strength.
 MLP_GROUPS = ("mlp", "experts", "shared_experts")
@@ -87,20 +85,23 @@ class EditPoint:
         """1, or 2 with a second direction of non-zero weight."""
         return 2 if self.second is not None and self.second_weight != 0 else 1
 
-    def weights(self) -> tuple[float, ...]:
-        """Each direction's weight (``DeclaredEdit.weights``): empty for rank 1."""
-        return () if self.rank == 1 else (1.0, self.second_weight)
 
-    def strength_of(self, writer: ResolvedWriter) -> float | tuple[float, ...]:
-        """What the fold and the hooks are given for a resolved writer: ``strength``, or for rank 2 that
-        strength times each direction's weight."""
-        strength = self.strength(writer.group, writer.layer)
-        return strength if self.rank == 1 else (strength, strength * self.second_weight)
+def declared_edit(direction: torch.Tensor, point: EditPoint | None, n_layers: int) -> DeclaredEdit:
+    """The edit ``point`` declares along ``direction`` (its ``point_direction``, as stored): the embedding's
+    strength, one strength per block for every other writer group (``EditPoint.strength`` over the
+    model's ``n_layers`` blocks), each direction's weight (rank 2) and the norm-preserving switch.
+    ``None`` is the paper's edit: strength 1 on every writer.
 
-    def layer_strengths(self, n_layers: int) -> dict[str, tuple[float, ...]]:
-        """Per group, one strength per block (``DeclaredEdit.layer_strengths``, the direction file)."""
-        groups = ("attention", *MLP_GROUPS)
-        return {group: tuple(self.strength(group, layer) for layer in range(n_layers)) for group in groups}
+    This is the one place a point becomes a ``DeclaredEdit``; the search, the gate and the direction
+    file all go through it."""
+    if point is None:
+        return DeclaredEdit(direction)
+    groups = ("attention", *MLP_GROUPS)
+    layers = {group: tuple(point.strength(group, layer) for layer in range(n_layers)) for group in groups}
+    weights = () if point.rank == 1 else (1.0, point.second_weight)
+    return DeclaredEdit(
+        direction, {"embedding": point.embedding}, 1.0, layers, weights, point.norm_preserving
+    )
 
 
 def point_direction(point: EditPoint, candidates: torch.Tensor, harmless_means: torch.Tensor) -> torch.Tensor:
@@ -140,13 +141,3 @@ def _blended(
         mean = unit_rows(harmless_means[index, min(round(point.layer), n_layers - 1)].double())
         vector = vector - (vector @ mean) * mean
     return unit_rows(vector)
-
-
-def strength_function(point: EditPoint | None) -> Callable[[ResolvedWriter], Strength] | None:
-    """What the fold and the hooks are given for a chosen point (``None``: strength 1 everywhere)."""
-    return None if point is None else point.strength_of
-
-
-def is_norm_preserving(point: EditPoint | None) -> bool:
-    """Whether the fold and the hooks of a chosen point are the norm-preserving ones."""
-    return point is not None and point.norm_preserving

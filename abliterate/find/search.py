@@ -20,7 +20,8 @@ from torch import nn
 
 from abliterate.adapters.resolve import ResolvedWriter
 from abliterate.adapters.spec import Adapter
-from abliterate.find.point import EditPoint, point_direction
+from abliterate.edit.declared import DeclaredEdit
+from abliterate.find.point import EditPoint
 from abliterate.find.scores import refusal_scores
 from abliterate.find.space import SearchSpace, warm_starts
 from abliterate.model.batching import EncodedPrompts, copied_last_logits
@@ -75,47 +76,41 @@ class SearchData:
 
 @torch.no_grad()
 def batched_logits(
-    model: nn.Module,
-    adapter: Adapter,
-    encoded: EncodedPrompts,
-    points: list[EditPoint],
-    directions: torch.Tensor,
+    model: nn.Module, adapter: Adapter, encoded: EncodedPrompts, edits: list[DeclaredEdit]
 ) -> torch.Tensor:
-    """Last-position logits ``[n_points, n_prompts, vocab]`` with each point's edit hooked on its rows.
-
-    Args:
-        directions: ``[n_points, 2, d_model]``: each point's basis (``padded_bases``).
-    """
-    copies = len(points)
+    """Last-position logits ``[n_edits, n_prompts, vocab]`` with each edit hooked on its own rows (of
+    rank 1 or 2: each basis padded to 2 rows, ``padded_bases``)."""
+    copies = len(edits)
+    directions = padded_bases(edits)
 
     @contextmanager
     def hooks(rows: int, prefix: bool) -> Iterator[None]:
         per_copy = rows // copies
         per_row = directions.repeat_interleave(per_copy, dim=0)
 
-        def scales_of(writer: ResolvedWriter) -> torch.Tensor:
-            values = torch.tensor([_padded_scales(point, writer) for point in points], dtype=torch.float32)
+        def scales(writer: ResolvedWriter) -> torch.Tensor:
+            values = torch.tensor([_padded_scales(edit, writer) for edit in edits], dtype=torch.float32)
             return values.repeat_interleave(per_copy, dim=0)
 
-        with ablated(model, adapter, subspace_projection(per_row, scales_of)):
+        with ablated(model, adapter, subspace_projection(per_row, scales)):
             yield
 
     return copied_last_logits(model, encoded, hooks, copies)
 
 
-def padded_bases(points: list[EditPoint], space: SearchSpace) -> torch.Tensor:
-    """``[n_points, 2, d_model]``: each point's direction, with a zero second row for rank-1 points."""
+def padded_bases(edits: list[DeclaredEdit]) -> torch.Tensor:
+    """``[n_edits, 2, d_model]``: each edit's direction, with a zero second row for rank-1 edits."""
     bases = []
-    for point in points:
-        direction = point_direction(point, space.candidates, space.harmless_means)
+    for edit in edits:
+        direction = edit.direction
         bases.append(
             direction if direction.dim() == 2 else torch.stack([direction, torch.zeros_like(direction)])
         )
     return torch.stack(bases)
 
 
-def _padded_scales(point: EditPoint, writer: ResolvedWriter) -> tuple[float, float]:
-    scales = point.strength_of(writer)
+def _padded_scales(edit: DeclaredEdit, writer: ResolvedWriter) -> tuple[float, float]:
+    scales = edit.scales(writer.group, writer.layer)
     return (scales, 0.0) if isinstance(scales, float) else scales
 
 
@@ -123,9 +118,9 @@ def score_points(
     model: nn.Module, adapter: Adapter, space: SearchSpace, data: SearchData, points: list[EditPoint]
 ) -> list[TrialScore]:
     """Cheap scores of ``points``, all in the same forward passes."""
-    directions = padded_bases(points, space)
-    harmful = batched_logits(model, adapter, data.harmful, points, directions)
-    harmless = batched_logits(model, adapter, data.harmless, points, directions)
+    edits = [space.declared(point) for point in points]
+    harmful = batched_logits(model, adapter, data.harmful, edits)
+    harmless = batched_logits(model, adapter, data.harmless, edits)
     scores = []
     for point, refusal_rows, harmless_rows in zip(points, harmful, harmless, strict=True):
         refusal = refusal_scores(refusal_rows, data.refusal_ids).mean().item()
@@ -174,7 +169,8 @@ def pareto_front(trials: list[TrialScore]) -> list[TrialScore]:
     return front
 
 
-Confirm = Callable[[EditPoint, torch.Tensor], tuple[int, int, float]]
+# Confirms a finalist's edit: refusals by the judge, prompts judged, KL on every harmless val prompt.
+Confirm = Callable[[DeclaredEdit], tuple[int, int, float]]
 
 
 def run_trials(
@@ -261,8 +257,7 @@ def confirm_points(points: list[TrialScore], confirm: Confirm, space: SearchSpac
     """Run ``confirm`` (greedy generation + judge, full-val KL) on each finalist."""
     confirmed = []
     for trial in points:
-        direction = point_direction(trial.point, space.candidates, space.harmless_means)
-        refusals, n, kl = confirm(trial.point, direction)
+        refusals, n, kl = confirm(space.declared(trial.point))
         confirmed.append(replace(trial, refusals=refusals, n_confirm=n, confirm_kl=kl))
     return confirmed
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from abliterate.edit.declared import MAX_STRENGTH
-from abliterate.find.point import EditPoint
+from abliterate.edit.declared import MAX_STRENGTH, DeclaredEdit
+from abliterate.find.point import EditPoint, declared_edit, point_direction
 
 # A second direction weighted less than this is dropped (the point stays rank 1).
 MIN_SECOND_WEIGHT = 0.05
@@ -39,6 +39,11 @@ class SearchSpace:
     layer_radius: float = 2.0
     subspace: bool = True
     norm_preserving: bool = False
+
+    def declared(self, point: EditPoint) -> DeclaredEdit:
+        """The edit ``point`` declares, along its direction from these candidates (``declared_edit``)."""
+        direction = point_direction(point, self.candidates, self.harmless_means)
+        return declared_edit(direction, point, self.n_layers)
 
     def suggest(self, trial: object) -> EditPoint:
         """An Optuna trial's point."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from abliterate.edit.kernel import changes
 from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import TensorEntry
 
@@ -203,7 +204,7 @@ class GGUFSource:
         model_type = after.get("model_type")
         if model_type != self.config.model_type:
             fail(f"config.json: model_type {model_type!r} differs from the GGUF's {self.config.model_type!r}")
-        if declared.strength("embedding") != 0 and ties_embeddings(after, str(model_type)):
+        if changes(declared.scales("embedding", -1)) and ties_embeddings(after, str(model_type)):
             fail(
                 "config.json ties the output head to the edited embedding (tie_word_embeddings must be false)"
             )

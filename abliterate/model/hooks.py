@@ -18,15 +18,12 @@ from torch import nn
 
 from abliterate.adapters.resolve import ResolvedWriter, blocks_of, residual_writers
 from abliterate.adapters.spec import Adapter
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_rows
 from abliterate.edit.kernel import norm_factors
 from abliterate.edit.walker import check_norm_preserving
 
 HiddenCallback = Callable[[int, torch.Tensor], None]
-# The strength of the projection at one residual writer: a float, or ``[batch]`` (one per batch row).
-StrengthOf = Callable[[ResolvedWriter], "float | torch.Tensor"]
-# Per-writer scales of a subspace edit: ``[k]`` (a sequence or tensor), or ``[batch, k]``.
-ScalesOf = Callable[[ResolvedWriter], Any]
 
 
 def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -244,24 +241,25 @@ def ablated(
         yield
 
 
-def projection(direction: torch.Tensor, strength_of: StrengthOf | None = None) -> Operator:
+def projection(direction: torch.Tensor, scales: Callable[[ResolvedWriter], Any] | None = None) -> Operator:
     """Project ``direction`` out of each site's output: ``h − (h·r̂) r̂``, or ``h − s (h·r̂) r̂`` with
-    ``s = strength_of(writer)`` (the hook equivalent of folding ``I − s r̂ r̂ᵀ``; a writer of strength 0
+    ``s = scales(writer)`` (the hook equivalent of folding ``I − s r̂ r̂ᵀ``; a writer of strength 0
     is not hooked). With ``[batch, d_model]`` directions and ``[batch]`` strengths, every batch row is
     its own edit, so many edits share one forward pass.
 
     Args:
         direction: ``[d_model]`` (normalized here) or ``[batch, d_model]`` unit rows.
-        strength_of: the strength of each writer (default: 1 everywhere, the paper's edit).
+        scales: the strength at each writer, a float or ``[batch]`` (default: 1 everywhere, the paper's
+            edit); a declared edit's is ``DeclaredEdit.scales`` (``edit_projection``).
     """
     if direction.dim() == 1:
         direction = unit_rows(direction)
-    if strength_of is None:
+    if scales is None:
         plain = Patch(lambda out, inputs: project_out(out, direction))
         return lambda writer: plain
 
     def at(writer: ResolvedWriter | None) -> Patch | None:
-        strength = strength_of(writer)
+        strength = scales(writer)
         if isinstance(strength, torch.Tensor) or strength != 0:
             return Patch(lambda out, inputs: project_out_scaled(out, direction, strength))
         return None
@@ -269,27 +267,27 @@ def projection(direction: torch.Tensor, strength_of: StrengthOf | None = None) -
     return at
 
 
-def subspace_projection(basis: torch.Tensor, scales_of: ScalesOf) -> Operator:
-    """Project ``Σ_i s_i (h·q_i) q_i`` out of each site's output, ``s = scales_of(writer)``: the hook
+def subspace_projection(basis: torch.Tensor, scales: Callable[[ResolvedWriter], Any]) -> Operator:
+    """Project ``Σ_i s_i (h·q_i) q_i`` out of each site's output, ``s = scales(writer)``: the hook
     equivalent of folding ``I − Q diag(s) Qᵀ`` (``abliterate.edit.kernel.orthogonalize_`` with a
     ``[k, d_model]`` direction). A writer whose scales are all 0 is not hooked.
 
     Args:
         basis: orthonormal rows ``[k, d_model]``, or ``[batch, k, d_model]`` (one edit per batch row,
-            ``scales_of`` then gives ``[batch, k]``).
-        scales_of: the scales of each writer.
+            ``scales`` then gives ``[batch, k]``).
+        scales: the scales ``[k]`` (a sequence or tensor) at each writer.
     """
 
     def at(writer: ResolvedWriter | None) -> Patch | None:
-        scales = torch.as_tensor(scales_of(writer), dtype=torch.float64)
-        if bool((scales != 0).any()):
-            return Patch(lambda out, inputs: project_out_subspace(out, basis, scales))
+        rows = torch.as_tensor(scales(writer), dtype=torch.float64)
+        if bool((rows != 0).any()):
+            return Patch(lambda out, inputs: project_out_subspace(out, basis, rows))
         return None
 
     return at
 
 
-def norm_preserving_projection(direction: torch.Tensor, strength_of: StrengthOf) -> Operator:
+def norm_preserving_projection(direction: torch.Tensor, scales: Callable[[ResolvedWriter], Any]) -> Operator:
     """The hook equivalent of the column-norm-preserving fold ``W' = (I − s r̂ r̂ᵀ) W D``
     (``abliterate.edit.kernel.norm_factors``): scale what each writer reads by ``D``, then project its
     output. An embedding's ``D`` is per token, so its output rows are scaled by ``D[token]``. Fused
@@ -297,17 +295,17 @@ def norm_preserving_projection(direction: torch.Tensor, strength_of: StrengthOf)
 
     Args:
         direction: ``[d_model]``, or an orthonormal subspace ``[k, d_model]`` (rows normalized here).
-        strength_of: each writer's strength (per row of a subspace).
+        scales: each writer's strength (per row of a subspace).
     """
     basis = unit_rows(direction.reshape(-1, direction.shape[-1]))
 
     def at(writer: ResolvedWriter | None) -> Patch:
         check_norm_preserving([writer])
-        scales = torch.as_tensor(strength_of(writer), dtype=torch.float64).expand(basis.shape[0])
-        factors = norm_factors(writer.weight_tensor(), basis, writer.layout, tuple(scales.tolist()))
+        rows = torch.as_tensor(scales(writer), dtype=torch.float64).expand(basis.shape[0])
+        factors = norm_factors(writer.weight_tensor(), basis, writer.layout, tuple(rows.tolist()))
         if writer.group == "embedding":  # per token: no input to scale, its output rows are scaled
-            return Patch(lambda out, ids: _scale_rows(project_out_subspace(out, basis, scales), factors, ids))
-        return Patch(lambda out, inputs: project_out_subspace(out, basis, scales), _scaling(factors))
+            return Patch(lambda out, ids: _scale_rows(project_out_subspace(out, basis, rows), factors, ids))
+        return Patch(lambda out, inputs: project_out_subspace(out, basis, rows), _scaling(factors))
 
     return at
 
@@ -326,18 +324,20 @@ def _scale_rows(projected: torch.Tensor, factors: torch.Tensor, inputs: tuple[An
     return (projected.to(torch.float32) * row_scale).to(projected.dtype)
 
 
-def edit_projection(
-    direction: torch.Tensor,
-    strength_of: Callable[[ResolvedWriter], Any] | None,
-    norm_preserving: bool = False,
-) -> Operator:
-    """The operator whose hooks are the reference of a fold: ``direction`` ``[d_model]`` with
-    ``strength_of`` (``None``: 1 everywhere, the paper's edit), or a subspace ``[k, d_model]`` whose
-    ``strength_of`` gives one strength per row (``DeclaredEdit.scales_for``); ``norm_preserving``: of
-    the fold ``(I − s r̂ r̂ᵀ) W D`` (``norm_preserving_projection``)."""
-    if norm_preserving:
-        return norm_preserving_projection(direction, strength_of or (lambda writer: 1.0))
+def edit_projection(declared: DeclaredEdit) -> Operator:
+    """The operator whose hooks are the reference of ``walker.fold_direction(declared)``: its direction
+    ``[d_model]`` (``projection``) or subspace ``[k, d_model]`` (``subspace_projection``) at each writer's
+    ``declared.scales``, or of the fold ``(I − s r̂ r̂ᵀ) W D`` when ``declared.norm_preserving``
+    (``norm_preserving_projection``). The paper's plain edit takes the unscaled projection."""
+    direction = declared.direction
+    if declared.is_plain():
+        return projection(direction)
+
+    def scales(writer: ResolvedWriter) -> Any:
+        return declared.scales(writer.group, writer.layer)
+
+    if declared.norm_preserving:
+        return norm_preserving_projection(direction, scales)
     if direction.dim() == 2:
-        rows = direction.shape[0]
-        return subspace_projection(direction, strength_of or (lambda writer: [1.0] * rows))
-    return projection(direction, strength_of)
+        return subspace_projection(direction, scales)
+    return projection(direction, scales)

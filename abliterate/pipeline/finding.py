@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 
 from abliterate.config import RunConfig
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
 from abliterate.find.evaluate import refusal_rate
 from abliterate.find.extract import candidate_directions, extract_means
@@ -135,8 +136,8 @@ def _confirmation(
     val prompt (counted by the judge), and the mean first-token KL from ``reference`` on ``harmless``."""
     model, adapter = subject.model, subject.adapter
 
-    def confirm(point: EditPoint, direction: torch.Tensor) -> tuple[int, int, float]:
-        with ablated(model, adapter, edit_projection(direction, point.strength_of, point.norm_preserving)):
+    def confirm(edit: DeclaredEdit) -> tuple[int, int, float]:
+        with ablated(model, adapter, edit_projection(edit)):
             replies = refusal_rate(
                 model, subject.tokenizer, inputs.harmful.val, **generation_options(config, subject)
             ).replies

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -12,8 +11,9 @@ from abliterate.config import RunConfig
 
 # walker is called through its module, so tests can replace the fold (a broken one) by patching it.
 from abliterate.edit import walker
+from abliterate.edit.declared import DeclaredEdit
 from abliterate.errors import GateError
-from abliterate.find.point import is_norm_preserving, strength_function
+from abliterate.find.point import declared_edit
 from abliterate.find.select import RefusalDirection
 from abliterate.model.batching import (
     EncodedPrompts,
@@ -24,22 +24,23 @@ from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
-from abliterate.prove.gate import GateReference, GateReport, gate_reference
+from abliterate.prove.gate import (
+    GateReference,
+    GateReport,
+    gate_reference,
+)
 from abliterate.ship import direction_file
 
 
-def strengths(chosen: RefusalDirection) -> Callable[..., float] | None:
-    return strength_function(chosen.edit_point)
-
-
-def norm_preserving(chosen: RefusalDirection) -> bool:
-    return is_norm_preserving(chosen.edit_point)
+def chosen_edit(subject: Subject, chosen: RefusalDirection) -> DeclaredEdit:
+    """The chosen edit as the fold, the hooks and the certificate take it: its direction as stored, with
+    the searched point's strengths over the model's blocks (``None``: the paper's edit)."""
+    return declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
 
 
 def hooked_edit(subject: Subject, chosen: RefusalDirection) -> AbstractContextManager:
     """The hook equivalent of the chosen edit (the paper's or a searched point)."""
-    operator = edit_projection(chosen.direction, strengths(chosen), norm_preserving(chosen))
-    return ablated(subject.model, subject.adapter, operator)
+    return ablated(subject.model, subject.adapter, edit_projection(chosen_edit(subject, chosen)))
 
 
 def parity_reference(
@@ -63,13 +64,7 @@ def parity_prompts(config: RunConfig, subject: Subject, inputs: Inputs) -> Encod
 
 def fold(subject: Subject, chosen: RefusalDirection) -> None:
     """Fold the direction into every residual writer of the model in memory (then cast, for GGUF)."""
-    walker.fold_direction(
-        subject.model,
-        subject.adapter,
-        chosen.direction,
-        strength_of=strengths(chosen),
-        norm_preserving=norm_preserving(chosen),
-    )
+    walker.fold_direction(subject.model, subject.adapter, chosen_edit(subject, chosen))
     if subject.cast_to is not None:
         subject.model.to(getattr(torch, subject.cast_to))
 
@@ -92,7 +87,7 @@ def certify_saved(
     gate.certificate = certify_checkpoint(
         source,
         staging,
-        direction_file.declared_edit(chosen.direction, chosen.edit_point, n_layers),
+        declared_edit(chosen.direction, chosen.edit_point, n_layers),
         architecture=config.load.architecture,
         progress=config.progress,
     )

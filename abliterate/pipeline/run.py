@@ -23,12 +23,12 @@ from abliterate.pipeline.evaluation import Baseline, evaluate_after, evaluate_be
 from abliterate.pipeline.finding import candidates_and_means, paper_direction, searched_direction
 from abliterate.pipeline.gating import (
     certify_saved,
+    chosen_edit,
     fold,
     hooked_edit,
     parity_prompts,
     parity_reference,
     raise_unless_passed,
-    strengths,
 )
 from abliterate.pipeline.publishing import (
     RunResult,
@@ -42,7 +42,6 @@ from abliterate.pipeline.subject import Inputs, Subject, load, prepare
 from abliterate.prove.files import compare_companions
 from abliterate.prove.gate import Candidate, GateReport, completeness_on, gate_candidate
 from abliterate.prove.lora_parity import peft_parity
-from abliterate.ship import direction_file
 from abliterate.ship.report import model_card
 from abliterate.ship.streaming import stream_into
 
@@ -131,11 +130,10 @@ def run_streamed(
             "save",
             stream_into,
             source,
-            chosen.direction,
+            chosen_edit(subject, chosen),
             staging,
             architecture=config.load.architecture,
             progress=config.progress,
-            declared=direction_file.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers),
         )
         gate.certificate = streamed.certificate
         gate.files = compare_companions(source, staging)  # stream_into raised if they differ
@@ -172,7 +170,7 @@ def run_lora(
         timed,
         certificate="--format lora: no checkpoint written; parity is checked through peft",
     )
-    declared = direction_file.declared_edit(chosen.direction, chosen.edit_point, subject.n_layers)
+    edit = chosen_edit(subject, chosen)
     base_model = subject.loaded.base_model or config.model
 
     def write(staging: Path) -> dict[str, Any]:
@@ -181,13 +179,12 @@ def run_lora(
             lora.write_lora,
             model,
             adapter,
-            chosen.direction,
+            edit,
             staging,
             base_model=base_model,
-            strength_of=strengths(chosen),
         )
         gate.parity = timed(
-            "verify", peft_parity, model, adapter, declared, staging, prompts, subject.dtype_name
+            "verify", peft_parity, model, adapter, edit, staging, prompts, subject.dtype_name
         )
         raise_unless_passed(gate, "nothing was saved or pushed")
         save_direction_files(staging, config, subject, chosen)

@@ -199,7 +199,7 @@ def _check_config(
         tally.fail(
             f"config.json: model_type {after.get('model_type')!r} differs from {before.get('model_type')!r}"
         )
-    if declared.strength("embedding") != 0 and ties_embeddings(after, str(after.get("model_type"))):
+    if changes(declared.scales("embedding", -1)) and ties_embeddings(after, str(after.get("model_type"))):
         tally.fail(
             "config.json ties the output head to the edited embedding (tie_word_embeddings must be false)"
         )
@@ -308,8 +308,8 @@ def _certify_writer(
     if not all_finite(expected):  # a fold spreads it over a row, where any value would then pass
         tally.fail(non_finite_writer(name))
         return
-    strength = declared.scales_for(required.group, required.layer)
-    if not changes(strength):  # strength 0: this writer must be left as it was
+    scales = declared.scales(required.group, required.layer)
+    if not changes(scales):  # strength 0: this writer must be left as it was
         same = reader.matches(expected.to(target_dtype), edited)
         tally.unchanged(same, f"{name}: changed, but the declared edit gives it strength 0")
         return
@@ -318,7 +318,7 @@ def _certify_writer(
         return
     scaled = declared.norm_preserving and not required.bias
     fold_dtype = expected.dtype
-    orthogonalize_(expected, declared.direction, required.layout, strength, scaled)
+    orthogonalize_(expected, declared.direction, required.layout, scales, scaled)
     where = f"{name} ({required.group} {required.layer})"
     expected = expected.to(target_dtype)
     if reader.matches(expected, edited):
@@ -333,7 +333,7 @@ def _certify_writer(
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
     source = reader.tensor(original, fresh=True).to(fold_dtype)
-    leak, failure = judge_bounded(source, target, declared.direction, required.layout, strength, scaled)
+    leak, failure = judge_bounded(source, target, declared.direction, required.layout, scales, scaled)
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if failure:
         tally.fail(f"{where}: {failure}")

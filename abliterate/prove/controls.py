@@ -73,7 +73,7 @@ def fold_control(model: nn.Module, adapter: Adapter, direction: torch.Tensor, co
         for writer in residual_writers(model, adapter)
         if control != "nothing" and writer.group != group and writer.layer != layer
     ]
-    return fold_direction(model, adapter, direction, writers)
+    return fold_direction(model, adapter, DeclaredEdit(direction), writers)
 
 
 def gate_on_controls(

@@ -199,9 +199,7 @@ def hooked_reference(
         ValueError: ``dtype`` has no parity proof (8-bit floats, unknown formats).
     """
     check_dtype(dtype)
-    # The hooks take per-writer strengths (``None``: the paper's strength-1 edit, on its own code path).
-    strength_of = None if edit.is_plain() else (lambda writer: edit.scales_for(writer.group, writer.layer))
-    with ablated(model, adapter, edit_projection(edit.direction, strength_of, edit.norm_preserving)):
+    with ablated(model, adapter, edit_projection(edit)):
         reference = all_position_logits(model, prompts)
     return HookedReference(reference, prompts.batches[0][1], dtype)
 

@@ -110,7 +110,6 @@ def certify_adapter(
         ValueError: ``adapter_config.json`` is not a JSON object.
     """
     from abliterate.edit.lora_factors import lora_state
-    from abliterate.ship.direction_file import writer_strengths
 
     started = time.perf_counter()
     directory = Path(directory).expanduser()
@@ -121,7 +120,7 @@ def certify_adapter(
         declared.validate((w.group, w.layer) for w in residual_writers(model, adapter))
         if declared.norm_preserving:
             raise ValueError(NORM_PRESERVING)
-        expected, fields = lora_state(model, adapter, declared.direction, writer_strengths(declared))
+        expected, fields = lora_state(model, adapter, declared)
     except ValueError as error:  # no adapter can be this declared edit
         return AdapterCertificate(False, 0, 0, 0, 0, 0, 0, 0, base_model, [str(error)], 1, 0.0)
     failures, n_fields = _compare_config(stored_config, fields)

@@ -9,19 +9,16 @@ an old file without them declares strength 1 on every writer.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from abliterate.adapters.resolve import ResolvedWriter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.edit.kernel import Strength
-from abliterate.find.point import EditPoint
+from abliterate.find.point import EditPoint, declared_edit
 
 TENSOR_NAME = "direction"
 
@@ -90,21 +87,23 @@ STRENGTHS_KEY = "strengths"
 
 
 def point_metadata(point: EditPoint, n_layers: int) -> dict[str, str]:
-    """``direction.safetensors`` metadata for ``point``: the point itself and its resolved strengths.
+    """``direction.safetensors`` metadata for ``point``: the point itself and the edit it declares.
 
     ``strengths`` holds what ``apply`` and the certificate need (the embedding's strength and one
-    strength per block for every writer group), so a reader needs no knowledge of the profile's form.
+    strength per block for every writer group, ``declared_edit``), so a reader needs no knowledge of the
+    profile's form; ``declared_from_file`` reads it back.
     """
-    strengths = {"embedding": point.embedding, "layers": point.layer_strengths(n_layers)}
-    if point.rank > 1:
-        strengths["weights"] = list(point.weights())
-    if point.norm_preserving:
+    declared = declared_edit(torch.empty(0), point, n_layers)  # the strengths; the tensor holds the direction
+    strengths = {"embedding": declared.strengths["embedding"], "layers": declared.layer_strengths}
+    if declared.weights:
+        strengths["weights"] = list(declared.weights)
+    if declared.norm_preserving:
         strengths["norm_preserving"] = True
     return {POINT_KEY: json.dumps(asdict(point)), STRENGTHS_KEY: json.dumps(strengths)}
 
 
-def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
-    """The strengths a direction file declares, as a ``DeclaredEdit`` whose direction is left empty.
+def declared_from_file(direction: torch.Tensor, metadata: dict[str, str]) -> DeclaredEdit:
+    """The edit a direction file declares: its ``direction`` with the strengths of its metadata.
 
     Old direction files (no ``strengths`` key) declare strength 1 on every writer; a file without
     ``"norm_preserving": true`` declares the plain fold.
@@ -113,7 +112,7 @@ def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
         ValueError: the ``strengths`` entry is not what ``point_metadata`` writes.
     """
     if STRENGTHS_KEY not in metadata:
-        return DeclaredEdit(torch.empty(0))
+        return DeclaredEdit(direction)
     try:
         stored = json.loads(metadata[STRENGTHS_KEY])
         layers = {group: tuple(float(s) for s in values) for group, values in stored["layers"].items()}
@@ -122,28 +121,6 @@ def strengths_from_metadata(metadata: dict[str, str]) -> DeclaredEdit:
         if not isinstance(norm_preserving, bool):
             raise ValueError(f"norm_preserving must be true or false, got {norm_preserving!r}")
         embedding = {"embedding": float(stored["embedding"])}
-        return DeclaredEdit(torch.empty(0), embedding, 1.0, layers, weights, norm_preserving)
+        return DeclaredEdit(direction, embedding, 1.0, layers, weights, norm_preserving)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"the direction file's {STRENGTHS_KEY!r} metadata is malformed: {error}") from error
-
-
-def declared_edit(direction: torch.Tensor, point: EditPoint | None, n_layers: int) -> DeclaredEdit:
-    """The edit the certificate checks: ``direction`` with ``point``'s strengths."""
-    if point is None:
-        return DeclaredEdit(direction)
-    layers = point.layer_strengths(n_layers)
-    embedding = {"embedding": point.embedding}
-    return DeclaredEdit(direction, embedding, 1.0, layers, point.weights(), point.norm_preserving)
-
-
-def declared_from_file(direction: torch.Tensor, metadata: dict[str, str]) -> DeclaredEdit:
-    """The edit a direction file declares: its direction with its strengths (1 for old files)."""
-    return replace(strengths_from_metadata(metadata), direction=direction)
-
-
-def writer_strengths(declared: DeclaredEdit) -> Callable[[ResolvedWriter], Strength] | None:
-    """The hooks' and the fold's per-writer strength for a declared edit (per row for a subspace);
-    ``None`` when it is the plain strength-1 edit (so callers keep the paper's code path)."""
-    if declared.is_plain():
-        return None
-    return lambda writer: declared.scales_for(writer.group, writer.layer)

@@ -10,14 +10,11 @@ it was computed from. ``adapter`` arguments are the architecture description
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import nn
 
-from abliterate.adapters.resolve import ResolvedWriter, residual_writers, resolve_adapter
+from abliterate.adapters.resolve import residual_writers, resolve_adapter
 from abliterate.adapters.spec import Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.lora_factors import NORM_PRESERVING_REFUSAL, lora_state
@@ -28,27 +25,25 @@ from abliterate.model.batching import encode
 from abliterate.model.prompts import bundled
 from abliterate.prove.lora_parity import peft_parity
 from abliterate.prove.parity import ParityReport
-from abliterate.ship.direction_file import writer_strengths
 
 
 def write_lora(
     model: nn.Module,
     adapter: Adapter,
-    direction: torch.Tensor,
+    declared: DeclaredEdit,
     output: str | Path,
     *,
     base_model: str,
-    strength_of: Callable[[ResolvedWriter], Any] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``output``.
 
     Args:
         model: the original model the LoRA adapter is computed from (and is exact on).
         adapter: its architecture description.
-        direction: ``[d_model]`` direction, or an orthonormal subspace ``[k, d_model]`` (rank-k LoRA).
+        declared: the edit (``lora_state``): a direction ``[d_model]``, or an orthonormal subspace
+            ``[k, d_model]`` (rank-k adapter), at each writer's ``declared.scales``.
         output: an existing directory.
-        base_model: what the LoRA adapter must be loaded on, as recorded in ``base_model_name_or_path``.
-        strength_of: per-writer strengths of a searched edit (one per row for a subspace).
+        base_model: what the adapter must be loaded on, as recorded in ``base_model_name_or_path``.
 
     Returns:
         ``output``.
@@ -59,7 +54,7 @@ def write_lora(
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    tensors, fields = lora_state(model, adapter, direction, strength_of)
+    tensors, fields = lora_state(model, adapter, declared)
     config = LoraConfig(base_model_name_or_path=base_model, task_type="CAUSAL_LM", **fields)
     output = Path(output)
     config.save_pretrained(str(output))
@@ -114,10 +109,9 @@ def apply_lora(
         write_lora(
             loaded.model,
             adapter,
-            declared.direction,
+            declared,
             staging,
             base_model=loaded.base_model or checkpoint,
-            strength_of=writer_strengths(declared),
         )
         report = peft_parity(loaded.model, adapter, declared, staging, prompts, loaded.dtype_name)
         if not report.passed:

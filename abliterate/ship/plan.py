@@ -20,7 +20,7 @@ from abliterate.adapters.registry import get_adapter, registered_model_types
 from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter, Layout
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit
-from abliterate.edit.kernel import ROWS_WRITE, Strength
+from abliterate.edit.kernel import ROWS_WRITE, Scales
 from abliterate.io.safetensors import (
     DTYPES,
     INDEX_NAME,
@@ -35,10 +35,6 @@ from abliterate.prove.structure import canonical, layer_of, read_structure
 
 # The module names attention blocks use on disk (``self_attn``, ``attn``, ``attention``, ``self_attention``).
 _ATTENTION_NAME = re.compile(r"\.(" + "|".join(ATTENTION_MODULES) + r")\.")
-
-# What one tensor's fold is given: its strength, and whether it is scaled by ``D`` (a norm-preserving
-# edit's weights; never a bias).
-TensorEdit = tuple[Strength, bool]
 
 
 @dataclass(frozen=True)
@@ -246,10 +242,11 @@ def _check_editable(entry: TensorEntry, layout: Layout, d_model: int) -> None:
         )
 
 
-def edit_by_name(
+def tensor_scales(
     source: Path, architecture: str | None, declared: DeclaredEdit, plan: StreamPlan
-) -> Callable[[str], TensorEdit] | None:
-    """Each edited tensor's strength and scaling by its on-disk name, or ``None`` for the plain edit.
+) -> Callable[[str], tuple[Scales, bool]] | None:
+    """Each edited tensor's fold by its on-disk name: its ``declared.scales`` and whether it is scaled by
+    ``D`` (a norm-preserving edit's weights, never a bias); ``None`` for the plain edit.
 
     The group, block and whether a tensor is a bias come from the model's structure
     (``certificate.read_structure``), as the certificate reads them.
@@ -276,8 +273,8 @@ def edit_by_name(
                 "(no module boundary); use a plain edit for this model"
             )
 
-    def edit(name: str) -> TensorEdit:
+    def scales(name: str) -> tuple[Scales, bool]:
         tensor = required[canonical(name)]
-        return declared.scales_for(tensor.group, tensor.layer), declared.norm_preserving and not tensor.bias
+        return declared.scales(tensor.group, tensor.layer), declared.norm_preserving and not tensor.bias
 
-    return edit
+    return scales

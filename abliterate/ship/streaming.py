@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.edit.kernel import changes, orthogonalize_, refuse_non_finite
+from abliterate.edit.kernel import Scales, changes, orthogonalize_, refuse_non_finite
 from abliterate.errors import GateError
 from abliterate.io.locations import HUB_ID
 from abliterate.io.output import (
@@ -46,7 +46,7 @@ from abliterate.io.safetensors import (
 from abliterate.model.sources import describe_source, refuse_prequantized, resolve_checkpoint
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import compare_companions
-from abliterate.ship.plan import StreamPlan, TensorEdit, edit_by_name, plan_edit
+from abliterate.ship.plan import StreamPlan, plan_edit, tensor_scales
 from abliterate.ship.report import apply_card
 
 logger = logging.getLogger(__name__)
@@ -84,22 +84,23 @@ class StreamReport:
 
 def stream_apply(
     checkpoint: str | Path,
-    direction: torch.Tensor,
+    declared: DeclaredEdit,
     output: str | Path,
     *,
     architecture: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     certify: bool = True,
-    declared: DeclaredEdit | None = None,
 ) -> StreamReport:
-    """Write a copy of ``checkpoint`` with ``direction`` folded out of every residual writer.
+    """Write a copy of ``checkpoint`` with the declared edit folded into every residual writer.
 
     Args:
         checkpoint: a local directory with ``config.json`` and ``model.safetensors`` or a sharded
             ``model.safetensors.index.json``, or a Hub id ``owner/name`` (downloaded when not a local path).
-        direction: ``[d_model]`` refusal direction, any non-zero length (``orthogonalize`` normalizes it),
-            or an orthonormal subspace ``[k, d_model]`` (its row weights in ``declared.weights``).
+        declared: the edit: its direction ``[d_model]``, any non-zero length (``orthogonalize`` normalizes
+            it), or an orthonormal subspace ``[k, d_model]``, at each writer's ``declared.scales``. Each
+            tensor's group and block come from the model's structure (``certificate.read_structure``), as
+            the certificate reads them; the paper's plain edit needs no structure.
         output: directory to create; written atomically (temporary sibling, renamed at the end). It may
             not overlap the checkpoint (``checkpoint.prepare_output``); an ``abliterate.json`` marks it.
         architecture: use this registered model type's adapter instead of ``config.json``'s.
@@ -108,20 +109,17 @@ def stream_apply(
         progress: show a progress bar over the bytes processed.
         certify: run the weight certificate (``abliterate.prove.certificate``) on the written files before
             they are moved into place; a failure raises ``GateError`` and leaves nothing behind.
-        declared: per-writer strengths of a searched edit (``abliterate.find.search``; its direction is
-            ignored); ``None`` folds at strength 1 everywhere. Each tensor's group and block come from
-            the model's structure (``certificate.read_structure``), as the certificate reads them.
 
     Returns:
         A ``StreamReport``. Tied embeddings are untied: the output stores ``lm_head`` with the original
         matrix and ``config.json`` says ``tie_word_embeddings: false``.
     """
     started = time.perf_counter()
-    unit_direction(direction, "the direction")  # validation only: it raises on a bad vector
+    unit_direction(declared.direction, "the direction")  # validation only: it raises on a bad vector
     refuse_prequantized(describe_source(str(checkpoint)), command="apply")
     target = prepare_output(output, checkpoint, overwrite)  # before the download and the plan
     source = resolve_checkpoint(checkpoint)
-    plan, declared = _planned(source, direction, architecture, declared)  # before the staging directory
+    plan, declared = _planned(source, declared, architecture)  # before the staging directory
     with atomic_directory(target) as temp:
         report = _write_and_certify(plan, source, temp, declared, architecture, progress, certify, started)
         card = apply_card(str(checkpoint), plan.model_type, report.certificate, HUB_ID.match(str(checkpoint)))
@@ -132,12 +130,11 @@ def stream_apply(
 
 def stream_into(
     source: Path,
-    direction: torch.Tensor,
+    declared: DeclaredEdit,
     directory: Path,
     *,
     architecture: str | None = None,
     progress: bool = True,
-    declared: DeclaredEdit | None = None,
 ) -> StreamReport:
     """``stream_apply`` into an existing, empty ``directory`` that the caller moves into place itself
     (``run`` of a dispatched model writes its staging directory this way), certificate included.
@@ -146,21 +143,21 @@ def stream_into(
         GateError: the written files fail the weight certificate.
     """
     started = time.perf_counter()
-    plan, declared = _planned(source, direction, architecture, declared)
+    plan, declared = _planned(source, declared, architecture)
     return _write_and_certify(plan, source, directory, declared, architecture, progress, True, started)
 
 
 def _planned(
-    source: Path, direction: torch.Tensor, architecture: str | None, declared: DeclaredEdit | None
+    source: Path, declared: DeclaredEdit, architecture: str | None
 ) -> tuple[StreamPlan, DeclaredEdit]:
-    """The plan, and the declared edit carrying the direction as given.
+    """The plan, and the declared edit with its direction on the CPU.
 
     The vector goes to ``orthogonalize`` as given (not normalized here), like the in-memory fold, so both
     edits are bitwise equal.
     """
-    vector = direction.detach().cpu()
+    vector = declared.direction.detach().cpu()
     plan = plan_edit(source, vector, architecture)
-    return plan, (DeclaredEdit(vector) if declared is None else replace(declared, direction=vector))
+    return plan, replace(declared, direction=vector)
 
 
 def _write_and_certify(
@@ -178,14 +175,14 @@ def _write_and_certify(
     Raises:
         GateError: the written files fail the weight certificate or the companion-file comparison.
     """
-    edit_of = edit_by_name(source, architecture, declared, plan)
+    scales_by_name = tensor_scales(source, architecture, declared, plan)
     threads = torch.get_num_threads()
     try:
         # Slices this small gain nothing from intra-op threads, which only add a barrier per operation
         # (measured 3-10x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
         reuse_freed_memory()
-        counts = _write_all(plan, source, directory, declared.direction, progress, edit_of)
+        counts = _write_all(plan, source, directory, declared.direction, progress, scales_by_name)
         certificate = _certify(source, directory, declared, architecture, progress) if certify else None
     finally:
         torch.set_num_threads(threads)
@@ -214,11 +211,11 @@ def _write_all(
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
-    edit_of: Callable[[str], TensorEdit] | None = None,
+    scales_by_name: Callable[[str], tuple[Scales, bool]] | None = None,
 ) -> tuple[int, int, int, int]:
     """Write every shard, the index, config.json and the other files; return the report's counts."""
     head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
-    counts = _write_shards(plan, head_shard, temp, direction, progress, edit_of)
+    counts = _write_shards(plan, head_shard, temp, direction, progress, scales_by_name)
     _write_index(plan, head_shard, source, temp)
     _write_config(plan, source, temp)
     # The source's README.md is its own model card, and its abliterate.json (an abliterate output as the
@@ -239,7 +236,7 @@ def _write_shards(
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
-    edit_of: Callable[[str], TensorEdit] | None,
+    scales_by_name: Callable[[str], tuple[Scales, bool]] | None,
 ) -> tuple[int, int, int, int]:
     """Write every shard with its edited tensors folded; ``(tensors, edited, bytes read, bytes written)``."""
     total_bytes = sum(shard.path.stat().st_size for shard in plan.shards)
@@ -250,11 +247,11 @@ def _write_shards(
     def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
         """Fold the direction out of one tensor that ``write_shard`` read, in place."""
         refuse_non_finite(entry.name, weight)  # raised before this tensor's fold; the output is removed
-        strength, scaled = (1.0, False) if edit_of is None else edit_of(entry.name)
-        orthogonalize_(weight, direction, plan.edits[entry.name], strength, scaled)
+        scales, scaled = (1.0, False) if scales_by_name is None else scales_by_name(entry.name)
+        orthogonalize_(weight, direction, plan.edits[entry.name], scales, scaled)
 
     # A writer of strength 0 is copied as it is, and not counted as edited.
-    edits = {name for name in plan.edits if edit_of is None or changes(edit_of(name)[0])}
+    edits = {name for name in plan.edits if scales_by_name is None or changes(scales_by_name(name)[0])}
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
     head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
