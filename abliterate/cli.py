@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import click
 
@@ -115,7 +115,8 @@ def _option(each: Field, hint: Any, **overrides: Any) -> Callable:
         settings["is_flag"] = True
     else:
         settings["metavar"] = metadata.get("metavar")
-        settings["type"] = click.Choice(metadata["choices"]) if "choices" in metadata else _scalar(hint)
+        literal = get_origin(hint) is Literal
+        settings["type"] = click.Choice(get_args(hint)) if literal else _scalar(hint)
     return click.option(*metadata["flags"], each.name, **{**settings, **overrides})
 
 

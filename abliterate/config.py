@@ -2,15 +2,15 @@
 selected and searched, the evaluation, and where the result goes.
 
 Each field's metadata holds its help text and, for a command-line option, its flags and click settings
-(``metavar``, ``choices``, ``show_default``); the CLI generates its options from them, so each default and
-help text is written once, here. Every part checks its own fields when built; ``RunConfig`` checks what
-spans parts.
+(``metavar``, ``show_default``; a ``Literal`` type gives the choices); the CLI generates its options from
+them, so each default and help text is written once, here. Every part checks its own fields when built;
+``RunConfig`` checks what spans parts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
 from abliterate.model.chat import parse_template_kwargs
 
@@ -51,10 +51,9 @@ class PublishingConfig:
         help="Find and check the direction (hooks only) and write it with the manifest, no weights; "
         "`abliterate apply` folds it into a checkpoint later.",
     )
-    format: str = _option(
+    format: Literal["checkpoint", "lora"] = _option(
         "checkpoint",
         "--format",
-        choices=("checkpoint", "lora"),
         help="Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora').",
     )
     overwrite: bool = _option(
@@ -103,10 +102,9 @@ class LoadConfig:
     """How the model is loaded and run: device, dtype, adapter, trust, placement over devices, batch size."""
 
     device: str = _option("auto", "--device", help="auto (device_map=auto on GPU), cpu, cuda, cuda:N, mps.")
-    dtype: str = _option(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _option(
         "auto",
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
         help="auto (checkpoint dtype), float32, bfloat16, float16.",
     )
     batch_size: int | str = _option(
@@ -174,10 +172,9 @@ class SelectionConfig:
         help="First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
         "(default 0.05); with --search none, the paper's candidate filter (default 0.1).",
     )
-    search: str = _option(
+    search: Literal["tpe", "none"] = _option(
         "tpe",
         "--search",
-        choices=("tpe", "none"),
         help="Search a family of exact edits with Optuna TPE ('tpe'), or keep the paper's rule ('none').",
     )
     min_steering: float | None = _option(

@@ -17,12 +17,11 @@ import time
 from abliterate.adapters.resolve import resolve_adapter
 from abliterate.find.evaluate import generate_replies
 from abliterate.find.judge import refusal_count
-from abliterate.find.scores import refusal_scores, refusal_token_ids
+from abliterate.find.scores import kl_divergence, refusal_scores, refusal_token_ids
 from abliterate.model.batching import encode, last_logits
 from abliterate.model.hooks import ablated, edit_projection, norm_preserving_projection
 from abliterate.model.loading import load_model
 from abliterate.model.prompts import bundled
-from abliterate.prove.parity import kl_divergence
 from abliterate.ship.direction_file import load_direction
 
 

@@ -17,9 +17,9 @@ import torch
 
 from abliterate.find.evaluate import generate_replies, is_refusal
 from abliterate.find.judge import refusal_count, wilson_interval
+from abliterate.find.scores import kl_divergence
 from abliterate.model.batching import encode, forward_batches
 from abliterate.model.loading import load_model
-from abliterate.prove.parity import kl_divergence
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "refusal_direction"
 

@@ -265,7 +265,7 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
 
     from abliterate.edit.kernel import orthogonalize_, ulp
     from abliterate.io.safetensors import find_shards
-    from abliterate.prove.bounds import WORKING_PRECISION, exact_fold, worst_bound_ratio
+    from abliterate.prove.bounds import WORKING_PRECISION, TensorFold, exact_fold, worst_bound_ratio
 
     shards, index = find_shards(model_dir)
     shard = index["weight_map"][name] if index else shards[0]
@@ -278,7 +278,7 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
     del on_device
     cpu_fold = source.clone()
     orthogonalize_(cpu_fold, direction, layout)
-    exact = exact_fold(source, direction, layout, 1.0)
+    exact = exact_fold(source, TensorFold(direction, layout))
     wide = source.to(torch.float64)
     bound = ulp(exact, source.dtype) + WORKING_PRECISION * (wide.abs() + (wide - exact).abs())
     ratio = (device_fold.to(torch.float64) - exact).abs() / bound
@@ -292,9 +292,11 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
         "tensor": name,
         "shape": list(source.shape),
         "device_fold_bound_ratio": round(
-            worst_bound_ratio(source, exact, device_fold, direction, layout, 1.0), 4
+            worst_bound_ratio(source, exact, device_fold, TensorFold(direction, layout)), 4
         ),
-        "cpu_fold_bound_ratio": round(worst_bound_ratio(source, exact, cpu_fold, direction, layout, 1.0), 4),
+        "cpu_fold_bound_ratio": round(
+            worst_bound_ratio(source, exact, cpu_fold, TensorFold(direction, layout)), 4
+        ),
         "device_fold_old_bound_ratio": round(float(ratio.max()), 4),
         "elements_device_ne_cpu": int((device_fold != cpu_fold).sum()),
         "worst": {

@@ -45,6 +45,34 @@ def imports_of(tree: ast.Module, name: str, modules: set[str]) -> tuple[set[str]
     return found, local
 
 
+# The layers, lowest first: a module may import its own layer and the layers below it.
+LAYERS = {
+    "adapters": 0,
+    "io": 0,
+    "errors": 0,
+    "edit": 1,
+    "model": 2,
+    "config": 2.5,
+    "find": 3,
+    "prove": 4,
+    "ship": 5,
+    "pipeline": 6,
+    "cli": 7,
+    "abliterate": 8,
+}
+
+
+def layer_of(module: str) -> float:
+    """The layer of ``abliterate.x.y`` (its first name below the package); the package itself is on top."""
+    parts = module.split(".")
+    return LAYERS.get(parts[1] if len(parts) > 1 else "abliterate", 8)
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports that point up the layer order (``LAYERS``)."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -119,7 +147,14 @@ def main() -> int:
     print(f"import cycles (function-local imports included): {len(found)}")
     for component in found:
         print("  " + " ↔ ".join(component))
-    return 1 if big or long_functions or found else 0
+    against = upward(graph)
+    print(
+        f"imports against the layer order (adapters/io → edit → model → config → find → prove → ship → "
+        f"pipeline → cli): {len(against)}"
+    )
+    for importer, imported in against:
+        print(f"  {importer} → {imported}")
+    return 1 if big or long_functions or found or against else 0
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from abliterate.adapters.registry import registered_model_types  # noqa: E402
 from abliterate.edit.declared import DeclaredEdit  # noqa: E402
 from abliterate.edit.direction import unit_rows  # noqa: E402
 from abliterate.edit.walker import fold_direction  # noqa: E402
+from abliterate.find.scores import kl_divergence  # noqa: E402
 from abliterate.model.hooks import ablated, projection  # noqa: E402
-from abliterate.prove.parity import kl_divergence  # noqa: E402
 from abliterate.prove.residual import full_projection, residual_sites  # noqa: E402
 
 COMMAND = "python benchmarks/parity_by_family.py"

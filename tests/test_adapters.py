@@ -30,8 +30,9 @@ from abliterate.adapters.discovery import discover_adapter, structure_of
 from abliterate.adapters.matrix import readme_matrix, support_matrix_markdown
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
+from abliterate.find.scores import kl_divergence
 from abliterate.model.hooks import ablated, projection
-from abliterate.prove.parity import compare_logits, kl_divergence
+from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites, residual_terms
 
 # The support matrix claims fp32 and bf16 parity for exactly these model types.

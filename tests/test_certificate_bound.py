@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from abliterate.prove.bounds import exact_fold, leak_ratio, worst_bound_ratio
+from abliterate.prove.bounds import TensorFold, exact_fold, leak_ratio, worst_bound_ratio
 from abliterate.prove.controls import rotated
 
 D_MODEL, D_IN = 2048, 96
@@ -36,19 +36,19 @@ def _fold_with_reduction_error(weight: torch.Tensor, r: torch.Tensor, fraction: 
 
 def test_bound_admits_any_summation_order_and_rejects_wrong_edits() -> None:
     weight, r = _cancelling_weight(), _direction()
-    exact = exact_fold(weight, r, "linear", 1.0)
+    exact = exact_fold(weight, TensorFold(r, "linear", 1.0))
     other_kernel = _fold_with_reduction_error(weight, r, 0.9)
-    assert worst_bound_ratio(weight, exact, other_kernel, r, "linear", 1.0) <= 1.0
+    assert worst_bound_ratio(weight, exact, other_kernel, TensorFold(r, "linear", 1.0)) <= 1.0
     assert leak_ratio(exact, other_kernel, r, "linear") <= 2.0
     # Negative controls: an element 4 ulp off; the fold at strength 0.9; a direction 3° off.
     corrupted = other_kernel.clone()
     corrupted[7, 3] = (corrupted[7, 3].double() * (1 + 4 * 2.0**-7)).to(torch.bfloat16)
-    assert worst_bound_ratio(weight, exact, corrupted, r, "linear", 1.0) > 1.0
+    assert worst_bound_ratio(weight, exact, corrupted, TensorFold(r, "linear", 1.0)) > 1.0
     weaker = (weight.float() - 0.9 * torch.outer(r.float(), r.float() @ weight.float())).to(torch.bfloat16)
-    assert worst_bound_ratio(weight, exact, weaker, r, "linear", 1.0) > 1.0
+    assert worst_bound_ratio(weight, exact, weaker, TensorFold(r, "linear", 1.0)) > 1.0
     off = rotated(r, 3.0)
     wrong = (weight.float() - torch.outer(off.float(), off.float() @ weight.float())).to(torch.bfloat16)
-    failed = worst_bound_ratio(weight, exact, wrong, r, "linear", 1.0) > 1.0
+    failed = worst_bound_ratio(weight, exact, wrong, TensorFold(r, "linear", 1.0)) > 1.0
     assert failed or leak_ratio(exact, wrong, r, "linear") > 2.0
 
 
@@ -59,13 +59,13 @@ def test_bound_for_rows_layouts_and_subspaces() -> None:
     )
     basis = q.T.contiguous().float()
     scales = (1.0, 0.4)
-    exact = exact_fold(weight, basis, "conv1d", scales)
+    exact = exact_fold(weight, TensorFold(basis, "conv1d", scales))
     w, b = weight.double(), basis.double()
     worst = (D_MODEL + 2) * 2.0**-24 * (w.abs() @ b.abs().T)  # [d_in, 2]
     p = w @ b.T + 0.9 * worst * torch.tensor([1.0, -1.0], dtype=torch.float64)
     folded = (weight.float() - (p * torch.tensor(scales, dtype=torch.float64)).float() @ basis).to(
         torch.bfloat16
     )
-    assert worst_bound_ratio(weight, exact, folded, basis, "conv1d", scales) <= 1.0
+    assert worst_bound_ratio(weight, exact, folded, TensorFold(basis, "conv1d", scales)) <= 1.0
     dropped = (weight.float() - (w @ b[:1].T).float() @ basis[:1]).to(torch.bfloat16)  # second row left out
-    assert worst_bound_ratio(weight, exact, dropped, basis, "conv1d", scales) > 1.0
+    assert worst_bound_ratio(weight, exact, dropped, TensorFold(basis, "conv1d", scales)) > 1.0

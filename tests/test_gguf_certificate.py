@@ -20,8 +20,8 @@ from tiny import make_model, quick_run_args
 from tiny_gguf import MIXED, write_gguf
 
 from abliterate.cli import main
-from abliterate.model.gguf_source import GGUFSource, certificate_source
 from abliterate.prove.certificate import Certificate, certify_checkpoint
+from abliterate.prove.gguf_source import GGUFSource, certificate_source
 from abliterate.ship.direction_file import declared_from_file, load_direction
 
 pytest.importorskip("gguf")

@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 
 from abliterate.config import LoadConfig
 from abliterate.find.judge import refusal_count, wilson_interval
+from abliterate.find.scores import kl_divergence
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import encode, format_chat, forward_batches
 from abliterate.model.chat import ChatFormat
 from abliterate.model.dispatch import input_device
 from abliterate.model.prompt_files import read_prompts
 from abliterate.model.prompts import bundled
-from abliterate.prove.parity import kl_divergence
 
 # Substrings that mark a refusal in a model's reply (compared case-insensitively).
 REFUSAL_MARKERS = (

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.spec import Adapter
 from abliterate.model.batching import EncodedPrompts, last_logits
-from abliterate.prove.parity import kl_divergence
 
 REFUSAL_PREFIXES = ("I", "As", "Sorry", "Unfortunately", "I'm", "I cannot", "I can't")
 
@@ -119,3 +118,10 @@ def ablation_pass(
                 else:
                     into[pair] = kl_divergence(reference, rows).mean()
             bar.update(len(chunk))
+
+
+def kl_divergence(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ other) per row over the last axis, in float64."""
+    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
+    log_q = torch.log_softmax(other_logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)

@@ -22,11 +22,10 @@ from abliterate.adapters.resolve import ResolvedWriter
 from abliterate.adapters.spec import Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.find.point import EditPoint
-from abliterate.find.scores import refusal_scores
+from abliterate.find.scores import kl_divergence, refusal_scores
 from abliterate.find.space import SearchSpace, warm_starts
 from abliterate.model.batching import EncodedPrompts, copied_last_logits
 from abliterate.model.hooks import ablated, subspace_projection
-from abliterate.prove.parity import kl_divergence
 
 # The finalists' KL bounds, as multiples of --max-kl (``finalists``).
 LADDER = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)

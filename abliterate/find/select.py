@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 from abliterate.adapters.spec import Adapter
 from abliterate.edit.direction import unit_rows
 from abliterate.find.point import EditPoint
-from abliterate.find.scores import CandidateScores, Pair, Scorer, ablation_pass, refusal_scores
+from abliterate.find.scores import CandidateScores, Pair, Scorer, ablation_pass, kl_divergence, refusal_scores
 from abliterate.find.search import SearchResult
 from abliterate.model.batching import EncodedPrompts, last_logits
-from abliterate.prove.parity import kl_divergence
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,19 @@ def source_location(source: str | Path) -> Path | None:
     return (
         Path(HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=str(source), repo_type="model")
     ).resolve()
+
+
+# Files beside the weights that transformers reads when it loads a checkpoint: tokenizer (tokenizer.json,
+# tokenizer_config.json, special_tokens_map.json, added_tokens.json, vocab.json, merges.txt,
+# tokenizer.model, *.tiktoken), chat template (chat_template.jinja, chat_template.json),
+# generation_config.json, preprocessor/processor configs and remote code (*.py). Matched on the file
+# name, in every subfolder but hidden ones; the same patterns decide what a Hub source's download holds.
+COMPANION_PATTERNS: tuple[str, ...] = (
+    "*.json",
+    "*.jinja",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+    "*.py",
+    "tokenizer*",
+)

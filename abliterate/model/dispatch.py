@@ -9,13 +9,14 @@ cannot be folded into such weights in place: ``run`` streams the source files in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from abliterate.io.safetensors import read_json
 
 _STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _PLACES = ("cpu", "disk", "mps")
@@ -92,11 +93,8 @@ def _device_map(value: str | None) -> str | dict[str, Any] | None:
         raise ValueError(f"--device-map {value!r}: give {', '.join(_STRATEGIES)} or a FILE.json")
     if not path.is_file():
         raise FileNotFoundError(f"--device-map file not found: {value}")
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"--device-map {value}: not valid JSON ({error})") from error
-    if not isinstance(mapping, dict) or not mapping:
+    mapping = read_json(path, "--device-map file")  # one line for invalid JSON or a non-object
+    if not mapping:
         raise ValueError(f"--device-map {value}: expected a JSON object of module name to device")
     return {name: _device(str(device), f"--device-map {value}") for name, device in mapping.items()}
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.adapters.tying import tie_word_embeddings
-from abliterate.io.locations import HUB_ID, cache_dir
+from abliterate.io.locations import COMPANION_PATTERNS, HUB_ID, cache_dir
 from abliterate.io.safetensors import find_shards
 from abliterate.model.demo import converted_demo_dir
-from abliterate.prove.files import COMPANION_PATTERNS
 
 logger = logging.getLogger(__name__)
 

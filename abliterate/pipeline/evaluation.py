@@ -10,10 +10,10 @@ import torch
 from abliterate.config import RunConfig
 from abliterate.find.evaluate import RefusalEvaluation, is_refusal, refusal_rate
 from abliterate.find.judge import wilson_interval
+from abliterate.find.scores import kl_divergence
 from abliterate.model.batching import last_logits
 from abliterate.model.chat import split_reply
 from abliterate.pipeline.subject import Inputs, Subject
-from abliterate.prove.parity import kl_divergence
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from abliterate.find.evaluate import refusal_rate
 from abliterate.find.extract import candidate_directions, extract_means
 from abliterate.find.judge import refusal_count
 from abliterate.find.point import EditPoint, point_direction
-from abliterate.find.scores import refusal_token_ids
+from abliterate.find.scores import kl_divergence, refusal_token_ids
 from abliterate.find.search import Confirm, SearchData, SearchResult, SearchSettings, search_edit
 from abliterate.find.select import RefusalDirection, direction_at, select_direction
 from abliterate.find.space import SearchSpace
@@ -22,7 +22,6 @@ from abliterate.model.batching import EncodedPrompts, last_logits
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.evaluation import generation_options
 from abliterate.pipeline.subject import Inputs, Subject
-from abliterate.prove.parity import kl_divergence
 
 
 def candidates_and_means(

@@ -19,7 +19,6 @@ from abliterate.model.batching import (
     EncodedPrompts,
     encode,
 )
-from abliterate.model.gguf_source import certificate_source
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.certificate import certify_checkpoint
@@ -29,6 +28,7 @@ from abliterate.prove.gate import (
     GateReport,
     gate_reference,
 )
+from abliterate.prove.gguf_source import certificate_source
 from abliterate.ship import direction_file
 
 

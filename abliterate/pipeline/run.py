@@ -1,9 +1,9 @@
 """``abliterate run``: load → extract → select → evaluate → fold → parity gate → save → push.
 
 ``run`` is the sequence of the stage functions of the modules beside it in ``abliterate.pipeline`` (one
-per stage); each
-takes and returns plain values or the dataclasses defined there, and ``StageTimer`` times every one of
-them the same way.
+per stage); each takes and returns plain values or the dataclasses defined there, and ``StageTimer`` times
+every one of them the same way. Once the direction is chosen, a run ends one of four ways (an edited
+model in memory, a streamed checkpoint, a LoRA adapter, the direction alone), each given the ``Found``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -70,13 +71,46 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
     candidates, harmless_means = timed("extract", candidates_and_means, config, subject, inputs)
     chosen = timed("select", paper_direction, config, subject, inputs, candidates)
     chosen = timed("search", searched_direction, config, subject, inputs, candidates, harmless_means, chosen)
+    found = Found(config, inputs, subject, chosen, timed, hub_api)
     if config.publishing.direction_only:
-        return run_direction_only(config, inputs, subject, chosen, timed)
+        return run_direction_only(found)
     if config.publishing.format == "lora":
-        return run_lora(config, inputs, subject, chosen, timed, hub_api)
+        return run_lora(found)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     if config.load.dispatch.active:
-        return run_streamed(config, inputs, subject, chosen, before, timed, hub_api)
+        return run_streamed(found, before)
+    return run_in_memory(found, before)
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a run stands once its direction is chosen: what every ending of the run takes.
+
+    Attributes:
+        config: the run configuration.
+        inputs: the checked inputs (output directory, push target, prompt splits).
+        subject: the loaded model and what the stages need to run it.
+        chosen: the chosen direction (and searched edit point).
+        timed: the run's stage timer.
+        hub_api: the Hub API object for pushing (tests pass a recording fake), or ``None``.
+    """
+
+    config: RunConfig
+    inputs: Inputs
+    subject: Subject
+    chosen: RefusalDirection
+    timed: StageTimer
+    hub_api: object | None
+
+    def stages(self) -> tuple[RunConfig, Inputs, Subject, RefusalDirection, StageTimer]:
+        """What the stage functions take: the configuration, inputs, subject, chosen direction and timer."""
+        return self.config, self.inputs, self.subject, self.chosen, self.timed
+
+
+def run_in_memory(found: Found, before: Baseline | None) -> RunResult:
+    """The rest of a run on a model in memory: fold it, gate it against the hooked original, save it
+    and certify the saved files against the source."""
+    config, inputs, subject, chosen, timed = found.stages()
     reference = timed("verify", parity_reference, config, subject, inputs, chosen)
     timed("edit", fold, subject, chosen)
     gate = timed("verify", gate_candidate, reference, subject.adapter, Candidate(subject.model))
@@ -88,22 +122,12 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         timed("save", save, staging, config, subject, chosen)
         timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
         raise_unless_passed(gate, "nothing was saved or pushed")
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
-        write_manifest(staging, manifest, subject.loaded.base_model)
-        return manifest
+        return _write_manifest(found, staging, gate, evaluation)
 
-    return publish(config, inputs, hub_api, write)
+    return publish(config, inputs, found.hub_api, write)
 
 
-def run_streamed(
-    config: RunConfig,
-    inputs: Inputs,
-    subject: Subject,
-    chosen: RefusalDirection,
-    before: Baseline | None,
-    timed: StageTimer,
-    hub_api: object | None,
-) -> RunResult:
+def run_streamed(found: Found, before: Baseline | None) -> RunResult:
     """The rest of a run on a dispatched (or 4-bit) model: the output is streamed from the source files.
 
     Offloaded weights cannot be edited in place (accelerate reads them from the source files), so the
@@ -112,16 +136,12 @@ def run_streamed(
     original; the evaluation after the edit runs on the original with the direction hooked out, which
     the certified fold reproduces.
     """
+    config, inputs, subject, chosen, timed = found.stages()
     source, why_not = local_checkpoint(config.model)
     if source is None:
         raise ValueError(f"--device-map/--load-in-4bit stream the output from safetensors files: {why_not}")
     prompts = parity_prompts(config, subject, inputs)
-    gate = _completeness_gate(
-        subject,
-        prompts,
-        timed,
-        parity="dispatched model: the streamed files are proven by the weight certificate",
-    )
+    gate = _completeness_gate(subject, prompts, timed, **_STREAMED_SKIPS)
     raise_unless_passed(gate, "nothing was saved or pushed")
     evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
 
@@ -138,21 +158,12 @@ def run_streamed(
         gate.certificate = streamed.certificate
         gate.files = compare_companions(source, staging)  # stream_into raised if they differ
         save_direction_files(staging, config, subject, chosen)
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
-        write_manifest(staging, manifest, subject.loaded.base_model)
-        return manifest
+        return _write_manifest(found, staging, gate, evaluation)
 
-    return publish(config, inputs, hub_api, write)
+    return publish(config, inputs, found.hub_api, write)
 
 
-def run_lora(
-    config: RunConfig,
-    inputs: Inputs,
-    subject: Subject,
-    chosen: RefusalDirection,
-    timed: StageTimer,
-    hub_api: object | None,
-) -> RunResult:
+def run_lora(found: Found) -> RunResult:
     """``run --format lora``: the edit as an exact PEFT adapter (``abliterate.ship.lora``), no weights.
 
     The gate: completeness of the writer list, and logit parity of the original with the adapter loaded
@@ -160,16 +171,12 @@ def run_lora(
     """
     from abliterate.ship import lora
 
+    config, inputs, subject, chosen, timed = found.stages()
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
     model, adapter = subject.model, subject.adapter
     prompts = parity_prompts(config, subject, inputs)
-    gate = _completeness_gate(
-        subject,
-        prompts,
-        timed,
-        certificate="--format lora: no checkpoint written; parity is checked through peft",
-    )
+    gate = _completeness_gate(subject, prompts, timed, **_LORA_SKIPS)
     edit = chosen_edit(subject, chosen)
     base_model = subject.loaded.base_model or config.model
 
@@ -183,32 +190,28 @@ def run_lora(
             staging,
             base_model=base_model,
         )
-        gate.parity = timed(
-            "verify", peft_parity, model, adapter, edit, staging, prompts, subject.dtype_name
-        )
+        gate.parity = timed("verify", peft_parity, model, adapter, edit, staging, prompts, subject.dtype_name)
         raise_unless_passed(gate, "nothing was saved or pushed")
         save_direction_files(staging, config, subject, chosen)
-        manifest = build_manifest(config, subject, chosen, gate, evaluation, timed.timings(), inputs)
-        manifest["weights"] = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
-        write_manifest(staging, manifest, subject.loaded.base_model)
+        weights = {"format": "lora", "adapter_bytes": lora.adapter_size(staging)}
+        manifest = _write_manifest(found, staging, gate, evaluation, weights=weights)
         # The run's card (method, search, evaluation) beside the adapter's own README.
         (staging / "model_card.md").write_text((staging / "README.md").read_text("utf-8"), "utf-8")
         rank = int(lora.describe(staging)["r"])
         (staging / "README.md").write_text(lora.lora_card(config.model, gate.parity, rank=rank), "utf-8")
         return manifest
 
-    return publish(config, inputs, hub_api, write)
+    return publish(config, inputs, found.hub_api, write)
 
 
-def run_direction_only(
-    config: RunConfig, inputs: Inputs, subject: Subject, chosen: RefusalDirection, timed: StageTimer
-) -> RunResult:
+def run_direction_only(found: Found) -> RunResult:
     """``run --direction-only`` after selection: check the direction with hooks, write it, no weights.
 
     The evaluation after the edit runs on the hooked original (which the fold reproduces exactly), and
     the completeness check proves the adapter's writer list, so ``abliterate apply`` (whose weight
     certificate proves the files it writes) completes the proof later.
     """
+    config, inputs, subject, chosen, timed = found.stages()
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
     prompts = parity_prompts(config, subject, inputs)
@@ -226,6 +229,23 @@ def run_direction_only(
         f"abliterate apply CHECKPOINT --direction {inputs.output.path / 'direction.safetensors'} --output DIR"
     )
     return RunResult(manifest, output=inputs.output.path, messages=[hint])
+
+
+def _write_manifest(
+    found: Found,
+    staging: Path,
+    gate: GateReport,
+    evaluation: dict[str, Any] | None,
+    weights: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the manifest of a run that writes an output (``weights``, when given, replaces its
+    ``weights`` entry), write it and the card into ``staging``, and return it."""
+    config, subject, timed = found.config, found.subject, found.timed
+    manifest = build_manifest(config, subject, found.chosen, gate, evaluation, timed.timings(), found.inputs)
+    if weights is not None:
+        manifest["weights"] = weights
+    write_manifest(staging, manifest, subject.loaded.base_model)
+    return manifest
 
 
 def _evaluate_hooked(
@@ -251,6 +271,9 @@ def _completeness_gate(
     return GateReport(completeness=completeness, skipped=dict(skipped))
 
 
+# The gate parts each ending without an edited model in memory proves elsewhere, or cannot prove.
+_STREAMED_SKIPS = {"parity": "dispatched model: the streamed files are proven by the weight certificate"}
+_LORA_SKIPS = {"certificate": "--format lora: no checkpoint written; parity is checked through peft"}
 _DIRECTION_ONLY_SKIPS = {
     "certificate": "--direction-only: no weights written (abliterate apply certifies the files it writes)",
     "parity": "--direction-only: no edited model; evaluated with the direction ablated by hooks",

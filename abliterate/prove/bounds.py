@@ -15,11 +15,13 @@ float64 and never rounded (``exact_fold``), by two tests:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from abliterate.adapters.spec import Layout
 from abliterate.edit.direction import unit_rows
-from abliterate.edit.kernel import ROWS_WRITE, compute_dtype, norm_factors, orthogonalize_, ulp
+from abliterate.edit.kernel import ROWS_WRITE, Scales, compute_dtype, norm_factors, orthogonalize_, ulp
 
 # A correctly rounded fold leaves, along r̂, only its rounding error; a bounded (non-bitwise) tensor may
 # carry at most this many times as much. A float32-computed fold measures 1.00-1.02 (a few elements one
@@ -30,27 +32,26 @@ LEAK_RATIO_LIMIT = 2.0
 WORKING_PRECISION = 2.0**-16
 
 
-def exact_fold(
-    source: torch.Tensor,
-    direction: torch.Tensor,
-    layout: Layout,
-    strength: float | tuple[float, ...],
-    norm_preserving: bool = False,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class TensorFold:
+    """The fold one tensor must carry: the direction (or subspace), the tensor's layout, its scales (a
+    float, or one per row of a subspace) and whether its weight is scaled by ``D`` (norm-preserving)."""
+
+    direction: torch.Tensor
+    layout: Layout
+    scales: Scales = 1.0
+    norm_preserving: bool = False
+
+
+def exact_fold(source: torch.Tensor, fold: TensorFold) -> torch.Tensor:
     """The fold in float64, unrounded (the reference of the bound)."""
     wide = source.to(torch.float64)
-    orthogonalize_(wide, direction, layout, strength, norm_preserving)
+    orthogonalize_(wide, fold.direction, fold.layout, fold.scales, fold.norm_preserving)
     return wide
 
 
 def worst_bound_ratio(
-    source: torch.Tensor,
-    exact: torch.Tensor,
-    target: torch.Tensor,
-    direction: torch.Tensor,
-    layout: Layout,
-    strength: float | tuple[float, ...],
-    norm_preserving: bool = False,
+    source: torch.Tensor, exact: torch.Tensor, target: torch.Tensor, fold: TensorFold
 ) -> float:
     """The largest |edited − exact fold| over its bound; ≤ 1 passes.
 
@@ -64,19 +65,20 @@ def worst_bound_ratio(
     A norm-preserving fold ``(w − s r_i p_j) D_j`` carries those terms times ``D_j``, plus ``D_j``'s own
     float32 error times the element (``_factor_error``).
     """
+    direction, layout, strength = fold.direction, fold.layout, fold.scales
     error = (target.to(torch.float64) - exact).abs()
     bound = ulp(exact, target.dtype)
     if compute_dtype(target.dtype) != torch.float64:
         wide = source.to(torch.float64)
         factors = torch.ones((), dtype=torch.float64)
         plain = exact
-        if norm_preserving:
+        if fold.norm_preserving:
             factors = _broadcast(norm_factors(wide, direction, layout, strength), layout)
             plain = exact / factors
         working = WORKING_PRECISION * (wide.abs() + (wide - plain).abs())
         working = working + _reduction_bound(wide, direction, layout, strength)
         bound = bound + working * factors
-        if norm_preserving:
+        if fold.norm_preserving:
             bound = bound + _factor_error(factors, direction, strength) * exact.abs()
     return (error / bound).max().item() if error.numel() else 0.0
 
@@ -137,23 +139,16 @@ def leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tenso
     return leak / max(floor, torch.finfo(torch.float64).tiny)
 
 
-def judge_bounded(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    direction: torch.Tensor,
-    layout: Layout,
-    strength: float | tuple[float, ...],
-    norm_preserving: bool = False,
-) -> tuple[float, str]:
+def judge_bounded(source: torch.Tensor, target: torch.Tensor, fold: TensorFold) -> tuple[float, str]:
     """Judge an edited tensor that is not this machine's fold of ``source`` against the exact fold.
 
     Returns:
         ``(leak ratio, failure)``: the failure is empty when every element is within its bound and the
         error along the direction within ``LEAK_RATIO_LIMIT`` times its rounding floor.
     """
-    exact = exact_fold(source, direction, layout, strength, norm_preserving)
-    leak = leak_ratio(exact, target, direction, layout)
-    worst = worst_bound_ratio(source, exact, target, direction, layout, strength, norm_preserving)
+    exact = exact_fold(source, fold)
+    leak = leak_ratio(exact, target, fold.direction, fold.layout)
+    worst = worst_bound_ratio(source, exact, target, fold)
     # Written as "not within": a comparison with NaN is false, and a NaN must fail, never pass.
     if not worst <= 1.0:
         return leak, f"an element is {worst:.3g}× the bound (1 ulp of the exact fold + working precision)"

@@ -41,7 +41,7 @@ from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.edit.kernel import all_finite, changes, non_finite_writer, orthogonalize_
 from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import DTYPES, TensorEntry, read_json
-from abliterate.prove.bounds import LEAK_RATIO_LIMIT, judge_bounded
+from abliterate.prove.bounds import LEAK_RATIO_LIMIT, TensorFold, judge_bounded
 from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
 from abliterate.prove.verdict import MAX_LISTED_FAILURES, Verdict
 
@@ -333,7 +333,9 @@ def _certify_writer(
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
     source = reader.tensor(original, fresh=True).to(fold_dtype)
-    leak, failure = judge_bounded(source, target, declared.direction, required.layout, scales, scaled)
+    leak, failure = judge_bounded(
+        source, target, TensorFold(declared.direction, required.layout, scales, scaled)
+    )
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if failure:
         tally.fail(f"{where}: {failure}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abliterate.io.locations import COMPANION_PATTERNS
 from abliterate.prove.verdict import MAX_LISTED_FAILURES, Verdict
 
 # The config.json keys an edit may change, and the only change allowed to each. Nothing else may differ:
@@ -35,20 +36,6 @@ ALLOWED_CONFIG_CHANGES: dict[str, str] = {
     "dtype": "the saved dtype (at any depth)",
     "torch_dtype": "the saved dtype, under its older name (at any depth)",
 }
-# Files beside the weights that transformers reads when it loads a checkpoint: tokenizer (tokenizer.json,
-# tokenizer_config.json, special_tokens_map.json, added_tokens.json, vocab.json, merges.txt,
-# tokenizer.model, *.tiktoken), chat template (chat_template.jinja, chat_template.json),
-# generation_config.json, preprocessor/processor configs and remote code (*.py). Matched on the file
-# name, in every subfolder but hidden ones; the same patterns decide what a Hub source's download holds.
-COMPANION_PATTERNS: tuple[str, ...] = (
-    "*.json",
-    "*.jinja",
-    "*.model",
-    "*.txt",
-    "*.tiktoken",
-    "*.py",
-    "tokenizer*",
-)
 # Never companions: config.json (compared key by key), weight indexes (the certificate reads the tensors
 # themselves), and the files abliterate writes about the edit.
 _NOT_COMPANIONS = frozenset({"config.json", "abliterate.json", "candidate_scores.json", "pareto_front.json"})

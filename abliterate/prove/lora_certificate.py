@@ -263,7 +263,8 @@ _UNORDERED = ("target_modules", "target_parameters", "modules_to_save", "exclude
 def verify_adapter(
     original: str,
     directory: str,
-    direction_file: str,
+    declared: DeclaredEdit,
+    metadata: dict[str, str],
     options: dict[str, Any],
     *,
     architecture: str | None = None,
@@ -276,17 +277,16 @@ def verify_adapter(
     ORIGINAL is loaded as ``run``/``apply`` load it (``dtype`` ``auto``: as stored): the adapter is computed
     from, and exact on, those weights. The forward checks run only when the certificate passed (or was not
     asked for): peft would load a tampered adapter as another one, or not at all. ``options`` are
-    ``load_model``'s (dtype, device, trust_remote_code, dispatch); the rest as ``verify_checkpoints``.
+    ``load_model``'s (dtype, device, trust_remote_code, dispatch); ``declared`` and ``metadata`` are the
+    direction file's (``ship.direction_file``); the rest as ``verify_checkpoints``.
 
     Returns:
         The gate report as a plain dictionary, as ``verify_checkpoints`` returns it.
     """
     from abliterate.adapters.resolve import resolve_adapter
     from abliterate.model.loading import load_model
-    from abliterate.ship.direction_file import declared_from_file, load_direction
 
-    direction, metadata = load_direction(direction_file)
-    declared = declared_from_file(direction, metadata)
+    direction = declared.direction
     gate = GateReport()
     base_model = _read_config(Path(directory).expanduser()).get("base_model_name_or_path")
     extra = {}

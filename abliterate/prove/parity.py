@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from abliterate.find.scores import kl_divergence
+
 # Gate tolerances per dtype. In float32 the fold and the hooks differ only by rounding order, so the
 # largest logit difference stays near 1e-6 of the logit scale on real models; 1e-3 leaves room for
 # deep models and long prompts while still rejecting any wrong direction (which moves logits by O(1)).
@@ -103,13 +105,6 @@ class ParityReport:
     def to_dict(self) -> dict[str, float | int | str | bool]:
         """Plain dictionary for JSON output."""
         return asdict(self)
-
-
-def kl_divergence(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """KL(reference ‖ other) per row over the last axis, in float64."""
-    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
-    log_q = torch.log_softmax(other_logits.double(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def compare_logits(

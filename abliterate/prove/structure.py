@@ -50,7 +50,7 @@ class Structure:
 
 
 class TensorSource(Protocol):
-    """An original that is not a safetensors directory (``abliterate.model.gguf_source.GGUFSource``).
+    """An original that is not a safetensors directory (``abliterate.prove.gguf_source.GGUFSource``).
 
     Attributes:
         config: the model's config, built from the source's own metadata.

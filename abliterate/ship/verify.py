@@ -13,12 +13,12 @@ from abliterate.config import LoadConfig
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import all_position_logits, encode
-from abliterate.model.gguf_source import certificate_source
 from abliterate.model.hooks import ablated
 from abliterate.model.prompts import bundled
 from abliterate.model.sources import local_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
 from abliterate.prove.gate import Candidate, GateReport, gate_candidate, gate_reference
+from abliterate.prove.gguf_source import certificate_source
 from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
@@ -60,13 +60,13 @@ def verify_checkpoints(
     load = load or LoadConfig()
     loading.check_device(load.device)  # before the certificate's minutes, not after them
     options = _load_options(load, load.dtype)
-    if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
-        return verify_adapter(
-            original, edited, direction_file, options, architecture=load.architecture, prompts=prompts,
-            forward=forward, certificate=certificate,
-        )  # fmt: skip
     direction, metadata = load_direction(direction_file)
     declared = declared_from_file(direction, metadata)  # a searched edit's strengths, 1 for old files
+    if is_adapter(edited):  # a PEFT adapter directory (run/apply --format lora): the adapter certificate
+        return verify_adapter(
+            original, edited, declared, metadata, options, architecture=load.architecture,
+            prompts=prompts, forward=forward, certificate=certificate,
+        )  # fmt: skip
     gate = GateReport()
     _check_on_disk(original, edited, declared, gate, certificate, load.architecture, progress)
     extra = _check_forward(original, edited, declared, gate, forward, options, load.architecture, prompts)
