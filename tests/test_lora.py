@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, quick_lora_config
 
 from abliterate.adapters.registry import registered_model_types
 from abliterate.adapters.resolve import residual_writers, resolve_adapter
@@ -231,18 +231,10 @@ def test_apply_format_lora_writes_a_rank2_adapter_and_a_rank1_file_fails_against
 
 
 def test_run_format_lora_writes_an_adapter_proven_through_peft(tiny_qwen2: Path, tmp_path: Path) -> None:
-    from abliterate import PromptConfig, PublishingConfig, RunConfig, SelectionConfig, run
+    from abliterate import run
 
     output = tmp_path / "lora"
-    result = run(
-        RunConfig(
-            model=str(tiny_qwen2),
-            publishing=PublishingConfig(output=str(output), format="lora"),
-            selection=SelectionConfig(layer=1, position=-1),
-            prompts=PromptConfig(n_train=8, n_val=4, n_eval=2),
-            progress=False,
-        )
-    )
+    result = run(quick_lora_config(tiny_qwen2, output))
     manifest = result.manifest
     assert manifest["gate"]["passed"] and manifest["gate"]["parity"]["top1_agreement"] == 1.0
     assert "certificate" in manifest["gate"]["skipped"]

@@ -322,18 +322,12 @@ def test_run_format_lora_output_verifies_with_its_own_direction_file(
 ) -> None:
     """The adapter and direction file ``run --format lora`` writes pass ``verify`` (its extra files, the
     manifest, cards and direction file, are not weights peft loads)."""
-    from abliterate import PromptConfig, PublishingConfig, RunConfig, SelectionConfig, run
+    from tiny import quick_lora_config
+
+    from abliterate import run
 
     output = tmp_path / "lora"
-    run(
-        RunConfig(
-            model=str(tiny_qwen2),
-            publishing=PublishingConfig(output=str(output), format="lora"),
-            selection=SelectionConfig(layer=1, position=-1),
-            prompts=PromptConfig(n_train=8, n_val=4, n_eval=2),
-            progress=False,
-        )
-    )
+    run(quick_lora_config(tiny_qwen2, output))
     status, text = _verify_output(Triple(tiny_qwen2, output, output / "direction.safetensors"))
     assert status == 0, text
     assert "certificate   PASS  LoRA adapter" in text and "parity        PASS" in text

@@ -290,3 +290,17 @@ def open_selection_config(model: Path | str, output: Path | str, **fields: objec
         "progress": False,
     }
     return RunConfig.from_options(str(model), output=str(output), **{**settings, **fields})
+
+
+def quick_lora_config(model: Path | str, output: Path | str) -> object:
+    """A ``RunConfig`` for a quick ``run --format lora`` on a tiny model: the candidate at layer 1 and EOI
+    position −1 (no selection), few prompts, no progress bars."""
+    from abliterate import PromptConfig, PublishingConfig, RunConfig, SelectionConfig
+
+    return RunConfig(
+        model=str(model),
+        publishing=PublishingConfig(output=str(output), format="lora"),
+        selection=SelectionConfig(layer=1, position=-1),
+        prompts=PromptConfig(n_train=8, n_val=4, n_eval=2),
+        progress=False,
+    )
