@@ -195,6 +195,7 @@ def apply_command(
                 publishing.output,
                 architecture=architecture,
                 overwrite=publishing.overwrite,
+                direction_file=direction_file,
             )
             click.echo(
                 f"LoRA adapter ({adapter_size(target) / 2**20:.1f} MiB) saved to {target}; parity through "
@@ -208,6 +209,7 @@ def apply_command(
             architecture=architecture,
             overwrite=publishing.overwrite,
             certify=certify,
+            direction_file=direction_file,
         )
         click.echo(
             f"edited {report.tensors_edited} of {report.tensors_total} tensors "
@@ -225,9 +227,12 @@ _DISPATCH = ("device_map", "max_memory", "offload_folder")
 
 
 @main.command("verify")
-@click.argument("original")
-@click.argument("edited")
-@click.option("--direction", "direction_file", required=True, help="direction.safetensors used for the edit.")
+@click.argument("models", nargs=-1, required=True)
+@click.option(
+    "--direction",
+    "direction_file",
+    help="direction.safetensors used for the edit (default: EDITED/direction.safetensors).",
+)
 @_options(LoadConfig, "dtype", type=str, help="Dtype of both models (auto: the edited one's).")
 @_options(LoadConfig, "device", "architecture", "trust_remote_code")
 @click.option(
@@ -245,8 +250,13 @@ _DISPATCH = ("device_map", "max_memory", "offload_folder")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_options(LoadConfig, *_DISPATCH)
 @_options(RunConfig, "progress")
-def verify_command(original: str, edited: str, direction_file: str, as_json: bool, **options: Any) -> None:
-    """Prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
+def verify_command(
+    models: tuple[str, ...], direction_file: str | None, as_json: bool, **options: Any
+) -> None:
+    """[ORIGINAL] EDITED: prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
+
+    With EDITED alone (an output of run or apply), ORIGINAL, its revision and the direction file are read
+    from EDITED's abliterate.json and direction.safetensors.
 
     Runs the weight certificate, the residual-stream completeness check and logit parity (see README,
     "What the gate proves"). EDITED may be a LoRA adapter directory (run/apply --format lora): its
@@ -256,6 +266,7 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
         from abliterate.ship.report import gate_lines
         from abliterate.ship.verify import verify_checkpoints
 
+        original, edited, direction_file = _verify_inputs(models, direction_file, as_json)
         report = verify_checkpoints(original, edited, direction_file, load=_pop_load(options), **options)
         if as_json:
             click.echo(json.dumps(report, indent=2))
@@ -264,6 +275,30 @@ def verify_command(original: str, edited: str, direction_file: str, as_json: boo
         if not report["passed"]:
             click.echo(f"error: parity gate failed: {report['reason']}", err=True)
             sys.exit(2)
+
+
+def _verify_inputs(
+    models: tuple[str, ...], direction_file: str | None, as_json: bool
+) -> tuple[str, str, str]:
+    """``(original, edited, direction file)`` of ``verify``'s arguments; with EDITED alone, read from its
+    manifest and said first (on stderr under ``--json``, so stdout stays JSON)."""
+    if len(models) > 2:
+        raise click.UsageError("verify takes [ORIGINAL] EDITED: at most two models")
+    if len(models) == 2:
+        if direction_file is None:
+            raise click.UsageError("verify ORIGINAL EDITED needs --direction FILE")
+        return models[0], models[1], direction_file
+    from abliterate.ship.verify import manifest_inputs, pinned_original
+
+    edited = models[0]
+    inputs = manifest_inputs(edited)
+    if direction_file is None and inputs.direction_file is None:
+        raise ValueError(f"{edited} holds no direction.safetensors: pass --direction FILE")
+    direction = direction_file or str(inputs.direction_file)
+    revision = inputs.revision or "none recorded (a local path has no revision)"
+    click.echo(f"from {edited}/abliterate.json: original {inputs.original}, revision {revision}", err=as_json)
+    click.echo(f"direction: {direction}", err=as_json)
+    return pinned_original(inputs), edited, direction
 
 
 @main.command("evaluate")

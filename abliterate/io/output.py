@@ -33,6 +33,7 @@ from abliterate.io.locations import source_location
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "abliterate.json"
+DIRECTION_NAME = "direction.safetensors"
 
 
 @dataclass(frozen=True)
@@ -101,21 +102,28 @@ def is_abliterate_output(directory: Path) -> bool:
     return isinstance(content, dict) and "abliterate_version" in content
 
 
-def write_apply_manifest(directory: Path, source: str, output_format: str) -> None:
-    """Write the short ``abliterate.json`` of an ``apply`` output: what wrote it and from which source,
-    so that a later ``--overwrite`` recognises the directory as abliterate's own.
-
-    Args:
-        directory: the staged output.
-        source: the checkpoint as the user gave it.
-        output_format: ``checkpoint`` or ``lora``.
-    """
+def write_apply_manifest(
+    directory: Path,
+    source: str,
+    output_format: str,
+    *,
+    revision: str | None = None,
+    direction_file: str | Path | None = None,
+) -> None:
+    """Write the short ``abliterate.json`` of an ``apply`` output (``output_format``: ``checkpoint`` or
+    ``lora``): what wrote it from which ``source`` (as the user gave it) at which Hub ``revision``, so that a
+    later ``--overwrite`` recognises the directory as abliterate's own; ``direction_file``, the direction
+    applied, is copied in as ``direction.safetensors``, so that ``verify OUTPUT`` needs nothing else."""
     manifest = {
         "abliterate_version": __version__,
         "command": "apply",
         "format": output_format,
         "source": source,
+        "revision": revision,
     }
+    if direction_file is not None:
+        shutil.copyfile(direction_file, directory / DIRECTION_NAME)
+        manifest["direction"] = DIRECTION_NAME
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
 
 

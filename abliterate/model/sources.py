@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,26 @@ def local_checkpoint(source: str | Path) -> tuple[Path | None, str]:
     return directory, ""
 
 
-def resolve_checkpoint(checkpoint: str | Path) -> Path:
-    """The checkpoint directory behind a local path or a Hub id (its weights and companion files downloaded).
+def hub_revision(source: str) -> str | None:
+    """The commit hash of a Hub id's snapshot in the local cache (which loading or downloading it filled).
+
+    ``None`` for a local path, ``demo``, or a Hub id not in the cache: a local path has no revision.
+    Reads the cache only, never the network.
+    """
+    if source == "demo" or Path(source).expanduser().exists() or not HUB_ID.match(source):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id=source, filename="config.json")
+    if not isinstance(cached, str):  # not cached, or cached as missing
+        return None
+    snapshot = Path(cached).parent.name
+    return snapshot if re.fullmatch(r"[0-9a-f]{40}", snapshot) else None
+
+
+def resolve_checkpoint(checkpoint: str | Path, revision: str | None = None) -> Path:
+    """The checkpoint directory behind a local path or a Hub id (its weights and companion files downloaded,
+    at ``revision`` when given).
 
     Raises:
         ValueError: a file, neither a directory nor a Hub id, or a failed download.
@@ -246,6 +265,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     try:
         local = snapshot_download(
             repo_id=str(checkpoint),
+            revision=revision,
             allow_patterns=HUB_ALLOW_PATTERNS,
             ignore_patterns=["consolidated*"],  # Mistral's second, unsharded copy of the weights
         )

@@ -21,7 +21,7 @@ from abliterate.config import RunConfig
 from abliterate.find.select import RefusalDirection
 from abliterate.io.interrupts import Interrupted, signal_number
 from abliterate.io.output import OutputDir, atomic_directory, prepare_output
-from abliterate.model.sources import local_checkpoint
+from abliterate.model.sources import hub_revision, local_checkpoint
 from abliterate.pipeline.subject import Inputs, Subject
 from abliterate.prove.gate import GateReport
 
@@ -102,6 +102,7 @@ def build_manifest(
         "abliterate_version": __version__,
         "model": {
             "source": config.model,
+            "revision": hub_revision(config.model),  # the Hub commit verify downloads; None for a path
             "base_model": subject.loaded.base_model,
             "model_type": subject.model.config.model_type,
             "adapter": subject.adapter.name,

@@ -23,8 +23,10 @@ from abliterate.io.output import atomic_directory, prepare_output, write_apply_m
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import encode
 from abliterate.model.prompts import bundled
+from abliterate.model.sources import hub_revision
 from abliterate.prove.lora_parity import peft_parity
 from abliterate.prove.parity import ParityReport
+from abliterate.ship.report import verify_lines
 
 
 def write_lora(
@@ -81,6 +83,7 @@ def apply_lora(
     *,
     architecture: str | None = None,
     overwrite: bool = False,
+    direction_file: str | Path | None = None,
 ) -> tuple[Path, ParityReport]:
     """``abliterate apply --format lora``: the LoRA adapter of a direction file's edit for ``checkpoint``.
 
@@ -120,7 +123,8 @@ def apply_lora(
             )
         card = lora_card(checkpoint, report, rank=int(describe(staging)["r"]))
         (staging / "README.md").write_text(card, "utf-8")
-        write_apply_manifest(staging, checkpoint, "lora")
+        revision = hub_revision(checkpoint)
+        write_apply_manifest(staging, checkpoint, "lora", revision=revision, direction_file=direction_file)
     return target.path, report
 
 
@@ -153,5 +157,6 @@ def lora_card(source: str, report: ParityReport, rank: int | None = None) -> str
             f"Parity through peft vs. the hooked original: max |Δlogit| {report.max_abs_logit_diff:.3g}, "
             f"mean KL {report.mean_kl:.3g}, top-1 agreement {report.top1_agreement:.3f}.",
             "",
+            *verify_lines(),
         ]
     )

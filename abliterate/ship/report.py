@@ -211,7 +211,28 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         "`direction.safetensors` holds the direction; `abliterate.json` the full run manifest.",
         "",
     ]
+    if manifest.get("weights", True) is not None:  # --direction-only writes no weights to verify
+        lines += verify_lines()
     return "\n".join(header + lines)
+
+
+def verify_lines() -> list[str]:
+    """The card's section on checking the files: one command, reading everything from the output."""
+    return [
+        "## Verify",
+        "",
+        "In a local copy of this directory (for a Hub repository, `huggingface-cli download REPO_ID "
+        "--local-dir DIR` first):",
+        "",
+        "```",
+        "abliterate verify DIR",
+        "```",
+        "",
+        "It reads the base model (and its Hub revision, when recorded) from `abliterate.json` and the "
+        "direction from `direction.safetensors`, then proves the weights are the declared edit of it "
+        "(exit 0), or says what differs (exit 2).",
+        "",
+    ]
 
 
 def apply_card(source: str, model_type: str, certificate: Any, base_model: object) -> str:
@@ -246,7 +267,7 @@ def apply_card(source: str, model_type: str, certificate: Any, base_model: objec
             "",
         ]
     lines += ["This model will follow requests that the original refuses. Use it responsibly.", ""]
-    return "\n".join(header + lines)
+    return "\n".join(header + lines + verify_lines())
 
 
 def _judged(rates: dict[str, Any]) -> str:

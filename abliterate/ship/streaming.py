@@ -43,7 +43,7 @@ from abliterate.io.safetensors import (
     reuse_freed_memory,
     write_shard,
 )
-from abliterate.model.sources import describe_source, refuse_prequantized, resolve_checkpoint
+from abliterate.model.sources import describe_source, hub_revision, refuse_prequantized, resolve_checkpoint
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import compare_companions
 from abliterate.ship.plan import StreamPlan, plan_edit, tensor_scales
@@ -91,6 +91,7 @@ def stream_apply(
     overwrite: bool = False,
     progress: bool = True,
     certify: bool = True,
+    direction_file: str | Path | None = None,
 ) -> StreamReport:
     """Write a copy of ``checkpoint`` with the declared edit folded into every residual writer.
 
@@ -109,6 +110,8 @@ def stream_apply(
         progress: show a progress bar over the bytes processed.
         certify: run the weight certificate (``abliterate.prove.certificate``) on the written files before
             they are moved into place; a failure raises ``GateError`` and leaves nothing behind.
+        direction_file: the file ``declared`` was read from, copied into the output and named in its
+            manifest (with the source's Hub revision), so that ``abliterate verify OUTPUT`` needs no more.
 
     Returns:
         A ``StreamReport``. Tied embeddings are untied: the output stores ``lm_head`` with the original
@@ -124,7 +127,10 @@ def stream_apply(
         report = _write_and_certify(plan, source, temp, declared, architecture, progress, certify, started)
         card = apply_card(str(checkpoint), plan.model_type, report.certificate, HUB_ID.match(str(checkpoint)))
         (temp / "README.md").write_text(card, "utf-8")
-        write_apply_manifest(temp, str(checkpoint), "checkpoint")
+        revision = hub_revision(str(checkpoint))
+        write_apply_manifest(
+            temp, str(checkpoint), "checkpoint", revision=revision, direction_file=direction_file
+        )
     return replace(report, seconds=time.perf_counter() - started, output=target.path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,13 @@ import torch
 from abliterate.adapters.resolve import resolve_adapter
 from abliterate.config import LoadConfig
 from abliterate.edit.declared import DeclaredEdit
+from abliterate.io.locations import HUB_ID
+from abliterate.io.output import DIRECTION_NAME, MANIFEST_NAME
 from abliterate.model import loading  # called through its module, so tests can replace a load
 from abliterate.model.batching import all_position_logits, encode
 from abliterate.model.hooks import ablated
 from abliterate.model.prompts import bundled
-from abliterate.model.sources import local_checkpoint
+from abliterate.model.sources import local_checkpoint, resolve_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
 from abliterate.prove.gate import Candidate, GateReport, gate_candidate, gate_reference
 from abliterate.prove.gguf_source import certificate_source
@@ -23,6 +26,57 @@ from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
 from abliterate.ship.direction_file import declared_from_file, load_direction
+
+
+@dataclass(frozen=True)
+class ManifestInputs:
+    """What ``abliterate verify EDITED`` reads from EDITED's ``abliterate.json``.
+
+    Attributes:
+        original: the base model as the run or apply named it (Hub id, path, ``demo``).
+        revision: its Hub commit hash, or ``None`` (a local path, or not recorded).
+        direction_file: the direction file inside EDITED, or ``None`` when it has none.
+    """
+
+    original: str
+    revision: str | None
+    direction_file: Path | None
+
+
+def manifest_inputs(edited: str) -> ManifestInputs:
+    """The base model, its revision and the direction file recorded in a local output's ``abliterate.json``.
+
+    Raises:
+        ValueError: ``edited`` holds no readable ``abliterate.json`` naming its base model.
+    """
+    manifest_path = Path(edited).expanduser() / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ValueError(
+            f"{edited} has no {MANIFEST_NAME}: give the base model too (abliterate verify ORIGINAL EDITED "
+            "--direction FILE)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text("utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{manifest_path} is not valid JSON: {error}") from error
+    # run writes {"model": {"source", "revision"}}; apply writes "source" and "revision" at the top.
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else manifest
+    original = model.get("source") if isinstance(model, dict) else None
+    if not isinstance(original, str) or not original:
+        raise ValueError(f"{manifest_path} names no base model: give it (abliterate verify ORIGINAL EDITED)")
+    revision = model.get("revision")
+    direction = Path(edited).expanduser() / DIRECTION_NAME
+    return ManifestInputs(
+        original, revision if isinstance(revision, str) else None, direction if direction.is_file() else None
+    )
+
+
+def pinned_original(inputs: ManifestInputs) -> str:
+    """The base model to verify against: a Hub id with a recorded revision is downloaded at that commit
+    (its local snapshot directory returned); anything else as recorded."""
+    if inputs.revision is None or not HUB_ID.match(inputs.original) or Path(inputs.original).exists():
+        return inputs.original
+    return str(resolve_checkpoint(inputs.original, revision=inputs.revision))
 
 
 def verify_checkpoints(
