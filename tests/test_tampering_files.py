@@ -324,38 +324,13 @@ def test_weights_and_our_own_files_are_not_companions(tmp_path: Path) -> None:
 
 
 def _tiny_gguf(path: Path) -> Path:
-    """A GGUF file holding the tiny tokenizer (vocabulary, merges, special tokens, chat template) and one
-    tensor: all transformers reads to build the tokenizer."""
-    import numpy as np
-    from tiny import make_tokenizer
+    """A tiny qwen2 model as a GGUF file: its tokenizer (vocabulary, merges, special tokens, chat template)
+    is metadata there, which is all transformers reads to build the tokenizer."""
+    pytest.importorskip("gguf")
+    from tiny import make_model
+    from tiny_gguf import write_gguf
 
-    gguf = pytest.importorskip("gguf")
-    tokenizer = make_tokenizer()
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    tokens = sorted(model["vocab"], key=model["vocab"].get)
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if token.startswith("<|") else 1 for token in tokens])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    writer.add_eos_token_id(model["vocab"]["<|im_end|>"])
-    writer.add_bos_token_id(model["vocab"]["<|endoftext|>"])
-    writer.add_pad_token_id(model["vocab"]["<|endoftext|>"])
-    writer.add_chat_template(tokenizer.chat_template)
-    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_gguf(path, make_model("qwen2"))
 
 
 def _rename_token(directory: Path) -> None:
