@@ -33,7 +33,8 @@ from abliterate.adapters.resolve import ResolvedWriter, residual_writers
 from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_rows
-from abliterate.edit.kernel import check_basis, refuse_non_finite
+from abliterate.edit.kernel import check_basis
+from abliterate.edit.walker import check_finite
 
 LORA_LAYOUTS = ("linear", "conv1d", "embedding", "experts", "experts_t")
 _REFUSED = "use --format checkpoint"
@@ -104,7 +105,7 @@ def _writer_factors(
         if not bool((scales != 0).any()):
             continue
         _check_expressible(writer)
-        refuse_non_finite(f"{writer.name}.{writer.weight}", writer.weight_tensor())  # factors would be NaN
+        check_finite([writer])  # NaN/Inf in a weight or bias would make its factors NaN
         prefix = f"base_model.model.{writer.name}"
         for suffix, factor in _factors(writer, basis, scales).items():
             tensors[f"{prefix}.{suffix}"] = factor.float()
