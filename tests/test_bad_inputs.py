@@ -516,14 +516,15 @@ def test_small_user_source_warns_once_with_the_sizes_used(
 
 
 def test_bundled_split_smaller_than_asked_warns(caplog: pytest.LogCaptureFixture) -> None:
-    from abliterate.model.prompts import load_splits
+    from abliterate.model.prompts import bundled, load_splits
 
+    held, asked = len(bundled("harmless", "eval")), len(bundled("harmless", "eval")) + 30
     with caplog.at_level("WARNING", logger="abliterate.model.prompts"):
-        splits = load_splits("harmless", None, n_train=8, n_val=4, n_eval=80, n_parity=4, seed=0)
-    assert splits.sizes() == {"train": 8, "val": 4, "eval": 50, "parity": 4}
+        splits = load_splits("harmless", None, n_train=8, n_val=4, n_eval=asked, n_parity=4, seed=0)
+    assert splits.sizes() == {"train": 8, "val": 4, "eval": held, "parity": 4}
     assert [record.getMessage() for record in caplog.records] == [
-        "fewer harmless prompts than asked in the bundled set: train 8 of 8, val 4 of 4, eval 50 of 80, "
-        "parity 4 of 4"
+        "fewer harmless prompts than asked in the bundled set: train 8 of 8, val 4 of 4, "
+        f"eval {held} of {asked}, parity 4 of 4"
     ]
 
 
@@ -541,13 +542,16 @@ def test_manifest_records_the_prompt_sizes_used(tiny_qwen2: Path, tmp_path: Path
     and ``config`` keeps what was asked for."""
     import json
 
+    from abliterate.model.prompts import bundled
+
+    held = len(bundled("harmless", "eval"))  # the bundled harmless eval split, asked for 10 more
     source = _prompts(tmp_path / "few.txt", [f"Tell me about topic number {i}." for i in range(10)])
     out = tmp_path / "out"
     args = ["run", str(tiny_qwen2), "--output", str(out), *SMALL, "--no-evaluate", "--direction-only"]
-    result = CliRunner().invoke(main, [*args, "--harmful", str(source), "--n-eval", "60"])
+    result = CliRunner().invoke(main, [*args, "--harmful", str(source), "--n-eval", str(held + 10)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "abliterate.json").read_text())
     harmful, harmless = manifest["prompts"]["harmful"], manifest["prompts"]["harmless"]
     assert sum(harmful.values()) == 10 and all(harmful.values())
-    assert harmless == {"train": 8, "val": 4, "eval": 50, "parity": 4}
-    assert manifest["config"]["n_eval"] == 60
+    assert harmless == {"train": 8, "val": 4, "eval": held, "parity": 4}
+    assert manifest["config"]["n_eval"] == held + 10

@@ -14,7 +14,7 @@ from conftest import save_tiny
 from tiny import quick_run_args
 
 from abliterate.cli import main
-from abliterate.model.prompts import load_splits
+from abliterate.model.prompts import bundled, load_splits
 from abliterate.ship.direction_file import save_direction
 
 FAST = quick_run_args(4, 2, evaluate=False)
@@ -120,7 +120,8 @@ def test_bundled_parity_prompts_never_overlap_selection(n_train: int, n_val: int
 
 
 def test_bundled_prompts_exhausted_by_selection_is_one_line(tmp_path: Path, source: Path) -> None:
-    args = ["run", str(source), "-o", str(tmp_path / "out"), *MANUAL, "--n-train", "160", "--n-val", "40"]
+    n_val = str(max(len(bundled(kind, "val")) for kind in ("harmful", "harmless")))  # every val prompt
+    args = ["run", str(source), "-o", str(tmp_path / "out"), *MANUAL, "--n-train", "160", "--n-val", n_val]
     _one_line_error(CliRunner().invoke(main, args), "none is left for the parity check")
 
 

@@ -44,10 +44,11 @@ def bundled(kind: str, split: str) -> list[str]:
     """A bundled prompt list written for this project.
 
     Args:
-        kind: ``"harmful"`` or ``"harmless"``.
+        kind: ``"harmful"``, ``"harmless"`` or ``"lookalike"`` (safe prompts that look dangerous: eval only).
         split: ``"train"``, ``"val"`` or ``"eval"``.
     """
-    if kind not in ("harmful", "harmless") or split not in _SPLITS:
+    lookalike = kind == "lookalike" and split == "eval"
+    if not lookalike and (kind not in ("harmful", "harmless") or split not in _SPLITS):
         raise ValueError(f"no bundled prompt set {kind}_{split}")
     text = resources.files("abliterate").joinpath("data", f"{kind}_{split}.json").read_text("utf-8")
     return json.loads(text)
