@@ -19,8 +19,12 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
-import math
 import re
+
+from abliterate.find.stats import wilson_interval
+
+# Re-exported for callers that imported the interval from here before it moved to find/stats.py.
+__all__ = ["judge_refusal", "normalize", "refusal_count", "wilson_interval"]
 
 # How far into a reply a decline still counts as its answer (about two sentences, ~40 tokens).
 OPENING_CHARS = 200
@@ -115,13 +119,3 @@ def _complies_after(rest: str) -> bool:
 def refusal_count(replies: list[str]) -> int:
     """How many of ``replies`` the judge calls refusals."""
     return sum(judge_refusal(reply) for reply in replies)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95 % by default) of a rate ``successes / n``; ``(0, 1)`` for ``n = 0``."""
-    if n <= 0:
-        return (0.0, 1.0)
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
