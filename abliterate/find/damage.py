@@ -130,35 +130,46 @@ def record_reference(
         raise ValueError(
             "record_reference needs prompts, max_new_tokens >= 1, batch_size >= 1, keep_top >= 0"
         )
-    device = input_device(model)
     texts = format_chat(tokenizer, prompts, chat=chat)
     batches, replies = [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="reference", unit="batch", disable=not progress):
-        encoded = tokenizer(
-            texts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
-        ).to(device)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        prompt_length = encoded["input_ids"].shape[1]
-        reply_mask = _reply_mask(output[:, prompt_length:], _stop_ids(model, tokenizer))
-        attention_mask = torch.cat([encoded["attention_mask"], reply_mask.long()], dim=1)
-        scored = torch.zeros_like(attention_mask, dtype=torch.bool)
-        scored[:, prompt_length - 1 : -1] = reply_mask  # position t predicts token t + 1
-        batch = ReferenceBatch(output.cpu(), attention_mask.cpu(), scored.cpu(), prompt_length)
+        batch, decoded = _reference_batch(model, tokenizer, texts[start : start + batch_size], max_new_tokens)
         if keep_top:
             top_ids, top_log_probs = _top(_log_probs(model, batch), keep_top)
             batch = replace(batch, top_ids=top_ids, top_log_probs=top_log_probs)
         batches.append(batch)
-        replies += tokenizer.batch_decode(output[:, prompt_length:] * reply_mask, skip_special_tokens=True)
+        replies += decoded
     return DamageReference(batches, replies, max_new_tokens)
+
+
+def _reference_batch(
+    model: nn.Module, tokenizer: object, texts: list[str], max_new_tokens: int
+) -> tuple[ReferenceBatch, list[str]]:
+    """Greedy replies to one batch of chat-formatted ``texts``, as tokens and as decoded text."""
+    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
+        input_device(model)
+    )
+    output = model.generate(
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    prompt_length = encoded["input_ids"].shape[1]
+    new_tokens = output[:, prompt_length:].cpu()
+    reply_mask = _reply_mask(new_tokens, _stop_ids(model, tokenizer))
+    attention_mask = torch.cat([encoded["attention_mask"].cpu(), reply_mask.long()], dim=1)
+    scored = torch.zeros_like(attention_mask, dtype=torch.bool)
+    scored[:, prompt_length - 1 : -1] = reply_mask  # position t predicts token t + 1
+    decoded = [
+        tokenizer.decode(tokens[mask], skip_special_tokens=True)
+        for tokens, mask in zip(new_tokens, reply_mask, strict=True)
+    ]
+    return ReferenceBatch(output.cpu(), attention_mask, scored, prompt_length), decoded
 
 
 def _stop_ids(model: nn.Module, tokenizer: object) -> set[int]:
