@@ -15,7 +15,14 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import click
 
 from abliterate import __version__
-from abliterate.config import LoadConfig, PromptConfig, PublishingConfig, RunConfig, parts_of
+from abliterate.config import (
+    EvaluationConfig,
+    LoadConfig,
+    PromptConfig,
+    PublishingConfig,
+    RunConfig,
+    parts_of,
+)
 from abliterate.errors import GateError
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -303,24 +310,30 @@ def _verify_inputs(
 
 @main.command("evaluate")
 @click.argument("model")
-@click.option("--baseline", help="Original model to compare against (refusal rate and KL).")
+@click.option("--baseline", help="Original model to compare against (its rates, KL, paired difference).")
 @_options(PromptConfig, "harmful", "harmless")
-@click.option("--n", "n_prompts", type=int, default=50, show_default=True, help="Prompts per class.")
+@click.option(
+    "--lookalike",
+    metavar="SRC",
+    help="Safe prompts that look dangerous, for over-refusal (default: bundled).",
+)
+@click.option("--n", "n_prompts", type=int, default=50, show_default=True, help="Prompts per set.")
+@_options(EvaluationConfig, "max_new_tokens")
 @_options(LoadConfig, "dtype", type=str)
 @_options(LoadConfig, "device")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_options(LoadConfig, *_DISPATCH)
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
-    """Refusal rate of MODEL on harmful prompts (and KL to --baseline on harmless prompts)."""
+    """Not-helped rates of MODEL on harmful, harmless and look-dangerous-but-safe prompts (with their
+    95 % intervals), and its damage (first- and multi-token KL) against --baseline."""
     with _one_line_errors():
-        from abliterate.find.evaluate import evaluate_model
+        from abliterate.find.evaluate_model import evaluate_model, format_evaluation
 
         result = evaluate_model(model, load=_pop_load(options), **options)
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
-            for key, value in result.items():
-                click.echo(f"{key:20s} {value}")
+            click.echo("\n".join(format_evaluation(result)))
 
 
 def _pop_load(options: dict[str, Any]) -> LoadConfig:

@@ -17,6 +17,11 @@ from abliterate.model.chat import parse_template_kwargs
 if TYPE_CHECKING:
     from abliterate.model.dispatch import Dispatch
 
+# New tokens per judged evaluation reply, everywhere the project evaluates (run, evaluate, the search's
+# confirmations, the benchmarks): refusals that arrive after a compliant opening ("Sure, here is …
+# However, I cannot …") only show in long replies.
+EVAL_MAX_NEW_TOKENS = 128
+
 
 def _option(default: Any, *flags: str, help: str, **click: Any) -> Any:
     """A field that is a command-line option: its flags, help text and click settings in its metadata."""
@@ -81,7 +86,9 @@ class PromptConfig:
     )
     n_train: int = _option(128, "--n-train", help="Prompts per class used to extract candidates.")
     n_val: int = _option(32, "--n-val", help="Prompts per class used to score candidates.")
-    n_eval: int = _option(50, "--n-eval", help="Prompts per class for the before/after evaluation.")
+    n_eval: int = _option(
+        32, "--n-eval", help="Harmful prompts judged before and after (and harmless ones for first-token KL)."
+    )
     n_parity: int = _setting(4, "Held-aside prompts for the parity check.")
     seed: int = _option(0, "--seed", help="Seed for prompt sampling.")
     system_prompt: str | None = _option(None, "--system-prompt", help="System prompt for every chat.")
@@ -232,20 +239,33 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """The refusal rate and KL measured before and after the edit, and how long replies are generated."""
+    """What is measured before and after the edit, and how long the judged replies are."""
 
     evaluate: bool = _option(
-        True, "--evaluate/--no-evaluate", help="Measure refusal rate and KL before and after."
+        True,
+        "--evaluate/--no-evaluate",
+        help="Measure not-helped rates, over-refusal and damage (KL) before and after.",
+    )
+    max_new_tokens: int = _option(
+        EVAL_MAX_NEW_TOKENS,
+        "--max-new-tokens",
+        help="Tokens generated per evaluation reply (long enough to see refusals that come late).",
+    )
+    n_over_refusal: int = _option(
+        16,
+        "--n-over-refusal",
+        help="Harmless and look-dangerous-but-safe prompts each, for over-refusal, degenerate replies "
+        "and the multi-token KL.",
     )
     max_thinking_tokens: int = _option(
         512,
         "--max-thinking-tokens",
         help="Extra tokens generated per reply when the template opens a thinking block.",
     )
-    max_new_tokens: int = _setting(24, "Tokens generated per prompt when evaluating refusals.")
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_thinking_tokens")
+        _at_least(self, 1, "max_new_tokens", "n_over_refusal")
 
 
 @dataclass(frozen=True)

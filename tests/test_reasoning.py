@@ -12,6 +12,7 @@ from conftest import save_tiny
 from tiny import make_tokenizer
 
 from abliterate.cli import main
+from abliterate.config import EVAL_MAX_NEW_TOKENS
 from abliterate.model.batching import eoi_length
 from abliterate.model.chat import THINKING_FORMATS, ChatFormat, SplitReply, detect_thinking, split_reply
 
@@ -136,7 +137,8 @@ def test_run_scores_closed_and_evaluates_past_the_block(
 
     def fake_generate(model: object, tokenizer: object, prompts: list[str], **options: object) -> list[str]:
         generations.append(options)
-        return next(canned)
+        # The harmful set gets the canned replies; the over-refusal sets plain answers.
+        return next(canned) if options["description"].endswith("harmful") else ["Sure."] * len(prompts)
 
     # Subject.encoded (extraction, selection, evaluation) and the parity prompts both encode.
     monkeypatch.setattr(abliterate.pipeline.subject, "encode", recording_encode)
@@ -156,7 +158,9 @@ def test_run_scores_closed_and_evaluates_past_the_block(
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert encodings and all(encodings), "a forward pass scored prompts with the thinking block open"
-    assert [options["max_new_tokens"] for options in generations] == [24 + 7, 24 + 7]
+    assert generations and all(
+        options["max_new_tokens"] == EVAL_MAX_NEW_TOKENS + 7 for options in generations
+    )
     assert all(not options["chat"].close_thinking for options in generations)
     manifest = json.loads((output / "abliterate.json").read_text())
     thinking = manifest["evaluation"]["thinking"]

@@ -266,6 +266,7 @@ def quick_run_args(
     """``abliterate run`` flags for a fast run on a tiny model: few prompts, no progress bars, and with
     ``layer`` the candidate at that layer and EOI position −1 instead of the selection."""
     args = ["--n-train", str(n_train), "--n-val", str(n_val), "--n-eval", str(n_eval), "--no-progress"]
+    args += ["--max-new-tokens", "16", "--n-over-refusal", "2"]  # short replies: a tiny model's are noise
     if not evaluate:
         args.append("--no-evaluate")
     if layer is not None:
@@ -283,6 +284,8 @@ def open_selection_config(model: Path | str, output: Path | str, **fields: objec
         "n_train": 8,
         "n_val": 4,
         "n_eval": 2,
+        "max_new_tokens": 16,
+        "n_over_refusal": 2,
         "screen_prompts": 2,
         "screen_keep": 3,
         "max_kl": float("inf"),

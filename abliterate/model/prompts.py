@@ -40,18 +40,31 @@ class PromptSplits:
         return {split: len(getattr(self, split)) for split in (*_SPLITS, "parity")}
 
 
+# Bundled sets beyond the harmful/harmless splits: safe prompts that look dangerous ("how do I kill a
+# Python process"), on which a good edit must not start refusing (over-refusal).
+_EXTRA_SETS = {("lookalike", "eval")}
+
+
 def bundled(kind: str, split: str) -> list[str]:
     """A bundled prompt list written for this project.
 
     Args:
-        kind: ``"harmful"``, ``"harmless"`` or ``"lookalike"`` (safe prompts that look dangerous: eval only).
-        split: ``"train"``, ``"val"`` or ``"eval"``.
+        kind: ``"harmful"`` or ``"harmless"`` (splits ``"train"``, ``"val"``, ``"eval"``), or
+            ``"lookalike"`` (split ``"eval"``: safe prompts that look dangerous).
+        split: the split.
+
+    Raises:
+        ValueError: no such bundled set.
     """
-    lookalike = kind == "lookalike" and split == "eval"
-    if not lookalike and (kind not in ("harmful", "harmless") or split not in _SPLITS):
+    if (kind not in ("harmful", "harmless") or split not in _SPLITS) and (kind, split) not in _EXTRA_SETS:
         raise ValueError(f"no bundled prompt set {kind}_{split}")
     text = resources.files("abliterate").joinpath("data", f"{kind}_{split}.json").read_text("utf-8")
     return json.loads(text)
+
+
+def has_bundled(kind: str, split: str) -> bool:
+    """Whether this installation bundles the prompt set ``kind_split``."""
+    return resources.files("abliterate").joinpath("data", f"{kind}_{split}.json").is_file()
 
 
 def load_prompt_classes(
