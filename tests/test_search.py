@@ -244,17 +244,21 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
 
 def _search_config(source: Path, output: Path) -> object:
     return open_selection_config(
-        source, output, trials=8, trial_prompts=2, finalists=2, confirm_tokens=8, damage_tokens=8
+        source, output, trials=8, trial_prompts=2, finalists=2, confirm_prompts=3, damage_prompts=2
     )
 
 
-def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp_path: Path) -> None:
+def test_run_searches_saves_the_front_and_proves_the_point(
+    tiny_qwen2: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import json
+    import logging
 
     from abliterate import run
     from abliterate.ship.direction_file import declared_from_file
 
-    result = run(_search_config(tiny_qwen2, tmp_path / "out"))
+    with caplog.at_level(logging.INFO, logger="abliterate.find.search"):
+        result = run(_search_config(tiny_qwen2, tmp_path / "out"))
     front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())
     assert len(front["trials"]) == 8 and front["paper"]["point"]["width"] == 0.0
     assert front["confirmed"][0]["point"] == front["paper"]["point"]  # the paper's point is a finalist
@@ -267,6 +271,7 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     outcome = manifest["search"]["outcome"]
     assert outcome.startswith(("paper point kept", "searched point dominates")) and outcome in card
     assert outcome == front["outcome"]
+    assert [record.getMessage() for record in caplog.records] == [f"search: {outcome}"]  # one log line
     paper = manifest["search"]["confirmed"][0]
     assert paper["confirm_kl"] > 0 and paper["multi_kl"] > 0  # both damage measures taken
     chosen = EditPoint(**front["chosen"]["point"])

@@ -266,6 +266,7 @@ def quick_run_args(
     """``abliterate run`` flags for a fast run on a tiny model: few prompts, no progress bars, and with
     ``layer`` the candidate at that layer and EOI position −1 instead of the selection."""
     args = ["--n-train", str(n_train), "--n-val", str(n_val), "--n-eval", str(n_eval), "--no-progress"]
+    args += ["--confirm-tokens", "8"]  # a searched run's confirmation replies: short, as the evaluation's
     if not evaluate:
         args.append("--no-evaluate")
     if layer is not None:
@@ -285,6 +286,8 @@ def open_selection_config(model: Path | str, output: Path | str, **fields: objec
         "n_eval": 2,
         "screen_prompts": 2,
         "screen_keep": 3,
+        "confirm_tokens": 8,
+        "damage_tokens": 8,
         "max_kl": float("inf"),
         "min_steering": -float("inf"),
         "progress": False,
