@@ -85,7 +85,12 @@ class PromptConfig:
         None, "--harmless", metavar="SRC", help="Harmless prompt source (default: bundled)."
     )
     n_train: int = _option(128, "--n-train", help="Prompts per class used to extract candidates.")
-    n_val: int = _option(32, "--n-val", help="Prompts per class used to score candidates.")
+    n_val: int = _option(
+        150,
+        "--n-val",
+        help="Validation prompts per class: the paper's selection scores candidates on the first 32, the "
+        "search's trials and confirmations use them all.",
+    )
     n_eval: int = _option(
         32, "--n-eval", help="Harmful prompts judged before and after (and harmless ones for first-token KL)."
     )
@@ -176,8 +181,9 @@ class SelectionConfig:
     max_kl: float | None = _option(
         None,
         "--max-kl",
-        help="First-token KL bound on harmless prompts: the search picks the fewest refusals under it "
-        "(default 0.05); with --search none, the paper's candidate filter (default 0.1).",
+        help="First-token KL cap on harmless prompts (default: none, the search keeps the paper's point "
+        "unless a point beats it on refusals and damage); with a cap the search picks the fewest "
+        "refusals under it; with --search none, the paper's candidate filter (default 0.1).",
     )
     search: Literal["tpe", "none"] = _option(
         "tpe",
@@ -201,6 +207,9 @@ class SelectionConfig:
         "fused experts, not as LoRA).",
     )
     max_layer_fraction: float = _setting(0.8, "Discard candidates at layer >= this fraction.")
+    select_prompts: int = _setting(
+        32, "Validation prompts per class the paper's selection scores candidates on (the first ones)."
+    )
     screen_prompts: int = _setting(4, "Harmful prompts for the first, coarse ablation screen.")
     screen_keep: int = _setting(6, "Candidates kept after the screen for full scoring.")
     layer_stride: int = _setting(
@@ -222,19 +231,41 @@ class SearchConfig:
     search_budget: float = _option(
         150.0, "--search-budget", metavar="SECONDS", help="Seconds the search's trials may take."
     )
-    search_prompts: int = _setting(
-        8, "Harmful and harmless validation prompts each cheap trial is scored on."
+    trial_prompts: int = _option(
+        64,
+        "--trial-prompts",
+        help="Harmful validation prompts each cheap trial's first-token refusal score is measured on.",
     )
-    finalists: int = _setting(3, "Trials confirmed by greedy generation (besides the paper's point).")
+    confirm_prompts: int = _option(
+        128,
+        "--confirm-prompts",
+        help="Harmful validation prompts the finalists are confirmed on by long replies and the judge "
+        "(read from the end of the split, the trials' from its start), in two stages.",
+    )
+    confirm_tokens: int = _option(128, "--confirm-tokens", help="Tokens per reply confirming finalists.")
+    stage_prompts: int = _setting(32, "Confirmation prompts of the first stage (elimination).")
+    finalists: int = _setting(2, "Trials confirmed besides the paper's point.")
+    survivors: int = _setting(2, "Finalists confirmed on every confirmation prompt at most.")
+    drop_margin: int = _setting(
+        1, "A finalist not helped on this many more first-stage prompts than the paper's point stops."
+    )
+    max_increase: float = _setting(
+        0.02,
+        "A searched point replaces the paper's only if the 95 % paired-bootstrap upper end of its "
+        "not-helped rate minus the paper point's is at most this.",
+    )
+    kl_prompts: int = _setting(32, "Harmless validation prompts each trial's first-token KL is measured on.")
+    damage_prompts: int = _setting(32, "Harmless val prompts whose greedy replies the multi-token KL reads.")
+    damage_tokens: int = _setting(64, "Tokens of those replies.")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "trials")
+        _at_least(self, 1, "trials", "trial_prompts", "confirm_prompts", "confirm_tokens")
+        _at_least(self, 1, "stage_prompts", "kl_prompts", "damage_prompts", "damage_tokens", "drop_margin")
+        _at_least(self, 0, "finalists", "survivors")
         if not self.search_budget > 0:  # written so that NaN is refused too
             raise ValueError(
                 f"--search-budget must be a positive number of seconds, got {self.search_budget}"
             )
-        if self.trials < 1 or self.finalists < 0 or self.search_prompts < 1:
-            raise ValueError("--trials and the search's prompt count must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -324,9 +355,9 @@ class RunConfig:
         return 0.1 if max_kl is None else max(max_kl, 0.1)
 
     @property
-    def search_max_kl(self) -> float:
-        """The KL bound the search's choice must meet (default 0.05)."""
-        return 0.05 if self.selection.max_kl is None else self.selection.max_kl
+    def search_max_kl(self) -> float | None:
+        """The user's cap on the search's choice, or ``None`` (default): no cap."""
+        return self.selection.max_kl
 
 
 def parts_of(config: type) -> dict[str, type]:

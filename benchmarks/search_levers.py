@@ -29,6 +29,8 @@ def main() -> None:
     data = json.loads(open(args.front).read())
     trials, max_kl = data["trials"], data["max_kl"]
     paper = data["paper"]
+    if max_kl is None:  # no cap: the levers are compared under the paper point's own trial KL
+        max_kl = paper["kl"]
     anchor = paper["point"]["layer"]
     print(f"paper point: refusal score {paper['refusal_score']:.3f}, KL {paper['kl']:.4f}")
     print("front (KL, refusal score):")

@@ -19,7 +19,6 @@ from abliterate.find.search import (
     SearchData,
     TrialScore,
     batched_logits,
-    choose,
     padded_bases,
     pareto_front,
     run_trials,
@@ -153,17 +152,9 @@ def _trial(
     return TrialScore(EditPoint.paper(1, -1), refusal, kl, refusals, 8, confirm_kl)
 
 
-def test_pareto_front_and_choice() -> None:
+def test_pareto_front() -> None:
     trials = [_trial(0.0, 0.05), _trial(-1.0, 0.2), _trial(0.5, 0.01), _trial(0.2, 0.1), _trial(-0.5, 0.02)]
     assert [trial.kl for trial in pareto_front(trials)] == [0.01, 0.02, 0.2]
-    confirmed = [_trial(0, 0, 3, 0.04), _trial(0, 0, 1, 0.06), _trial(0, 0, 2, 0.03), _trial(0, 0, 2, 0.02)]
-    assert choose(confirmed, 0.05).confirm_kl == 0.02
-    assert choose(confirmed, 0.1).refusals == 1
-    with pytest.raises(ValueError, match=r"lowest: 0\.0200.*--max-kl"):
-        choose(confirmed, 0.01)
-    # Tied refusals: the stronger edit (lower refusal score) wins before the lower KL.
-    tied = [_trial(-2.7, 0.03, 1, 0.037), _trial(-2.9, 0.04, 1, 0.041), _trial(-1.0, 0.01, 3, 0.01)]
-    assert choose(tied, 0.05).refusal_score == -2.9
 
 
 def test_finalists_climb_a_ladder_of_kl_bounds() -> None:
@@ -182,6 +173,8 @@ def test_finalists_climb_a_ladder_of_kl_bounds() -> None:
         -2.88,
     ]
     assert finalists([paper, _trial(-5.0, 0.051)], 0.05, 3) == [paper]  # nothing over the bound
+    # No cap: the paper point's own trial KL is the top rung (only a point below it can dominate it).
+    assert [t.kl for t in finalists([paper, _trial(-5.0, 0.09), *lower], None, 2)[1:]] == [0.039, 0.029]
 
 
 def test_search_evaluates_the_paper_point_first() -> None:
@@ -250,16 +243,22 @@ def test_apply_and_verify_reproduce_a_searched_point(model_type: str, tmp_path: 
 
 
 def _search_config(source: Path, output: Path) -> object:
-    return open_selection_config(source, output, trials=8, search_prompts=2, finalists=2)
+    return open_selection_config(
+        source, output, trials=8, trial_prompts=2, finalists=2, confirm_prompts=3, damage_prompts=2
+    )
 
 
-def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp_path: Path) -> None:
+def test_run_searches_saves_the_front_and_proves_the_point(
+    tiny_qwen2: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import json
+    import logging
 
     from abliterate import run
     from abliterate.ship.direction_file import declared_from_file
 
-    result = run(_search_config(tiny_qwen2, tmp_path / "out"))
+    with caplog.at_level(logging.INFO, logger="abliterate.find.search"):
+        result = run(_search_config(tiny_qwen2, tmp_path / "out"))
     front = json.loads((tmp_path / "out" / "pareto_front.json").read_text())
     assert len(front["trials"]) == 8 and front["paper"]["point"]["width"] == 0.0
     assert front["confirmed"][0]["point"] == front["paper"]["point"]  # the paper's point is a finalist
@@ -267,7 +266,14 @@ def test_run_searches_saves_the_front_and_proves_the_point(tiny_qwen2: Path, tmp
     manifest = result.manifest
     assert manifest["search"]["trials"] == 8 and manifest["gate"]["passed"]
     assert manifest["gate"]["certificate"]["passed"]
-    assert "## Edit search" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Edit search" in card
+    outcome = manifest["search"]["outcome"]
+    assert outcome.startswith(("paper point kept", "searched point dominates")) and outcome in card
+    assert outcome == front["outcome"]
+    assert [record.getMessage() for record in caplog.records] == [f"search: {outcome}"]  # one log line
+    paper = manifest["search"]["confirmed"][0]
+    assert paper["confirm_kl"] > 0 and paper["multi_kl"] > 0  # both damage measures taken
     chosen = EditPoint(**front["chosen"]["point"])
     declared = declared_from_file(*load_direction(tmp_path / "out" / "direction.safetensors"))
     assert declared.layer_strengths["mlp"][2] == pytest.approx(chosen.strength("mlp", 2))
@@ -282,3 +288,135 @@ def test_run_stops_when_no_point_meets_the_kl_bound(
     with pytest.raises(ValueError, match=r"no searched edit reaches first-token KL ≤ 0 \(lowest: .*--max-kl"):
         run(_search_config(tiny_qwen2, tmp_path / "out"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# The confirmation against the paper's point, with a fake confirmer: each finalist's damage and its
+# not-helped verdicts per confirmation prompt are given, and every call is recorded.
+N_CONFIRM = 128
+
+
+def _finalist(name: str, kl: float = 0.05) -> TrialScore:
+    return TrialScore(EditPoint.paper(1, -1, orthogonal=name != "paper", norm_preserving=False), -3.0, kl)
+
+
+def _points(*names: str) -> list[TrialScore]:
+    # Distinct points: the layer encodes the name's index.
+    return [replace(_finalist(name), point=EditPoint(float(index), -1)) for index, name in enumerate(names)]
+
+
+def _fake_confirmer(
+    damage: dict[float, tuple[float, float]], not_helped: dict[float, list[int]], calls: list
+) -> object:
+    from abliterate.find.confirm import Confirmer
+
+    def verdicts(point: EditPoint, start: int, stop: int) -> list[bool]:
+        calls.append((point.layer, start, stop))
+        return [bool(index in not_helped[point.layer]) for index in range(start, stop)]
+
+    return Confirmer(lambda point: damage[point.layer], verdicts, N_CONFIRM)
+
+
+def _decide(damage: dict, not_helped: dict, calls: list | None = None, **settings: object) -> object:
+    from abliterate.find.confirm import ConfirmSettings, confirm_finalists
+
+    calls = [] if calls is None else calls
+    finalists = _points(*(str(layer) for layer in sorted(damage)))
+    confirmer = _fake_confirmer(damage, not_helped, calls)
+    return confirm_finalists(finalists, lambda point: point, confirmer, ConfirmSettings(**settings))
+
+
+PAPER_NOT_HELPED = [5, 40, 90]  # 3 of 128
+
+
+def test_paper_point_kept_when_every_searched_point_refuses_more() -> None:
+    calls: list = []
+    decision = _decide(
+        {0: (0.08, 0.30), 1: (0.04, 0.20), 2: (0.03, 0.10)},
+        {0: PAPER_NOT_HELPED, 1: [*PAPER_NOT_HELPED, 3, 7], 2: [1, 2, 3, 4, *PAPER_NOT_HELPED]},
+        calls,
+    )
+    assert decision.chosen == 0 and decision.confirmed[0].point.layer == 0
+    assert decision.outcome.startswith("paper point kept: no searched point dominated it")
+    assert all(trial.dropped for trial in decision.confirmed[1:])
+    # Sequential elimination: both were behind on the first 32 prompts, so nothing went on to all 128.
+    assert {stop for _, _, stop in calls} == {32}
+    assert decision.warning is None
+
+
+def test_searched_point_no_worse_and_lower_on_both_kls_is_chosen() -> None:
+    decision = _decide(
+        {0: (0.08, 0.30), 1: (0.04, 0.20), 2: (0.03, 0.10)},
+        # 1: the same prompts not helped as the paper's point; 2: one prompt more (worse, dropped).
+        {0: PAPER_NOT_HELPED, 1: PAPER_NOT_HELPED, 2: [*PAPER_NOT_HELPED, 100]},
+    )
+    assert decision.chosen == 1
+    chosen = decision.confirmed[1]
+    assert chosen.n_confirm == N_CONFIRM and chosen.refusals == 3
+    assert decision.outcome.startswith("searched point dominates the paper's point: not-helped Δ = +0.0 pts")
+    assert "first-token KL 0.0400 vs 0.0800" in decision.outcome and "multi-token KL 0.2000 vs 0.3000" in (
+        decision.outcome
+    )
+    assert decision.difference.high <= 0.02
+
+
+def test_a_point_lower_on_one_kl_only_cannot_replace_the_paper_point() -> None:
+    calls: list = []
+    decision = _decide({0: (0.08, 0.30), 1: (0.04, 0.35)}, {0: PAPER_NOT_HELPED, 1: []}, calls)
+    assert decision.chosen == 0 and "KL not below the paper point's" in decision.confirmed[1].dropped
+    assert calls == []  # dropped on damage alone: no reply generated at all
+
+
+def test_paired_rule_rejects_a_point_whose_upper_end_is_three_points() -> None:
+    """Negative control: more not-helped replies late in the confirmation (after the first stage, so
+    elimination does not catch them) give an upper end near +3 points, and the paper's point stays."""
+    from abliterate.find.stats import paired_bootstrap
+
+    worse = [*PAPER_NOT_HELPED, 60, 110]
+    paper = [float(i in PAPER_NOT_HELPED) for i in range(N_CONFIRM)]
+    searched = [float(i in worse) for i in range(N_CONFIRM)]
+    upper = paired_bootstrap(searched, paper).high
+    assert 0.025 < upper < 0.045
+    decision = _decide({0: (0.08, 0.30), 1: (0.04, 0.20)}, {0: PAPER_NOT_HELPED, 1: worse})
+    assert decision.chosen == 0 and decision.confirmed[1].n_confirm == N_CONFIRM
+    assert decision.outcome.startswith("paper point kept: no searched point dominated it (best: not-helped Δ")
+    # Positive control: the same point with the paper's verdicts passes.
+    assert _decide({0: (0.08, 0.30), 1: (0.04, 0.20)}, {0: PAPER_NOT_HELPED, 1: PAPER_NOT_HELPED}).chosen == 1
+
+
+def test_no_cap_keeps_the_paper_point_eligible() -> None:
+    """The paper's point far over the old default cap (0.05) stays the choice without --max-kl; a user's
+    cap of 0.05 excludes it and picks the searched point, saying it is not helped more often."""
+    from abliterate import RunConfig
+
+    assert RunConfig.from_options("demo", output="/tmp/x").search_max_kl is None
+    damage = {0: (0.08, 0.30), 1: (0.04, 0.20)}
+    verdicts = {0: PAPER_NOT_HELPED, 1: [*PAPER_NOT_HELPED, 1, 2]}
+    assert _decide(damage, verdicts).chosen == 0
+    capped = _decide(damage, verdicts, max_kl=0.05)
+    assert capped.chosen == 1 and capped.confirmed[1].n_confirm == N_CONFIRM
+    assert capped.outcome.startswith("--max-kl 0.05 excludes the paper's point (first-token KL 0.0800)")
+    assert capped.warning == (
+        "--max-kl 0.05 forces a point not helped on 5/128 confirmation prompts against the paper point's "
+        f"3/128 (difference +1.6 pts [+0.0, +{100 * capped.difference.high:.1f}] on 128 prompts)"
+    )
+    # Negative control: a capped choice that is no worse than the paper's point gives no warning.
+    assert _decide(damage, {0: PAPER_NOT_HELPED, 1: PAPER_NOT_HELPED}, max_kl=0.05).warning is None
+    with pytest.raises(ValueError, match=r"reaches first-token KL ≤ 0\.01 \(lowest: 0\.0400"):
+        _decide(damage, verdicts, max_kl=0.01)
+
+
+def test_the_card_and_summary_carry_the_outcome_and_the_warning() -> None:
+    from abliterate.ship.report import search_lines
+
+    capped = _decide({0: (0.08, 0.30), 1: (0.04, 0.20)}, {0: [], 1: [1]}, max_kl=0.05)
+    search = {
+        "trials": 2,
+        "front_size": 2,
+        "outcome": capped.outcome,
+        "warning": capped.warning,
+        "chosen": capped.confirmed[1].to_dict(),
+        "confirmed": [trial.to_dict() for trial in capped.confirmed],
+    }
+    card = "\n".join(search_lines(search))
+    assert f"**Warning:** {capped.warning}" in card and f"**Outcome:** {capped.outcome}" in card
+    assert "| 0/128 | 0.08 | 0.3 |" in card and "| 1/128 | 0.04 | 0.2 |" in card

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
@@ -156,3 +157,38 @@ def test_projected_candidates_are_orthogonal_to_the_harmless_mean() -> None:
     # What is left is the plain candidate minus only its harmless-mean component.
     residual = plain - projected
     assert torch.nn.functional.cosine_similarity(residual, harmless, dim=-1).abs().min() > 1 - 1e-9
+
+
+def test_paper_selection_scores_the_first_val_prompts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A val split grown for the search's trials and confirmations leaves the paper's point as it was:
+    selection scores the first ``select_prompts`` of each class, whatever ``--n-val`` holds; the search
+    confirms from the split's other end."""
+    from types import SimpleNamespace
+
+    from abliterate import RunConfig
+    from abliterate.pipeline import finding
+    from abliterate.pipeline.finding import confirmation_prompts, paper_direction
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_select(
+        model: object, adapter: object, candidates: object, harmful: list, harmless: list, *a, **k
+    ):
+        seen.update(harmful=harmful, harmless=harmless, screen=a[0])
+        return finding.direction_at(torch.ones(1, 2, 4), 1, -1)
+
+    monkeypatch.setattr(finding, "select_direction", fake_select)
+    monkeypatch.setattr(finding, "refusal_token_ids", lambda tokenizer: [0])
+    val = [f"prompt {index}" for index in range(150)]
+    splits = SimpleNamespace(val=val)
+    inputs = SimpleNamespace(harmful=splits, harmless=splits)
+    subject = SimpleNamespace(
+        model=None, adapter=None, tokenizer=None, batch_size=8, n_layers=2, encoded=lambda prompts: prompts
+    )
+    config = RunConfig.from_options("demo", output="/tmp/unused", n_val=150, select_prompts=32)
+    paper_direction(config, subject, inputs, torch.ones(1, 2, 4))
+    assert seen["harmful"] == val[:32] and seen["harmless"] == val[:32]
+    assert seen["screen"] == val[: config.selection.screen_prompts]
+    confirming = confirmation_prompts(val, 128)
+    assert confirming[:32] == val[-32:][::-1]  # the first, eliminating stage: prompts the trials never see
+    assert not set(confirming[:32]) & set(val[: config.search.trial_prompts])

@@ -267,6 +267,7 @@ def quick_run_args(
     ``layer`` the candidate at that layer and EOI position −1 instead of the selection."""
     args = ["--n-train", str(n_train), "--n-val", str(n_val), "--n-eval", str(n_eval), "--no-progress"]
     args += ["--max-new-tokens", "16", "--n-over-refusal", "2"]  # short replies: a tiny model's are noise
+    args += ["--confirm-tokens", "8"]  # a searched run's confirmation replies: short, as the evaluation's
     if not evaluate:
         args.append("--no-evaluate")
     if layer is not None:
@@ -288,6 +289,8 @@ def open_selection_config(model: Path | str, output: Path | str, **fields: objec
         "n_over_refusal": 2,
         "screen_prompts": 2,
         "screen_keep": 3,
+        "confirm_tokens": 8,
+        "damage_tokens": 8,
         "max_kl": float("inf"),
         "min_steering": -float("inf"),
         "progress": False,

@@ -1,19 +1,21 @@
-"""Search the family of exact edits (``abliterate.find.point``) for the fewest refusals under a KL bound.
+"""Search the family of exact edits (``abliterate.find.point``) for a point that beats the paper's on both
+axes: no more replies that leave the user without help, and less damage.
 
-The search (Optuna TPE, two objectives) scores trials cheaply: the mean first-token refusal score on a
-few harmful validation prompts and the first-token KL on a few harmless ones, several trials batched per
-forward pass (one edit per batch row). The best trials under the KL bound are confirmed by greedy
-generation on the full validation split, counted by ``abliterate.find.judge``; the evaluation split is never
-seen.
+The search (Optuna TPE, two objectives) scores trials cheaply: the mean first-token refusal score on
+harmful validation prompts and the first-token KL on harmless ones, several trials batched per forward
+pass when the prompts are few (one edit per batch row). Finalists under the paper point's KL, and the
+paper's point itself, are then confirmed with long greedy replies read by the judge and with the
+multi-token KL (``abliterate.find.confirm``): the paper's point is kept unless one dominates it. The
+evaluation split is never seen.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -21,39 +23,19 @@ from torch import nn
 from abliterate.adapters.resolve import ResolvedWriter
 from abliterate.adapters.spec import Adapter
 from abliterate.edit.declared import DeclaredEdit
+from abliterate.find.confirm import Confirmer, ConfirmSettings, confirm_finalists
 from abliterate.find.point import EditPoint
 from abliterate.find.scores import kl_divergence, refusal_scores
 from abliterate.find.space import SearchSpace, warm_starts
+from abliterate.find.stats import PairedDifference
+from abliterate.find.trial import TrialScore
 from abliterate.model.batching import EncodedPrompts, copied_last_logits
 from abliterate.model.hooks import ablated, subspace_projection
 
-# The finalists' KL bounds, as multiples of --max-kl (``finalists``).
+logger = logging.getLogger(__name__)
+
+# The finalists' KL bounds, as multiples of the paper point's trial KL (``finalists``).
 LADDER = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)
-
-
-@dataclass(frozen=True)
-class TrialScore:
-    """What one point scored.
-
-    Attributes:
-        point: the edit.
-        refusal_score: mean first-token refusal log-odds on the harmful trial prompts (lower is better).
-        kl: mean first-token KL on the harmless trial prompts.
-        refusals: refusals among greedy replies to the harmful val prompts (confirmed points only).
-        n_confirm: prompts those replies were generated for.
-        confirm_kl: first-token KL on every harmless val prompt (confirmed points only).
-    """
-
-    point: EditPoint
-    refusal_score: float
-    kl: float
-    refusals: int | None = None
-    n_confirm: int = 0
-    confirm_kl: float | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain dictionary for the Pareto JSON."""
-        return {**asdict(self), "point": asdict(self.point)}
 
 
 @dataclass(frozen=True)
@@ -134,18 +116,25 @@ class SearchResult:
 
     Attributes:
         trials: every cheap trial, the paper's point first.
-        confirmed: the finalists with their generation counts, best first.
-        chosen: the confirmed point with the fewest refusals under the KL bound.
+        confirmed: the finalists with their confirmations, the paper's point first.
+        chosen: the paper's point, or the finalist that dominates it (``abliterate.find.confirm``).
+        outcome: one line: the paper's point kept and why, or the point that dominates it.
+        warning: one line when a user's ``--max-kl`` forces a point not helped more often than the
+            paper's, else ``None``.
+        difference: the paired not-helped difference chosen − paper on the confirmation prompts.
         seconds: per phase: ``trials``, ``confirm``.
     """
 
     trials: list[TrialScore]
     confirmed: list[TrialScore]
     chosen: TrialScore
+    outcome: str = ""
+    warning: str | None = None
+    difference: PairedDifference | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self, max_kl: float) -> dict[str, object]:
-        """The Pareto JSON: every trial, the front, the finalists and the choice."""
+    def to_dict(self, max_kl: float | None) -> dict[str, object]:
+        """The Pareto JSON: every trial, the front, the finalists, the choice and why."""
         front = pareto_front(self.trials)
         return {
             "max_kl": max_kl,
@@ -154,6 +143,9 @@ class SearchResult:
             "confirmed": [trial.to_dict() for trial in self.confirmed],
             "chosen": self.chosen.to_dict(),
             "paper": self.trials[0].to_dict(),
+            "outcome": self.outcome,
+            "warning": self.warning,
+            "difference": None if self.difference is None else asdict(self.difference),
             "seconds": self.seconds,
         }
 
@@ -166,10 +158,6 @@ def pareto_front(trials: list[TrialScore]) -> list[TrialScore]:
         if not front or trial.refusal_score < front[-1].refusal_score:
             front.append(trial)
     return front
-
-
-# Confirms a finalist's edit: refusals by the judge, prompts judged, KL on every harmless val prompt.
-Confirm = Callable[[DeclaredEdit], tuple[int, int, float]]
 
 
 def run_trials(
@@ -209,56 +197,29 @@ def run_trials(
     return results
 
 
-def finalists(trials: list[TrialScore], max_kl: float, count: int) -> list[TrialScore]:
-    """The paper's point and up to ``count`` trials on a ladder of KL bounds at and below ``max_kl``.
+def finalists(trials: list[TrialScore], max_kl: float | None, count: int) -> list[TrialScore]:
+    """The paper's point and up to ``count`` trials on a ladder of KL bounds under the paper point's KL
+    (and under ``max_kl``, a user's cap, when it is lower).
 
+    Only a point below the paper's KL can dominate it, so the top rung is the paper point's trial KL.
     Rather than the ``count`` lowest refusal scores (which crowd at the top of the allowed KL and share
     its risk), finalist ``i`` is the lowest-refusal-score trial not yet picked whose trial KL is under
-    ``LADDER[i] × max_kl``; unused rungs fall back to the next best trial under the top rung. The
-    confirmation then counts refusals by generation, where the cheap refusal score can mislead.
+    ``LADDER[i] × bound``; unused rungs fall back to the next best trial under the top rung.
     """
+    paper = trials[0]
+    bound = paper.kl if max_kl is None else min(max_kl, paper.kl)
     picked: list[TrialScore] = []
     ranked = sorted(trials[1:], key=lambda trial: trial.refusal_score)
     for rung in LADDER[:count]:
-        best = next((t for t in ranked if t.kl <= rung * max_kl and t not in picked), None)
+        best = next((t for t in ranked if t.kl <= rung * bound and t not in picked), None)
         if best is not None:
             picked.append(best)
     for trial in ranked:
         if len(picked) >= count:
             break
-        if trial.kl <= LADDER[0] * max_kl and trial not in picked:
+        if trial.kl <= LADDER[0] * bound and trial not in picked:
             picked.append(trial)
-    return [trials[0], *picked]
-
-
-def choose(confirmed: list[TrialScore], max_kl: float) -> TrialScore:
-    """The fewest confirmed refusals with KL ≤ ``max_kl``; on ties, the lower first-token refusal score
-    (the stronger edit), then the lower KL.
-
-    Thirty-odd validation prompts saturate: on the demo four finalists tied at 1/32, and preferring the
-    lowest KL among them picked the weakest edit (12 % refusals on the evaluation split against the
-    paper point's 6 %). The refusal score is the continuous measure of the same thing that breaks the tie.
-
-    Raises:
-        ValueError: no confirmed point meets the bound (one line: the lowest KL reached, the flag).
-    """
-    passing = [trial for trial in confirmed if trial.confirm_kl is not None and trial.confirm_kl <= max_kl]
-    if not passing:
-        lowest = min(trial.confirm_kl for trial in confirmed if trial.confirm_kl is not None)
-        raise ValueError(
-            f"no searched edit reaches first-token KL ≤ {max_kl:g} (lowest: {lowest:.4f}); "
-            f"raise --max-kl (e.g. --max-kl {math.ceil(lowest * 100) / 100:g}) or use --search none"
-        )
-    return min(passing, key=lambda trial: (trial.refusals, trial.refusal_score, trial.confirm_kl))
-
-
-def confirm_points(points: list[TrialScore], confirm: Confirm, space: SearchSpace) -> list[TrialScore]:
-    """Run ``confirm`` (greedy generation + judge, full-val KL) on each finalist."""
-    confirmed = []
-    for trial in points:
-        refusals, n, kl = confirm(space.declared(trial.point))
-        confirmed.append(replace(trial, refusals=refusals, n_confirm=n, confirm_kl=kl))
-    return confirmed
+    return [paper, *picked]
 
 
 @dataclass(frozen=True)
@@ -269,8 +230,8 @@ class SearchSettings:
         trials: cheap trials at most.
         budget_s: seconds the cheap trials may take (the paper's point always runs).
         per_forward: trials batched into one forward pass.
-        finalists: trials confirmed by generation besides the paper's point.
-        max_kl: the KL bound of the choice.
+        finalists: trials confirmed besides the paper's point.
+        confirm: the confirmation's rule and budget (its ``max_kl``: the user's cap, ``None``: none).
         seed: the sampler's seed.
     """
 
@@ -278,7 +239,7 @@ class SearchSettings:
     budget_s: float
     per_forward: int
     finalists: int
-    max_kl: float
+    confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
     seed: int = 0
 
 
@@ -287,13 +248,14 @@ def search_edit(
     adapter: Adapter,
     space: SearchSpace,
     data: SearchData,
-    confirm: Confirm,
+    confirmer: Confirmer,
     settings: SearchSettings,
 ) -> SearchResult:
-    """Cheap trials, then the finalists confirmed by ``confirm``, then the choice under the KL bound.
+    """Cheap trials, then the finalists (the paper's point always first) confirmed against the paper's
+    point by ``confirmer``: the result is the paper's point or a finalist that dominates it.
 
     Raises:
-        ValueError: no finalist meets ``settings.max_kl`` (see ``choose``).
+        ValueError: a user's ``--max-kl`` that no finalist meets (see ``confirm_finalists``).
     """
     started = time.perf_counter()
     trials = run_trials(
@@ -307,7 +269,18 @@ def search_edit(
         seed=settings.seed,
     )
     searched = time.perf_counter()
-    confirmed = confirm_points(finalists(trials, settings.max_kl, settings.finalists), confirm, space)
+    picked = finalists(trials, settings.confirm.max_kl, settings.finalists)
+    decision = confirm_finalists(picked, space.declared, confirmer, settings.confirm)
     seconds = {"trials": searched - started, "confirm": time.perf_counter() - searched}
-    chosen = choose(confirmed, settings.max_kl)
-    return SearchResult(trials, confirmed, chosen, {k: round(v, 3) for k, v in seconds.items()})
+    logger.info("search: %s", decision.outcome)
+    if decision.warning is not None:
+        logger.warning("%s", decision.warning)
+    return SearchResult(
+        trials,
+        decision.confirmed,
+        decision.confirmed[decision.chosen],
+        decision.outcome,
+        decision.warning,
+        decision.difference,
+        {k: round(v, 3) for k, v in seconds.items()},
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 import torch
@@ -10,15 +11,17 @@ import torch
 from abliterate.config import RunConfig
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.find.evaluate import refusal_rate
+from abliterate.find.confirm import Confirmer, ConfirmSettings
+from abliterate.find.damage import multi_token_kl, record_reference
+from abliterate.find.evaluate import generate_replies
 from abliterate.find.extract import candidate_directions, extract_means
-from abliterate.find.judge import refusal_count
+from abliterate.find.judge import not_helped
 from abliterate.find.point import EditPoint, point_direction
 from abliterate.find.scores import kl_divergence, refusal_token_ids
-from abliterate.find.search import Confirm, SearchData, SearchResult, SearchSettings, search_edit
+from abliterate.find.search import SearchData, SearchResult, SearchSettings, search_edit
 from abliterate.find.select import RefusalDirection, direction_at, select_direction
 from abliterate.find.space import SearchSpace
-from abliterate.model.batching import EncodedPrompts, last_logits
+from abliterate.model.batching import last_logits
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.evaluation import generation_options
 from abliterate.pipeline.subject import Inputs, Subject
@@ -56,16 +59,19 @@ def paper_direction(
     """The candidate given by ``--layer/--position``, or the one the search selects."""
     if config.selection.layer is not None:
         return _as_stored(direction_at(candidates, config.selection.layer, config.selection.position))
-    harmful, harmless = inputs.harmful, inputs.harmless
+    # The paper's rule scores on the first val prompts only (as many as it always has): a larger val
+    # split serves the search's trials and confirmations without changing the paper's point.
+    harmful = inputs.harmful.val[: config.selection.select_prompts]
+    harmless = inputs.harmless.val[: config.selection.select_prompts]
     chosen = select_direction(
         subject.model,
         subject.adapter,
         candidates,
-        subject.encoded(harmful.val),
-        subject.encoded(harmless.val),
-        subject.encoded(harmful.val[: config.selection.screen_prompts]),
+        subject.encoded(harmful),
+        subject.encoded(harmless),
+        subject.encoded(harmful[: config.selection.screen_prompts]),
         refusal_token_ids(subject.tokenizer),
-        harmless_screen=subject.encoded(harmless.val[: config.selection.screen_prompts]),
+        harmless_screen=subject.encoded(harmless[: config.selection.screen_prompts]),
         max_layer_fraction=config.selection.max_layer_fraction,
         max_kl=config.selection_max_kl,
         min_steering=config.selection.min_steering,
@@ -98,14 +104,11 @@ def searched_direction(
             return replace(chosen, edit_point=point)
         return chosen
     model, adapter = subject.model, subject.adapter
-    # The trials' KL is measured on every harmless val prompt, the same prompts the choice is judged on:
-    # KL is heavy-tailed over prompts, and on 8 of them it read half the 32-prompt value on the demo.
-    confirm_harmless = subject.encoded(inputs.harmless.val)
-    reference = last_logits(model, adapter, confirm_harmless)[0]
+    trial_harmless = subject.encoded(inputs.harmless.val[: config.search.kl_prompts])
     data = SearchData(
-        subject.encoded(inputs.harmful.val[: config.search.search_prompts]),
-        confirm_harmless,
-        reference,
+        subject.encoded(inputs.harmful.val[: config.search.trial_prompts]),
+        trial_harmless,
+        last_logits(model, adapter, trial_harmless)[0],
         refusal_token_ids(subject.tokenizer),
     )
     anchor = EditPoint.paper(
@@ -114,36 +117,68 @@ def searched_direction(
     space = SearchSpace(
         candidates, harmless_means, subject.n_layers, anchor, norm_preserving=config.selection.norm_preserving
     )
-    per_forward = max(1, subject.batch_size // config.search.search_prompts)
-    settings = SearchSettings(
-        config.search.trials,
-        config.search.search_budget,
-        per_forward,
-        config.search.finalists,
+    per_forward = max(1, subject.batch_size // (config.search.trial_prompts + config.search.kl_prompts))
+    search = config.search
+    confirm = ConfirmSettings(
         config.search_max_kl,
+        search.stage_prompts,
+        search.survivors,
+        search.drop_margin,
+        search.max_increase,
         config.prompts.seed,
     )
-    confirm = _confirmation(config, subject, inputs, confirm_harmless, reference)
-    result = search_edit(model, adapter, space, data, confirm, settings)
+    settings = SearchSettings(
+        search.trials, search.search_budget, per_forward, search.finalists, confirm, config.prompts.seed
+    )
+    result = search_edit(model, adapter, space, data, confirmer(config, subject, inputs), settings)
     return _with_search(chosen, result, anchor, candidates, harmless_means)
 
 
-def _confirmation(
-    config: RunConfig, subject: Subject, inputs: Inputs, harmless: EncodedPrompts, reference: torch.Tensor
-) -> Confirm:
-    """How a finalist is confirmed, with its edit hooked: refusals among greedy replies to every harmful
-    val prompt (counted by the judge), and the mean first-token KL from ``reference`` on ``harmless``."""
-    model, adapter = subject.model, subject.adapter
+def confirmation_prompts(prompts: list[str], count: int) -> list[str]:
+    """The confirmation's prompts: ``count`` of the val split read from its end, so the first stage (the
+    one that eliminates) is disjoint from the trials' prompts, read from its start, whenever the split
+    holds both."""
+    return prompts[::-1][:count]
 
-    def confirm(edit: DeclaredEdit) -> tuple[int, int, float]:
-        with ablated(model, adapter, edit_projection(edit)):
-            replies = refusal_rate(
-                model, subject.tokenizer, inputs.harmful.val, **generation_options(config, subject)
-            ).replies
+
+def confirmer(config: RunConfig, subject: Subject, inputs: Inputs) -> Confirmer:
+    """How a finalist is confirmed, its edit hooked on the original: greedy replies of
+    ``--confirm-tokens`` to the harmful confirmation prompts, read by the judge; first-token KL on the
+    harmless confirmation prompts and the multi-token KL over the original's greedy replies to some of
+    them."""
+    model, adapter, tokenizer = subject.model, subject.adapter, subject.tokenizer
+    search = config.search
+    harmful = confirmation_prompts(inputs.harmful.val, search.confirm_prompts)
+    harmless_prompts = confirmation_prompts(inputs.harmless.val, search.confirm_prompts)
+    harmless = subject.encoded(harmless_prompts)
+    reference = last_logits(model, adapter, harmless)[0]
+    damage_reference = record_reference(
+        model,
+        tokenizer,
+        harmless_prompts[: search.damage_prompts],
+        max_new_tokens=search.damage_tokens,
+        batch_size=subject.batch_size,
+        chat=subject.replies,
+    )
+    options = generation_options(config, subject)
+    options["max_new_tokens"] += search.confirm_tokens - config.evaluation.max_new_tokens
+
+    def damage(edit: DeclaredEdit) -> tuple[float, float]:
+        def hooks() -> AbstractContextManager:
+            return ablated(model, adapter, edit_projection(edit))
+
+        with hooks():
             logits = last_logits(model, adapter, harmless)[0]
-        return refusal_count(replies), len(replies), kl_divergence(reference, logits).mean().item()
+        multi = multi_token_kl(model, damage_reference, hooks, batch_size=subject.batch_size)
+        return kl_divergence(reference, logits).mean().item(), multi.mean
 
-    return confirm
+    def verdicts(edit: DeclaredEdit, start: int, stop: int) -> list[bool]:
+        prompts = harmful[start:stop]
+        with ablated(model, adapter, edit_projection(edit)):
+            replies = generate_replies(model, tokenizer, prompts, description="search: confirm", **options)
+        return [not_helped(reply, prompt) for reply, prompt in zip(replies, prompts, strict=True)]
+
+    return Confirmer(damage, verdicts, len(harmful))
 
 
 def _with_search(

@@ -146,6 +146,11 @@ def summary_table(manifest: dict[str, Any]) -> str:
             judged = f"{before['judged_refusal_rate']:.1%} -> {after['judged_refusal_rate']:.1%}"
             rows.append(("refusals (judge)", f"{judged} (n={after['n']})"))
         rows.append(("KL harmless (1st token)", _fmt(evaluation["kl_harmless"])))
+    search = manifest.get("search") or {}
+    if search.get("outcome"):
+        rows.append(("search", search["outcome"]))
+    if search.get("warning"):
+        rows.append(("warning", search["warning"]))
     rows.append(
         ("time", "  ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in manifest["timings"].items()))
     )
@@ -279,7 +284,7 @@ def _judged(rates: dict[str, Any]) -> str:
 
 
 def search_lines(search: dict[str, Any] | None) -> list[str]:
-    """The model card's summary of the edit search: the paper's point, the finalists, the choice."""
+    """The model card's summary of the edit search: the outcome, the paper's point, the finalists."""
     if not search:
         return []
     lines = [
@@ -287,22 +292,33 @@ def search_lines(search: dict[str, Any] | None) -> list[str]:
         "",
         f"{search['trials']} cheap trials (Optuna TPE; first-token refusal score and KL on validation "
         f"prompts only), Pareto front of {search['front_size']} points (`pareto_front.json`, "
-        "`pareto_front.png`); finalists confirmed by greedy generation on the validation prompts:",
+        "`pareto_front.png`). The paper's point and the finalists were confirmed on other validation "
+        "prompts: long greedy replies read by the judge (not helped = refused or dodged), first-token KL "
+        "and multi-token KL on harmless prompts. A searched point replaces the paper's only if it is "
+        "lower on both KLs and not helped no more often (paired bootstrap, 95 % upper end ≤ +2 points).",
         "",
-        "| point | refusals (judge) | KL (harmless val) | embedding / attention / MLP strength | profile |",
-        "|---|---|---|---|---|",
+    ]
+    if search.get("outcome"):
+        lines += [f"**Outcome:** {search['outcome']}.", ""]
+    if search.get("warning"):
+        lines += [f"**Warning:** {search['warning']}.", ""]
+    lines += [
+        "| point | not helped (judge) | first-token KL | multi-token KL | embedding / attention / MLP "
+        "strength | profile | status |",
+        "|---|---|---|---|---|---|---|",
     ]
     chosen = search["chosen"]["point"]
     for index, trial in enumerate(search["confirmed"]):
         point = trial["point"]
-        name = "paper rule" if index == 0 else ("**chosen**" if point == chosen else "finalist")
-        if index == 0 and point == chosen:
-            name = "paper rule (**chosen**)"
+        name = "paper rule" if index == 0 else "finalist"
         profile = "flat" if point["width"] <= 0 else f"peak {point['peak']:.1f}, width {point['width']:.1f}"
+        judged = "—" if not trial["n_confirm"] else f"{trial['refusals']}/{trial['n_confirm']}"
+        status = "**chosen**" if point == chosen else (trial.get("dropped") or "")
         lines.append(
             f"| {name}: layer {point['layer']:.2f}, pos {point['position']}"
-            f"{', ⊥ harmless mean' if point['orthogonal'] else ''} "
-            f"| {trial['refusals']}/{trial['n_confirm']} | {_fmt(trial['confirm_kl'])} "
-            f"| {point['embedding']:.2f} / {point['attention']:.2f} / {point['mlp']:.2f} | {profile} |"
+            f"{', ⊥ harmless mean' if point['orthogonal'] else ''} | {judged} | {_fmt(trial['confirm_kl'])} "
+            f"| {_fmt(trial.get('multi_kl'))} "
+            f"| {point['embedding']:.2f} / {point['attention']:.2f} / {point['mlp']:.2f} | {profile} "
+            f"| {status} |"
         )
     return [*lines, ""]
