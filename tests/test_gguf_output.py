@@ -257,7 +257,8 @@ def test_apply_writes_nothing_when_the_certificate_fails(
 
 
 def test_inputs_that_do_not_fit_are_one_line(applied: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    """A direction of another width, and a safetensors checkpoint: exit 1, one line, nothing written."""
+    """A direction of another width, a safetensors checkpoint, a GGUF with a block missing a writer, an
+    edited GGUF as the source: exit 1, one line, nothing written."""
     from conftest import save_tiny
 
     source, _, _ = applied
@@ -267,8 +268,14 @@ def test_inputs_that_do_not_fit_are_one_line(applied: tuple[Path, Path, Path], t
     checkpoint = save_tiny(tmp_path / "checkpoint")
     result = _apply(checkpoint, applied[1], tmp_path / "b")
     assert result.exit_code == 1 and "convert_hf_to_gguf.py" in result.output
-    for result_output in (tmp_path / "a", tmp_path / "b"):
-        assert not result_output.exists()
+    # A GGUF whose block 3 lost its attention writer, and an abliterate output as the source.
+    partial = _rewrite(source, tmp_path / "partial.gguf", tensors=_drop("blk.3.attn_output"))
+    result = _apply(partial, applied[1], tmp_path / "c")
+    assert result.exit_code == 1 and "block 3 of partial.gguf has no attention writer" in result.output
+    result = _apply(_output_file(applied[2]), applied[1], tmp_path / "d")
+    assert result.exit_code == 1 and "is already an abliterate output" in result.output
+    for refused in "abcd":
+        assert not (tmp_path / refused).exists()
 
 
 def test_run_on_a_safetensors_source_names_the_commands(tmp_path: Path) -> None:

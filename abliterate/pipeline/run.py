@@ -2,8 +2,9 @@
 
 ``run`` is the sequence of the stage functions of the modules beside it in ``abliterate.pipeline`` (one
 per stage); each takes and returns plain values or the dataclasses defined there, and ``StageTimer`` times
-every one of them the same way. Once the direction is chosen, a run ends one of four ways (an edited
-model in memory, a streamed checkpoint, a LoRA adapter, the direction alone), each given the ``Found``.
+every one of them the same way. Once the direction is chosen, a run ends one of five ways (an edited
+model in memory, a streamed checkpoint, a LoRA adapter, a GGUF file, the direction alone), each given
+the ``Found``.
 """
 
 from __future__ import annotations
