@@ -143,14 +143,15 @@ def _open(
     from abliterate.prove.gguf_source import GGUFSource
 
     try:
-        readers = GGUFReader(str(original)), GGUFReader(str(edited))
+        edited_reader = GGUFReader(str(edited))
     except (ValueError, IndexError, KeyError, OSError) as error:
-        tally.fail(f"cannot read the GGUF files: {error}")
+        tally.fail(f"cannot read {edited.name} as a GGUF file: {error}")
         return None
-    source, why_not = GGUFSource.open(original)
+    source, why_not = GGUFSource.open(original)  # raises ValueError for a file that is no GGUF
     if source is None:
         tally.fail(why_not)
         return None
+    readers = source.gguf_reader, edited_reader
     structure = read_structure(source, architecture)
     try:
         declared.validate((edit.group, edit.layer) for edit in structure.edits.values())

@@ -53,6 +53,7 @@ class GGUFReport:
         bytes_written: the output file's size.
         seconds: wall-clock time of the write (without the certificate).
         certificate: the GGUF certificate of the written file, or ``None`` when not asked for.
+        architecture: the source's ``general.architecture``.
     """
 
     path: Path
@@ -62,6 +63,7 @@ class GGUFReport:
     bytes_written: int
     seconds: float
     certificate: Certificate | None
+    architecture: str = ""
 
     def manifest_entry(self) -> dict[str, object]:
         """The manifest's ``weights`` entry of a GGUF output."""
@@ -177,7 +179,7 @@ def gguf_into(
         if not certificate.passed:
             raise GateError(f"GGUF certificate failed: {certificate.reason}; nothing was written")
     size = source.stat().st_size
-    return GGUFReport(path, total, edited, size, path.stat().st_size, seconds, certificate)
+    return GGUFReport(path, total, edited, size, path.stat().st_size, seconds, certificate, plan.architecture)
 
 
 def apply_gguf(
@@ -215,16 +217,10 @@ def apply_gguf(
             path, declared, staging, base_model=str(source), gguf_type=publishing.gguf_type, certify=certify,
             progress=progress,
         )  # fmt: skip
-        card = apply_card(str(source), _architecture(report.path), report.certificate, False)
+        card = apply_card(str(source), report.architecture, report.certificate, False)
         (staging / "README.md").write_text(card + _gguf_card(report), "utf-8")
         write_apply_manifest(staging, str(source), "gguf", direction_file=direction_file)
     return replace(report, path=target.path / report.path.name)
-
-
-def _architecture(path: Path) -> str:
-    from gguf import GGUFReader
-
-    return str(GGUFReader(str(path)).fields["general.architecture"].contents())
 
 
 def _gguf_card(report: GGUFReport) -> str:
