@@ -21,7 +21,7 @@ from tiny_gguf import MIXED, write_gguf
 from abliterate.cli import main
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.gguf_certificate import certify_gguf
-from abliterate.prove.gguf_rules import field_bytes, logical_shape, tensor_bytes, writer_type
+from abliterate.prove.gguf_rules import writer_type
 from abliterate.ship.direction_file import declared_from_file, load_direction, save_direction
 from abliterate.ship.gguf_file import OutTensor, encode_field, write_gguf_file
 
@@ -69,6 +69,21 @@ def _certify(source: Path, edited: Path, direction: Path, vector: torch.Tensor |
 
 
 Fields = list[tuple[str, bytes | np.ndarray]]
+
+
+# Byte access through gguf-py's own reader: the tests check the output with another reader than the
+# one the writer and the certificate use (``prove.gguf_layout``).
+def field_bytes(reader: object, key: str) -> np.ndarray:
+    field = reader.fields[key]
+    return reader.data[field.offset : field.offset + sum(int(part.nbytes) for part in field.parts)]
+
+
+def tensor_bytes(reader: object, tensor: object) -> np.ndarray:
+    return reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
+
+
+def logical_shape(tensor: object) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
 
 
 def _rewrite(

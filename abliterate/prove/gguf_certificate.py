@@ -32,16 +32,14 @@ from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.edit.kernel import all_finite, changes, non_finite_writer, orthogonalize_
 from abliterate.prove.bounds import LEAK_RATIO_LIMIT
 from abliterate.prove.certificate import Certificate
+from abliterate.prove.gguf_layout import GGUFLayout
 from abliterate.prove.gguf_rules import (
     EMBEDDING_TENSOR,
     GGUF_TYPES,
     OUTPUT_TENSOR,
     PREFIX,
     declared_metadata,
-    field_bytes,
-    logical_shape,
     same_bytes,
-    tensor_bytes,
     writer_type,
 )
 from abliterate.prove.structure import canonical, read_structure
@@ -103,12 +101,12 @@ def certify_gguf(
     opened = _open(Path(original), Path(edited), declared, architecture, tally)
     if opened is None:
         return tally.certificate(started)
-    readers, source, structure = opened
+    layouts, source, structure = opened
     writers = _writers(source, structure, tally)
-    before = {tensor.name: tensor for tensor in readers[0].tensors}
+    before = layouts[0].tensors
     added = OUTPUT_TENSOR not in before
-    choice = _check_metadata(readers, declared, OUTPUT_TENSOR if added else "", tally)
-    after = {tensor.name: tensor for tensor in readers[1].tensors}
+    choice = _check_metadata(layouts, declared, OUTPUT_TENSOR if added else "", tally)
+    after = layouts[1].tensors
     expected = set(before) | ({OUTPUT_TENSOR} if added else set())
     for name in sorted(set(after) - expected):
         tally.fail(f"{name}: in the edited GGUF but not in the original")
@@ -120,7 +118,7 @@ def certify_gguf(
             origin = before.get(EMBEDDING_TENSOR if added and name == OUTPUT_TENSOR else name)
             if origin is not None:
                 tally.n_tensors += 1
-                pair = (readers[0], origin), (readers[1], tensor)
+                pair = (layouts[0], origin), (layouts[1], tensor)
                 if name in writers:
                     _certify_writer(name, pair, source, *writers[name], declared, choice, tally)
                 else:
@@ -135,69 +133,70 @@ def certify_gguf(
 def _open(
     original: Path, edited: Path, declared: DeclaredEdit, architecture: str | None, tally: _Tally
 ) -> tuple[tuple[Any, Any], Any, Any] | None:
-    """``((original reader, edited reader), GGUFSource, structure)``, or ``None`` after failing: a file
+    """``((original layout, edited layout), GGUFSource, structure)``, or ``None`` after failing: a file
     that is no GGUF, an architecture the source reader does not cover, a declared edit that is no edit
     (``DeclaredEdit.validate``) or a direction of another width."""
-    from gguf import GGUFReader
-
     from abliterate.prove.gguf_source import GGUFSource
 
-    try:
-        edited_reader = GGUFReader(str(edited))
-    except (ValueError, IndexError, KeyError, OSError) as error:
-        tally.fail(f"cannot read {edited.name} as a GGUF file: {error}")
-        return None
     source, why_not = GGUFSource.open(original)  # raises ValueError for a file that is no GGUF
     if source is None:
         tally.fail(why_not)
         return None
-    readers = source.gguf_reader, edited_reader
+    try:
+        layouts = GGUFLayout(original), GGUFLayout(edited)
+    except ValueError as error:
+        tally.fail(str(error))
+        return None
+    disagreement = layouts[0].check_against(source.gguf_reader)
+    if disagreement:  # this fast reader's view of the original must be gguf-py's
+        tally.fail(f"{original.name}: {disagreement}")
+        return None
     structure = read_structure(source, architecture)
     try:
         declared.validate((edit.group, edit.layer) for edit in structure.edits.values())
     except ValueError as error:
         tally.fail(str(error))
         return None
-    embedding = next((t for t in readers[0].tensors if t.name == EMBEDDING_TENSOR), None)
+    embedding = layouts[0].tensors.get(EMBEDDING_TENSOR)
     if embedding is None:
         tally.fail(f"the original has no {EMBEDDING_TENSOR}")
         return None
-    width, d_model = declared.direction.shape[-1], logical_shape(embedding)[-1]
+    width, d_model = declared.direction.shape[-1], embedding.shape[-1]
     if width != d_model:
         tally.fail(f"the direction has {width} entries but the model's d_model is {d_model}: another model")
         return None
-    return readers, source, structure
+    return layouts, source, structure
 
 
 def _same_tensor(first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
     """Same type, shape and bytes."""
-    (reader_a, a), (reader_b, b) = first, second
-    if a.tensor_type != b.tensor_type or logical_shape(a) != logical_shape(b):
+    (layout_a, a), (layout_b, b) = first, second
+    if a.tensor_type != b.tensor_type or a.shape != b.shape:
         return False
-    return same_bytes(tensor_bytes(reader_a, a), tensor_bytes(reader_b, b))
+    return same_bytes(layout_a.tensor_bytes(a.name), layout_b.tensor_bytes(b.name))
 
 
 def _check_metadata(
-    readers: tuple[Any, Any], declared: DeclaredEdit, output_tensor: str, tally: _Tally
+    layouts: tuple[GGUFLayout, GGUFLayout], declared: DeclaredEdit, output_tensor: str, tally: _Tally
 ) -> str:
     """Every source key byte for byte, nothing added but the declared ``abliterate.*`` keys; returns the
     declared writer type (``abliterate.writer_type``; ``q8_0`` when it is missing or unknown, after
     failing)."""
-    before, after = readers
-    if int(before.fields["GGUF.version"].contents()) != int(after.fields["GGUF.version"].contents()):
+    before, after = layouts
+    if before.version != after.version:
         tally.fail("the GGUF version differs from the original's")
-    keys = [key for key in before.fields if not key.startswith(("GGUF.", PREFIX))]
+    keys = [key for key in before.fields if not key.startswith(PREFIX)]
     for key in keys:
         if key not in after.fields:
             tally.fail(f"metadata {key}: in the original but missing from the edited GGUF")
-        elif not same_bytes(field_bytes(before, key), field_bytes(after, key)):
+        elif not same_bytes(before.field_bytes(key), after.field_bytes(key)):
             tally.fail(f"metadata {key}: differs from the original's")
     ours = {key for key in after.fields if key.startswith(PREFIX)}
     for key in sorted(set(after.fields) - set(keys) - ours):
         if not key.startswith("GGUF."):
             tally.fail(f"metadata {key}: in the edited GGUF but not in the original")
     field = after.fields.get(f"{PREFIX}writer_type")
-    choice = str(field.contents()) if field is not None else ""
+    choice = str(field.value) if field is not None else ""
     if choice not in GGUF_TYPES:
         tally.fail(f"metadata {PREFIX}writer_type {choice!r}: not one of {', '.join(GGUF_TYPES)}")
         choice = "q8_0"
@@ -209,8 +208,8 @@ def _check_metadata(
             continue  # the source as named where it was written: informational
         if key not in after.fields:
             tally.fail(f"metadata {key}: missing (the output must name its edit)")
-        elif after.fields[key].contents() != value:
-            tally.fail(f"metadata {key}: {after.fields[key].contents()!r}, the declared edit says {value!r}")
+        elif after.fields[key].value != value:
+            tally.fail(f"metadata {key}: {after.fields[key].value!r}, the declared edit says {value!r}")
     return choice
 
 
@@ -227,20 +226,20 @@ def _certify_writer(
     """One writer: the source's (strength 0), or quantize(fold(transformers' dequantized source))."""
     from gguf.quants import dequantize, quantize
 
-    (_, origin), (reader, tensor) = pair
+    (_, origin), (layout, tensor) = pair
     where = f"{name} ({required.group} {required.layer})"
     scales = declared.scales(required.group, required.layer)
     if not changes(scales):
         tally.unchanged(_same_tensor(*pair), f"{name}: changed, but the declared edit gives it strength 0")
         return
-    shape = logical_shape(origin)
+    shape = origin.shape
     try:
         qtype = writer_type(choice, origin.tensor_type, shape)
     except ValueError as error:
         tally.fail(f"{where}: {error}")
         return
-    if tensor.tensor_type != qtype or logical_shape(tensor) != shape:
-        tally.fail(f"{where}: stored as {tensor.tensor_type.name} {list(logical_shape(tensor))}, "
+    if tensor.tensor_type != qtype or tensor.shape != shape:
+        tally.fail(f"{where}: stored as {tensor.tensor_type.name} {list(tensor.shape)}, "
                    f"the declared edit says {qtype.name} {list(shape)}")  # fmt: skip
         return
     value = source.tensor(saved)
@@ -254,7 +253,7 @@ def _certify_writer(
         value, declared.direction, required.layout, scales, declared.norm_preserving and not required.bias
     )
     expected = np.ascontiguousarray(quantize(value.numpy(), qtype))
-    if same_bytes(expected, tensor_bytes(reader, tensor)):
+    if same_bytes(expected, layout.tensor_bytes(name)):
         if all_finite(torch.from_numpy(np.ascontiguousarray(dequantize(expected, qtype)))):
             tally.n_edited += 1
             tally.groups[required.group]["tensors"] += 1
@@ -262,12 +261,12 @@ def _certify_writer(
         else:
             tally.fail(f"{where}: the declared fold overflows to NaN/Inf in {qtype.name}")
         return
-    stored = torch.from_numpy(np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type)))
+    stored = torch.from_numpy(np.ascontiguousarray(dequantize(layout.tensor_data(name), tensor.tensor_type)))
     if not all_finite(stored):
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
     differ = int(
-        np.count_nonzero(expected.reshape(-1).view(np.uint8) != tensor_bytes(reader, tensor).reshape(-1))
+        np.count_nonzero(expected.reshape(-1).view(np.uint8) != layout.tensor_bytes(name).reshape(-1))
     )
     tally.fail(
         f"{where}: {differ} of {expected.nbytes} bytes differ from quantize(fold(dequantize(original)))"

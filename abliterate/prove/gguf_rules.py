@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -125,18 +125,6 @@ def declared_metadata(
     }
 
 
-def field_bytes(reader: Any, key: str) -> np.ndarray:
-    """The stored bytes of one key/value pair of ``reader``'s file (key, type and value), as ``uint8``."""
-    field = reader.fields[key]
-    size = sum(int(part.nbytes) for part in field.parts)
-    return reader.data[field.offset : field.offset + size]
-
-
-def tensor_bytes(reader: Any, tensor: Any) -> np.ndarray:
-    """The stored bytes of one ``ReaderTensor``, a ``uint8`` view of the memory-mapped file."""
-    return reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
-
-
 def same_bytes(first: np.ndarray, second: np.ndarray, chunk: int = 1 << 26) -> bool:
     """Whether two ``uint8`` arrays hold the same bytes, a chunk at a time (no full-size temporary)."""
     first, second = first.reshape(-1).view(np.uint8), second.reshape(-1).view(np.uint8)
@@ -145,8 +133,3 @@ def same_bytes(first: np.ndarray, second: np.ndarray, chunk: int = 1 << 26) -> b
     return all(
         np.array_equal(first[i : i + chunk], second[i : i + chunk]) for i in range(0, first.size, chunk)
     )
-
-
-def logical_shape(tensor: Any) -> tuple[int, ...]:
-    """The logical (numpy) shape of a ``ReaderTensor``: GGUF's dimensions reversed."""
-    return tuple(int(n) for n in reversed(tensor.shape.tolist()))

@@ -17,7 +17,8 @@ from typing import Any
 from abliterate.adapters.spec import Layout
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import changes
-from abliterate.prove.gguf_rules import EMBEDDING_TENSOR, OUTPUT_TENSOR, PREFIX, logical_shape, writer_type
+from abliterate.prove.gguf_layout import GGUFLayout
+from abliterate.prove.gguf_rules import EMBEDDING_TENSOR, OUTPUT_TENSOR, PREFIX, writer_type
 
 # blk.N.<kind>.<weight|bias>: a residual writer, by llama.cpp's tensor names.
 _WRITER = re.compile(r"blk\.(\d+)\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)")
@@ -43,11 +44,11 @@ class GGUFWriter:
 
 @dataclass(frozen=True)
 class GGUFPlan:
-    """A GGUF apply: the source, its reader, the writers to fold and whether an output head is added.
+    """A GGUF apply: the source, its layout, the writers to fold and whether an output head is added.
 
     Attributes:
         source: the GGUF file.
-        reader: its ``gguf.GGUFReader`` (memory-mapped).
+        layout: where its keys and tensors lie (memory-mapped).
         architecture: ``general.architecture``.
         writers: GGUF tensor name → its fold.
         add_output: the source ties its head to ``token_embd`` (no ``output.weight``): the output adds
@@ -56,32 +57,11 @@ class GGUFPlan:
     """
 
     source: Path
-    reader: Any
+    layout: GGUFLayout
     architecture: str
     writers: dict[str, GGUFWriter]
     add_output: bool
     gguf_type: str
-
-    def tensors(self) -> dict[str, Any]:
-        """The source's tensors by name, in file order."""
-        return {tensor.name: tensor for tensor in self.reader.tensors}
-
-
-def open_gguf(path: Path) -> Any:
-    """``gguf.GGUFReader`` of ``path``, or one line saying why it cannot be read.
-
-    Raises:
-        ValueError: not a GGUF file, truncated, or in the other byte order.
-    """
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OSError) as error:
-        raise ValueError(f"cannot read {path} as a GGUF file: {error}") from error
-    if reader.byte_order != "I":
-        raise ValueError(f"{path} is a byte-swapped GGUF; convert it to this machine's byte order first")
-    return reader
 
 
 def plan_gguf(source: Path, declared: DeclaredEdit, gguf_type: str) -> GGUFPlan:
@@ -91,16 +71,16 @@ def plan_gguf(source: Path, declared: DeclaredEdit, gguf_type: str) -> GGUFPlan:
         ValueError: no embedding, a direction of another width, a block without an attention or MLP
             writer, a writer of an unexpected shape, or a type gguf-py cannot write.
     """
-    reader = open_gguf(source)
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
-    architecture = str(reader.fields["general.architecture"].contents())
+    file = GGUFLayout(source)
+    tensors = file.tensors
+    architecture = str(file.fields["general.architecture"].value)
     if EMBEDDING_TENSOR not in tensors:
         raise ValueError(f"{source} has no {EMBEDDING_TENSOR}: not a llama.cpp language model")
-    d_model = logical_shape(tensors[EMBEDDING_TENSOR])[-1]
+    d_model = tensors[EMBEDDING_TENSOR].shape[-1]
     if declared.direction.shape[-1] != d_model:
         raise ValueError(
             f"the direction has {declared.direction.shape[-1]} entries but {source.name}'s "
-            f"{EMBEDDING_TENSOR} is {list(logical_shape(tensors[EMBEDDING_TENSOR]))} "
+            f"{EMBEDDING_TENSOR} is {list(tensors[EMBEDDING_TENSOR].shape)} "
             f"(d_model={d_model}, {architecture}): "
             "the direction belongs to another model"
         )
@@ -115,7 +95,7 @@ def plan_gguf(source: Path, declared: DeclaredEdit, gguf_type: str) -> GGUFPlan:
             found[name] = (layout, _GROUPS[match.group(2)], int(match.group(1)), bias)
     writers = {}
     for name, (layout, group, layer, bias) in found.items():
-        shape = logical_shape(tensors[name])
+        shape = tensors[name].shape
         _check_shape(name, shape, layout, d_model)
         folded = changes(declared.scales(group, layer))
         qtype = (
@@ -125,13 +105,13 @@ def plan_gguf(source: Path, declared: DeclaredEdit, gguf_type: str) -> GGUFPlan:
     declared.validate((writer.group, writer.layer) for writer in writers.values())
     if declared.norm_preserving and any(w.group == "experts" for w in writers.values()):
         raise ValueError("a norm-preserving edit cannot scale a fused expert's input; use a plain edit")
-    _check_every_block(reader, architecture, writers, source)
-    if any(key.startswith(PREFIX) for key in reader.fields):
+    _check_every_block(file, architecture, writers, source)
+    if any(key.startswith(PREFIX) for key in file.fields):
         raise ValueError(
             f"{source.name} is already an abliterate output (it has {PREFIX}* metadata): "
             "apply to its original"
         )
-    return GGUFPlan(source, reader, architecture, writers, OUTPUT_TENSOR not in tensors, gguf_type)
+    return GGUFPlan(source, file, architecture, writers, OUTPUT_TENSOR not in tensors, gguf_type)
 
 
 def _check_shape(name: str, shape: tuple[int, ...], layout: Layout, d_model: int) -> None:
@@ -145,14 +125,16 @@ def _check_shape(name: str, shape: tuple[int, ...], layout: Layout, d_model: int
         )
 
 
-def _check_every_block(reader: Any, architecture: str, writers: dict[str, GGUFWriter], source: Path) -> None:
+def _check_every_block(
+    layout: GGUFLayout, architecture: str, writers: dict[str, GGUFWriter], source: Path
+) -> None:
     """Every block (``<arch>.block_count``) has an attention and an MLP (or expert) writer."""
-    field = reader.fields.get(f"{architecture}.block_count")
+    field = layout.fields.get(f"{architecture}.block_count")
     if field is None:
         raise ValueError(
             f"{source.name} has no {architecture}.block_count: cannot check every block is edited"
         )
-    roles: dict[int, set[str]] = {layer: set() for layer in range(int(field.contents()))}
+    roles: dict[int, set[str]] = {layer: set() for layer in range(int(field.value))}
     for writer in writers.values():
         if writer.layer in roles and not writer.bias:
             roles[writer.layer].add("attention" if writer.group == "attention" else "mlp")

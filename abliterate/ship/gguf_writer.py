@@ -31,10 +31,7 @@ from abliterate.prove.gguf_rules import (
     OUTPUT_TENSOR,
     PREFIX,
     declared_metadata,
-    field_bytes,
-    logical_shape,
     stored_bytes,
-    tensor_bytes,
 )
 from abliterate.ship.gguf_file import OutTensor, encode_field, write_gguf_file
 from abliterate.ship.gguf_plan import GGUFPlan, GGUFWriter, plan_gguf
@@ -87,10 +84,8 @@ def _folded(plan: GGUFPlan, name: str, writer: GGUFWriter, declared: DeclaredEdi
     quantized into its output type."""
     from gguf.quants import dequantize, quantize
 
-    tensor = plan.tensors()[name]
-    weight = torch.from_numpy(
-        np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    )
+    stored = dequantize(plan.layout.tensor_data(name), plan.layout.tensors[name].tensor_type)
+    weight = torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))
     refuse_non_finite(name, weight)
     scales = declared.scales(writer.group, writer.layer)
     orthogonalize_(
@@ -102,18 +97,18 @@ def _folded(plan: GGUFPlan, name: str, writer: GGUFWriter, declared: DeclaredEdi
 def _out_tensors(plan: GGUFPlan, declared: DeclaredEdit) -> list[OutTensor]:
     """Every tensor of the output, in the source's order, with ``output.weight`` after ``token_embd``."""
     out = []
-    for name, tensor in plan.tensors().items():
-        shape = logical_shape(tensor)
+    for name, tensor in plan.layout.tensors.items():
+        shape = tensor.shape
         writer = plan.writers.get(name)
         if writer is not None and writer.folded:
             size = stored_bytes(writer.qtype, shape)
             produce = lambda n=name, w=writer: _folded(plan, n, w, declared)  # noqa: E731
             out.append(OutTensor(name, shape, int(writer.qtype), size, produce))
         else:
-            produce = lambda t=tensor: tensor_bytes(plan.reader, t)  # noqa: E731
+            produce = lambda n=name: plan.layout.tensor_bytes(n)  # noqa: E731
             out.append(OutTensor(name, shape, int(tensor.tensor_type), int(tensor.n_bytes), produce))
         if name == EMBEDDING_TENSOR and plan.add_output:
-            produce = lambda t=tensor: tensor_bytes(plan.reader, t)  # noqa: E731
+            produce = lambda n=name: plan.layout.tensor_bytes(n)  # noqa: E731
             out.append(OutTensor(OUTPUT_TENSOR, shape, int(tensor.tensor_type), int(tensor.n_bytes), produce))
     return out
 
@@ -122,18 +117,18 @@ def write_gguf(
     plan: GGUFPlan, declared: DeclaredEdit, path: Path, base_model: str, progress: bool = True
 ) -> tuple[int, int]:
     """Write the edited GGUF to ``path``; ``(tensors written, tensors folded)``."""
-    reader = plan.reader
-    fields = [field_bytes(reader, key) for key in reader.fields if not key.startswith("GGUF.")]
+    layout = plan.layout
+    fields = [layout.field_bytes(key) for key in layout.fields]
     added = declared_metadata(declared, base_model, plan.gguf_type, OUTPUT_TENSOR if plan.add_output else "")
     fields += [encode_field(key, value) for key, value in added.items()]
     tensors = _out_tensors(plan, declared)
-    version = int(reader.fields["GGUF.version"].contents())
+    version = layout.version
     total = sum(tensor.nbytes for tensor in tensors)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # tiles this small gain nothing from intra-op threads (streaming.py)
         with tqdm(total=total, unit="B", unit_scale=True, desc="gguf", disable=not progress) as bar:
-            write_gguf_file(path, version, fields, tensors, int(reader.alignment), bar.update)
+            write_gguf_file(path, version, fields, tensors, layout.alignment, bar.update)
     finally:
         torch.set_num_threads(threads)
     return len(tensors), sum(writer.folded for writer in plan.writers.values())
