@@ -372,3 +372,20 @@ def test_transformers_loads_the_output_and_matches_the_hooked_original(
     distance = (all_position_logits(edited, encoded) - reference.hooked.logits).abs()[mask].max().item()
     unedited = (all_position_logits(original, encoded) - reference.hooked.logits).abs()[mask].max().item()
     assert distance < _LOGIT_TOLERANCE[gguf_type] < unedited / 5
+
+
+def test_the_layout_is_gguf_pys_and_a_truncated_file_is_one_line(
+    applied: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from abliterate.prove.gguf_layout import GGUFLayout
+
+    source, direction, out = applied
+    edited = _output_file(out)
+    assert GGUFLayout(edited).check_against(gguf.GGUFReader(str(edited))) == ""
+    # The control: another file's reader disagrees (other offsets once the abliterate keys are added).
+    assert GGUFLayout(edited).check_against(gguf.GGUFReader(str(source))) != ""
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size - 100])
+    result = _apply(truncated, direction, tmp_path / "out")
+    assert result.exit_code == 1 and "cannot read" in result.output and "truncated" in result.output
+    assert not (tmp_path / "out").exists()
