@@ -322,6 +322,7 @@ def test_run_writes_a_verified_gguf_and_verify_rejects_a_tampered_copy(tmp_path:
     assert "certificate   PASS  9 edited (9 bitwise" in result.output
     reader = gguf.GGUFReader(str(_output_file(out)))
     assert str(reader.fields["abliterate.output_tensor"].contents()) == ""
+    assert "## GGUF" in (out / "README.md").read_text()
     verified = CliRunner().invoke(main, ["verify", str(out), "--no-progress"])
     assert verified.exit_code == 0, verified.output
     tampered = tmp_path / "tampered"

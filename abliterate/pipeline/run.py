@@ -45,7 +45,7 @@ from abliterate.prove.files import compare_companions
 from abliterate.prove.gate import Candidate, GateReport, completeness_on, gate_candidate
 from abliterate.prove.lora_parity import peft_parity
 from abliterate.ship.gguf_verify import gguf_source_path
-from abliterate.ship.gguf_writer import gguf_into
+from abliterate.ship.gguf_writer import gguf_card, gguf_into
 from abliterate.ship.report import model_card
 from abliterate.ship.streaming import stream_into
 
@@ -232,7 +232,10 @@ def run_gguf(found: Found) -> RunResult:
         report = timed("save", gguf_into, source, edit, staging, base_model=base_model, **options)
         gate.certificate = report.certificate  # gguf_into raised GateError if it failed
         save_direction_files(staging, config, subject, chosen)
-        return _write_manifest(found, staging, gate, evaluation, weights=report.manifest_entry())
+        manifest = _write_manifest(found, staging, gate, evaluation, weights=report.manifest_entry())
+        with open(staging / "README.md", "a", encoding="utf-8") as card:
+            card.write(gguf_card(report))
+        return manifest
 
     return publish(config, inputs, found.hub_api, write)
 

@@ -213,12 +213,12 @@ def apply_gguf(
             progress=progress,
         )  # fmt: skip
         card = apply_card(str(source), report.architecture, report.certificate, False)
-        (staging / "README.md").write_text(card + _gguf_card(report), "utf-8")
+        (staging / "README.md").write_text(card + gguf_card(report), "utf-8")
         write_apply_manifest(staging, str(source), "gguf", direction_file=direction_file)
     return replace(report, path=target.path / report.path.name)
 
 
-def _gguf_card(report: GGUFReport) -> str:
+def gguf_card(report: GGUFReport) -> str:
     """The GGUF part of the card: the file, its size against the source, how to check it."""
     return (
         f"\n## GGUF\n\n`{report.path.name}`: {report.bytes_written / 1e6:.0f} MB "
