@@ -390,3 +390,30 @@ def test_the_layout_is_gguf_pys_and_a_truncated_file_is_one_line(
     result = _apply(truncated, direction, tmp_path / "out")
     assert result.exit_code == 1 and "cannot read" in result.output and "truncated" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_searched_edit_with_zero_strengths_is_written_and_certified(
+    applied: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Per-block strengths (one of them 0: that writer is the source's bytes), a zero embedding strength
+    and a norm-preserving fold; certified against that edit, rejected as the plain edit."""
+    from abliterate.edit.declared import DeclaredEdit
+    from abliterate.ship.gguf_writer import gguf_into
+
+    source, direction, _ = applied
+    unit, _ = load_direction(direction)
+    layers = {"attention": (0.5, 1.0, 0.0, 1.2), "mlp": (1.0, 0.7, 1.3, 0.9)}
+    declared = DeclaredEdit(unit, {"embedding": 0.0}, 1.0, layers, norm_preserving=True)
+    report = gguf_into(source, declared, tmp_path, base_model="tiny", progress=False)
+    assert report.certificate is not None and report.certificate.passed, report.certificate
+    assert report.certificate.n_edited == 7 and report.tensors_edited == 7  # two writers at strength 0
+    before, after = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(report.path))
+    kept = next(t for t in after.tensors if t.name == "blk.2.attn_output.weight")
+    original = next(t for t in before.tensors if t.name == "blk.2.attn_output.weight")
+    assert bytes(tensor_bytes(after, kept)) == bytes(tensor_bytes(before, original))
+    plain = certify_gguf(source, report.path, DeclaredEdit(unit), progress=False)
+    assert not plain.passed
+    assert any("metadata abliterate.edit" in line for line in plain.failures)
+    # Every writer fails as the plain edit: 7 folded otherwise, 2 left as the source's.
+    groups = ("(embedding", "(attention", "(mlp")
+    assert sum(any(group in line for group in groups) for line in plain.failures) == 9
