@@ -210,6 +210,7 @@ def _drop_field(key: str) -> Callable[[Fields], Fields]:
         ("NaN in a writer", "blk.1.attn_output.weight (attention 1): holds NaN/Inf values"),
         ("added head undeclared", "metadata abliterate.output_tensor: missing"),
         ("another writer type declared", "token_embd.weight (embedding -1): stored as Q8_0"),
+        ("bytes appended", "tampered.gguf: 64 bytes after the last tensor"),
     ],
 )
 def test_a_tampered_output_is_rejected(
@@ -227,8 +228,12 @@ def test_a_tampered_output_is_rejected(
         "NaN in a writer": {"tensors": _replace("blk.1.attn_output.weight", _nan_scale)},
         "added head undeclared": {"fields": _drop_field("abliterate.output_tensor")},
         "another writer type declared": {"fields": _set_field("abliterate.writer_type", "f16")},
+        "bytes appended": {},
     }[case]
-    certificate = _certify(source, _rewrite(edited, tmp_path / "tampered.gguf", **changes), direction)
+    tampered = _rewrite(edited, tmp_path / "tampered.gguf", **changes)
+    if case == "bytes appended":
+        tampered.write_bytes(tampered.read_bytes() + b"\0" * 64)
+    certificate = _certify(source, tampered, direction)
     assert not certificate.passed
     assert reason in certificate.reason, certificate.failures
 

@@ -147,6 +147,8 @@ def _open(
     except ValueError as error:
         tally.fail(str(error))
         return None
+    if layouts[1].trailing >= layouts[1].alignment:  # more than the last tensor's padding: hidden data
+        tally.fail(f"{edited.name}: {layouts[1].trailing} bytes after the last tensor, which no tensor holds")
     disagreement = layouts[0].check_against(source.gguf_reader)
     if disagreement:  # this fast reader's view of the original must be gguf-py's
         tally.fail(f"{original.name}: {disagreement}")

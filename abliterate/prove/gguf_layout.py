@@ -50,6 +50,7 @@ class GGUFLayout:
         tensors: name → its span, in file order.
         alignment: ``general.alignment`` (32 when absent).
         data: the whole file as ``uint8``.
+        trailing: bytes after the end of the last tensor.
     """
 
     def __init__(self, path: Path) -> None:
@@ -95,6 +96,8 @@ class GGUFLayout:
             if start + offset + n_bytes > self.data.size:
                 raise ValueError(f"cannot read {path} as a GGUF file: {name} lies past its end (truncated?)")
             self.tensors[name] = TensorSpan(name, shape, kind, start + offset, n_bytes)
+        end = max((t.data_offset + t.n_bytes for t in self.tensors.values()), default=start)
+        self.trailing = int(self.data.size) - end  # bytes after the last tensor (its padding, or more)
 
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
         values = struct.unpack_from(fmt, self.data, self._position)
