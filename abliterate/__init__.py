@@ -46,6 +46,8 @@ _EXPORTS = {
     "RefusalDirection": "abliterate.find.select",
     "select_direction": "abliterate.find.select",
     "stream_apply": "abliterate.ship.streaming",
+    "apply_gguf": "abliterate.ship.gguf_writer",
+    "certify_gguf": "abliterate.prove.gguf_certificate",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

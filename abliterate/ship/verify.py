@@ -26,6 +26,7 @@ from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
 from abliterate.ship.direction_file import declared_from_file, load_direction
+from abliterate.ship.gguf_verify import find_gguf_output, verify_gguf
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,12 @@ def verify_checkpoints(
         return verify_adapter(
             original, edited, declared, metadata, options, architecture=load.architecture,
             prompts=prompts, forward=forward, certificate=certificate,
+        )  # fmt: skip
+    gguf_output = find_gguf_output(edited)
+    if gguf_output is not None:  # a GGUF file, or the output of run/apply --format gguf
+        return verify_gguf(
+            original, gguf_output, declared, metadata, architecture=load.architecture,
+            certificate=certificate, progress=progress,
         )  # fmt: skip
     gate = GateReport()
     _check_on_disk(original, edited, declared, gate, certificate, load.architecture, progress)
