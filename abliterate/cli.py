@@ -174,8 +174,10 @@ def run_command(model: str, **options: Any) -> None:
 @_options(
     PublishingConfig,
     "format",
-    help="A full checkpoint (streamed), or an exact PEFT LoRA adapter (loads the model; parity via peft).",
+    help="A full checkpoint (streamed), an exact PEFT LoRA adapter (loads the model; parity via peft), or "
+    "a GGUF file from a .gguf CHECKPOINT (streamed, certified bitwise).",
 )
+@_options(PublishingConfig, "gguf_type")
 def apply_command(
     checkpoint: str, direction_file: str, architecture: str | None, certify: bool, **options: Any
 ) -> None:
@@ -201,6 +203,14 @@ def apply_command(
                 f"LoRA adapter ({adapter_size(target) / 2**20:.1f} MiB) saved to {target}; parity through "
                 f"peft: max|Δlogit| {parity.max_abs_logit_diff:.3g}, top-1 {parity.top1_agreement:.3f}"
             )
+            return
+        if publishing.format == "gguf":
+            from abliterate.ship.gguf_writer import apply_gguf, gguf_lines
+
+            written = apply_gguf(
+                checkpoint, declared, publishing, certify=certify, direction_file=direction_file
+            )
+            click.echo("\n".join(gguf_lines(written)))
             return
         report = stream_apply(
             checkpoint,

@@ -51,10 +51,17 @@ class PublishingConfig:
         help="Find and check the direction (hooks only) and write it with the manifest, no weights; "
         "`abliterate apply` folds it into a checkpoint later.",
     )
-    format: Literal["checkpoint", "lora"] = _option(
+    format: Literal["checkpoint", "lora", "gguf"] = _option(
         "checkpoint",
         "--format",
-        help="Write a full checkpoint, or an exact PEFT LoRA adapter of the edit ('lora').",
+        help="Write a full checkpoint, an exact PEFT LoRA adapter of the edit ('lora'), or a GGUF file "
+        "from a .gguf source ('gguf': streamed, certified bitwise).",
+    )
+    gguf_type: Literal["q8_0", "f16", "bf16", "source"] = _option(
+        "q8_0",
+        "--gguf-type",
+        help="--format gguf: the type of the edited writers ('source': the source's own, when gguf-py "
+        "can write it); every other tensor keeps its own.",
     )
     overwrite: bool = _option(
         False,
@@ -63,8 +70,8 @@ class PublishingConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.format not in ("checkpoint", "lora"):
-            raise ValueError(f"--format {self.format!r}: choose 'checkpoint' or 'lora'")
+        if self.format not in ("checkpoint", "lora", "gguf"):
+            raise ValueError(f"--format {self.format!r}: choose 'checkpoint', 'lora' or 'gguf'")
         if self.direction_only and self.push_to_hub is not None:
             raise ValueError("--direction-only writes no weights to push: give --output DIR instead")
 

@@ -43,6 +43,8 @@ from abliterate.pipeline.subject import Inputs, Subject, load, prepare
 from abliterate.prove.files import compare_companions
 from abliterate.prove.gate import Candidate, GateReport, completeness_on, gate_candidate
 from abliterate.prove.lora_parity import peft_parity
+from abliterate.ship.gguf_verify import gguf_source_path
+from abliterate.ship.gguf_writer import gguf_into
 from abliterate.ship.report import model_card
 from abliterate.ship.streaming import stream_into
 
@@ -65,6 +67,8 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         FileNotFoundError, FileExistsError, PermissionError, ValueError, LookupError: bad input,
             raised before any heavy work where it can be known then.
     """
+    if config.publishing.format == "gguf":
+        gguf_source_path(config.model)  # a safetensors source: one line naming the commands, nothing loaded
     inputs = prepare(config, hub_api)
     timed = StageTimer()
     subject = timed("load", load, config, inputs)
@@ -76,6 +80,8 @@ def run(config: RunConfig, *, hub_api: object | None = None) -> RunResult:
         return run_direction_only(found)
     if config.publishing.format == "lora":
         return run_lora(found)
+    if config.publishing.format == "gguf":
+        return run_gguf(found)
     before = timed("evaluate", evaluate_before, config, subject, inputs)
     if config.load.dispatch.active:
         return run_streamed(found, before)
@@ -204,6 +210,32 @@ def run_lora(found: Found) -> RunResult:
     return publish(config, inputs, found.hub_api, write)
 
 
+def run_gguf(found: Found) -> RunResult:
+    """``run --format gguf``: the edit written into the source GGUF file, streamed from that file (not from
+    the dequantized model in memory) by ``abliterate.ship.gguf_writer``.
+
+    The gate: completeness of the writer list on the loaded model, and the GGUF certificate of the
+    written file (every tensor and key bitwise; timed with ``save``); the evaluation after the edit runs
+    on the hooked original.
+    """
+    config, inputs, subject, chosen, timed = found.stages()
+    source = gguf_source_path(config.model)
+    before = timed("evaluate", evaluate_before, config, subject, inputs)
+    evaluation = _evaluate_hooked(config, subject, inputs, chosen, before, timed)
+    gate = _completeness_gate(subject, parity_prompts(config, subject, inputs), timed, **_GGUF_SKIPS)
+    raise_unless_passed(gate, "nothing was saved or pushed")
+    edit, base_model = chosen_edit(subject, chosen), subject.loaded.base_model or config.model
+    options = dict(gguf_type=config.publishing.gguf_type, progress=config.progress)
+
+    def write(staging: Path) -> dict[str, Any]:
+        report = timed("save", gguf_into, source, edit, staging, base_model=base_model, **options)
+        gate.certificate = report.certificate  # gguf_into raised GateError if it failed
+        save_direction_files(staging, config, subject, chosen)
+        return _write_manifest(found, staging, gate, evaluation, weights=report.manifest_entry())
+
+    return publish(config, inputs, found.hub_api, write)
+
+
 def run_direction_only(found: Found) -> RunResult:
     """``run --direction-only`` after selection: check the direction with hooks, write it, no weights.
 
@@ -274,6 +306,7 @@ def _completeness_gate(
 # The gate parts each ending without an edited model in memory proves elsewhere, or cannot prove.
 _STREAMED_SKIPS = {"parity": "dispatched model: the streamed files are proven by the weight certificate"}
 _LORA_SKIPS = {"certificate": "--format lora: no checkpoint written; parity is checked through peft"}
+_GGUF_SKIPS = {"parity": "--format gguf: re-quantized writers; the GGUF certificate proves them bitwise"}
 _DIRECTION_ONLY_SKIPS = {
     "certificate": "--direction-only: no weights written (abliterate apply certifies the files it writes)",
     "parity": "--direction-only: no edited model; evaluated with the direction ablated by hooks",

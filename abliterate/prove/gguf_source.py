@@ -188,6 +188,10 @@ class GGUFSource:
             raise ValueError(f"{self.path}: {name} dequantizes to {list(result.shape)}, not {list(expected)}")
         return result.clone()  # the certificate folds in place
 
+    def gguf_names(self, name: str) -> tuple[str, ...]:
+        """The GGUF tensors the saved tensor ``name`` is computed from."""
+        return self._origins[name].gguf_names
+
     def nbytes(self, name: str) -> int:
         """Bytes the GGUF stores for ``name`` (what reading it costs)."""
         return sum(int(self._tensors[g].n_bytes) for g in self._origins[name].gguf_names)

@@ -27,6 +27,7 @@ from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
 from abliterate.ship.direction_file import declared_from_file, load_direction
 from abliterate.ship.fetch import fetch_edit, is_hub_edit
+from abliterate.ship.gguf_verify import find_gguf_output, verify_gguf
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,12 @@ def verify_checkpoints(
         return verify_adapter(
             original, edited, declared, metadata, options, architecture=load.architecture,
             prompts=prompts, forward=forward, certificate=certificate,
+        )  # fmt: skip
+    gguf_output = find_gguf_output(edited)
+    if gguf_output is not None:  # a GGUF file, or the output of run/apply --format gguf
+        return verify_gguf(
+            original, gguf_output, declared, metadata, architecture=load.architecture,
+            certificate=certificate, progress=progress,
         )  # fmt: skip
     gate = GateReport()
     _check_on_disk(original, edited, declared, gate, certificate, load.architecture, progress)
