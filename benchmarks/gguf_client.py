@@ -8,6 +8,8 @@ gguf`` → GGUF), times both and reports the sizes, then generates greedy replie
 bundled harmful evaluation prompts: the safetensors edit in transformers (float32, CPU), the GGUF edit in
 llama.cpp (llama-cpp-python, 2 threads) fed the same chat-template token ids. Each refusal rate comes with
 its 95 % Wilson interval and ``n``. ``--baselines`` adds the unedited model in both engines.
+``--workdir DIR`` keeps the outputs; its ``st/`` and ``gguf/`` from an earlier run are reused (their
+apply times are then not measured again).
 """
 
 from __future__ import annotations
@@ -91,12 +93,14 @@ def _outputs(work: Path, direction: Path | None) -> dict[str, object]:
         )  # fmt: skip
         direction = found / "direction.safetensors"
     source_gguf = assemble_gguf()
-    timings["apply_safetensors_s"] = _cli(
-        "apply", "demo", "--direction", str(direction), "-o", str(work / "st")
-    )
-    timings["apply_gguf_s"] = _cli(
-        "apply", str(source_gguf), "--direction", str(direction), "--format", "gguf", "-o", str(work / "gguf")
-    )
+    for name, args in (
+        ("st", ["demo"]),
+        ("gguf", [str(source_gguf), "--format", "gguf"]),
+    ):
+        if not (work / name).is_dir():  # an earlier run's output in --workdir is reused
+            timings[f"apply_{name}_s"] = _cli(
+                "apply", *args, "--direction", str(direction), "-o", str(work / name)
+            )
     (edited_gguf,) = (work / "gguf").glob("*.gguf")
     sizes = {
         "source_gguf_bytes": source_gguf.stat().st_size,
@@ -113,16 +117,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--direction", type=Path, help="a direction file (default: found on the demo)")
     parser.add_argument("--baselines", action="store_true", help="also the unedited model in both engines")
+    parser.add_argument("--workdir", type=Path, help="keep (and reuse) the outputs here")
     parser.add_argument("--out", type=Path, default=Path("/tmp/gguf_client.json"))
     args = parser.parse_args()
     prompts = bundled("harmful", "eval")[: args.n]
-    with tempfile.TemporaryDirectory(prefix="gguf_client-") as tmp:
-        made = _outputs(Path(tmp), args.direction)
+    with tempfile.TemporaryDirectory(prefix="gguf_client-") as scratch:
+        tmp = args.workdir or Path(scratch)
+        made = _outputs(tmp, args.direction)
         tokenizer = load_model("demo", dtype="float32", device="cpu").tokenizer
         ids = tokenizer(format_chat(tokenizer, prompts), add_special_tokens=False)["input_ids"]
         tokens = args.max_new_tokens
         rows = {
-            "transformers safetensors edit": _rate(*_torch_replies(str(Path(tmp) / "st"), prompts, tokens)),
+            "transformers safetensors edit": _rate(*_torch_replies(str(tmp / "st"), prompts, tokens)),
             "llama.cpp GGUF edit": _rate(*_llama_replies(made["edited_gguf"], ids, tokens)),
         }
         if args.baselines:
