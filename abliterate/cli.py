@@ -264,11 +264,12 @@ _DISPATCH = ("device_map", "max_memory", "offload_folder")
     show_default=True,
     help="Certify the weights tensor by tensor (needs both as safetensors checkpoints).",
 )
+@click.option("--revision", help="With EDITED a Hub id alone: the branch, tag or commit to verify.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_options(LoadConfig, *_DISPATCH)
 @_options(RunConfig, "progress")
 def verify_command(
-    models: tuple[str, ...], direction_file: str | None, as_json: bool, **options: Any
+    models: tuple[str, ...], direction_file: str | None, revision: str | None, as_json: bool, **options: Any
 ) -> None:
     """[ORIGINAL] EDITED: prove that EDITED is ORIGINAL with the direction folded in; exit 2 when it is not.
 
@@ -283,7 +284,7 @@ def verify_command(
         from abliterate.ship.report import gate_lines
         from abliterate.ship.verify import verify_checkpoints
 
-        original, edited, direction_file = _verify_inputs(models, direction_file, as_json)
+        original, edited, direction_file = _verify_inputs(models, direction_file, revision, as_json)
         report = verify_checkpoints(original, edited, direction_file, load=_pop_load(options), **options)
         if as_json:
             click.echo(json.dumps(report, indent=2))
@@ -295,19 +296,23 @@ def verify_command(
 
 
 def _verify_inputs(
-    models: tuple[str, ...], direction_file: str | None, as_json: bool
+    models: tuple[str, ...], direction_file: str | None, revision: str | None, as_json: bool
 ) -> tuple[str, str, str]:
     """``(original, edited, direction file)`` of ``verify``'s arguments; with EDITED alone, read from its
     manifest and said first (on stderr under ``--json``, so stdout stays JSON)."""
     if len(models) > 2:
         raise click.UsageError("verify takes [ORIGINAL] EDITED: at most two models")
     if len(models) == 2:
+        if revision is not None:
+            raise click.UsageError("--revision is for verify EDITED alone (a Hub id)")
         if direction_file is None:
             raise click.UsageError("verify ORIGINAL EDITED needs --direction FILE")
         return models[0], models[1], direction_file
-    from abliterate.ship.verify import manifest_inputs, pinned_original
+    from abliterate.ship.verify import local_edited, manifest_inputs, pinned_original
 
-    edited = models[0]
+    edited, fetched = local_edited(models[0], revision)  # a Hub id is downloaded first
+    if fetched:
+        click.echo(fetched, err=as_json)
     inputs = manifest_inputs(edited)
     if direction_file is None and inputs.direction_file is None:
         raise ValueError(f"{edited} holds no direction.safetensors: pass --direction FILE")

@@ -226,11 +226,11 @@ def verify_lines() -> list[str]:
     return [
         "## Verify",
         "",
-        "In a local copy of this directory (for a Hub repository, `huggingface-cli download REPO_ID "
-        "--local-dir DIR` first):",
+        "In a local copy of this directory, or straight from the Hub (fetched at the commit verified):",
         "",
         "```",
         "abliterate verify DIR",
+        "abliterate verify REPO_ID [--revision COMMIT]",
         "```",
         "",
         "It reads the base model (and its Hub revision, when recorded) from `abliterate.json` and the "

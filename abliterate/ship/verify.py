@@ -26,6 +26,7 @@ from abliterate.prove.lora_certificate import is_adapter, verify_adapter
 from abliterate.prove.parity import compare_logits
 from abliterate.prove.residual import full_projection, residual_sites
 from abliterate.ship.direction_file import declared_from_file, load_direction
+from abliterate.ship.fetch import fetch_edit, is_hub_edit
 from abliterate.ship.gguf_verify import find_gguf_output, verify_gguf
 
 
@@ -70,6 +71,21 @@ def manifest_inputs(edited: str) -> ManifestInputs:
     return ManifestInputs(
         original, revision if isinstance(revision, str) else None, direction if direction.is_file() else None
     )
+
+
+def local_edited(edited: str, revision: str | None = None) -> tuple[str, str]:
+    """EDITED as a local directory (a Hub id downloaded at ``revision``, ``ship.fetch``), and a line saying
+    what was fetched (empty for a local path).
+
+    Raises:
+        ValueError: ``revision`` for a local path, or the fetch failed (see ``fetch_edit``).
+    """
+    if not is_hub_edit(edited):
+        if revision is not None:
+            raise ValueError(f"--revision is for a Hub id; {edited} is a local path")
+        return edited, ""
+    fetched = fetch_edit(edited, revision)
+    return str(fetched.directory), f"fetched {edited} at {fetched.commit or revision or 'main'}"
 
 
 def pinned_original(inputs: ManifestInputs) -> str:
