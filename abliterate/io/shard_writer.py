@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -112,34 +113,18 @@ def write_shard(
     """
     header = shard.header if append is None else header_with(shard, *append)
     shift = len(header) - len(shard.header)
-    edited, mismatches = 0, []
     with open(shard.path, "rb", buffering=0) as source, open(destination, "w+b", buffering=0) as target:
         write_at(target, memoryview(header), 0)
         copier = _Copier(shard.path, destination, verify)
         try:
-            run_start = data_end = len(shard.header)
-            for entry in shard.entries:
-                data_end = entry.end
-                if entry.name not in edits or entry.end == entry.start:
-                    continue
-                copier.copy(f"before {entry.name}", run_start, run_start + shift, entry.start - run_start)
-                view, tensor = read_tensor(source, entry, buffer)
-                edit(entry, tensor)
-                write_at(target, view, entry.start + shift)
-                if verify and not file_holds(target.fileno(), entry.start + shift, _bytes(buffer, len(view))):
-                    mismatches.append(f"{entry.name}: the bytes read back differ from the fold written")
-                edited += 1
-                advance(entry.end - run_start)
-                run_start = entry.end
-            copier.copy(f"after the last edited tensor of {shard.path.name}", run_start, run_start + shift,
-                        data_end - run_start)  # fmt: skip
+            edited, data_end, mismatches = _write_tensors(shard, (source, target), shift, copier, edits, edit,
+                                                          buffer, advance)  # fmt: skip
             added = 0
             if append is not None:  # the appended tensor is copied again from the source
                 like = append[1]
                 added = like.end - like.start
                 copier.copy(append[0], like.start, data_end + shift, added)
             mismatches += copier.finish()
-            advance(data_end - run_start + len(shard.header))
         finally:
             copier.close()
     if verify:
@@ -147,6 +132,39 @@ def write_shard(
     read = shard.path.stat().st_size + added
     return ShardWrite(len(shard.entries) + (append is not None), edited, read, destination.stat().st_size,
                       mismatches)  # fmt: skip
+
+
+def _write_tensors(
+    shard: Shard,
+    files: tuple[BinaryIO, BinaryIO],
+    shift: int,
+    copier: _Copier,
+    edits: Collection[str],
+    edit: EditTensor,
+    buffer: bytearray,
+    advance: Callable[[int], object],
+) -> tuple[int, int, list[str]]:
+    """Every tensor of ``shard``: runs of unedited ones handed to ``copier``, edited ones read, edited and
+    written here (and read back with ``copier.verify``); ``(edited, end of the data, mismatches)``."""
+    (source, target), edited, mismatches = files, 0, []
+    run_start = data_end = len(shard.header)
+    for entry in shard.entries:
+        data_end = entry.end
+        if entry.name not in edits or entry.end == entry.start:
+            continue
+        copier.copy(f"before {entry.name}", run_start, run_start + shift, entry.start - run_start)
+        view, tensor = read_tensor(source, entry, buffer)
+        edit(entry, tensor)
+        write_at(target, view, entry.start + shift)
+        if copier.verify and not file_holds(target.fileno(), entry.start + shift, _bytes(buffer, len(view))):
+            mismatches.append(f"{entry.name}: the bytes read back differ from the fold written")
+        edited += 1
+        advance(entry.end - run_start)
+        run_start = entry.end
+    copier.copy(f"after the last edited tensor of {shard.path.name}", run_start, run_start + shift,
+                data_end - run_start)  # fmt: skip
+    advance(data_end - run_start + len(shard.header))
+    return edited, data_end, mismatches
 
 
 def _bytes(buffer: bytearray, length: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from abliterate.model.batching import (
 )
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.subject import Inputs, Subject
-from abliterate.prove.certificate import certificate_device, certify_checkpoint
+from abliterate.prove.certificate import certify_checkpoint
 from abliterate.prove.files import compare_companions, compare_gguf_tokenizer
 from abliterate.prove.gate import (
     GateReference,
@@ -29,6 +29,7 @@ from abliterate.prove.gate import (
     gate_reference,
 )
 from abliterate.prove.gguf_source import certificate_source
+from abliterate.prove.refold import certificate_device
 from abliterate.ship import direction_file
 
 

@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
-from abliterate.edit.kernel import all_finite, changes, non_finite_writer, orthogonalize_
+from abliterate.edit.kernel import all_finite, changes, non_finite_writer
 from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import DTYPES, TensorEntry, read_json
 from abliterate.prove.bounds import TensorFold, judge_bounded
+from abliterate.prove.refold import device_fold, host_fold
 from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
 from abliterate.prove.tally import Certificate, Tally
 
@@ -92,21 +93,9 @@ def certify_checkpoint(
         check_config(original, edited, structure, declared, tally)
     else:
         original.check_config(edited, structure, declared, tally.fail)
-    total = sum(entry.end - entry.start for _, entry in target.values())
     work = _Work(declared, tally, device, _reader(original), _Background(_reader(original), tally))
     try:
-        with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
-            for name, (path, entry) in target.items():
-                key = canonical(name)
-                original_name = names_by_canonical.get(key)
-                if original_name is None and key == structure.head and structure.tied:
-                    original_name = names_by_canonical.get(structure.embedding)
-                if original_name is None:
-                    continue  # reported by check_names
-                required = structure.edits.get(key)
-                _certify_tensor(name, source[original_name], (path, entry), required, work)
-                bar.update(2 * (entry.end - entry.start))
-            work.background.collect()
+        _certify_tensors(source, target, structure, work, progress)
     finally:
         work.background.close()
         work.reader.close()
@@ -114,16 +103,22 @@ def certify_checkpoint(
     return tally.certificate(time.perf_counter() - started)
 
 
-def certificate_device(device: str | torch.device | None) -> torch.device | None:
-    """The device the certificate folds on for a run or ``verify`` on ``device``: a CUDA device itself (the
-    fold there is bitwise the run's), ``None`` (the host path) for the CPU, MPS (no float64 for the bound)
-    and ``auto`` without CUDA."""
-    if device is None:
-        return None
-    if str(device) == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    parsed = torch.device(device)
-    return parsed if parsed.type == "cuda" else None
+def _certify_tensors(source: dict, target: dict, structure: Structure, work: _Work, progress: bool) -> None:
+    """Check every tensor of the edited checkpoint against its original (names: ``check_names``)."""
+    names_by_canonical = {canonical(name): name for name in source}
+    total = sum(entry.end - entry.start for _, entry in target.values())
+    with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
+        for name, (path, entry) in target.items():
+            key = canonical(name)
+            original_name = names_by_canonical.get(key)
+            if original_name is None and key == structure.head and structure.tied:
+                original_name = names_by_canonical.get(structure.embedding)
+            if original_name is None:
+                continue  # reported by check_names
+            required = structure.edits.get(key)
+            _certify_tensor(name, source[original_name], (path, entry), required, work)
+            bar.update(2 * (entry.end - entry.start))
+        work.background.collect()
 
 
 def _reader(original: Path | TensorSource) -> ChunkedReader:
@@ -170,11 +165,6 @@ class _Work:
     device: torch.device | None
     reader: ChunkedReader
     background: _Background
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``, one tensor at a time (looked up when called, so tests can watch it)."""
-    return tensor.to(device)
 
 
 def check_declared(
@@ -293,9 +283,9 @@ def _certify_writer(
     )
     where = f"{name} ({required.group} {required.layer})"
     if work.device is None:
-        source, target, failure = _host_fold(original, edited, fold, reader, expected)
+        source, target, failure = host_fold(original, edited, fold, reader, expected)
     else:
-        source, target, failure = _device_fold(edited, fold, reader, expected, work.device)
+        source, target, failure = device_fold(edited, fold, reader, expected, work.device)
         fold = replace(fold, direction=fold.direction.to(work.device))
     if target is None:  # bitwise this machine's fold: exact, unless the fold itself overflows
         if failure:
@@ -310,40 +300,3 @@ def _certify_writer(
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if failure:
         tally.fail(f"{where}: {failure}")
-
-
-def _host_fold(
-    original: tuple[Path, TensorEntry],
-    edited: tuple[Path, TensorEntry],
-    fold: TensorFold,
-    reader: ChunkedReader,
-    expected: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """Fold ``expected`` in place on the host and compare its bytes with the stored tensor's through memory
-    maps: ``(_, None, overflow)`` when bitwise equal, else ``(original, stored)`` read again for the bound."""
-    fold_dtype = expected.dtype
-    orthogonalize_(expected, fold.direction, fold.layout, fold.scales, fold.norm_preserving)
-    folded = expected.to(DTYPES[edited[1].dtype])
-    if reader.matches(folded, edited):
-        return folded, None, "" if all_finite(folded) else "overflow"
-    del expected, folded
-    return reader.tensor(original, fresh=True).to(fold_dtype), reader.tensor(edited, fresh=True), ""
-
-
-def _device_fold(
-    edited: tuple[Path, TensorEntry],
-    fold: TensorFold,
-    reader: ChunkedReader,
-    expected: torch.Tensor,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """Move the original (``expected``) and the stored tensor to ``device``, fold there and compare bits:
-    ``(_, None, overflow)`` when bitwise equal to that device's fold, else both tensors, on the device."""
-    source = _to_device(expected, device)
-    folded = source.clone()
-    orthogonalize_(folded, fold.direction, fold.layout, fold.scales, fold.norm_preserving)
-    folded = folded.to(DTYPES[edited[1].dtype])
-    target = _to_device(reader.tensor(edited, fresh=True), device)
-    if torch.equal(folded.reshape(-1).view(torch.uint8), target.reshape(-1).view(torch.uint8)):
-        return source, None, "" if all_finite(folded) else "overflow"
-    return source, target, ""

@@ -160,7 +160,8 @@ def _check_on_disk(
         gate.skipped["certificate"] = "not asked for (--no-certificate)"
         return
     # Looked up when called, so tests can replace the certificate (one that must not run).
-    from abliterate.prove.certificate import certificate_device, certify_checkpoint
+    from abliterate.prove.certificate import certify_checkpoint
+    from abliterate.prove.refold import certificate_device
 
     original_source, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
     if original_source is None or edited_dir is None:

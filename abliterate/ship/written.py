@@ -79,6 +79,9 @@ def structural_folds(
             scales = declared.scales(required.group, required.layer)
             if not changes(scales):  # strength 0: copied, and read back as unchanged
                 continue
+            if layout is None:
+                tally.fail(f"{name}: the structure says it must be edited, but apply's patterns miss it")
+                continue
             if layout != required.layout:
                 tally.fail(
                     f"{name}: the structure folds it as {required.layout}, apply's patterns as {layout}"
