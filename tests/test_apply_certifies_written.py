@@ -144,3 +144,31 @@ def test_the_certificate_folds_on_the_gpu_a_run_used_and_on_the_host_otherwise()
     assert certificate_device("cuda:1") == torch.device("cuda:1")
     assert certificate_device(torch.device("cuda", 0)) == torch.device("cuda:0")
     assert certificate_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else None)
+
+
+def test_the_device_path_judges_a_tensor_off_by_one_ulp_within_the_bound(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """Another device's fold is not bitwise this one's: one element on the other side of the exact fold
+    takes the bounded path there, and passes; the same element 8 ulp off fails."""
+    stream_apply(checkpoint, _declared(), tmp_path / "out", progress=False, certify=False)
+    original = load_file(checkpoint / "model.safetensors")[O_PROJ]
+    r = _declared().direction.double()
+    r = r / r.norm()
+    exact = original.double() - torch.outer(r, r @ original.double())  # linear: W − r̂ r̂ᵀ W
+    row = int(r.abs().argmin())  # its error along r̂ is the smallest
+    column = int((exact[row] - exact[row].to(torch.bfloat16).double()).abs().argmax())
+    honest = load_file(tmp_path / "out" / "model.safetensors")
+    for steps, passes in ((1, True), (8, False)):
+        tensors = dict(honest)
+        bits = tensors[O_PROJ].clone().view(torch.int16)
+        value = exact[row, column]
+        rounded = bits[row, column].view(torch.bfloat16).double()
+        # one bf16 step further from zero when the exact fold lies above the rounded value (positive), etc.
+        away = (value > rounded) == (value > 0)
+        bits[row, column] += steps if away else -steps
+        tensors[O_PROJ] = bits.view(torch.bfloat16)
+        save_file(tensors, tmp_path / "out" / "model.safetensors", metadata={"format": "pt"})
+        verdict = certify_checkpoint(checkpoint, tmp_path / "out", _declared(), progress=False, device="cpu")
+        assert verdict.passed is passes, verdict.failures
+        assert verdict.n_bounded == 1
