@@ -93,7 +93,13 @@ def certify_checkpoint(
         check_config(original, edited, structure, declared, tally)
     else:
         original.check_config(edited, structure, declared, tally.fail)
-    work = _Work(declared, tally, device, _reader(original), _Background(_reader(original), tally))
+    work = _Work(
+        declared,
+        tally,
+        device,
+        _reader(original),
+        _Background(_reader(original), tally, isinstance(original, Path)),
+    )
     try:
         _certify_tensors(source, target, structure, work, progress)
     finally:
@@ -129,14 +135,20 @@ class _Background:
     """Byte comparisons of the tensors the edit must leave alone, run in a second thread beside the folds
     (numpy and torch release the GIL) with a reader of their own; tallied in the order they were asked."""
 
-    def __init__(self, reader: ChunkedReader, tally: Tally) -> None:
+    def __init__(self, reader: ChunkedReader, tally: Tally, threaded: bool) -> None:
         self.reader, self.tally = reader, tally
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certify-compare")
+        # A GGUF source dequantizes through state of its own (a fused tensor's group): one thread only.
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="certify-compare") if threaded else None
+        )
         self.pending: deque[tuple[str, Future[bool]]] = deque()
 
     def same_bytes(
         self, name: str, original: tuple[Path, TensorEntry], edited: tuple[Path, TensorEntry]
     ) -> None:
+        if self.pool is None:
+            self.tally.unchanged(self.reader.same_bytes(original, edited), f"{name}: {_NO_WRITER_THERE}")
+            return
         self.pending.append((name, self.pool.submit(self.reader.same_bytes, original, edited)))
         while self.pending and self.pending[0][1].done():
             self._tally_first()
@@ -151,7 +163,8 @@ class _Background:
         self.tally.unchanged(future.result(), f"{name}: {_NO_WRITER_THERE}")
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
 
 
