@@ -1,15 +1,26 @@
-"""Benchmark ``stream_apply`` against ``cp -r`` on a synthetic llama-shaped bf16 checkpoint.
+"""Benchmark streaming ``apply`` and the weight certificate against ``cp -r`` on a synthetic bf16 checkpoint.
 
-Writes a sharded checkpoint of about ``--gb`` GB (TinyLlama-like shapes: d_model 2048, MLP 5632, GQA,
-vocab 32000; ``--short`` writes ~200 MB with smaller shapes) into a temporary directory, then times
-``cp -r`` and ``stream_apply`` in both orders (cp first, then ours; ours first, then cp), each run in
-its own process. ``stream_apply`` reports its peak RSS increase (VmHWM after a reset, so the parent's
-peak does not leak in) against the largest shard. Nothing is dropped from the page cache: every run
-reads a warm source, like the first ``cp`` that follows writing it.
+Writes a sharded llama-shaped checkpoint of about ``--gb`` GB (TinyLlama-like shapes: d_model 2048, MLP
+5632, GQA, vocab 32000; ``--short`` writes ~200 MB with smaller shapes), then times three modes, each in a
+fresh process, in alternating rounds with ``cp -r`` of the same checkpoint (even rounds cp first, odd rounds
+ours first):
+
+* ``apply``: ``stream_apply`` as users run it, certifying what it wrote (the default);
+* ``apply --no-certify``: the same without the certificate;
+* ``certificate``: the certificate alone, as ``verify --no-forward`` runs it (``certify_checkpoint`` of
+  an edited copy against the original, then the companion files).
+
+Each round's ratio is ``cp seconds / ours seconds`` (the same bytes, so the throughput ratio); the table
+gives the median over rounds with the range. ``cached`` rounds read a warm page cache; ``dropped`` rounds
+first evict both checkpoints from the page cache (``posix_fadvise(DONTNEED)`` on every file after an
+``fdatasync``; ``/proc/sys/vm/drop_caches`` with ``--drop-all`` where permitted), so both tools read the
+disk. Peak RSS of every run is the child's own: its high-water mark over the whole process (``VmHWM``) and
+the increase over its RSS once everything is imported (reset with ``/proc/self/clear_refs``), the figure
+bounded by the largest shard. The load average is printed beside each mode (the machine may be shared).
 
 Usage:
-    python benchmarks/bench_streaming.py --gb 2
-    python benchmarks/bench_streaming.py --short
+    python benchmarks/bench_streaming.py --gb 2 --rounds 5
+    python benchmarks/bench_streaming.py --short --rounds 2
 """
 
 from __future__ import annotations
@@ -35,10 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _SHAPES = {"full": (2048, 5632, 256, 32000, 500 << 20), "short": (1024, 2816, 256, 16000, 50 << 20)}
 
 _CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.prove.certificate import certify_checkpoint
+from abliterate.prove.files import compare_companions
 from abliterate.prove.structure import read_structure
 from abliterate.ship.streaming import stream_apply
 
@@ -49,25 +61,36 @@ def status(key):
 source, output, d_model, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 direction = torch.randn(d_model, generator=torch.Generator().manual_seed(0))
 read_structure(source)  # imports transformers' modeling code (~150 MB, once) before the baseline
+imports_peak = status("VmHWM")
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # reset VmHWM to the current RSS: the peak below is this call's own
 baseline = status("VmRSS")
 started = time.perf_counter()
-if mode == "certify":
+if mode == "certificate":
     certificate = certify_checkpoint(source, output, DeclaredEdit(direction), progress=False)
     assert certificate.passed, certificate.failures
+    assert compare_companions(source, output).passed
     edited, total = certificate.n_edited, certificate.n_tensors
 else:
-    certify = mode == "apply+certify"
+    certify = mode == "apply"
     report = stream_apply(source, DeclaredEdit(direction), output, progress=False, certify=certify)
     edited, total = report.tensors_edited, report.tensors_total
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": status("VmHWM"),
-                  "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "edited": edited, "total": total}))
+peak = status("VmHWM")
+print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": peak,
+                  "process_peak": max(peak, imports_peak), "edited": edited, "total": total}))
 """
 
-MODES = ("apply", "certify", "apply+certify")
+# Writes the edited copy that ``certificate`` rounds read.
+_KEEP = (
+    "import sys, torch; from abliterate.ship.streaming import stream_apply;"
+    "from abliterate.edit.declared import DeclaredEdit;"
+    "direction = torch.randn(int(sys.argv[3]), generator=torch.Generator().manual_seed(0));"
+    "stream_apply(sys.argv[1], DeclaredEdit(direction), sys.argv[2], progress=False, certify=False)"
+)
+
+MODES = ("apply", "apply --no-certify", "certificate")
+CACHES = ("cached", "dropped")
 
 
 def write_checkpoint(path: Path, target_bytes: int, shape: str) -> dict[str, float]:
@@ -151,6 +174,26 @@ def write_checkpoint(path: Path, target_bytes: int, shape: str) -> dict[str, flo
     }
 
 
+def drop_from_cache(paths: list[Path], everything: bool) -> str:
+    """Evict every file under ``paths`` from the page cache; return how."""
+    if everything:
+        os.sync()
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1")
+            return "drop_caches"
+        except OSError:
+            pass
+    for root in paths:
+        for file in [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]:
+            descriptor = os.open(file, os.O_RDONLY)
+            try:
+                os.fdatasync(descriptor)  # dirty pages are not dropped: write them first
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+    return "posix_fadvise(DONTNEED)"
+
+
 def time_cp(source: Path, destination: Path) -> float:
     started = time.perf_counter()
     subprocess.run(["cp", "-r", str(source), str(destination)], check=True)
@@ -160,7 +203,7 @@ def time_cp(source: Path, destination: Path) -> float:
 
 
 def time_ours(source: Path, destination: Path, d_model: int, mode: str) -> dict[str, float]:
-    """Run ``mode`` in a fresh process; ``certify`` reads ``destination`` (kept), the others write it."""
+    """Run ``mode`` in a fresh process; ``certificate`` reads ``destination`` (kept), the others write it."""
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, str(source), str(destination), str(d_model), mode],
@@ -171,9 +214,46 @@ def time_ours(source: Path, destination: Path, d_model: int, mode: str) -> dict[
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     measured["process_seconds"] = time.perf_counter() - started
-    if mode != "certify":
+    if mode != "certificate":
         shutil.rmtree(destination)
     return measured
+
+
+def run_rounds(
+    root: Path, info: dict, mode: str, cache: str, rounds: int, drop_all: bool
+) -> list[tuple[float, dict]]:
+    """``rounds`` pairs of (cp seconds, our measurement), alternating which runs first."""
+    source, edited = root / "checkpoint", root / "edited"
+    target = edited if mode == "certificate" else root / "ours"
+    pairs = []
+    for number in range(rounds):
+        times: dict[str, object] = {}
+        for tool in ("cp", "ours") if number % 2 == 0 else ("ours", "cp"):
+            if cache == "dropped":
+                drop_from_cache([source, edited], drop_all)
+            if tool == "cp":
+                times["cp"] = time_cp(source, root / "cp")
+            else:
+                times["ours"] = time_ours(source, target, info["d_model"], mode)
+        pairs.append((times["cp"], times["ours"]))
+    return pairs
+
+
+def report(mode: str, cache: str, pairs: list[tuple[float, dict]], info: dict, load: tuple) -> None:
+    ratios = [cp / ours["seconds"] for cp, ours in pairs]
+    cp_times = [cp for cp, _ in pairs]
+    ours_times = [ours["seconds"] for _, ours in pairs]
+    increase = max(ours["peak"] - ours["baseline"] for _, ours in pairs)
+    process = max(ours["process_peak"] for _, ours in pairs)
+    gb = info["bytes"] / 1e9
+    print(
+        f"| {mode} | {cache} | **{median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f}) | "
+        f"{median(cp_times):.2f} ({gb / median(cp_times):.2f}) | {median(ours_times):.2f} "
+        f"({gb / median(ours_times):.2f}) | {len(pairs)} | {increase / 2**20:.0f} MiB "
+        f"({increase / info['largest_shard']:.2f}) | {process / 2**30:.2f} GiB | "
+        f"{load[0]:.1f}-{load[1]:.1f} |",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -181,70 +261,55 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="checkpoint size in GB (default 2)")
     parser.add_argument("--short", action="store_true", help="~200 MB with smaller shapes, for CI")
     parser.add_argument("--dir", type=Path, default=None, help="where to put the temporary files")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per order (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternating rounds per mode and cache (default 5)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="what to time")
+    parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES, help="page cache states")
+    parser.add_argument("--drop-all", action="store_true", help="try /proc/sys/vm/drop_caches first")
     args = parser.parse_args()
     target = int(0.2e9) if args.short else int(args.gb * 1e9)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-streaming-") as scratch:
         root = Path(scratch)
-        source = root / "checkpoint"
         started = time.perf_counter()
-        info = write_checkpoint(source, target, "short" if args.short else "full")
-        write_seconds = time.perf_counter() - started
-        gb = info["bytes"] / 1e9
+        info = write_checkpoint(root / "checkpoint", target, "short" if args.short else "full")
         print(
-            f"checkpoint: {gb:.2f} GB bf16, {info['layers']} layers, {info['shards']} shards, largest "
-            f"{info['largest_shard'] / 2**20:.0f} MiB, edited share {info['edited_share']:.0%} "
-            f"(written in {write_seconds:.1f} s)"
+            f"checkpoint: {info['bytes'] / 1e9:.2f} GB bf16, {info['layers']} layers, "
+            f"{info['shards']} shards, "
+            f"largest {info['largest_shard'] / 2**20:.0f} MiB, edited share {info['edited_share']:.0%} "
+            f"(written in {time.perf_counter() - started:.1f} s); {os.cpu_count()} CPUs, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
         )
-        edited_copy = root / "edited"  # what ``certify`` reads: one apply, kept for every run
-        subprocess.run(
+        subprocess.run(  # the edited copy the certificate reads, kept for every round
             [
                 sys.executable,
                 "-c",
-                "import sys; from abliterate.ship.streaming import stream_apply; import torch;"
-                "from abliterate.edit.declared import DeclaredEdit;"
-                "stream_apply(sys.argv[1], DeclaredEdit(torch.randn(int(sys.argv[3]),"
-                " generator=torch.Generator().manual_seed(0))), sys.argv[2], progress=False, certify=False)",
-                str(source),
-                str(edited_copy),
+                _KEEP,
+                str(root / "checkpoint"),
+                str(root / "edited"),
                 str(info["d_model"]),
             ],
             check=True,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
-        print(f"\nmedian of {args.repeat} runs per order (best in brackets); ratio = cp time / ours\n")
-        print("| mode | order | cp -r (s) | ours (s) | cp GB/s | ours GB/s | throughput ours/cp |")
-        print("|---|---|---:|---:|---:|---:|---:|")
-        measured = []
-        for mode in args.modes:
-            runs: dict[str, list[tuple[float, dict[str, float]]]] = {"cp first": [], "ours first": []}
-            target_dir = edited_copy if mode == "certify" else root / "ours"
-            for _ in range(args.repeat):
-                cp_seconds = time_cp(source, root / "cp")
-                runs["cp first"].append((cp_seconds, time_ours(source, target_dir, info["d_model"], mode)))
-                ours = time_ours(source, target_dir, info["d_model"], mode)
-                runs["ours first"].append((time_cp(source, root / "cp"), ours))
-            for order, pairs in runs.items():
-                cp_times = [cp for cp, _ in pairs]
-                ours_times = [ours["seconds"] for _, ours in pairs]
-                ratios = [cp / ours["seconds"] for cp, ours in pairs]
-                print(
-                    f"| {mode} | {order} | {median(cp_times):.2f} ({min(cp_times):.2f}) | "
-                    f"{median(ours_times):.2f} ({min(ours_times):.2f}) | {gb / median(cp_times):.2f} | "
-                    f"{gb / median(ours_times):.2f} | {median(ratios):.2f} ({max(ratios):.2f}) |"
-                )
-                measured += [(mode, ours) for _, ours in pairs]
-        print()
-        print("| mode | peak RSS increase (max) | largest shard | ratio |")
-        print("|---|---:|---:|---:|")
-        for mode in args.modes:
-            peak = max(ours["peak"] - ours["baseline"] for m, ours in measured if m == mode)
-            print(
-                f"| {mode} | {peak / 2**20:.0f} MiB | {info['largest_shard'] / 2**20:.0f} MiB | "
-                f"{peak / info['largest_shard']:.2f} |"
-            )
-        first = measured[0][1]
+        if "dropped" in args.caches:
+            print(f"page cache dropped by {drop_from_cache([root / 'checkpoint'], args.drop_all)}")
+        print(
+            f"\nratio = cp -r seconds / ours, median of {args.rounds} alternating rounds (range); seconds "
+            "median (GB/s); RSS: peak increase over the imported process (share of the largest shard), "
+            "whole process peak\n"
+        )
+        print(
+            "| mode | page cache | ours / cp | cp -r s (GB/s) | ours s (GB/s) | rounds | peak RSS increase "
+            "| process peak RSS | load avg |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for cache in args.caches:
+            for mode in args.modes:
+                before = os.getloadavg()[0]
+                pairs = run_rounds(root, info, mode, cache, args.rounds, args.drop_all)
+                report(mode, cache, pairs, info, (before, os.getloadavg()[0]))
+        first = pairs[0][1]
         print(f"\ntensors edited {first['edited']} of {first['total']}")
 
 

@@ -13,7 +13,12 @@ in this process, through the CLI's own ``main``:
 3. ``cp -r`` of the checkpoint, then ``abliterate apply`` (streamed, with its certificate) of the run's
    direction to the same checkpoint: the throughput ratio;
 4. ``abliterate verify MODEL OUT --direction … --json`` (certificate, completeness, logit parity) on the
-   run's output, or on apply's when the run's gate stopped it.
+   run's output, or on apply's when the run's gate stopped it; its certificate folds on the device;
+5. the weight certificate alone on the same output, on the device and then on the host (the baseline:
+   every GPU-folded tensor takes the host's float64 bounded path), each with its seconds, its host peak RSS
+   and its peak GPU memory.
+
+Host peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before each step) is recorded per step.
 
 A thread samples the device's used memory through NVML (what ``nvidia-smi`` shows) when
 ``pynvml`` is importable. Everything is written to ``--results`` as JSON after each step, so a run
@@ -313,6 +318,45 @@ def diagnose(model_dir: Path, name: str, direction: torch.Tensor, device: str) -
     }
 
 
+def host_peak_gib(reset: bool = True) -> float | None:
+    """This process's peak RSS since the last reset (``VmHWM``), then reset it to the current RSS."""
+    try:
+        with open("/proc/self/status") as handle:
+            peak = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return gib(peak)
+
+
+def certificate_alone(model_dir: Path, edited_dir: Path, direction_file: Path, device: str) -> dict[str, Any]:
+    """The weight certificate of ``edited_dir`` folded on ``device``, then on the host (the baseline)."""
+    from abliterate.prove.certificate import certify_checkpoint
+    from abliterate.prove.refold import certificate_device
+    from abliterate.ship.direction_file import declared_from_file, load_direction
+
+    direction, metadata = load_direction(direction_file)
+    declared = declared_from_file(direction, metadata)
+    measured: dict[str, Any] = {}
+    for label, where in (("device", certificate_device(device)), ("host_baseline", None)):
+        reset_cuda(device)
+        host_peak_gib()
+        started = time.perf_counter()
+        verdict = certify_checkpoint(model_dir, edited_dir, declared, progress=False, device=where)
+        measured[label] = {
+            "device": str(where or "host"),
+            "seconds": round(time.perf_counter() - started, 2),
+            "passed": verdict.passed,
+            "n_exact": verdict.n_exact,
+            "n_bounded": verdict.n_bounded,
+            "n_unchanged": verdict.n_unchanged,
+            "host_peak_rss_gib": host_peak_gib(),
+            "peak_allocated_gib": cuda_peak_gib(device),
+        }
+    return measured
+
+
 def timed_command(command: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -357,9 +401,11 @@ def main() -> None:
     # stage run to completion and be timed; the direction it picks means nothing here.
     run_args += ["--max-kl", "1e6", "--min-steering", "-1e6"]
     run_args += ["--search", "none", "--no-progress", *options.run_args.split()]
+    host_peak_gib()
     with StageProbe(device) as probe:
         code, wall_s, printed = cli(run_args)
     run: dict[str, Any] = {"command": "abliterate " + " ".join(run_args), "exit_code": code, "wall_s": wall_s}
+    run["host_peak_rss_gib"] = host_peak_gib()
     if code != 0:
         run["error"] = printed.strip().splitlines()[-1] if printed.strip() else ""
     run["timings"] = probe.timer.timings() if probe.timer is not None else None
@@ -430,7 +476,9 @@ def main() -> None:
         nvml.take()
         verify_args = ["verify", str(model_dir), str(edited_dir), "--direction", str(direction_file)]
         verify_args += ["--device", device, "--no-progress", "--json"]
+        host_peak_gib()
         code, verify_s, printed = cli(verify_args)
+        verify_rss = host_peak_gib()
         try:
             report: Any = json.loads(printed)
         except json.JSONDecodeError:
@@ -439,12 +487,19 @@ def main() -> None:
             "command": "abliterate " + " ".join(verify_args),
             "exit_code": code,
             "wall_s": verify_s,
+            "host_peak_rss_gib": verify_rss,
             "peak_allocated_gib": cuda_peak_gib(device),
             "nvml_peak_mib": nvml.take(),
             "report": report,
         }
     else:
         results["verify"] = "skipped: budget or nothing to verify"
+
+    # 5. the certificate alone, on the device and on the host (the baseline), on the same output.
+    if edited_dir.exists() and time.perf_counter() - started < options.budget - 150:
+        results["certificate_alone"] = certificate_alone(model_dir, edited_dir, direction_file, device)
+    else:
+        results["certificate_alone"] = "skipped: budget or nothing to certify"
     results["total_s"] = round(time.perf_counter() - started, 1)
     results["nvml"] = nvml.unavailable or "sampled every 50 ms"
     shutil.rmtree(options.workdir)

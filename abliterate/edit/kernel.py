@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 
 from abliterate.adapters.spec import FUSED_LAYOUTS, Layout
+from abliterate.io.finite import all_finite
 from abliterate.io.threads import one_intra_op_thread
 
 # Layouts whose last axis is d_model (rows are written into the residual stream).
@@ -315,17 +316,6 @@ def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def changes(scales: Scales) -> bool:
     """Whether a fold at ``scales`` (one per row for a subspace) changes a tensor: not all zero."""
     return any(value != 0 for value in (scales if isinstance(scales, Sequence) else (scales,)))
-
-
-# Elements per chunk of the finiteness check: its temporaries stay at a few MiB for any tensor (16M-element
-# chunks raised streaming apply's peak memory by ~40 MiB, tests/test_streaming.py peak-memory test).
-_FINITE_CHUNK = 1 << 20
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element of ``tensor`` is finite, checked a chunk at a time (no full-size temporary)."""
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHUNK))
 
 
 def non_finite_writer(name: str) -> str:

@@ -14,18 +14,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy
 import torch
 
 from abliterate.io.safetensors import TensorEntry, read_tensor
-from abliterate.io.threads import one_intra_op_thread
 
-_COMPARE_CHUNK = 16 << 20
+COMPARE_CHUNK = 16 << 20
 
 
 class ChunkedReader:
     """Reads stored tensors through memory maps, one range at a time, and compares them at memory speed.
 
-    Comparisons map ``_COMPARE_CHUNK`` bytes of each file at a time, so resident memory stays at the
+    Comparisons map ``COMPARE_CHUNK`` bytes of each file at a time, so resident memory stays at the
     one tensor being folded (a reused buffer, as in streaming ``apply``) plus two chunks; only a
     tensor that is not bitwise equal to this machine's fold (the bounded path) is read a second time
     into memory of its own.
@@ -62,29 +62,13 @@ class ChunkedReader:
     @contextmanager
     def _mapped(self, path: Path, start: int, length: int) -> Iterator[torch.Tensor]:
         """``length`` bytes of ``path`` from ``start`` as a read-only uint8 tensor over a memory map."""
-        if length == 0:
-            yield torch.zeros(0, dtype=torch.uint8)
-            return
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(
-            self._file(path).fileno(), length + start - aligned, offset=aligned, access=mmap.ACCESS_READ
-        )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the view is only ever read
-                view = torch.frombuffer(mapping, dtype=torch.uint8, offset=start - aligned, count=length)
+        with mapped(self._file(path).fileno(), start, length) as view:
             self.bytes_read += length
             yield view
-            del view
-        finally:
-            try:
-                mapping.close()
-            except BufferError:  # a view is still referenced (an exception in flight): the GC closes it
-                pass
 
     def _ranges(self, entry: TensorEntry) -> Iterator[tuple[int, int]]:
-        for offset in range(0, entry.end - entry.start, _COMPARE_CHUNK):
-            yield offset, min(_COMPARE_CHUNK, entry.end - entry.start - offset)
+        for offset in range(0, entry.end - entry.start, COMPARE_CHUNK):
+            yield offset, min(COMPARE_CHUNK, entry.end - entry.start - offset)
 
     def same_bytes(self, first: tuple[Path, TensorEntry], second: tuple[Path, TensorEntry]) -> bool:
         """Whether two stored tensors of the same size hold the same bytes."""
@@ -92,7 +76,7 @@ class ChunkedReader:
         for offset, length in self._ranges(right):
             with self._mapped(left_path, left.start + offset, length) as a:
                 with self._mapped(right_path, right.start + offset, length) as b:
-                    if not _equal_bytes(a, b):
+                    if not equal_bytes(a, b):
                         return False
         return True
 
@@ -104,14 +88,61 @@ class ChunkedReader:
             return False
         for offset, length in self._ranges(entry):
             with self._mapped(path, entry.start + offset, length) as stored:
-                if not _equal_bytes(flat[offset : offset + length], stored):
+                if not equal_bytes(flat[offset : offset + length], stored):
                     return False
         return True
 
 
-def _equal_bytes(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Bytewise equality of two uint8 tensors, eight bytes at a time where aligned (7x faster measured)."""
-    with one_intra_op_thread():
-        if first.numel() % 8 == 0 and first.data_ptr() % 8 == 0 and second.data_ptr() % 8 == 0:
-            return torch.equal(first.view(torch.int64), second.view(torch.int64))
-        return torch.equal(first, second)
+@contextmanager
+def mapped(fileno: int, start: int, length: int) -> Iterator[torch.Tensor]:
+    """``length`` bytes of the open file ``fileno`` from ``start`` as a read-only uint8 tensor over a memory
+    map, unmapped on exit (so resident memory stays at the pages of one range)."""
+    if length == 0:
+        yield torch.zeros(0, dtype=torch.uint8)
+        return
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fileno, length + start - aligned, offset=aligned, access=mmap.ACCESS_READ)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the view is only ever read
+            view = torch.frombuffer(mapping, dtype=torch.uint8, offset=start - aligned, count=length)
+        yield view
+        del view
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # a view is still referenced (an exception in flight): the GC closes it
+            pass
+
+
+def same_file_bytes(first: tuple[int, int], second: tuple[int, int], length: int) -> bool:
+    """Whether ``length`` bytes at ``(fileno, offset)`` ``first`` equal those at ``second``, compared a
+    ``COMPARE_CHUNK`` at a time through memory maps."""
+    for done in range(0, length, COMPARE_CHUNK):
+        size = min(COMPARE_CHUNK, length - done)
+        with mapped(first[0], first[1] + done, size) as a, mapped(second[0], second[1] + done, size) as b:
+            if not equal_bytes(a, b):
+                return False
+    return True
+
+
+def file_holds(fileno: int, offset: int, data: torch.Tensor) -> bool:
+    """Whether the open file ``fileno`` holds the uint8 tensor ``data`` at ``offset`` (read-back compare)."""
+    for done in range(0, data.numel(), COMPARE_CHUNK):
+        size = min(COMPARE_CHUNK, data.numel() - done)
+        with mapped(fileno, offset + done, size) as stored:
+            if not equal_bytes(data[done : done + size], stored):
+                return False
+    return True
+
+
+def equal_bytes(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Bytewise equality of two uint8 CPU tensors, eight bytes at a time where aligned, through numpy
+    (6 GB/s measured, against 3.4 GB/s for an int64 ``torch.equal`` and 0.3 GB/s for ``memoryview ==``;
+    numpy releases the GIL, so a comparison overlaps a fold running in another thread)."""
+    if first.numel() != second.numel():
+        return False
+    left, right = first.numpy(), second.numpy()
+    if first.numel() % 8 == 0 and first.data_ptr() % 8 == 0 and second.data_ptr() % 8 == 0:
+        left, right = left.view(numpy.int64), right.view(numpy.int64)
+    return bool(numpy.array_equal(left, right))

@@ -1,13 +1,11 @@
-"""Low-level safetensors I/O for streaming apply and the certificate: headers, byte copies and incremental
-shard writing.
+"""Low-level safetensors I/O for streaming apply and the certificate: headers, byte copies and tensor reads.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping tensor names to dtype,
 shape and data offsets, then the raw tensor bytes. ``read_header`` parses and validates that layout
-without reading any tensor data; ``write_shard`` writes an output shard incrementally: the header, runs of
-unchanged tensors copied in the kernel (``copy_file_range``, with a user-space fallback), edited tensors
-read into one reused buffer and changed in place by a callback. Memory stays near one tensor whatever the
-shard size. Nothing here knows about models, adapters or directions; ``abliterate.io.chunked`` compares
-stored tensors through memory maps.
+without reading any tensor data; ``copy_range`` copies bytes in the kernel (``copy_file_range``, with a
+user-space fallback) and ``read_tensor`` reads one tensor into a reused buffer; ``abliterate.io.shard_writer``
+writes an output shard from them. Nothing here knows about models, adapters or directions;
+``abliterate.io.chunked`` compares stored tensors through memory maps.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import os
 import platform
 import re
 import struct
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -139,61 +137,6 @@ def read_header(path: Path) -> Shard:
     if position != size:
         raise ValueError(f"{path} is truncated or corrupt: data ends at {position}, file has {size} bytes")
     return Shard(path, prefix + raw, tuple(entries))
-
-
-def write_shard(
-    shard: Shard,
-    destination: Path,
-    edits: Collection[str],
-    edit: EditTensor,
-    buffer: bytearray,
-    append: tuple[str, TensorEntry] | None,
-    advance: Callable[[int], object],
-) -> tuple[int, int, int, int]:
-    """Write one output shard: its header, each tensor copied or edited, then an appended tensor.
-
-    Every tensor keeps its offset, shifted by the longer header when a tensor is appended; runs of unedited
-    tensors are copied in the kernel without passing through this process.
-
-    Args:
-        shard: the source shard.
-        destination: the output file to create.
-        edits: names of the tensors to pass through ``edit``; each must have a dtype in ``DTYPES``.
-        edit: changes one tensor in place (see ``EditTensor``).
-        buffer: scratch space at least as large as the largest edited tensor, reused for all of them.
-        append: ``(name, like)`` to add a tensor ``name`` after the data, holding a copy of the source
-            tensor ``like`` (same dtype, shape and bytes); ``None`` to add nothing.
-        advance: called with the number of source bytes processed, for a progress bar.
-
-    Returns:
-        ``(tensors written, tensors edited, bytes read, bytes written)``.
-    """
-    header = shard.header if append is None else header_with(shard, *append)
-    shift = len(header) - len(shard.header)
-    edited = 0
-    with open(shard.path, "rb", buffering=0) as source, open(destination, "wb", buffering=0) as target:
-        write_at(target, memoryview(header), 0)
-        run_start = data_end = len(shard.header)
-        for entry in shard.entries:
-            data_end = entry.end
-            if entry.name not in edits or entry.end == entry.start:
-                continue
-            copy_range(source, target, run_start, run_start + shift, entry.start - run_start)
-            view, tensor = read_tensor(source, entry, buffer)
-            edit(entry, tensor)
-            write_at(target, view, entry.start + shift)
-            edited += 1
-            advance(entry.end - run_start)
-            run_start = entry.end
-        copy_range(source, target, run_start, run_start + shift, data_end - run_start)
-        advance(data_end - run_start + len(shard.header))
-        added = 0
-        if append is not None:  # the appended tensor is copied again from the source
-            like = append[1]
-            added = like.end - like.start
-            copy_range(source, target, like.start, data_end + shift, added)
-    read = shard.path.stat().st_size + added
-    return len(shard.entries) + (append is not None), edited, read, destination.stat().st_size
 
 
 def header_with(shard: Shard, name: str, like: TensorEntry) -> bytes:

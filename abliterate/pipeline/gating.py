@@ -29,6 +29,7 @@ from abliterate.prove.gate import (
     gate_reference,
 )
 from abliterate.prove.gguf_source import certificate_source
+from abliterate.prove.refold import certificate_device
 from abliterate.ship import direction_file
 
 
@@ -70,12 +71,18 @@ def fold(subject: Subject, chosen: RefusalDirection) -> None:
 
 
 def certify_saved(
-    config: RunConfig, staging: Path, chosen: RefusalDirection, gate: GateReport, n_layers: int
+    config: RunConfig,
+    staging: Path,
+    chosen: RefusalDirection,
+    gate: GateReport,
+    n_layers: int,
+    device: torch.device | str | None = None,
 ) -> None:
     """Add the weight certificate of the saved checkpoint against its source (safetensors, or a GGUF read
     tensor by tensor) to ``gate`` (``n_layers``: the model's depth, over which a searched edit declares its
-    strength profile), and the comparison of its config.json and the files beside the weights with the
-    source's (for a GGUF source: its tokenizer as read from both)."""
+    strength profile; ``device``: where the model was folded, and so where the certificate folds again when
+    it is a GPU, bitwise that device's fold), and the comparison of its config.json and the files beside the
+    weights with the source's (for a GGUF source: its tokenizer as read from both)."""
     source, why_not = certificate_source(config.model)
     if source is None:
         gate.skipped["certificate"] = why_not
@@ -90,6 +97,7 @@ def certify_saved(
         declared_edit(chosen.direction, chosen.edit_point, n_layers),
         architecture=config.load.architecture,
         progress=config.progress,
+        device=certificate_device(device),
     )
 
 

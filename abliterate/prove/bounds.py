@@ -107,8 +107,9 @@ def _reduction_bound(
 ) -> torch.Tensor:
     """``γ Σ_k |s_k| |q_ki| Σ_l |q_kl w_lj|`` per element, with ``γ = (d_model + 2) 2^-24``: the float32
     error of the dot products ``p`` in any summation order."""
-    basis = _wide_unit_rows(direction).abs()
-    scales = torch.tensor(strength if isinstance(strength, tuple) else (strength,), dtype=torch.float64).abs()
+    basis = _wide_unit_rows(direction).to(wide.device).abs()  # on the device the tensors were folded on
+    values = strength if isinstance(strength, tuple) else (strength,)
+    scales = torch.tensor(values, dtype=torch.float64, device=wide.device).abs()
     gamma = (basis.shape[-1] + 2) * 2.0**-24
     spread = _along(wide.abs(), basis, layout)  # S = Σ_l |q_kl w_lj| per written vector and row of Q
     if layout in ROWS_WRITE:  # [..., k] ⊗ |q|
@@ -133,7 +134,7 @@ def leak_ratio(exact: torch.Tensor, target: torch.Tensor, direction: torch.Tenso
     """|r̂-component of (edited − exact fold)| over that of (correctly rounded fold − exact fold); for a
     subspace, the components along all of its rows together."""
     rounded = exact.to(target.dtype).to(torch.float64)
-    r = _wide_unit_rows(direction)
+    r = _wide_unit_rows(direction).to(exact.device)
     leak = _along(target.to(torch.float64) - exact, r, layout).norm().item()
     floor = _along(rounded - exact, r, layout).norm().item()
     return leak / max(floor, torch.finfo(torch.float64).tiny)

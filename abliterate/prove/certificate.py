@@ -1,6 +1,6 @@
 """The weight certificate: an edited checkpoint equals the declared edit of its original, tensor by tensor.
 
-No forward pass, no model in memory, no GPU: both checkpoints are read one tensor at a time, so a 70B
+No forward pass, no model in memory, no GPU needed: both checkpoints are read one tensor at a time, so a 70B
 checkpoint is certified within the streaming memory bound. What it proves:
 
 * **Which tensors must change comes from the model's structure** (``abliterate.prove.structure``), not
@@ -29,8 +29,9 @@ check's job (``abliterate.prove.residual.completeness``), which runs on real pro
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,59 +39,16 @@ from tqdm.auto import tqdm
 
 from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
-from abliterate.edit.kernel import all_finite, changes, non_finite_writer, orthogonalize_
+from abliterate.edit.kernel import all_finite, changes, non_finite_writer
 from abliterate.io.chunked import ChunkedReader
 from abliterate.io.safetensors import DTYPES, TensorEntry, read_json
-from abliterate.prove.bounds import LEAK_RATIO_LIMIT, TensorFold, judge_bounded
+from abliterate.prove.bounds import TensorFold, judge_bounded
+from abliterate.prove.refold import device_fold, host_fold
 from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
-from abliterate.prove.verdict import MAX_LISTED_FAILURES, Verdict
+from abliterate.prove.tally import Certificate, Tally
 
 # The failure of a tensor that no residual writer lives in, yet differs from the original.
 _NO_WRITER_THERE = "changed, but the structure says no residual writer lives there"
-
-
-@dataclass(frozen=True)
-class Certificate(Verdict):
-    """The verdict of ``certify_checkpoint``.
-
-    Attributes:
-        passed: every tensor holds what the declared edit says.
-        n_tensors: tensors in the edited checkpoint.
-        n_edited: tensors the structure requires to be edited (all found and checked).
-        n_exact: edited tensors bitwise equal to this machine's fold.
-        n_bounded: edited tensors within the stated bound but not bitwise equal.
-        n_unchanged: tensors verified bitwise equal to the original.
-        max_leak_ratio: the largest leak ratio of a bounded tensor (1.0 when all are exact).
-        leak_ratio_limit: the limit it was judged against.
-        groups: per writer group, how many tensors were certified and over how many layers.
-        failures: the first failures, one line each.
-        n_failures: how many tensors failed.
-        bytes_read: bytes read from both checkpoints.
-        seconds: wall-clock time.
-    """
-
-    passed: bool
-    n_tensors: int
-    n_edited: int
-    n_exact: int
-    n_bounded: int
-    n_unchanged: int
-    max_leak_ratio: float
-    leak_ratio_limit: float
-    groups: dict[str, dict[str, int]]
-    failures: list[str]
-    n_failures: int
-    bytes_read: int
-    seconds: float
-
-    failing = "tensor(s) fail the certificate"
-
-    @property
-    def reason(self) -> str:
-        """The first failure, or an empty string when passed."""
-        if not self.passed and self.n_tensors == 0:  # refused before any tensor was read: the declared edit
-            return self.failures[0]  # itself, said in its own words
-        return super().reason
 
 
 def certify_checkpoint(
@@ -101,6 +59,7 @@ def certify_checkpoint(
     architecture: str | None = None,
     progress: bool = True,
     structure: Structure | None = None,
+    device: str | torch.device | None = None,
 ) -> Certificate:
     """Certify that ``edited`` is ``original`` with ``declared`` folded into every residual writer.
 
@@ -111,47 +70,118 @@ def certify_checkpoint(
         architecture: adapter override.
         progress: show a progress bar over the bytes read.
         structure: ``read_structure(original, architecture)``, when the caller has it already.
+        device: fold and compare every edited tensor on this device (both checkpoints streamed through
+            it one tensor at a time: the fold of a run on CUDA is bitwise that device's, never the host's);
+            ``None`` folds on the host (``certificate_device`` picks it for a run's or verify's device).
 
     Returns:
         The certificate (``passed`` tells the verdict; nothing is raised for a failing checkpoint).
     """
     started = time.perf_counter()
+    device = None if device is None else torch.device(device)
     original = Path(original) if isinstance(original, str | Path) else original
     edited = Path(edited)
     structure = structure or read_structure(original, architecture)
     source = tensor_index(original) if isinstance(original, Path) else original.index()
     target = tensor_index(edited)
-    tally = _Tally()
+    tally = Tally()
     names_by_canonical = {canonical(name): name for name in source}
-    if not _check_declared(declared, structure, source, names_by_canonical, tally):
+    if not check_declared(declared, structure, source, names_by_canonical, tally):
         return tally.certificate(time.perf_counter() - started)
-    _check_names(structure, source, target, tally)
+    check_names(structure, source, target, tally)
     if isinstance(original, Path):
-        _check_config(original, edited, structure, declared, tally)
+        check_config(original, edited, structure, declared, tally)
     else:
         original.check_config(edited, structure, declared, tally.fail)
-    total = sum(entry.end - entry.start for _, entry in target.values())
-    reader = ChunkedReader() if isinstance(original, Path) else original.reader()
+    work = _Work(
+        declared,
+        tally,
+        device,
+        _reader(original),
+        _Background(_reader(original), tally, isinstance(original, Path)),
+    )
     try:
-        with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
-            for name, (path, entry) in target.items():
-                key = canonical(name)
-                original_name = names_by_canonical.get(key)
-                if original_name is None and key == structure.head and structure.tied:
-                    original_name = names_by_canonical.get(structure.embedding)
-                if original_name is None:
-                    continue  # reported by _check_names
-                required = structure.edits.get(key)
-                _certify_tensor(name, source[original_name], (path, entry), required, declared, tally, reader)
-                bar.update(2 * (entry.end - entry.start))
+        _certify_tensors(source, target, structure, work, progress)
     finally:
-        reader.close()
-    tally.bytes_read = reader.bytes_read
+        work.background.close()
+        work.reader.close()
+    tally.bytes_read = work.reader.bytes_read + work.background.reader.bytes_read
     return tally.certificate(time.perf_counter() - started)
 
 
-def _check_declared(
-    declared: DeclaredEdit, structure: Structure, source: dict, names_by_canonical: dict, tally: _Tally
+def _certify_tensors(source: dict, target: dict, structure: Structure, work: _Work, progress: bool) -> None:
+    """Check every tensor of the edited checkpoint against its original (names: ``check_names``)."""
+    names_by_canonical = {canonical(name): name for name in source}
+    total = sum(entry.end - entry.start for _, entry in target.values())
+    with tqdm(total=2 * total, unit="B", unit_scale=True, desc="certify", disable=not progress) as bar:
+        for name, (path, entry) in target.items():
+            key = canonical(name)
+            original_name = names_by_canonical.get(key)
+            if original_name is None and key == structure.head and structure.tied:
+                original_name = names_by_canonical.get(structure.embedding)
+            if original_name is None:
+                continue  # reported by check_names
+            required = structure.edits.get(key)
+            _certify_tensor(name, source[original_name], (path, entry), required, work)
+            bar.update(2 * (entry.end - entry.start))
+        work.background.collect()
+
+
+def _reader(original: Path | TensorSource) -> ChunkedReader:
+    return ChunkedReader() if isinstance(original, Path) else original.reader()
+
+
+class _Background:
+    """Byte comparisons of the tensors the edit must leave alone, run in a second thread beside the folds
+    (numpy and torch release the GIL) with a reader of their own; tallied in the order they were asked."""
+
+    def __init__(self, reader: ChunkedReader, tally: Tally, threaded: bool) -> None:
+        self.reader, self.tally = reader, tally
+        # A GGUF source dequantizes through state of its own (a fused tensor's group): one thread only.
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="certify-compare") if threaded else None
+        )
+        self.pending: deque[tuple[str, Future[bool]]] = deque()
+
+    def same_bytes(
+        self, name: str, original: tuple[Path, TensorEntry], edited: tuple[Path, TensorEntry]
+    ) -> None:
+        if self.pool is None:
+            self.tally.unchanged(self.reader.same_bytes(original, edited), f"{name}: {_NO_WRITER_THERE}")
+            return
+        self.pending.append((name, self.pool.submit(self.reader.same_bytes, original, edited)))
+        while self.pending and self.pending[0][1].done():
+            self._tally_first()
+
+    def collect(self) -> None:
+        """Wait for every comparison asked for and tally it."""
+        while self.pending:
+            self._tally_first()
+
+    def _tally_first(self) -> None:
+        name, future = self.pending.popleft()
+        self.tally.unchanged(future.result(), f"{name}: {_NO_WRITER_THERE}")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What every tensor's check uses: the declared edit, the tally, the device that folds (``None``: the
+    host path), the reader of both checkpoints and the background comparisons."""
+
+    declared: DeclaredEdit
+    tally: Tally
+    device: torch.device | None
+    reader: ChunkedReader
+    background: _Background
+
+
+def check_declared(
+    declared: DeclaredEdit, structure: Structure, source: dict, names_by_canonical: dict, tally: Tally
 ) -> bool:
     """The declared edit is an edit of this model (``DeclaredEdit.validate``, the direction's width is
     the model's ``d_model``); on failure it is the one failure reported, and no tensor is read."""
@@ -172,7 +202,7 @@ def _check_declared(
     return True
 
 
-def _check_names(structure: Structure, source: dict, target: dict, tally: _Tally) -> None:
+def check_names(structure: Structure, source: dict, target: dict, tally: Tally) -> None:
     """Same tensors in both (plus an untied head); every structurally required tensor present."""
     source_keys = {canonical(name) for name in source}
     target_keys = {canonical(name) for name in target}
@@ -189,8 +219,8 @@ def _check_names(structure: Structure, source: dict, target: dict, tally: _Tally
         )
 
 
-def _check_config(
-    original: Path, edited: Path, structure: Structure, declared: DeclaredEdit, tally: _Tally
+def check_config(
+    original: Path, edited: Path, structure: Structure, declared: DeclaredEdit, tally: Tally
 ) -> None:
     """The edited config must load the same architecture, with its head not tied to an edited embedding."""
     before = read_json(original / "config.json", "config.json")
@@ -205,69 +235,15 @@ def _check_config(
         )
 
 
-class _Tally:
-    """The counts and failure lines gathered while the checkpoint is read, then made a ``Certificate``."""
-
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.n_tensors = self.n_edited = self.n_exact = self.n_bounded = self.n_unchanged = 0
-        self.max_leak = 1.0
-        self.bytes_read = 0
-        self.groups: dict[str, dict[str, set[int] | int]] = defaultdict(
-            lambda: {"tensors": 0, "layers": set()}
-        )
-
-    def fail(self, line: str) -> None:
-        self.failures.append(line)
-
-    def unchanged(self, same: bool, failure: str) -> None:
-        """A tensor that must equal the original: counted when it does (``same``), else ``failure``."""
-        if same:
-            self.n_unchanged += 1
-        else:
-            self.fail(failure)
-
-    def edited(self, group: str, layer: int, exact: bool, leak: float) -> None:
-        self.n_edited += 1
-        self.n_exact += exact
-        self.n_bounded += not exact
-        if not leak <= self.max_leak:  # a NaN leak is kept too (``max`` would drop it)
-            self.max_leak = leak
-        self.groups[group]["tensors"] += 1
-        self.groups[group]["layers"].add(layer)
-
-    def certificate(self, seconds: float) -> Certificate:
-        groups = {
-            name: {"tensors": int(values["tensors"]), "layers": len(values["layers"])}
-            for name, values in sorted(self.groups.items())
-        }
-        return Certificate(
-            passed=not self.failures,
-            n_tensors=self.n_tensors,
-            n_edited=self.n_edited,
-            n_exact=self.n_exact,
-            n_bounded=self.n_bounded,
-            n_unchanged=self.n_unchanged,
-            max_leak_ratio=self.max_leak,
-            leak_ratio_limit=LEAK_RATIO_LIMIT,
-            groups=groups,
-            failures=self.failures[:MAX_LISTED_FAILURES],
-            n_failures=len(self.failures),
-            bytes_read=self.bytes_read,
-            seconds=round(seconds, 3),
-        )
-
-
 def _certify_tensor(
     name: str,
     original: tuple[Path, TensorEntry],
     edited: tuple[Path, TensorEntry],
     required: RequiredEdit | None,
-    declared: DeclaredEdit,
-    tally: _Tally,
-    reader: ChunkedReader,
+    work: _Work,
 ) -> None:
     """One tensor of the edited checkpoint: the original's (``required`` is ``None``) or its declared fold."""
+    tally, reader = work.tally, work.reader
     tally.n_tensors += 1
     source_entry, target_entry = original[1], edited[1]
     if source_entry.shape != target_entry.shape:
@@ -275,7 +251,7 @@ def _certify_tensor(
         tally.fail(f"{name}: shape {now} differs from the original's {was}")
         return
     if required is None and source_entry.dtype == target_entry.dtype:
-        tally.unchanged(reader.same_bytes(original, edited), f"{name}: {_NO_WRITER_THERE}")
+        work.background.same_bytes(name, original, edited)
         return
     if source_entry.dtype not in DTYPES or target_entry.dtype not in DTYPES:
         tally.fail(f"{name}: dtype {target_entry.dtype} (original {source_entry.dtype}) cannot be compared")
@@ -289,7 +265,7 @@ def _certify_tensor(
         # Bitwise equality holds NaN and Inf to their own bits, so a non-writer may carry them unchanged.
         tally.unchanged(reader.matches(expected.to(target_dtype), edited), f"{name}: {_NO_WRITER_THERE}")
         return
-    _certify_writer(name, original, edited, required, declared, tally, reader, expected)
+    _certify_writer(name, original, edited, required, work, expected)
 
 
 def _certify_writer(
@@ -297,13 +273,12 @@ def _certify_writer(
     original: tuple[Path, TensorEntry],
     edited: tuple[Path, TensorEntry],
     required: RequiredEdit,
-    declared: DeclaredEdit,
-    tally: _Tally,
-    reader: ChunkedReader,
+    work: _Work,
     expected: torch.Tensor,
 ) -> None:
     """A tensor the structure says the edit must change, given the original read in the fold's dtype
-    (``expected``, folded in place): this machine's fold bitwise, or within the bound."""
+    (``expected``): the fold of the host (or of ``work.device``) bitwise, or within the bound."""
+    tally, reader, declared = work.tally, work.reader, work.declared
     target_dtype = DTYPES[edited[1].dtype]
     if not all_finite(expected):  # a fold spreads it over a row, where any value would then pass
         tally.fail(non_finite_writer(name))
@@ -316,26 +291,25 @@ def _certify_writer(
     if declared.norm_preserving and required.group == "experts":
         tally.fail(f"{name}: a norm-preserving edit is declared, but fused experts cannot carry one")
         return
-    scaled = declared.norm_preserving and not required.bias
-    fold_dtype = expected.dtype
-    orthogonalize_(expected, declared.direction, required.layout, scales, scaled)
+    fold = TensorFold(
+        declared.direction, required.layout, scales, declared.norm_preserving and not required.bias
+    )
     where = f"{name} ({required.group} {required.layer})"
-    expected = expected.to(target_dtype)
-    if reader.matches(expected, edited):
-        if all_finite(expected):
-            tally.edited(required.group, required.layer, exact=True, leak=1.0)
-        else:
+    if work.device is None:
+        source, target, failure = host_fold(original, edited, fold, reader, expected)
+    else:
+        source, target, failure = device_fold(edited, fold, reader, expected, work.device)
+        fold = replace(fold, direction=fold.direction.to(work.device))
+    if target is None:  # bitwise this machine's fold: exact, unless the fold itself overflows
+        if failure:
             tally.fail(f"{where}: the declared fold overflows to NaN/Inf in {edited[1].dtype}")
+        else:
+            tally.edited(required.group, required.layer, exact=True, leak=1.0)
         return
-    del expected
-    target = reader.tensor(edited, fresh=True)
     if not all_finite(target):  # the original and its fold are finite: these values are not the edit
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
-    source = reader.tensor(original, fresh=True).to(fold_dtype)
-    leak, failure = judge_bounded(
-        source, target, TensorFold(declared.direction, required.layout, scales, scaled)
-    )
+    leak, failure = judge_bounded(source, target, fold)
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if failure:
         tally.fail(f"{where}: {failure}")

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.edit.kernel import Scales, changes, orthogonalize_, refuse_non_finite
+from abliterate.edit.kernel import all_finite, changes, orthogonalize_, refuse_non_finite
 from abliterate.errors import GateError
 from abliterate.io.locations import HUB_ID
 from abliterate.io.output import (
@@ -41,13 +40,15 @@ from abliterate.io.safetensors import (
     Shard,
     TensorEntry,
     reuse_freed_memory,
-    write_shard,
 )
+from abliterate.io.shard_writer import write_shard
 from abliterate.model.sources import describe_source, hub_revision, refuse_prequantized, resolve_checkpoint
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import compare_companions
+from abliterate.prove.structure import read_structure
 from abliterate.ship.plan import StreamPlan, plan_edit, tensor_scales
 from abliterate.ship.report import apply_card
+from abliterate.ship.written import WriterFold, certify_written, structural_folds
 
 logger = logging.getLogger(__name__)
 
@@ -176,39 +177,46 @@ def _write_and_certify(
     certify: bool,
     started: float,
 ) -> StreamReport:
-    """Write every file of the edited checkpoint into ``directory`` and certify it (when asked).
+    """Write every file of the edited checkpoint into ``directory`` and certify it (when asked): folded as the
+    model's structure says, every written byte read back (``abliterate.ship.written``).
 
     Raises:
         GateError: the written files fail the weight certificate or the companion-file comparison.
     """
-    scales_by_name = tensor_scales(source, architecture, declared, plan)
+    scales_by_name = tensor_scales(source, architecture, declared, plan)  # validates a searched edit
+    structure = read_structure(source, architecture) if certify else None
+    if structure is not None:
+        folds = structural_folds(source, plan.edits, structure, declared)
+    else:
+        folds = {}
+        for name, layout in plan.edits.items():
+            scales, scaled = (1.0, False) if scales_by_name is None else scales_by_name(name)
+            if changes(scales):  # a writer of strength 0 is copied as it is, and not counted as edited
+                folds[name] = WriterFold(layout, scales, scaled, "", -1)
     threads = torch.get_num_threads()
     try:
-        # Slices this small gain nothing from intra-op threads, which only add a barrier per operation
+        # One fold thread: kernel copies (and read-back compares) run beside it in a second thread, and
+        # slices this small gain nothing from intra-op threads, which only add a barrier per operation
         # (measured 3-10x slower with 2 threads on a busy 2-core machine).
         torch.set_num_threads(1)
         reuse_freed_memory()
-        counts = _write_all(plan, source, directory, declared.direction, progress, scales_by_name)
-        certificate = _certify(source, directory, declared, architecture, progress) if certify else None
+        counts, mismatches = _write_all(plan, source, directory, declared.direction, progress, folds, certify)
     finally:
         torch.set_num_threads(threads)
+    certificate = None
+    if structure is not None:
+        certificate = certify_written(source, directory, structure, declared, folds, mismatches, started)
+        _raise_unless_passed(certificate, source, directory)
     seconds = time.perf_counter() - started
     return StreamReport(*counts, seconds, directory, plan.model_type, certificate)
 
 
-def _certify(
-    source: Path, written: Path, declared: DeclaredEdit, architecture: str | None, progress: bool
-) -> Certificate:
-    # Looked up when called, so tests can replace the certificate (one that must not run).
-    from abliterate.prove.certificate import certify_checkpoint
-
-    certificate = certify_checkpoint(source, written, declared, architecture=architecture, progress=progress)
+def _raise_unless_passed(certificate: Certificate, source: Path, written: Path) -> None:
     if not certificate.passed:
         raise GateError(f"weight certificate failed: {certificate.reason}; nothing was written")
     files = compare_companions(source, written)
     if not files.passed:
         raise GateError(f"files beside the weights: {files.reason}; nothing was written")
-    return certificate
 
 
 def _write_all(
@@ -217,11 +225,13 @@ def _write_all(
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
-    scales_by_name: Callable[[str], tuple[Scales, bool]] | None = None,
-) -> tuple[int, int, int, int]:
-    """Write every shard, the index, config.json and the other files; return the report's counts."""
+    folds: dict[str, WriterFold],
+    verify: bool,
+) -> tuple[tuple[int, int, int, int], list[str]]:
+    """Write every shard, the index, config.json and the other files; return the report's counts and,
+    with ``verify``, what read back differently from what was meant."""
     head_shard = next(shard for shard in plan.shards if plan.embedding in shard.entries)
-    counts = _write_shards(plan, head_shard, temp, direction, progress, scales_by_name)
+    counts = _write_shards(plan, head_shard, temp, direction, progress, folds, verify)
     _write_index(plan, head_shard, source, temp)
     _write_config(plan, source, temp)
     # The source's README.md is its own model card, and its abliterate.json (an abliterate output as the
@@ -242,34 +252,38 @@ def _write_shards(
     temp: Path,
     direction: torch.Tensor,
     progress: bool,
-    scales_by_name: Callable[[str], tuple[Scales, bool]] | None,
-) -> tuple[int, int, int, int]:
-    """Write every shard with its edited tensors folded; ``(tensors, edited, bytes read, bytes written)``."""
+    folds: dict[str, WriterFold],
+    verify: bool,
+) -> tuple[tuple[int, int, int, int], list[str]]:
+    """Write every shard with the tensors of ``folds`` folded; ``(tensors, edited, bytes read, bytes
+    written)`` and the read-back mismatches."""
     total_bytes = sum(shard.path.stat().st_size for shard in plan.shards)
     # One read buffer, sized for the largest edited tensor and reused for all of them.
     by_name = {entry.name: entry for shard in plan.shards for entry in shard.entries}
-    buffer = bytearray(max(by_name[name].end - by_name[name].start for name in plan.edits))
+    buffer = bytearray(max((by_name[name].end - by_name[name].start for name in folds), default=0))
+    overflows: list[str] = []
 
     def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
         """Fold the direction out of one tensor that ``write_shard`` read, in place."""
         refuse_non_finite(entry.name, weight)  # raised before this tensor's fold; the output is removed
-        scales, scaled = (1.0, False) if scales_by_name is None else scales_by_name(entry.name)
-        orthogonalize_(weight, direction, plan.edits[entry.name], scales, scaled)
-
-    # A writer of strength 0 is copied as it is, and not counted as edited.
-    edits = {name for name in plan.edits if scales_by_name is None or changes(scales_by_name(name)[0])}
+        fold = folds[entry.name]
+        orthogonalize_(weight, direction, fold.layout, fold.scales, fold.scaled)
+        if verify and not all_finite(weight):
+            overflows.append(f"{entry.name}: the declared fold overflows to NaN/Inf in {entry.dtype}")
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.
     head = None if plan.add_lm_head is None else (plan.add_lm_head, plan.embedding)
     tensors = edited = read = written = 0
+    mismatches: list[str] = []
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="apply", disable=not progress) as bar:
         for shard in plan.shards:
             append = head if shard is head_shard else None
             destination = temp / shard.path.name
-            counts = write_shard(shard, destination, edits, edit, buffer, append, bar.update)
-            tensors, edited = tensors + counts[0], edited + counts[1]
-            read, written = read + counts[2], written + counts[3]
-    return tensors, edited, read, written
+            result = write_shard(shard, destination, folds, edit, buffer, append, bar.update, verify)
+            tensors, edited = tensors + result.tensors, edited + result.edited
+            read, written = read + result.read, written + result.written
+            mismatches += result.mismatches
+    return (tensors, edited, read, written), overflows + mismatches
 
 
 def _write_index(plan: StreamPlan, head_shard: Shard, source: Path, temp: Path) -> None:

@@ -145,7 +145,7 @@ def verify_checkpoints(
             certificate=certificate, progress=progress,
         )  # fmt: skip
     gate = GateReport()
-    _check_on_disk(original, edited, declared, gate, certificate, load.architecture, progress)
+    _check_on_disk(original, edited, declared, gate, certificate, load.architecture, progress, load.device)
     extra = _check_forward(original, edited, declared, gate, forward, options, load.architecture, prompts)
     return {
         "original": original,
@@ -172,8 +172,10 @@ def _check_on_disk(
     certificate: bool,
     architecture: str | None,
     progress: bool,
+    device: str = "cpu",
 ) -> None:
-    """Add to ``gate`` the files beside the weights and, when asked, the weight certificate (or why not)."""
+    """Add to ``gate`` the files beside the weights and, when asked, the weight certificate (or why not),
+    its folds on ``device`` when that is a GPU (``certificate_device``)."""
     original_dir, _ = local_checkpoint(original)
     edited_dir, why_not_edited = local_checkpoint(edited)
     _compare_files(original, original_dir, edited_dir, gate)
@@ -182,13 +184,19 @@ def _check_on_disk(
         return
     # Looked up when called, so tests can replace the certificate (one that must not run).
     from abliterate.prove.certificate import certify_checkpoint
+    from abliterate.prove.refold import certificate_device
 
     original_source, why_not = certificate_source(original)  # a .gguf is read tensor by tensor
     if original_source is None or edited_dir is None:
         gate.skipped["certificate"] = why_not or why_not_edited
         return
     gate.certificate = certify_checkpoint(
-        original_source, edited_dir, declared, architecture=architecture, progress=progress
+        original_source,
+        edited_dir,
+        declared,
+        architecture=architecture,
+        progress=progress,
+        device=certificate_device(device),
     )
 
 
