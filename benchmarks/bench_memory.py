@@ -158,11 +158,12 @@ def gguf_parameters(path: Path) -> int:
     return sum(int(tensor.n_elements) for tensor in GGUFReader(str(path)).tensors)
 
 
-def run_case(case: str, source: str, working_bytes: int, workdir: Path, full: bool) -> None:
-    output = workdir / f"{case}-direction"
-    report(f"{case} --direction-only", working_bytes, measure(source, output, "--direction-only"))
-    shutil.rmtree(output)
-    if full:
+def run_case(case: str, source: str, working_bytes: int, workdir: Path, full: bool, only_full: bool) -> None:
+    if not only_full:
+        output = workdir / f"{case}-direction"
+        report(f"{case} --direction-only", working_bytes, measure(source, output, "--direction-only"))
+        shutil.rmtree(output)
+    if full or only_full:
         output = workdir / f"{case}-full"
         report(f"{case} full run (fold, gate, save, certificate)", working_bytes, measure(source, output))
         shutil.rmtree(output)
@@ -173,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--cases", nargs="+", choices=["demo", "demo-gguf", "synthetic"], default=["demo"])
     parser.add_argument("--full", action="store_true", help="also a full save run per case")
+    parser.add_argument("--only-full", action="store_true", help="only the full save run per case")
     parser.add_argument("--workdir", type=Path, default=None, help="where the GGUF and outputs go (removed)")
     parser.add_argument("--layers", type=int, default=Shape.layers)
     parser.add_argument("--qtype", default="Q8_0", help="GGML type of the synthetic 2-D tensors")
@@ -185,12 +187,12 @@ def main() -> None:
                 from abliterate.model.demo import converted_demo_dir
 
                 weights = converted_demo_dir() / "model.safetensors"
-                run_case(case, "demo", weights.stat().st_size, workdir, args.full)
+                run_case(case, "demo", weights.stat().st_size, workdir, args.full, args.only_full)
             elif case == "demo-gguf":
                 from abliterate.model.demo import assemble_gguf
 
                 gguf = assemble_gguf()
-                run_case(case, str(gguf), 4 * gguf_parameters(gguf), workdir, args.full)
+                run_case(case, str(gguf), 4 * gguf_parameters(gguf), workdir, args.full, args.only_full)
             else:
                 shape = Shape(layers=args.layers)
                 begin = time.perf_counter()
@@ -199,7 +201,7 @@ def main() -> None:
                     f"built {gguf.name}: {shape.parameters() / 1e9:.2f}B parameters, {args.qtype}, "
                     f"{gguf.stat().st_size / GIB:.2f} GiB in {time.perf_counter() - begin:.0f} s"
                 )
-                run_case(case, str(gguf), 4 * shape.parameters(), workdir, args.full)
+                run_case(case, str(gguf), 4 * shape.parameters(), workdir, args.full, args.only_full)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -82,7 +82,7 @@ def test_the_manifest_has_memory_figures_for_every_stage(tiny_qwen2: Path, tmp_p
     stages = {key.removesuffix("_s") for key in manifest["timings"]} - {"total"}
     memory = manifest["memory"]
     assert set(memory["stages"]) == stages
-    assert {"load", "extract", "edit", "verify", "save"} <= stages
+    assert {"load", "extract", "edit", "verify", "save", "certify"} <= stages
     for figures in memory["stages"].values():
         assert 0 < figures["end_rss_mib"] <= figures["peak_rss_mib"] <= memory["peak_rss_mib"]
         assert figures["growth_mib"] >= 0

@@ -121,7 +121,7 @@ def run_in_memory(found: Found, before: Baseline | None) -> RunResult:
 
     def write(staging: Path) -> dict[str, Any]:
         timed("save", save, staging, config, subject, chosen)
-        timed("verify", certify_saved, config, staging, chosen, gate, subject.n_layers)
+        timed("certify", certify_saved, config, staging, chosen, gate, subject.n_layers)
         raise_unless_passed(gate, "nothing was saved or pushed")
         return _write_manifest(found, staging, gate, evaluation)
 
