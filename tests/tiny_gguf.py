@@ -45,7 +45,7 @@ def write_gguf(path: Path, model: torch.nn.Module, types: dict[str, str] | None 
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    _write_tokenizer(writer)
+    write_tokenizer(writer)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = config.tie_word_embeddings
     for name, tensor in model.state_dict().items():
@@ -73,8 +73,8 @@ def write_gguf(path: Path, model: torch.nn.Module, types: dict[str, str] | None 
     return path
 
 
-def _write_tokenizer(writer: object) -> None:
-    """The tiny byte-level BPE tokenizer as GGUF metadata (``gpt2`` model), padded to ``VOCAB_SIZE``."""
+def write_tokenizer(writer: object, vocab_size: int = VOCAB_SIZE) -> None:
+    """The tiny byte-level BPE tokenizer as GGUF metadata (``gpt2`` model), padded to ``vocab_size``."""
     import gguf
 
     tokenizer = make_tokenizer()
@@ -84,7 +84,7 @@ def _write_tokenizer(writer: object) -> None:
     vocab.update({added["content"]: added["id"] for added in data["added_tokens"]})
     by_id = {index: token for token, index in vocab.items()}
     tokens, types = [], []
-    for index in range(VOCAB_SIZE):
+    for index in range(vocab_size):
         tokens.append(by_id.get(index, f"[PAD{index}]"))
         kind = gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL
         types.append(kind if index in by_id else gguf.TokenType.UNUSED)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from abliterate.io.locations import cache_dir
-from abliterate.model.gguf import drop_gguf_quantization
+from abliterate.model.gguf import drop_gguf_quantization, load_gguf_model
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,10 @@ def converted_demo_dir() -> Path:
 
     logger.warning("converting the demo GGUF to safetensors once (about a minute)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # One tensor at a time: transformers' GGUF loading would hold a float32 state dict beside the model.
+    model = load_gguf_model(gguf)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantization(model)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".safetensors.tmp-"))
     try:

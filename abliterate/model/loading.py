@@ -13,7 +13,7 @@ from abliterate.io.locations import HUB_ID
 from abliterate.io.safetensors import INDEX_NAME, find_shards
 from abliterate.model.demo import DEMO_BASE_MODEL, converted_demo_dir
 from abliterate.model.dispatch import Dispatch, input_device
-from abliterate.model.gguf import drop_gguf_quantization
+from abliterate.model.gguf import drop_gguf_quantization, load_gguf_model
 from abliterate.model.sources import describe_source
 
 logger = logging.getLogger(__name__)
@@ -182,13 +182,12 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(directory, **common)
         # Check the template before spending time on the weights.
         _prepare_tokenizer(tokenizer, source)
-        model = AutoModelForCausalLM.from_pretrained(
-            directory,
-            dtype=_dtype_arg(dtype),
-            **placement,
-            use_safetensors=None if (allow_pickle or gguf_file) else True,
-            **common,
-        )
+        use_safetensors = None if (allow_pickle or gguf_file) else True
+        model = _streamed_gguf(directory, gguf_file, dtype, move_to, placement)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=_dtype_arg(dtype), **placement, use_safetensors=use_safetensors, **common
+            )
     except OSError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise FileNotFoundError(f"could not load {source}: {first_line}") from error
@@ -199,6 +198,25 @@ def load_model(
     if from_gguf:
         drop_gguf_quantization(model)
     return LoadedModel(model, tokenizer, source, base_model, from_gguf)
+
+
+def _streamed_gguf(
+    directory: str, gguf_file: str | None, dtype: str, move_to: str | None, placement: dict
+) -> nn.Module | None:
+    """A GGUF model loaded one tensor at a time onto one device (``gguf.load_gguf_model``), or ``None``:
+    not a GGUF, a dispatched placement (accelerate's), or tensors that loader does not map.
+
+    ``device_map="auto"`` on a machine with one GPU is that GPU, as accelerate would place a model there.
+    """
+    if gguf_file is None:
+        return None
+    device = move_to
+    if device is None and placement == {"device_map": "auto"} and torch.cuda.device_count() == 1:
+        device = "cuda:0"
+    if device is None:
+        return None
+    working = torch.float32 if dtype == "auto" else _dtype_arg(dtype)
+    return load_gguf_model(Path(directory) / gguf_file, dtype=working, device=device)
 
 
 def _placement(device: str, dispatch: Dispatch | None) -> tuple[str | None, dict]:

@@ -22,7 +22,6 @@ the weights. Which ones ran, and why any was skipped, is part of the report.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +33,7 @@ from abliterate.adapters.spec import FUSED_LAYOUTS, Adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.model.batching import EncodedPrompts, all_position_logits
 from abliterate.model.dispatch import offloaded
+from abliterate.model.gguf import rounded_copy
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.files import CompanionReport
@@ -176,7 +176,7 @@ def gate_reference(
     checked = completeness_on(model, adapter, prompts) if completeness else None
     if rounded_to is None:
         return GateReference(prompts, hooked_reference(model, adapter, edit, prompts, dtype), checked)
-    rounded = copy.deepcopy(model).to(getattr(torch, rounded_to))
+    rounded = rounded_copy(model, getattr(torch, rounded_to))  # no second full-precision copy
     hooked = hooked_reference(rounded, adapter, edit, prompts, rounded_to)
     del rounded
     return GateReference(prompts, hooked, checked)
