@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -25,6 +26,8 @@ from abliterate.model.batching import last_logits
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.pipeline.evaluation import generation_options
 from abliterate.pipeline.subject import Inputs, Subject
+
+logger = logging.getLogger(__name__)
 
 
 def candidates_and_means(
@@ -150,6 +153,13 @@ def confirmer(config: RunConfig, subject: Subject, inputs: Inputs) -> Confirmer:
     search = config.search
     harmful = confirmation_prompts(inputs.harmful.val, search.confirm_prompts)
     harmless_prompts = confirmation_prompts(inputs.harmless.val, search.confirm_prompts)
+    if len(harmful) < search.confirm_prompts:
+        logger.warning(
+            "the search confirms on %d harmful val prompts, fewer than --confirm-prompts %d: its paired "
+            "test against the paper's point has less power (raise --n-val or give more prompts)",
+            len(harmful),
+            search.confirm_prompts,
+        )
     harmless = subject.encoded(harmless_prompts)
     reference = last_logits(model, adapter, harmless)[0]
     damage_reference = record_reference(
