@@ -6,11 +6,11 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import Field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any
 
 import click
 
@@ -21,8 +21,8 @@ from abliterate.config import (
     PromptConfig,
     PublishingConfig,
     RunConfig,
-    parts_of,
 )
+from abliterate.config.flags import click_options
 from abliterate.errors import GateError
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -83,56 +83,6 @@ def _verbose() -> bool:
     return bool(context and context.find_root().params.get("verbose"))
 
 
-def _options(config: type, *names: str, **overrides: Any) -> Callable[[Callable], Callable]:
-    """click options generated from the fields of the dataclass ``config``: those ``names``, or every field
-    with flags (a part's fields where the part is), each with its field's type, default and metadata;
-    ``overrides`` replace a generated setting where a command differs (another help text, no choices)."""
-    flagged = dict(_flagged(config))
-    chosen = [flagged[name] for name in names] if names else list(flagged.values())
-    options = [_option(each, hint, **overrides) for each, hint in chosen]
-
-    def decorate(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
-
-
-def _flagged(config: type) -> Iterator[tuple[str, tuple[Field, Any]]]:
-    """``(name, (field, type))`` of every field of ``config`` with flags, the parts' fields in their place."""
-    hints, parts = get_type_hints(config), parts_of(config)
-    for each in fields(config):
-        if each.name in parts:
-            yield from _flagged(parts[each.name])
-        elif "flags" in each.metadata:
-            yield each.name, (each, hints[each.name])
-
-
-def _option(each: Field, hint: Any, **overrides: Any) -> Callable:
-    """The click option of one field: its flags, help, default (shown unless None or off) and type."""
-    metadata, default = each.metadata, each.default
-    settings: dict[str, Any] = {
-        "help": metadata["help"],
-        "show_default": metadata.get("show_default", default is not None and default is not False),
-    }
-    if default is not None:
-        settings["default"] = default
-    if hint is bool:
-        settings["is_flag"] = True
-    else:
-        settings["metavar"] = metadata.get("metavar")
-        literal = get_origin(hint) is Literal
-        settings["type"] = click.Choice(get_args(hint)) if literal else _scalar(hint)
-    return click.option(*metadata["flags"], each.name, **{**settings, **overrides})
-
-
-def _scalar(hint: Any) -> type:
-    """``int``, ``float`` or ``str`` for a field's type (``None`` left out); text for a mixed type."""
-    kinds = [kind for kind in get_args(hint) or (hint,) if kind is not type(None)]
-    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, str) else str
-
-
 @click.group()
 @click.version_option(__version__, prog_name="abliterate")
 @click.option("-v", "--verbose", is_flag=True, help="Log more, and show the traceback of every error.")
@@ -145,7 +95,7 @@ def main(verbose: bool) -> None:
 
 @main.command("run")
 @click.argument("model")
-@_options(RunConfig)
+@click_options(RunConfig)
 def run_command(model: str, **options: Any) -> None:
     """Find the refusal direction of MODEL, fold it into the weights, verify, save and/or push.
 
@@ -169,22 +119,22 @@ def run_command(model: str, **options: Any) -> None:
 @main.command("apply")
 @click.argument("checkpoint")
 @click.option("--direction", "direction_file", required=True, help="direction.safetensors from a run.")
-@_options(PublishingConfig, "output", required=True, help="Output directory.")
-@_options(LoadConfig, "architecture")
-@_options(PublishingConfig, "overwrite")
+@click_options(PublishingConfig, "output", required=True, help="Output directory.")
+@click_options(LoadConfig, "architecture")
+@click_options(PublishingConfig, "overwrite")
 @click.option(
     "--certify/--no-certify",
     default=True,
     show_default=True,
     help="Certify the written weights against CHECKPOINT before moving them into place (exit 2 if not).",
 )
-@_options(
+@click_options(
     PublishingConfig,
     "format",
     help="A full checkpoint (streamed), an exact PEFT LoRA adapter (loads the model; parity via peft), or "
     "a GGUF file from a .gguf CHECKPOINT (streamed, certified bitwise).",
 )
-@_options(PublishingConfig, "gguf_type")
+@click_options(PublishingConfig, "gguf_type")
 def apply_command(
     checkpoint: str, direction_file: str, architecture: str | None, certify: bool, **options: Any
 ) -> None:
@@ -250,8 +200,8 @@ _DISPATCH = ("device_map", "max_memory", "offload_folder")
     "direction_file",
     help="direction.safetensors used for the edit (default: EDITED/direction.safetensors).",
 )
-@_options(LoadConfig, "dtype", type=str, help="Dtype of both models (auto: the edited one's).")
-@_options(LoadConfig, "device", "architecture", "trust_remote_code")
+@click_options(LoadConfig, "dtype", type=str, help="Dtype of both models (auto: the edited one's).")
+@click_options(LoadConfig, "device", "architecture", "trust_remote_code")
 @click.option(
     "--forward/--no-forward",
     default=True,
@@ -266,8 +216,8 @@ _DISPATCH = ("device_map", "max_memory", "offload_folder")
 )
 @click.option("--revision", help="With EDITED a Hub id alone: the branch, tag or commit to verify.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@_options(LoadConfig, *_DISPATCH)
-@_options(RunConfig, "progress")
+@click_options(LoadConfig, *_DISPATCH)
+@click_options(RunConfig, "progress")
 def verify_command(
     models: tuple[str, ...], direction_file: str | None, revision: str | None, as_json: bool, **options: Any
 ) -> None:
@@ -326,18 +276,18 @@ def _verify_inputs(
 @main.command("evaluate")
 @click.argument("model")
 @click.option("--baseline", help="Original model to compare against (its rates, KL, paired difference).")
-@_options(PromptConfig, "harmful", "harmless")
+@click_options(PromptConfig, "harmful", "harmless")
 @click.option(
     "--lookalike",
     metavar="SRC",
     help="Safe prompts that look dangerous, for over-refusal (default: bundled).",
 )
 @click.option("--n", "n_prompts", type=int, default=50, show_default=True, help="Prompts per set.")
-@_options(EvaluationConfig, "max_new_tokens")
-@_options(LoadConfig, "dtype", type=str)
-@_options(LoadConfig, "device")
+@click_options(EvaluationConfig, "max_new_tokens")
+@click_options(LoadConfig, "dtype", type=str)
+@click_options(LoadConfig, "device")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_options(LoadConfig, *_DISPATCH)
+@click_options(LoadConfig, *_DISPATCH)
 def evaluate_command(model: str, as_json: bool, **options: Any) -> None:
     """Not-helped rates of MODEL on harmful, harmless and look-dangerous-but-safe prompts (with their
     95 % intervals), and its damage (first- and multi-token KL) against --baseline."""
