@@ -12,7 +12,7 @@ from tiny import quick_run_args
 
 from abliterate.cli import main
 from abliterate.io.memory import MIB, current_rss
-from abliterate.pipeline.run import StageTimer
+from abliterate.pipeline.timing import StageTimer
 
 pytestmark = pytest.mark.skipif(current_rss() is None, reason="no way to read the resident size here")
 
