@@ -3,13 +3,13 @@
     python benchmarks/gguf_client.py --n 50 --out /tmp/gguf_client.json [--direction D] [--baselines]
 
 Finds the demo's direction (``run demo --direction-only``, layer 15, last instruction token, unless
-``--direction`` is given), applies it twice (``apply demo`` → safetensors, ``apply DEMO.gguf --format
-gguf`` → GGUF), times both and reports the sizes, then generates greedy replies (128 new tokens) to the
-bundled harmful evaluation prompts: the safetensors edit in transformers (float32, CPU), the GGUF edit in
-llama.cpp (llama-cpp-python, 2 threads) fed the same chat-template token ids. Each refusal rate comes with
-its 95 % Wilson interval and ``n``. ``--baselines`` adds the unedited model in both engines.
-``--workdir DIR`` keeps the outputs; its ``st/`` and ``gguf/`` from an earlier run are reused (their
-apply times are then not measured again).
+``--direction`` is given), applies it twice (``apply`` to the demo's converted safetensors → safetensors,
+``apply DEMO.gguf --format gguf`` → GGUF), times both and reports the sizes, then generates greedy replies
+(128 new tokens) to the bundled harmful evaluation prompts: the safetensors edit in transformers (float32,
+CPU), the GGUF edit in llama.cpp (llama-cpp-python, 2 threads) fed the same chat-template token ids. Each
+refusal rate comes with its 95 % Wilson interval and ``n``. ``--baselines`` adds the unedited model in
+both engines. ``--workdir DIR`` keeps the outputs; its ``st/`` and ``gguf/`` from an earlier run are
+reused (their apply times are then not measured again).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from abliterate.find import judge as judge_module
 from abliterate.find.evaluate import generate_replies
 from abliterate.find.judge import wilson_interval
 from abliterate.model.batching import format_chat
-from abliterate.model.demo import assemble_gguf
+from abliterate.model.demo import assemble_gguf, converted_demo_dir
 from abliterate.model.loading import load_model
 from abliterate.model.prompts import bundled
 
@@ -94,7 +94,7 @@ def _outputs(work: Path, direction: Path | None) -> dict[str, object]:
         direction = found / "direction.safetensors"
     source_gguf = assemble_gguf()
     for name, args in (
-        ("st", ["demo"]),
+        ("st", [str(converted_demo_dir())]),
         ("gguf", [str(source_gguf), "--format", "gguf"]),
     ):
         if not (work / name).is_dir():  # an earlier run's output in --workdir is reused

@@ -76,12 +76,12 @@ def _llama(path: Path) -> object:
 
 
 def _llama_first_tokens(llm: object, sequences: list[list[int]]) -> list[int]:
-    """llama.cpp's greedy next token after each sequence (its logits at the last position)."""
+    """llama.cpp's greedy next token after each sequence (its own greedy sampler, temperature 0)."""
     firsts = []
     for ids in sequences:
-        llm.reset()
-        llm.eval(ids)
-        firsts.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        tokens = llm.generate(ids, temp=0.0, reset=True)
+        firsts.append(int(next(tokens)))
+        tokens.close()
     return firsts
 
 
