@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from abliterate.model.batching import format_chat
+from abliterate.model.batching import format_chat, greedy_generate
 from abliterate.model.chat import ChatFormat
 from abliterate.model.dispatch import input_device
 
@@ -149,15 +149,8 @@ def _reference_batch(
     encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
         input_device(model)
     )
-    output = model.generate(
-        **encoded,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
+    output = greedy_generate(
+        model, encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
     )
     prompt_length = encoded["input_ids"].shape[1]
     new_tokens = output[:, prompt_length:].cpu()

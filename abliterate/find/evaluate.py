@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from abliterate.config import EVAL_MAX_NEW_TOKENS
 from abliterate.find.judge import NOT_HELPED, VERDICTS, Verdict, judge
 from abliterate.find.stats import wilson_interval
-from abliterate.model.batching import format_chat
+from abliterate.model.batching import format_chat, greedy_generate
 from abliterate.model.chat import ChatFormat
 from abliterate.model.dispatch import input_device
 
@@ -189,16 +189,8 @@ def generate_replies(
         batch = tokenizer(
             texts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
         ).to(device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            # Each new token attends to cached keys and values instead of re-running the whole prefix.
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
+        output = greedy_generate(
+            model, batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=not keep_special))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -298,3 +298,24 @@ def auto_batch_size(
         raise ValueError(f"even a batch of {start} prompts does not fit in GPU memory; pass --batch-size")
     # Generation and the parity pass keep more activations alive: leave headroom.
     return max(1, best // 2)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, encoded: Mapping[str, torch.Tensor], *, max_new_tokens: int, pad_token_id: int | None
+) -> torch.Tensor:
+    """Greedy generation for a batch of left-padded, tokenized prompts (the tokenizer's output on the
+    model's input device): prompt and new tokens, one row per prompt.
+
+    Each new token attends to cached keys and values instead of re-running the whole prefix.
+    """
+    return model.generate(
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        use_cache=True,
+        pad_token_id=pad_token_id,
+    )

@@ -20,7 +20,6 @@ Both files are memory-mapped and read one tensor at a time. What it proves:
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from tqdm.auto import tqdm
 
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.edit.kernel import all_finite, changes, non_finite_writer, orthogonalize_
-from abliterate.prove.bounds import LEAK_RATIO_LIMIT
 from abliterate.prove.certificate import Certificate
 from abliterate.prove.gguf_layout import GGUFLayout
 from abliterate.prove.gguf_rules import (
@@ -43,38 +41,9 @@ from abliterate.prove.gguf_rules import (
     writer_type,
 )
 from abliterate.prove.structure import canonical, read_structure
-from abliterate.prove.verdict import MAX_LISTED_FAILURES
+from abliterate.prove.tally import Tally
 
 _NO_WRITER_THERE = "changed, but the structure says no residual writer lives there"
-
-
-class _Tally:
-    """Counts and failure lines gathered while the files are read, then made a ``Certificate``."""
-
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.n_tensors = self.n_edited = self.n_unchanged = self.bytes_read = 0
-        self.groups: dict[str, dict[str, Any]] = defaultdict(lambda: {"tensors": 0, "layers": set()})
-
-    def fail(self, line: str) -> None:
-        self.failures.append(line)
-
-    def unchanged(self, same: bool, failure: str) -> None:
-        if same:
-            self.n_unchanged += 1
-        else:
-            self.fail(failure)
-
-    def certificate(self, started: float) -> Certificate:
-        groups = {
-            g: {"tensors": v["tensors"], "layers": len(v["layers"])} for g, v in sorted(self.groups.items())
-        }
-        return Certificate(
-            passed=not self.failures, n_tensors=self.n_tensors, n_edited=self.n_edited, n_exact=self.n_edited,
-            n_bounded=0, n_unchanged=self.n_unchanged, max_leak_ratio=1.0, leak_ratio_limit=LEAK_RATIO_LIMIT,
-            groups=groups, failures=self.failures[:MAX_LISTED_FAILURES], n_failures=len(self.failures),
-            bytes_read=self.bytes_read, seconds=round(time.perf_counter() - started, 3),
-        )  # fmt: skip
 
 
 def certify_gguf(
@@ -97,10 +66,10 @@ def certify_gguf(
     Returns:
         The certificate (``passed`` tells the verdict; nothing is raised for a failing file).
     """
-    started, tally = time.perf_counter(), _Tally()
+    started, tally = time.perf_counter(), Tally()
     opened = _open(Path(original), Path(edited), declared, architecture, tally)
     if opened is None:
-        return tally.certificate(started)
+        return tally.certificate(time.perf_counter() - started)
     layouts, source, structure = opened
     writers = _writers(source, structure, tally)
     before = layouts[0].tensors
@@ -127,11 +96,11 @@ def certify_gguf(
                     tally.unchanged(_same_tensor(*pair), f"{name}: {what}")
                 tally.bytes_read += int(origin.n_bytes) + int(tensor.n_bytes)
             bar.update(int(tensor.n_bytes))
-    return tally.certificate(started)
+    return tally.certificate(time.perf_counter() - started)
 
 
 def _open(
-    original: Path, edited: Path, declared: DeclaredEdit, architecture: str | None, tally: _Tally
+    original: Path, edited: Path, declared: DeclaredEdit, architecture: str | None, tally: Tally
 ) -> tuple[tuple[Any, Any], Any, Any] | None:
     """``((original layout, edited layout), GGUFSource, structure)``, or ``None`` after failing: a file
     that is no GGUF, an architecture the source reader does not cover, a declared edit that is no edit
@@ -179,7 +148,7 @@ def _same_tensor(first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
 
 
 def _check_metadata(
-    layouts: tuple[GGUFLayout, GGUFLayout], declared: DeclaredEdit, output_tensor: str, tally: _Tally
+    layouts: tuple[GGUFLayout, GGUFLayout], declared: DeclaredEdit, output_tensor: str, tally: Tally
 ) -> str:
     """Every source key byte for byte, nothing added but the declared ``abliterate.*`` keys; returns the
     declared writer type (``abliterate.writer_type``; ``q8_0`` when it is missing or unknown, after
@@ -223,7 +192,7 @@ def _certify_writer(
     required: RequiredEdit,
     declared: DeclaredEdit,
     choice: str,
-    tally: _Tally,
+    tally: Tally,
 ) -> None:
     """One writer: the source's (strength 0), or quantize(fold(transformers' dequantized source))."""
     from gguf.quants import dequantize, quantize
@@ -257,9 +226,7 @@ def _certify_writer(
     expected = np.ascontiguousarray(quantize(value.numpy(), qtype))
     if same_bytes(expected, layout.tensor_bytes(name)):
         if all_finite(torch.from_numpy(np.ascontiguousarray(dequantize(expected, qtype)))):
-            tally.n_edited += 1
-            tally.groups[required.group]["tensors"] += 1
-            tally.groups[required.group]["layers"].add(required.layer)
+            tally.edited(required.group, required.layer, exact=True, leak=1.0)
         else:
             tally.fail(f"{where}: the declared fold overflows to NaN/Inf in {qtype.name}")
         return
@@ -275,7 +242,7 @@ def _certify_writer(
     )
 
 
-def _writers(source: Any, structure: Any, tally: _Tally) -> dict[str, tuple[str, RequiredEdit]]:
+def _writers(source: Any, structure: Any, tally: Tally) -> dict[str, tuple[str, RequiredEdit]]:
     """GGUF tensor name → (saved name, required edit) of every writer the structure lists."""
     writers: dict[str, tuple[str, RequiredEdit]] = {}
     present = set()
