@@ -13,6 +13,9 @@ Measured per condition: greedy replies (``--max-new-tokens``, default 128) to ev
 harmless eval and look-dangerous-but-safe prompt; first-token KL to the original on the harmless prompts;
 multi-token KL: KL(original ‖ edited) per token, teacher-forced over the original's own greedy replies to
 the harmless prompts (truncated at end of text), averaged per prompt and then over prompts.
+
+``benchmarks/heldout_cache/demo_128_tokens.json`` holds the original demo model's replies generated so far
+(harmful and harmless eval sets, 128 tokens, float32 CPU); copy it to ``--out`` to go on from there.
 """
 
 from __future__ import annotations
