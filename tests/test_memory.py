@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,13 @@ BIG_MIB = 256
 
 
 def _big() -> torch.Tensor:
-    """A tensor of ``BIG_MIB`` MiB, every page written (so it is resident, not just reserved)."""
-    return torch.ones(BIG_MIB * MIB // 4, dtype=torch.float32)
+    """A tensor of ``BIG_MIB`` MiB in fresh anonymous pages, every page written (so it is resident, not
+    just reserved). Fresh pages, not the allocator's: in a long test session the allocator may hand back
+    memory that earlier tests freed and that is still resident, which no stage would see grow."""
+    buffer = mmap.mmap(-1, BIG_MIB * MIB)
+    tensor = torch.frombuffer(buffer, dtype=torch.float32)
+    tensor.fill_(1.0)
+    return tensor
 
 
 def test_a_stage_that_keeps_a_big_tensor_shows_it() -> None:
