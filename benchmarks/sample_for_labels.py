@@ -1,0 +1,73 @@
+"""Draw replies from a ``compare_edits.py`` cache for blind hand labelling.
+
+    python benchmarks/sample_for_labels.py --cache benchmarks/heldout_cache/demo_128_tokens.json \
+        --dir benchmarks/judge_labels/heldout --batch b1 original:harmful_eval:60 original:harmless_eval:20
+
+Appends the drawn replies to ``DIR/replies.jsonl`` (``id``, ``model``, ``set``, ``prompt_index``, ``prompt``,
+``reply``; ids continue ``h000``, ``h001``, …; a reply already drawn is never drawn again) and writes
+``DIR/to_label_BATCH.jsonl``: the same replies shuffled, ``id``, ``prompt`` and ``reply`` only, so the
+labeller sees neither the model nor the set. Labels go to ``DIR/labels.jsonl`` (``id``, ``label``,
+optional ``note``), read by ``benchmarks/judge_agreement.py --labels DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+
+
+def draw(cache: dict, requests: list[tuple[str, str, int]], taken: set, seed: int) -> list[dict]:
+    """``count`` replies per ``(model, set)`` drawn without replacement, skipping ``taken`` keys."""
+    rng = random.Random(seed)
+    drawn = []
+    for model, name, count in requests:
+        replies = cache["conditions"][model]["replies"][name]
+        prompts = cache["prompts"][name]
+        free = [i for i in range(len(replies)) if (model, name, i) not in taken]
+        if count > len(free):
+            raise SystemExit(f"{model}:{name} has {len(free)} replies not yet drawn, {count} asked")
+        for index in sorted(rng.sample(free, count)):
+            row = {"model": model, "set": name, "prompt_index": index}
+            drawn.append(row | {"prompt": prompts[index], "reply": replies[index]})
+    return drawn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--batch", required=True, help="name of the to_label file written")
+    parser.add_argument("--seed", type=int, default=20)
+    parser.add_argument("requests", nargs="+", help="MODEL:SET:COUNT")
+    args = parser.parse_args()
+    requests = []
+    for text in args.requests:
+        model, name, count = text.split(":")
+        requests.append((model, name, int(count)))
+    cache = json.loads(args.cache.read_text("utf-8"))
+    args.dir.mkdir(parents=True, exist_ok=True)
+    existing = _read_jsonl(args.dir / "replies.jsonl")
+    taken = {(row["model"], row["set"], row["prompt_index"]) for row in existing}
+    new = draw(cache, requests, taken, args.seed + len(existing))
+    new = [{"id": f"h{len(existing) + offset:03d}", **row} for offset, row in enumerate(new)]
+    _write_jsonl(args.dir / "replies.jsonl", existing + new)
+    shuffled = [{"id": r["id"], "prompt": r["prompt"], "reply": r["reply"]} for r in new]
+    random.Random(args.seed).shuffle(shuffled)
+    _write_jsonl(args.dir / f"to_label_{args.batch}.jsonl", shuffled)
+    print(f"{len(new)} replies drawn; {len(existing) + len(new)} in {args.dir / 'replies.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
