@@ -1,4 +1,4 @@
-"""Draw replies from a ``compare_edits.py`` cache for blind hand labelling.
+"""Draw replies from a ``eval_heldout.py`` cache for blind hand labelling.
 
     python benchmarks/sample_for_labels.py --cache benchmarks/heldout_cache/demo_128_tokens.json \
         --dir benchmarks/judge_labels/heldout --batch b1 original:harmful_eval:60 original:harmless_eval:20

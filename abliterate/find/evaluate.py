@@ -126,6 +126,21 @@ class JudgedSet:
             "marker_interval_95": wilson_interval(markers, self.n),
         }
 
+    def legacy_rates(self) -> dict[str, Any]:
+        """The figures under the names earlier manifests and ``evaluate`` output used.
+
+        Returns:
+            ``refusal_rate`` (the marker rate), ``judged_refusal_rate`` (not helped) with
+            ``judged_interval_95``, and ``n``.
+        """
+        summary = self.summary()
+        return {
+            "refusal_rate": summary["marker_rate"],
+            "judged_refusal_rate": summary["not_helped_rate"],
+            "judged_interval_95": summary["not_helped_interval_95"],
+            "n": summary["n"],
+        }
+
 
 def judge_set(prompts: list[str], replies: list[str]) -> JudgedSet:
     """The judge's verdicts on ``replies`` (one per prompt, in order).

@@ -97,7 +97,7 @@ def evaluate_model(
         del loaded
     loaded = loading.load_model(model, dtype=load.dtype, device=load.device, dispatch=load.dispatch)
     measured = _measure(loaded, sets, max_new_tokens)
-    result = {"model": model, **_legacy(measured.sets["harmful"]), "max_new_tokens": max_new_tokens}
+    result = {"model": model, **measured.sets["harmful"].legacy_rates(), "max_new_tokens": max_new_tokens}
     result["sets"] = {name: judged.summary() for name, judged in measured.sets.items()}
     if base is not None and reference is not None:
         result |= {"baseline": baseline, **_against(measured, base, loaded.model, reference, damage_tokens)}
@@ -110,7 +110,7 @@ def _against(
     """The model's figures against its baseline: the baseline's sets, KL, the paired difference."""
     damage = multi_token_kl(model, reference)
     difference = paired_bootstrap(measured.sets["harmful"].not_helped(), base.sets["harmful"].not_helped())
-    legacy = _legacy(base.sets["harmful"])
+    legacy = base.sets["harmful"].legacy_rates()
     return {
         "baseline_refusal_rate": legacy["refusal_rate"],
         "baseline_judged_refusal_rate": legacy["judged_refusal_rate"],
@@ -138,17 +138,6 @@ def _measure(loaded: Any, sets: dict[str, list[str]], max_new_tokens: int) -> Me
     encoded = encode(loaded.tokenizer, sets["harmless"], batch_size=32, sort_by_length=False)
     logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(loaded.model, encoded)])
     return Measured(judged, logits)
-
-
-def _legacy(judged: JudgedSet) -> dict[str, Any]:
-    """The harmful set's figures under the names earlier versions reported."""
-    summary = judged.summary()
-    return {
-        "refusal_rate": summary["marker_rate"],
-        "judged_refusal_rate": summary["not_helped_rate"],
-        "judged_interval_95": summary["not_helped_interval_95"],
-        "n": summary["n"],
-    }
 
 
 def format_evaluation(result: dict[str, Any]) -> list[str]:

@@ -112,8 +112,8 @@ def evaluate_after(
     after = _measure(config, subject, inputs, "evaluate after")
     examples = zip(inputs.harmful.eval, before.harmful.replies, after.harmful.replies, strict=True)
     result: dict[str, Any] = {
-        "before": _rates(before.harmful),
-        "after": _rates(after.harmful),
+        "before": before.harmful.summary() | before.harmful.legacy_rates(),
+        "after": after.harmful.summary() | after.harmful.legacy_rates(),
         "not_helped_difference": vars(
             paired_bootstrap(after.harmful.not_helped(), before.harmful.not_helped())
         ),
@@ -137,17 +137,6 @@ def evaluate_after(
             "top_tokens_kept": KEEP_TOP,
         }
     return result
-
-
-def _rates(judged: JudgedSet) -> dict[str, Any]:
-    """The set's summary, with the names earlier manifests used for the marker and judged rates."""
-    summary = judged.summary()
-    return {
-        **summary,
-        "refusal_rate": summary["marker_rate"],
-        "judged_refusal_rate": summary["not_helped_rate"],
-        "judged_interval_95": summary["not_helped_interval_95"],
-    }
 
 
 def generation_options(config: RunConfig, subject: Subject) -> dict[str, Any]:
