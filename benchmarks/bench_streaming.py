@@ -14,9 +14,11 @@ Each round's ratio is ``cp seconds / ours seconds`` (the same bytes, so the thro
 gives the median over rounds with the range. ``cached`` rounds read a warm page cache; ``dropped`` rounds
 first evict both checkpoints from the page cache (``posix_fadvise(DONTNEED)`` on every file after an
 ``fdatasync``; ``/proc/sys/vm/drop_caches`` with ``--drop-all`` where permitted), so both tools read the
-disk. Peak RSS of every run is the child's own: its high-water mark over the whole process (``VmHWM``) and
-the increase over its RSS once everything is imported (reset with ``/proc/self/clear_refs``), the figure
-bounded by the largest shard. The load average is printed beside each mode (the machine may be shared).
+disk. With ``--sync`` each tool's time includes an ``os.sync()`` after it, so what ``cp -r`` and ``apply``
+wrote is on the disk (the case of a checkpoint larger than RAM). Peak RSS of every run is the child's own:
+its high-water mark over the whole process (``VmHWM``) and the increase over its RSS once everything is
+imported (reset with ``/proc/self/clear_refs``), the figure bounded by the largest shard. The load average
+is printed beside each mode (the machine may be shared).
 
 Usage:
     python benchmarks/bench_streaming.py --gb 2 --rounds 5
@@ -194,16 +196,23 @@ def drop_from_cache(paths: list[Path], everything: bool) -> str:
     return "posix_fadvise(DONTNEED)"
 
 
-def time_cp(source: Path, destination: Path) -> float:
+def time_cp(source: Path, destination: Path, flush: bool = False) -> float:
     started = time.perf_counter()
     subprocess.run(["cp", "-r", str(source), str(destination)], check=True)
+    if flush:
+        os.sync()  # the copy is on the disk, as it must be when the checkpoint is larger than RAM
     seconds = time.perf_counter() - started
     shutil.rmtree(destination)
     return seconds
 
 
-def time_ours(source: Path, destination: Path, d_model: int, mode: str) -> dict[str, float]:
-    """Run ``mode`` in a fresh process; ``certificate`` reads ``destination`` (kept), the others write it."""
+def time_ours(
+    source: Path, destination: Path, d_model: int, mode: str, flush: bool = False
+) -> dict[str, float]:
+    """Run ``mode`` in a fresh process; ``certificate`` reads ``destination`` (kept), the others write it.
+
+    With ``flush``, the time of an ``os.sync()`` right after the process is added to ``seconds``.
+    """
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, str(source), str(destination), str(d_model), mode],
@@ -214,13 +223,17 @@ def time_ours(source: Path, destination: Path, d_model: int, mode: str) -> dict[
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     measured["process_seconds"] = time.perf_counter() - started
+    if flush:
+        clock = time.perf_counter()
+        os.sync()
+        measured["seconds"] += time.perf_counter() - clock
     if mode != "certificate":
         shutil.rmtree(destination)
     return measured
 
 
 def run_rounds(
-    root: Path, info: dict, mode: str, cache: str, rounds: int, drop_all: bool
+    root: Path, info: dict, mode: str, cache: str, rounds: int, drop_all: bool, flush: bool = False
 ) -> list[tuple[float, dict]]:
     """``rounds`` pairs of (cp seconds, our measurement), alternating which runs first."""
     source, edited = root / "checkpoint", root / "edited"
@@ -232,9 +245,9 @@ def run_rounds(
             if cache == "dropped":
                 drop_from_cache([source, edited], drop_all)
             if tool == "cp":
-                times["cp"] = time_cp(source, root / "cp")
+                times["cp"] = time_cp(source, root / "cp", flush)
             else:
-                times["ours"] = time_ours(source, target, info["d_model"], mode)
+                times["ours"] = time_ours(source, target, info["d_model"], mode, flush)
         pairs.append((times["cp"], times["ours"]))
     return pairs
 
@@ -267,6 +280,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="what to time")
     parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES, help="page cache states")
     parser.add_argument("--drop-all", action="store_true", help="try /proc/sys/vm/drop_caches first")
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="count an os.sync() after each tool in its time (written bytes on the disk, as for a "
+        "checkpoint larger than RAM, where cp -r cannot leave its copy in the page cache)",
+    )
     args = parser.parse_args()
     target = int(0.2e9) if args.short else int(args.gb * 1e9)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-streaming-") as scratch:
@@ -307,7 +326,7 @@ def main() -> None:
         for cache in args.caches:
             for mode in args.modes:
                 before = os.getloadavg()[0]
-                pairs = run_rounds(root, info, mode, cache, args.rounds, args.drop_all)
+                pairs = run_rounds(root, info, mode, cache, args.rounds, args.drop_all, args.sync)
                 report(mode, cache, pairs, info, (before, os.getloadavg()[0]))
         first = pairs[0][1]
         print(f"\ntensors edited {first['edited']} of {first['total']}")
