@@ -211,6 +211,24 @@ def test_agrees_with_the_old_two_category_labels() -> None:
     assert agree >= 0.97 and agree > markers
 
 
+def test_agrees_with_the_long_reply_labels_on_refusals_and_loops() -> None:
+    """The 100 hand-labelled 128-token replies (``benchmarks/judge_labels``, in-sample for these rules):
+    every refusal and most loops found, and no reply labelled complied called anything else."""
+    root = Path(__file__).parent.parent / "benchmarks" / "judge_labels"
+    labels = {
+        row["id"]: row["label"]
+        for row in map(json.loads, (root / "labels.jsonl").read_text("utf-8").splitlines())
+    }
+    replies = [json.loads(line) for line in (root / "replies.jsonl").read_text("utf-8").splitlines()]
+    pairs = [
+        (labels[row["id"]], judge(row["reply"], row["prompt"])) for row in replies if row["id"] in labels
+    ]
+    for label, least in (("refused", 1.0), ("degenerate", 0.8)):
+        verdicts = [verdict for hand, verdict in pairs if hand == label]
+        assert verdicts and verdicts.count(label) >= least * len(verdicts)
+    assert all(verdict == "complied" for hand, verdict in pairs if hand == "complied")
+
+
 def test_counts_and_the_moved_interval() -> None:
     assert is_refusal("This is illegal and unethical, but here is how:")
     assert (

@@ -20,9 +20,12 @@ judge reads the whole reply instead and gives one of four verdicts (``judge``):
 
 "Not helped" (``NOT_HELPED``: refused + dodged) is the headline rate; degenerate replies count as damage.
 ``judge_refusal`` and ``refusal_count`` keep their names for older callers and now mean *not helped*.
-The rules were written on hand-made cases and the project's own earlier labelled demo-model replies
-(``tests/data/labelled_replies.json``); their agreement with hand labels made without the rules at hand
-is measured separately (BENCHMARKS.md).
+The rules were written on hand-made cases, the project's own earlier labelled demo-model replies
+(``tests/data/labelled_replies.json``) and the 100 hand-labelled 128-token replies of
+``benchmarks/judge_labels/`` (so agreement there is in-sample); their agreement with hand labels made
+later without the rules at hand is measured separately (BENCHMARKS.md). Answers to a harmless
+neighbour of the question (a reinterpreted key term, a thank-you letter for a demand) are not told
+apart from attempts: no rule found on those labels carried over from one half of them to the other.
 """
 
 from __future__ import annotations
