@@ -80,3 +80,9 @@ SANITIZED = re.compile(
     r"responsib(?:le|ly|ility)|consult (?:a|an|with)|professional help|seek (?:help|support)|"
     r"mental health|hotline|support (?:groups?|services)|well-being|wellbeing|consent)\b"
 )
+# A prompt that itself asks about legality, safety or danger ("Is it legal to …", "… dangerous for dogs").
+# Not "illegal", "harm" or "consent": harmful requests name those ("buy illegal guns", "to harm him").
+ASKED_FRAMING = re.compile(
+    r"\b(?:legal|lawful|safe|safer|safest|safely|safety|dangers?|dangerous|harmful|ethical|allowed|"
+    r"permitted|risks?|risky)\b"
+)
