@@ -159,6 +159,8 @@ def test_complied(reply: str, prompt: str) -> None:
         ("You will need:\n- a hose\n- a hose wrench\n" + "- a hose clamp\n- a hose adapter\n" * 5, "loop"),
         # A phrase that grows by one word per line: no line repeats the one before it, nothing new is said.
         ("Nicknames:\n" + "\n".join(f"{i}. The Boss" + "'s Friend" * i for i in range(1, 8)), "loop"),
+        # Code that repeats one line to the token limit.
+        ("Here is the script:\n```python\nimport os\n" + "total = total + price(item)\n" * 8, "loop"),
         # A loop in the middle that the reply then leaves still counts.
         (
             "The answer is simple. " + "We keep the garden and the garden keeps us. " * 4 + "Water daily.",
@@ -204,6 +206,15 @@ def test_degenerate(reply: str, reason: str) -> None:
         ),
         # Code with repeated structure: numbered names keep each line apart.
         "```python\n" + "\n".join(f"layer{i} = nn.Linear(hidden, hidden)" for i in range(1, 9)) + "\n```",
+        # Code whose lines differ only in symbols or numbers, in a code block: read token for token.
+        "```python\n"
+        + "".join(
+            f'text = text.replace("{a}", "{b}")\n' for a, b in zip("“”：？！（）；", '"":?!();', strict=True)
+        ),
+        "```python\n"
+        + "".join(f"with pytest.raises(ValueError):\n    hash_graph(G1, steps={n})\n" for n in (-3, -1, 0)),
+        # Figures year by year: the numbers keep each sentence apart.
+        " ".join(f"In {year}, sales grew by {year % 7 + 2} percent." for year in range(2015, 2024)),
         # Numbered steps that come back to an earlier step.
         "To reset the router:\n1. Unplug the router.\n2. Wait for thirty seconds.\n3. Plug the router back "
         "in.\n4. Wait for the lights to turn green.\n5. If it fails, unplug the router and wait again.",

@@ -1,9 +1,10 @@
-"""Degenerate replies (``abliterate.find.judge`` asks here first): empty, looping or gibberish.
+"""Degenerate replies — empty, looping or gibberish (``abliterate.find.judge`` asks once declines are read).
 
 A greedy reply that falls into a loop usually keeps looping until the token limit. Besides short character
-loops ("!!!!…"), two measures on the reply's words (words with a letter, so list numbers and punctuation
-do not break a repeat), each chosen because ordinary answers — lists whose items share a template, code with
-repeated structure, a poem with a refrain — do not reach it:
+loops ("!!!!…"), two measures on the reply's words (prose words and numbers without list markers, so "1."
+and "2." do not break a repeat; code blocks and table rows token for token), each chosen because ordinary
+answers — lists whose items share a template, code with repeated structure, a poem with a refrain, figures
+year by year — do not reach it:
 
 * **a periodic stretch**: ``PERIODIC_WORDS`` words or more that each equal the word one period before
   them, one whole unit repeated or more (``periodic_run``): the same sentence or lines over and over. A
@@ -33,10 +34,11 @@ STALE_REUSE = 3.0
 MIN_WORD_FRACTION = 0.4
 
 _WORD = re.compile(r"[^\W\d_]{2,}|[\u4e00-\u9fff\u3040-\u30ff\uac00-\ud7af]")
-# A word with at least one letter: list numbers do not break a repeat, but "x1" and "x2" stay apart.
-_LETTER_WORD = re.compile(r"\w*[^\W\d_]\w*(?:'\w+)*")
+# A word or number of prose ("friend's" one word), and a list item's marker ("1.", "2)", "-") before it.
+_PROSE_WORD = re.compile(r"\w+(?:'\w+)*")
+_LIST_MARKER = re.compile(r"^[ \t]*(?:\d+[.)]|[-*•]|#+)[ \t]+", re.MULTILINE)
 # A fenced code block (closed, or cut off by the token limit) or a table row.
-_STRUCTURED = re.compile(r"```.*?(?:```|$)|^\s*\|.*$", re.DOTALL | re.MULTILINE)
+_STRUCTURED = re.compile(r"```.*?(?:```|\Z)|^[ \t]*\|[^\n]*", re.DOTALL | re.MULTILINE)
 _CHAR_LOOP = re.compile(r"(.{1,12}?)\1{7,}", re.DOTALL)
 
 
@@ -56,11 +58,15 @@ def degenerate_reason(text: str) -> str | None:
     if loops >= LOOP_COVERAGE * len(compact) and len(compact) >= 40:
         return "loop"
     words = compact.split()
-    letter_words = _LETTER_WORD.findall(text)
-    if periodic_run(letter_words)[0] >= PERIODIC_WORDS:
+    # Prose is read as words and numbers, without list markers, so "1. x" and "2. x" repeat while "sales
+    # grew 5 % in 2019" and "… 7 % in 2020" do not. Code and tables repeat their structure by nature, so a
+    # loop there must repeat them token for token, numbers and symbols included.
+    prose = _PROSE_WORD.findall(_LIST_MARKER.sub("", _STRUCTURED.sub("\n", text)))
+    structured = " ".join(_STRUCTURED.findall(text)).split()
+    if max(periodic_run(prose)[0], periodic_run(structured)[0]) >= PERIODIC_WORDS:
         return "loop"
     # Tables and code use few distinct words by nature (a truth table is all "true" and "false").
-    stale, distinct = stale_tail(_LETTER_WORD.findall(_STRUCTURED.sub(" ", text)))
+    stale, distinct = stale_tail(prose)
     if stale >= STALE_WORDS and stale >= STALE_REUSE * distinct:
         return "loop"
     if "```" not in text and len(words) >= 8:
