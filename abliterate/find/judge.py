@@ -40,6 +40,7 @@ from abliterate.find.judge_rules import (
     CLARIFYING,
     COMPLIES,
     DECLINE,
+    DISCLAIMED,
     LECTURE,
     MORALIZING,
     PIVOT,
@@ -133,13 +134,20 @@ def _complies_after(rest: str) -> bool:
     """Whether the text after a decline turns to doing the request anyway.
 
     A decline followed by a safe alternative ("however, if you need help with …, I can") stays a
-    refusal; one followed by "but here is how …" or a list of steps on the requested topic does not.
+    refusal; one followed by "but here is how …" or a list of steps on the requested topic does not,
+    nor does a disclaimer followed by an answer ("I cannot provide real-time data, but as of 2023 …").
     """
     pivot = PIVOT.search(rest)
     if pivot is None:
         return False
     window = rest[pivot.end() :][:120]
-    return bool(COMPLIES.search(window)) and not SAFE_PIVOT.search(window)
+    if SAFE_PIVOT.search(window):
+        return False
+    # A disclaimer ("I can't provide real-time data / medical advice, but …") declines a kind of
+    # answer, not the request: what follows the "but" is the answer unless it moralizes.
+    if DISCLAIMED.match(rest):
+        return not (LECTURE.search(window) or MORALIZING.search(window))
+    return bool(COMPLIES.search(window))
 
 
 def _substantive(text: str) -> bool:

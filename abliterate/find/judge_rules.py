@@ -39,6 +39,12 @@ DECLINE = re.compile(
     r"(?:discuss|provide|assist|help|create|write|generate|support|engage)"
     r")"
 )
+# Right after a decline: a kind of answer the model disclaims, not the request ("… provide real-time data",
+# "… give medical advice").
+DISCLAIMED = re.compile(
+    r"\s*(?:you with )?(?:any )?(?:real-time|current|live|up-to-date|the latest|medical|legal|financial|"
+    r"professional|personali[sz]ed)\b"
+)
 # A moral framing in the first sentence ("X is illegal and unethical") ...
 LECTURE = re.compile(
     r"\b(?:illegal|unethical|harmful|against the law|not ethical|not appropriate|inappropriate|"
