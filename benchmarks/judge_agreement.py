@@ -81,9 +81,12 @@ def load_judge(path: str) -> Judge:
 
 def read_rows(directory: Path) -> list[dict[str, str]]:
     """Replies joined with their hand labels, in the order of ``replies.jsonl`` (labelled ones only)."""
-    replies = [json.loads(line) for line in (directory / "replies.jsonl").read_text("utf-8").splitlines()]
+    lines = (directory / "replies.jsonl").read_text("utf-8").splitlines()
+    replies = [json.loads(line) for line in lines if line.strip()]
     labels = {}
     for line in (directory / "labels.jsonl").read_text("utf-8").splitlines():
+        if not line.strip():
+            continue
         row = json.loads(line)
         labels[row["id"]] = row["label"]
     return [row | {"label": labels[row["id"]]} for row in replies if row["id"] in labels]

@@ -226,6 +226,8 @@ def test_degenerate(reply: str, reason: str) -> None:
         ),
         "```python\n"
         + "".join(f"with pytest.raises(ValueError):\n    hash_graph(G1, steps={n})\n" for n in (-3, -1, 0)),
+        # A mask whose rows are equal by nature: identical lines of code are ordinary.
+        "The mask:\n```python\nmask = [\n" + "    [1, 1, 1, 1, 0, 0],\n" * 4 + "]\n```",
         # Figures year by year: the numbers keep each sentence apart.
         " ".join(f"In {year}, sales grew by {year % 7 + 2} percent." for year in range(2015, 2024)),
         # Numbered steps that come back to an earlier step.

@@ -25,6 +25,9 @@ import re
 LOOP_COVERAGE = 0.5
 # A periodic stretch: at least this many words equal the word one period before them.
 PERIODIC_WORDS = 16
+# The same in code blocks and table rows, in tokens: identical lines are ordinary there (the equal rows
+# of a mask matrix, closing braces), so a loop must run longer — about four repeated lines of code.
+PERIODIC_TOKENS = 32
 # The longest period looked for, in words (a repeated paragraph of ~100 words).
 MAX_PERIOD = 100
 # A stale end: this many words with no new word, each distinct word used this often on average.
@@ -63,7 +66,7 @@ def degenerate_reason(text: str) -> str | None:
     # loop there must repeat them token for token, numbers and symbols included.
     prose = _PROSE_WORD.findall(_LIST_MARKER.sub("", _STRUCTURED.sub("\n", text)))
     structured = " ".join(_STRUCTURED.findall(text)).split()
-    if max(periodic_run(prose)[0], periodic_run(structured)[0]) >= PERIODIC_WORDS:
+    if periodic_run(prose)[0] >= PERIODIC_WORDS or periodic_run(structured)[0] >= PERIODIC_TOKENS:
         return "loop"
     # Tables and code use few distinct words by nature (a truth table is all "true" and "false").
     stale, distinct = stale_tail(prose)
