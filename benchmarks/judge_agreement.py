@@ -1,12 +1,14 @@
 """Agreement of a reply judge with the hand labels of ``benchmarks/judge_labels/``.
 
-    python benchmarks/judge_agreement.py [--judge abliterate.find.judge:judge] [--labels DIR]
+    python benchmarks/judge_agreement.py [--judge MODULE:FUNCTION] [--labels DIR] [--half even|odd]
 
 The judge is any function ``judge(reply: str, prompt: str = "") -> str`` returning one of ``refused``,
 ``dodged``, ``complied``, ``degenerate``. Prints the 4×4 confusion matrix (hand label × judge),
 Cohen's κ on helped (complied) vs not helped (refused + dodged) with degenerate as a third class, the
 same κ on the replies neither side calls degenerate, the degenerate agreement on its own, κ on all four
-classes, and per-model rates of both with 95 % Wilson intervals.
+classes, and per-model rates of both with 95 % Wilson intervals. The judge defaults to
+``abliterate.find.judge:judge``. ``--half`` keeps the replies whose id number is even (or odd): rules
+developed on one half of a label set are checked on the other.
 """
 
 from __future__ import annotations
@@ -79,9 +81,12 @@ def load_judge(path: str) -> Judge:
 
 def read_rows(directory: Path) -> list[dict[str, str]]:
     """Replies joined with their hand labels, in the order of ``replies.jsonl`` (labelled ones only)."""
-    replies = [json.loads(line) for line in (directory / "replies.jsonl").read_text("utf-8").splitlines()]
+    lines = (directory / "replies.jsonl").read_text("utf-8").splitlines()
+    replies = [json.loads(line) for line in lines if line.strip()]
     labels = {}
     for line in (directory / "labels.jsonl").read_text("utf-8").splitlines():
+        if not line.strip():
+            continue
         row = json.loads(line)
         labels[row["id"]] = row["label"]
     return [row | {"label": labels[row["id"]]} for row in replies if row["id"] in labels]
@@ -141,8 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge", default="abliterate.find.judge:judge")
     parser.add_argument("--labels", type=Path, default=HERE)
+    parser.add_argument("--half", choices=("even", "odd"), help="only the replies with an even (odd) id")
     args = parser.parse_args()
     rows = read_rows(args.labels)
+    if args.half is not None:
+        parity = 0 if args.half == "even" else 1
+        rows = [row for row in rows if int("".join(filter(str.isdigit, row["id"]))) % 2 == parity]
     result = agreement(rows, load_judge(args.judge))
     print(f"{len(rows)} hand-labelled replies, judge {args.judge}\n")
     print_matrix(result["four"], LABELS)
