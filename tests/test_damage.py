@@ -14,6 +14,7 @@ from tiny import make_model, make_tokenizer
 from abliterate.adapters.resolve import resolve_adapter
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
+from abliterate.find import damage
 from abliterate.find.damage import identity_ablation, multi_token_kl, record_reference
 from abliterate.model.hooks import ablated, projection
 
@@ -119,3 +120,31 @@ def test_without_ablation_needs_stored_top_tokens(tiny: tuple[torch.nn.Module, o
         multi_token_kl(tiny[0], _reference(tiny))
     with pytest.raises(ValueError):
         record_reference(tiny[0], tiny[1], [], max_new_tokens=4)
+
+
+def test_a_pass_of_bounded_size_gives_the_same_figures(
+    tiny: tuple[torch.nn.Module, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a logits budget of one row per pass (it bounds the memory of the 152k-vocabulary demo's
+    teacher-forced passes), the stored top tokens and both KL figures are those of whole batches."""
+    model, _tokenizer = tiny
+    adapter = resolve_adapter(model)
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    edited = copy.deepcopy(model)
+    fold_direction(edited, resolve_adapter(edited), DeclaredEdit(direction / direction.norm()))
+
+    def figures() -> tuple[list[float], list[float], torch.Tensor]:
+        reference = _reference(tiny, keep_top=8)
+        hooked = multi_token_kl(model, reference, lambda: ablated(model, adapter, projection(direction)))
+        stored = multi_token_kl(edited, reference)
+        return hooked.per_prompt, stored.per_prompt, torch.cat([b.top_ids for b in reference.batches])
+
+    whole = figures()
+    first = _reference(tiny).batches[0]
+    positions = first.input_ids.shape[1] - first.prompt_length + 1
+    monkeypatch.setattr(damage, "LOGITS_BYTES", 4 * model.config.vocab_size * positions)
+    assert damage._rows_per_pass(model, first) == 1 < first.input_ids.shape[0]
+    cut = figures()
+    assert cut[0] == pytest.approx(whole[0], rel=1e-4, abs=1e-7)
+    assert cut[1] == pytest.approx(whole[1], rel=1e-4, abs=1e-7)
+    assert torch.equal(cut[2], whole[2])

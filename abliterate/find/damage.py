@@ -34,6 +34,11 @@ from abliterate.model.dispatch import input_device
 
 Ablation = Callable[[], AbstractContextManager]
 
+# A teacher-forced pass holds rows × reply positions × vocabulary float32 values several times over
+# (logits, log-softmax, the other side's): with a 152k vocabulary, 32 rows of 64 tokens are 1.2 GB each.
+# Passes are cut so that one such tensor stays under this many bytes; the values do not change.
+LOGITS_BYTES = 256 << 20
+
 
 @dataclass(frozen=True)
 class ReferenceBatch:
@@ -135,7 +140,11 @@ def record_reference(
     for start in tqdm(range(0, len(texts), batch_size), desc="reference", unit="batch", disable=not progress):
         batch, decoded = _reference_batch(model, tokenizer, texts[start : start + batch_size], max_new_tokens)
         if keep_top:
-            top_ids, top_log_probs = _top(_log_probs(model, batch), keep_top)
+            tops = [
+                _top(_log_probs(model, piece), keep_top)
+                for piece in _split(batch, _rows_per_pass(model, batch))
+            ]
+            top_ids, top_log_probs = (torch.cat(parts) for parts in zip(*tops, strict=True))
             batch = replace(batch, top_ids=top_ids, top_log_probs=top_log_probs)
         batches.append(batch)
         replies += decoded
@@ -257,7 +266,11 @@ def multi_token_kl(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     per_prompt: list[float] = []
-    chunks = [piece for batch in reference.batches for piece in _split(batch, batch_size)]
+    chunks = [
+        piece
+        for batch in reference.batches
+        for piece in _split(batch, min(batch_size, _rows_per_pass(model, batch)))
+    ]
     for batch in tqdm(chunks, desc="multi-token KL", unit="batch", disable=not progress):
         rows = _batch_kl(model, batch, ablation)
         # Each scored position belongs to one prompt (its row); average the positions per row.
@@ -267,6 +280,14 @@ def multi_token_kl(
         per_prompt += (sums / counts).tolist()
     mean = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
     return KLSummary(mean, per_prompt, len(per_prompt), reference.n_tokens)
+
+
+def _rows_per_pass(model: nn.Module, batch: ReferenceBatch) -> int:
+    """Rows of ``batch`` whose reply-position logits fit in ``LOGITS_BYTES`` (at least one)."""
+    output = model.get_output_embeddings()
+    vocab = output.weight.shape[0] if output is not None else model.config.vocab_size
+    positions = batch.input_ids.shape[1] - batch.prompt_length + 1
+    return max(1, LOGITS_BYTES // (positions * vocab * 4))
 
 
 def _split(batch: ReferenceBatch, size: int) -> list[ReferenceBatch]:
