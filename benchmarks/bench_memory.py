@@ -11,10 +11,12 @@ set size" is the figure) and prints the per-stage peaks of the run's manifest (`
 
 A GGUF run works in float32 (the fold is computed from the dequantized weights, the output cast once),
 so its working size is 4 bytes per parameter. Each case runs ``--direction-only`` (load + extract +
-hooked check) and, with ``--full``, a full save run (load + extract + fold + gate + save + certificate).
+hooked check) and, with ``--full``, a full save run (load + extract + fold + gate + save + certificate);
+``--defaults`` instead runs once with the run's defaults (the search and the before/after evaluation on).
 
     PYTHONPATH=$PWD python benchmarks/bench_memory.py --cases demo demo-gguf --full
     PYTHONPATH=$PWD python benchmarks/bench_memory.py --cases synthetic --full --workdir /tmp/bench_memory
+    PYTHONPATH=$PWD python benchmarks/bench_memory.py --cases demo --defaults    # as a user types it
 """
 
 from __future__ import annotations
@@ -121,10 +123,11 @@ def write_synthetic_gguf(path: Path, shape: Shape, qtype: str = "Q8_0", seed: in
     return path
 
 
-def measure(source: str, output: Path, *extra: str) -> dict:
+def measure(source: str, output: Path, *extra: str, defaults: bool = False) -> dict:
     """Run ``abliterate run source`` in a fresh process under ``/usr/bin/time -v``; its peak RSS and the
-    manifest's per-stage memory."""
-    command = [sys.executable, "-m", "abliterate.cli", "run", source, "-o", str(output), *RUN_FLAGS, *PROMPTS]
+    manifest's per-stage memory. ``defaults``: the run as a user types it (search and evaluation on)."""
+    flags = ["--no-progress"] if defaults else [*RUN_FLAGS, *PROMPTS]
+    command = [sys.executable, "-m", "abliterate.cli", "run", source, "-o", str(output), *flags]
     command += list(extra)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     begin = time.perf_counter()
@@ -158,7 +161,16 @@ def gguf_parameters(path: Path) -> int:
     return sum(int(tensor.n_elements) for tensor in GGUFReader(str(path)).tensors)
 
 
-def run_case(case: str, source: str, working_bytes: int, workdir: Path, full: bool, only_full: bool) -> None:
+def run_case(
+    case: str, source: str, working_bytes: int, workdir: Path, full: bool, only_full: bool, defaults: bool
+) -> None:
+    if defaults:
+        output = workdir / f"{case}-defaults"
+        report(
+            f"{case} default run (search, evaluation)", working_bytes, measure(source, output, defaults=True)
+        )
+        shutil.rmtree(output)
+        return
     if not only_full:
         output = workdir / f"{case}-direction"
         report(f"{case} --direction-only", working_bytes, measure(source, output, "--direction-only"))
@@ -176,6 +188,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also a full save run per case")
     parser.add_argument("--only-full", action="store_true", help="only the full save run per case")
     parser.add_argument("--workdir", type=Path, default=None, help="where the GGUF and outputs go (removed)")
+    parser.add_argument(
+        "--defaults", action="store_true", help="one run with the run's defaults (search and evaluation on)"
+    )
     parser.add_argument("--layers", type=int, default=Shape.layers)
     parser.add_argument("--qtype", default="Q8_0", help="GGML type of the synthetic 2-D tensors")
     args = parser.parse_args()
@@ -187,12 +202,22 @@ def main() -> None:
                 from abliterate.model.demo import converted_demo_dir
 
                 weights = converted_demo_dir() / "model.safetensors"
-                run_case(case, "demo", weights.stat().st_size, workdir, args.full, args.only_full)
+                run_case(
+                    case, "demo", weights.stat().st_size, workdir, args.full, args.only_full, args.defaults
+                )
             elif case == "demo-gguf":
                 from abliterate.model.demo import assemble_gguf
 
                 gguf = assemble_gguf()
-                run_case(case, str(gguf), 4 * gguf_parameters(gguf), workdir, args.full, args.only_full)
+                run_case(
+                    case,
+                    str(gguf),
+                    4 * gguf_parameters(gguf),
+                    workdir,
+                    args.full,
+                    args.only_full,
+                    args.defaults,
+                )
             else:
                 shape = Shape(layers=args.layers)
                 begin = time.perf_counter()
@@ -201,7 +226,9 @@ def main() -> None:
                     f"built {gguf.name}: {shape.parameters() / 1e9:.2f}B parameters, {args.qtype}, "
                     f"{gguf.stat().st_size / GIB:.2f} GiB in {time.perf_counter() - begin:.0f} s"
                 )
-                run_case(case, str(gguf), 4 * shape.parameters(), workdir, args.full, args.only_full)
+                run_case(
+                    case, str(gguf), 4 * shape.parameters(), workdir, args.full, args.only_full, args.defaults
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
