@@ -3,11 +3,11 @@
     python benchmarks/sample_for_labels.py --cache benchmarks/heldout_cache/demo_128_tokens.json \
         --dir benchmarks/judge_labels/heldout --batch b1 original:harmful_eval:60 original:harmless_eval:20
 
-Appends the drawn replies to ``DIR/replies.jsonl`` (``id``, ``model``, ``set``, ``prompt_index``, ``prompt``,
-``reply``; ids continue ``h000``, ``h001``, …; a reply already drawn is never drawn again) and writes
-``DIR/to_label_BATCH.jsonl``: the same replies shuffled, ``id``, ``prompt`` and ``reply`` only, so the
-labeller sees neither the model nor the set. Labels go to ``DIR/labels.jsonl`` (``id``, ``label``,
-optional ``note``), read by ``benchmarks/judge_agreement.py --labels DIR``.
+Appends the drawn replies to ``DIR/replies.jsonl`` (``id``, ``model``, ``set``, ``prompt_index``,
+``prompt``, ``reply``; ids continue ``h000``, ``h001``, …, given after shuffling; a reply already drawn is
+never drawn again) and writes ``DIR/to_label_BATCH.jsonl``: the same replies in id order, ``id``, ``prompt``
+and ``reply`` only, so the labeller sees neither the model nor the set. Labels go to ``DIR/labels.jsonl``
+(``id``, ``label``, optional ``note``), read by ``benchmarks/judge_agreement.py --labels DIR``.
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def main() -> None:
     existing = _read_jsonl(args.dir / "replies.jsonl")
     taken = {(row["model"], row["set"], row["prompt_index"]) for row in existing}
     new = draw(cache, requests, taken, args.seed + len(existing))
+    # Ids are given after shuffling, so neither an id's place nor its range tells the model or the set.
+    random.Random(args.seed).shuffle(new)
     new = [{"id": f"h{len(existing) + offset:03d}", **row} for offset, row in enumerate(new)]
     _write_jsonl(args.dir / "replies.jsonl", existing + new)
-    shuffled = [{"id": r["id"], "prompt": r["prompt"], "reply": r["reply"]} for r in new]
-    random.Random(args.seed).shuffle(shuffled)
-    _write_jsonl(args.dir / f"to_label_{args.batch}.jsonl", shuffled)
+    blind = [{"id": r["id"], "prompt": r["prompt"], "reply": r["reply"]} for r in new]
+    _write_jsonl(args.dir / f"to_label_{args.batch}.jsonl", blind)
     print(f"{len(new)} replies drawn; {len(existing) + len(new)} in {args.dir / 'replies.jsonl'}")
 
 
