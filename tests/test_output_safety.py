@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,24 @@ def test_a_symlinked_output_is_refused_up_front(
 # ------------------------------------------------------------------------- Ctrl-C and SIGTERM
 
 
+@pytest.fixture()
+def ctrl_c_reaches_us() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal. A shell without job control starts background
+    jobs (``pytest … &``) with SIGINT ignored, and Python then keeps ignoring it: right for the program
+    (it was asked not to hear Ctrl-C), but these tests are about what it does when it hears one."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, previous)
+    else:
+        yield
+
+
+def _hear_ctrl_c() -> None:
+    """In a child: Ctrl-C back to the default action (exec keeps an ignored SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigterm_before_the_move_cleans_up_and_says_nothing_was_written(
     source: Path, direction_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -328,6 +347,7 @@ def test_sigterm_before_the_move_cleans_up_and_says_nothing_was_written(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.usefixtures("ctrl_c_reaches_us")
 def test_a_signal_during_the_replacement_is_held_and_then_tells_the_truth(
     source: Path, direction_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
 ) -> None:
@@ -381,6 +401,7 @@ def test_a_signal_to_the_command_cleans_every_temporary_folder(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_hear_ctrl_c,
     )
     deadline = time.monotonic() + 240
     while not [path for path in tmp_path.iterdir() if path.name.startswith(".out.tmp-")]:
