@@ -282,7 +282,14 @@ def _verify_inputs(
     metavar="SRC",
     help="Safe prompts that look dangerous, for over-refusal (default: bundled).",
 )
-@click.option("--n", "n_prompts", type=int, default=50, show_default=True, help="Prompts per set.")
+@click.option(
+    "--n",
+    "n_prompts",
+    type=int,
+    default=None,
+    help="Prompts per set (default: every prompt of each set; the bundled held-out sets hold over 200 "
+    "harmful prompts, disjoint from extraction and selection).",
+)
 @click_options(EvaluationConfig, "max_new_tokens")
 @click_options(LoadConfig, "dtype", type=str)
 @click_options(LoadConfig, "device")

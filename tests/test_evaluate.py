@@ -174,3 +174,17 @@ def test_prompt_sets_cut_each_set_and_know_the_lookalike_name(tmp_path: Path) ->
     assert sets["harmful"] == bundled("harmful", "eval")[:4]
     with pytest.raises(ValueError, match="no bundled prompt set lookalike_train"):
         bundled("lookalike", "train")
+
+
+def test_evaluate_reads_every_held_out_prompt_by_default() -> None:
+    """Without ``--n`` the evaluation reads whole sets: the bundled held-out sets, ≥ 200 harmful prompts
+    disjoint from the splits extraction and selection read."""
+    sets = prompt_sets(None, None, None, None)
+    assert {name: len(prompts) for name, prompts in sets.items()} == {
+        name: len(bundled(name, "eval")) for name in ("harmful", "harmless", "lookalike")
+    }
+    assert len(sets["harmful"]) >= 200
+    seen = set(bundled("harmful", "train")) | set(bundled("harmful", "val"))
+    assert not seen & set(sets["harmful"])
+    option = next(param for param in main.commands["evaluate"].params if param.name == "n_prompts")
+    assert option.default is None

@@ -38,10 +38,10 @@ class Measured:
 
 
 def prompt_sets(
-    harmful: str | None, harmless: str | None, lookalike: str | None, n_prompts: int
+    harmful: str | None, harmless: str | None, lookalike: str | None, n_prompts: int | None
 ) -> dict[str, list[str]]:
-    """The evaluation's prompt sets: the given sources or the bundled eval splits, ``n_prompts`` each
-    (the look-dangerous-but-safe set only when given or bundled)."""
+    """The evaluation's prompt sets: the given sources or the bundled eval splits, the first ``n_prompts``
+    of each or all of them (``None``); the look-dangerous-but-safe set only when given or bundled."""
     sets = {
         "harmful": read_prompts(harmful) if harmful else bundled("harmful", "eval"),
         "harmless": read_prompts(harmless) if harmless else bundled("harmless", "eval"),
@@ -58,7 +58,7 @@ def evaluate_model(
     harmful: str | None = None,
     harmless: str | None = None,
     lookalike: str | None = None,
-    n_prompts: int = 50,
+    n_prompts: int | None = None,
     load: LoadConfig | None = None,
     max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     damage_tokens: int = 64,
@@ -81,7 +81,7 @@ def evaluate_model(
         ("--max-new-tokens", max_new_tokens),
         ("damage_tokens", damage_tokens),
     ):
-        if value < 1:  # a negative count would slice from the end: -3 evaluated 47 prompts
+        if value is not None and value < 1:  # a negative count would slice from the end
             raise ValueError(f"{name} must be at least 1, got {value}")
     load = load or LoadConfig()
     loading.check_device(load.device)
