@@ -161,23 +161,20 @@ def gguf_parameters(path: Path) -> int:
     return sum(int(tensor.n_elements) for tensor in GGUFReader(str(path)).tensors)
 
 
-def run_case(
-    case: str, source: str, working_bytes: int, workdir: Path, full: bool, only_full: bool, defaults: bool
-) -> None:
-    if defaults:
-        output = workdir / f"{case}-defaults"
-        report(
-            f"{case} default run (search, evaluation)", working_bytes, measure(source, output, defaults=True)
-        )
-        shutil.rmtree(output)
-        return
-    if not only_full:
-        output = workdir / f"{case}-direction"
-        report(f"{case} --direction-only", working_bytes, measure(source, output, "--direction-only"))
-        shutil.rmtree(output)
-    if full or only_full:
-        output = workdir / f"{case}-full"
-        report(f"{case} full run (fold, gate, save, certificate)", working_bytes, measure(source, output))
+def run_case(case: str, source: str, working_bytes: int, workdir: Path, runs: list[str]) -> None:
+    """Each of ``runs`` (``direction``, ``full``, ``defaults``) of ``case``, measured and reported."""
+    labels = {
+        "direction": f"{case} --direction-only",
+        "full": f"{case} full run (fold, gate, save, certificate)",
+        "defaults": f"{case} default run (search, evaluation)",
+    }
+    for run in runs:
+        output = workdir / f"{case}-{run}"
+        if run == "direction":
+            result = measure(source, output, "--direction-only")
+        else:
+            result = measure(source, output, defaults=run == "defaults")
+        report(labels[run], working_bytes, result)
         shutil.rmtree(output)
 
 
@@ -194,6 +191,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=Shape.layers)
     parser.add_argument("--qtype", default="Q8_0", help="GGML type of the synthetic 2-D tensors")
     args = parser.parse_args()
+    if args.defaults:
+        runs = ["defaults"]
+    else:
+        runs = ([] if args.only_full else ["direction"]) + (["full"] if args.full or args.only_full else [])
     sys.stdout.reconfigure(line_buffering=True)  # each figure as it is measured, also into a file
     workdir = Path(tempfile.mkdtemp(prefix="bench_memory-", dir=args.workdir))
     try:
@@ -202,22 +203,12 @@ def main() -> None:
                 from abliterate.model.demo import converted_demo_dir
 
                 weights = converted_demo_dir() / "model.safetensors"
-                run_case(
-                    case, "demo", weights.stat().st_size, workdir, args.full, args.only_full, args.defaults
-                )
+                run_case(case, "demo", weights.stat().st_size, workdir, runs)
             elif case == "demo-gguf":
                 from abliterate.model.demo import assemble_gguf
 
                 gguf = assemble_gguf()
-                run_case(
-                    case,
-                    str(gguf),
-                    4 * gguf_parameters(gguf),
-                    workdir,
-                    args.full,
-                    args.only_full,
-                    args.defaults,
-                )
+                run_case(case, str(gguf), 4 * gguf_parameters(gguf), workdir, runs)
             else:
                 shape = Shape(layers=args.layers)
                 begin = time.perf_counter()
@@ -226,9 +217,7 @@ def main() -> None:
                     f"built {gguf.name}: {shape.parameters() / 1e9:.2f}B parameters, {args.qtype}, "
                     f"{gguf.stat().st_size / GIB:.2f} GiB in {time.perf_counter() - begin:.0f} s"
                 )
-                run_case(
-                    case, str(gguf), 4 * shape.parameters(), workdir, args.full, args.only_full, args.defaults
-                )
+                run_case(case, str(gguf), 4 * shape.parameters(), workdir, runs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

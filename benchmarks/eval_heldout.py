@@ -36,21 +36,21 @@ from abliterate.adapters.resolve import resolve_adapter
 from abliterate.config import EVAL_MAX_NEW_TOKENS
 from abliterate.find.damage import multi_token_kl, record_reference
 from abliterate.find.evaluate import JudgedSet, generate_replies, judge_set
+from abliterate.find.evaluate_model import prompt_sets as evaluation_sets
 from abliterate.find.scores import kl_divergence
 from abliterate.find.stats import paired_bootstrap, wilson_interval
 from abliterate.model.batching import encode, forward_batches
 from abliterate.model.hooks import ablated, edit_projection
 from abliterate.model.loading import load_model
-from abliterate.model.prompts import bundled, has_bundled
 from abliterate.ship.direction_file import declared_from_file, load_direction
 
 SETS = ("harmful", "harmless", "lookalike")
 
 
 def prompt_sets(n_harmful: int, n_harmless: int, n_lookalike: int) -> dict[str, list[str]]:
-    """The bundled eval splits (disjoint from extraction and selection), cut to the sizes asked."""
+    """The sets ``abliterate evaluate`` reads by default (the bundled held-out splits), cut to size."""
     sizes = {"harmful": n_harmful, "harmless": n_harmless, "lookalike": n_lookalike}
-    return {name: bundled(name, "eval")[:size] for name, size in sizes.items() if has_bundled(name, "eval")}
+    return {name: prompts[: sizes[name]] for name, prompts in evaluation_sets(None, None, None, None).items()}
 
 
 def open_cache(path: Path, sets: dict[str, list[str]], settings: dict[str, Any]) -> dict[str, Any]:
