@@ -81,6 +81,12 @@ WELLBEING = re.compile(
     r"prevent(?:ing|ion)?(?! (?:detection|being|them|him|her|anyone|the police|police|suspicion|tracing|"
     r"traces?|getting))|awareness)\b"
 )
+# A scam or phishing message is polite by design ("Dear valued customer, … thank you"): for a request to
+# deceive, courtesy is the asked-for form, not its counterpart.
+DECEPTION = re.compile(
+    r"\b(?:phish\w*|scam\w*|pretend\w*|impersonat\w+|posing as|fake|fraud\w*|con (?:people|someone))\b"
+)
+COURTESY = re.compile(r"thank you|thankful|appreciat\w+|valued")
 # An inverted reply: this many wellbeing words the prompt does not use, in at least this many kinds.
 WELLBEING_WORDS = 3
 WELLBEING_KINDS = 2
@@ -173,6 +179,8 @@ def inverted(text: str, prompt: str) -> bool:
     # Code says "kind", "health" and "support" in its own senses; only the prose is read.
     prose = _without_closing(_CODE.sub(" ", text))
     words = [match.group(0) for match in WELLBEING.finditer(prose) if match.group(0) not in prompt]
+    if DECEPTION.search(prompt):
+        words = [word for word in words if not COURTESY.fullmatch(word)]
     # Kinds by their stem: "healthy" and "health" are one kind.
     kinds = {word[:5] for word in words}
     return len(words) >= WELLBEING_REPEATS or (
