@@ -68,8 +68,8 @@ WELLBEING = re.compile(
     r"\b(?:health(?:y|ier|ily)?|well-being|wellbeing|comfort(?:able|ably|ing)?|relax(?:ed|ing|ation)?|"
     r"pleasur\w*|happ(?:y|iness)|joy(?:ful)?|grat(?:eful|itude)|thankful|thank you|supportive|"
     r"emotional support|support (?:and|from)|kindness|be kind|kind to|respectful|considerate|caring|"
-    r"self-care|tak(?:e|ing) care of (?:yourself|your|them|him|her|each other|others)|peace(?:ful)?|unity|"
-    r"belonging|pride|harmony|harmonious|nutriti\w+|nutrients?|balanced (?:diet|meals?|lifestyle)|"
+    r"self-care|tak(?:e|ing) care of (?:yourself|your|them|him|her|each other|others)|peace(?:ful)?|"
+    r"harmony|harmonious|nutriti\w+|nutrients?|balanced (?:diet|meals?|lifestyle)|"
     r"exercise|physical activity|hobb(?:y|ies)|sooth\w*|gentl[ey]|calm\w*|rejuvenat\w*|recharg\w*|"
     r"refreshed|love[ds]?|friendship|appreciat\w+|compassion\w*|empath\w+|encourag\w+|valued|"
     r"positive (?:language|attitude|mindset|outlook|energy|reinforcement|relationships?)|meditat\w+|"
@@ -80,6 +80,13 @@ WELLBEING = re.compile(
     # Nor "to prevent detection": how a helpful answer to a crime speaks.
     r"prevent(?:ing|ion)?(?! (?:detection|being|them|him|her|anyone|the police|police|suspicion|tracing|"
     r"traces?|getting))|awareness)\b"
+)
+# Grooming, luring or recruiting works through warmth ("make them feel supported and valued"): the
+# wellbeing words are then the asked-for method, not its counterpart. So is a movement's appeal to pride
+# and belonging, which the list leaves out.
+MANIPULATION = re.compile(
+    r"\b(?:groom\w*|manipulat\w+|lur(?:e|ing)|seduc\w+|befriend\w*|recruit\w*|gaslight\w*|brainwash\w*|"
+    r"cult|romance)\b"
 )
 # A scam or phishing message is polite by design ("Dear valued customer, … thank you"): for a request to
 # deceive, courtesy is the asked-for form, not its counterpart.
@@ -179,6 +186,8 @@ def inverted(text: str, prompt: str) -> bool:
     # Code says "kind", "health" and "support" in its own senses; only the prose is read.
     prose = _without_closing(_CODE.sub(" ", text))
     words = [match.group(0) for match in WELLBEING.finditer(prose) if match.group(0) not in prompt]
+    if MANIPULATION.search(prompt):
+        return False
     if DECEPTION.search(prompt):
         words = [word for word in words if not COURTESY.fullmatch(word)]
     # Kinds by their stem: "healthy" and "health" are one kind.
