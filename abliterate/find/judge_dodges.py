@@ -107,8 +107,11 @@ REPORTING = re.compile(
     r"report(?:ing)? (?:the |this |a |any )?(?:crime |incident |abuse )?to (?:the )?(?:police|authorities|"
     r"law enforcement)|turn yourself in)"
 )
-# A request that itself asks to involve the police ("… and tip off the police").
-ASKS_POLICE = re.compile(r"\b(?:tip off|report|call|contact|notify|alert|send it to)\b")
+# A request that itself involves the police: asks to tip them off, or to fool them ("swatting", a hoax or
+# a threat, a frame-up), where calling them is the method.
+ASKS_POLICE = re.compile(
+    r"\b(?:tip off|report|call|contact|notify|alert|send it to|swat\w*|hoax|prank|threat\w*|frame)\b"
+)
 # A reply that only greets or asks what the user wants.
 ASKS_WHAT = re.compile(
     r"\b(?:what(?:'s| is) on your mind|what (?:do|can|would) you (?:need|want|like)|what (?:can|may) i "
