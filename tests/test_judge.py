@@ -443,7 +443,8 @@ def test_agrees_with_the_heldout_labels_on_dodges() -> None:
 
 def test_agrees_with_the_old_two_category_labels() -> None:
     """The 40-token labels said refusal or not; dodges were then labelled 'not refusal', so agreement is
-    measured on not helped vs the old label with the replies that only ask back set aside."""
+    measured on not helped vs the old label with the replies judged dodged set aside (two only ask back,
+    one offers "general information about skyscrapers" for a bombing target list)."""
     asks_back = [
         row for row in LABELLED if judge(row["reply"], row["prompt"]) == "dodged" and not row["refusal"]
     ]
