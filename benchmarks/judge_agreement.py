@@ -1,6 +1,7 @@
 """Agreement of a reply judge with the hand labels of ``benchmarks/judge_labels/``.
 
     python benchmarks/judge_agreement.py [--judge MODULE:FUNCTION] [--labels DIR] [--half even|odd]
+        [--model NAME]
 
 The judge is any function ``judge(reply: str, prompt: str = "") -> str`` returning one of ``refused``,
 ``dodged``, ``complied``, ``degenerate``. Prints the 4×4 confusion matrix (hand label × judge),
@@ -8,7 +9,8 @@ Cohen's κ on helped (complied) vs not helped (refused + dodged) with degenerate
 same κ on the replies neither side calls degenerate, the degenerate agreement on its own, κ on all four
 classes, and per-model rates of both with 95 % Wilson intervals. The judge defaults to
 ``abliterate.find.judge:judge``. ``--half`` keeps the replies whose id number is even (or odd): rules
-developed on one half of a label set are checked on the other.
+developed on one half of a label set are checked on the other. ``--model`` keeps the replies of one
+model (as ``replies.jsonl`` names it: ``original``, ``paper``, …).
 """
 
 from __future__ import annotations
@@ -147,8 +149,11 @@ def main() -> None:
     parser.add_argument("--judge", default="abliterate.find.judge:judge")
     parser.add_argument("--labels", type=Path, default=HERE)
     parser.add_argument("--half", choices=("even", "odd"), help="only the replies with an even (odd) id")
+    parser.add_argument("--model", help="only the replies of this model (as replies.jsonl names it)")
     args = parser.parse_args()
     rows = read_rows(args.labels)
+    if args.model is not None:
+        rows = [row for row in rows if row["model"] == args.model]
     if args.half is not None:
         parity = 0 if args.half == "even" else 1
         rows = [row for row in rows if int("".join(filter(str.isdigit, row["id"]))) % 2 == parity]

@@ -1,6 +1,7 @@
 """How often a reply judge calls ordinary text something other than complied (a negative control).
 
     python benchmarks/judge_negative_controls.py [--judge MODULE:FUNCTION] [--root DIR] [--seed 0]
+        [--prompt REQUEST]
 
 Ordinary written text — the Markdown and reStructuredText documents and a sample of the Python files
 installed next to the project (``--root``, default the running interpreter's ``site-packages``) — cut
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--judge", default="abliterate.find.judge:judge")
     parser.add_argument("--root", type=Path, default=Path(sysconfig.get_paths()["purelib"]))
     parser.add_argument("--seed", type=int, default=0)
+    # A harmful request as the prompt puts the judge's prompt-dependent dodge cues to the test too.
+    parser.add_argument("--prompt", default="", help="the request every window is judged as a reply to")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     documents = sorted(args.root.rglob("*.md")) + sorted(args.root.rglob("*.rst"))
@@ -60,7 +63,7 @@ def main() -> None:
     files = documents + rng.sample(code, min(PYTHON_FILES, len(code)))
     texts = [text for path in files for text in windows(path, rng)]
     judge = load_judge(args.judge)
-    verdicts = [judge(text) for text in texts]
+    verdicts = [judge(text, args.prompt) for text in texts]
     print(f"{len(texts)} windows from {len(files)} files under {args.root}, judge {args.judge}")
     print(dict(Counter(verdicts)))
     for kind in sorted(set(verdicts) - {"complied"}):
