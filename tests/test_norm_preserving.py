@@ -14,7 +14,7 @@ import torch
 from tiny import make_model, make_tokenizer, quick_run_args
 
 from abliterate.adapters.resolve import residual_writers, resolve_adapter
-from abliterate.edit import kernel
+from abliterate.edit import tiles
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import norm_factors, orthogonalize
 from abliterate.edit.walker import fold_direction
@@ -65,7 +65,7 @@ def test_kernel_keeps_lengths_and_is_thread_independent(
 ) -> None:
     """The tiled kernel's ``(I − Q diag(s) Qᵀ) W D`` keeps every written vector's length (``norm_factors``),
     gives the same bits on 1 and 3 threads (many tiles), and leaves the plain fold as it was."""
-    monkeypatch.setattr(kernel, "TILE_ELEMENTS", 256)  # 8-16 tiles, so the threads really split the work
+    monkeypatch.setattr(tiles, "TILE_ELEMENTS", 256)  # 8-16 tiles, so the threads really split the work
     d, other = 32, 100
     shape = {"linear": (d, other), "conv1d": (other, d), "embedding": (other, d)}[layout]
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)

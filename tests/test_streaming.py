@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from abliterate.adapters.registry import get_adapter
 from abliterate.adapters.resolve import model_type_of
-from abliterate.edit import kernel
+from abliterate.edit import tiles
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
 from abliterate.io.safetensors import INDEX_NAME
@@ -215,7 +215,7 @@ def test_sliced_edit_of_large_tensors_equals_whole_edit(
     """Tensors above the tile size are edited tile by tile; the result is still bitwise the fold's."""
     if model_type not in tiny.CONFIGS:
         pytest.skip(f"tests/tiny.py has no {model_type} config")
-    monkeypatch.setattr(kernel, "TILE_ELEMENTS", 1000)
+    monkeypatch.setattr(tiles, "TILE_ELEMENTS", 1000)
     model = _model(model_type)
     original = _save(model, tmp_path / "original", sharded=False)
     direction = _direction()

@@ -6,29 +6,20 @@ writers, streaming ``apply`` to the tensors of a checkpoint, the certificate to 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Sequence
 
 import torch
 
 from abliterate.adapters.spec import FUSED_LAYOUTS, Layout
+from abliterate.edit.tiles import ROWS_WRITE, TileFold, TileVisitor, factors, fold_tiles
 from abliterate.io.finite import all_finite
 from abliterate.io.threads import one_intra_op_thread
 
-# Layouts whose last axis is d_model (rows are written into the residual stream).
-ROWS_WRITE = ("conv1d", "experts_t", "embedding")
-
-T = TypeVar("T")
+__all__ = ["ROWS_WRITE", "all_finite"]  # re-exported: callers take them from the kernel
 
 # What one tensor's fold is given (``DeclaredEdit.scales``): the strength ``s``, or one per row of a subspace
 # ``[k, d_model]``.
 Scales = float | Sequence[float]
-
-# Elements per tile of the in-place kernel: 1 MiB of float32, small enough to stay in a core's cache
-# between the reads and writes of one tile (measured fastest of 2^14 … 2^20 on the development VM).
-TILE_ELEMENTS = 1 << 18
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
@@ -95,7 +86,7 @@ def orthogonalize_(
     scales: Scales = 1.0,
     norm_preserving: bool = False,
 ) -> None:
-    """``weight ← orthogonalize(weight)`` in place, tile by tile (see ``TILE_ELEMENTS``).
+    """``weight ← orthogonalize(weight)`` in place, tile by tile (``abliterate.edit.tiles``).
 
     The tiles depend only on the tensor's shape, every tile is computed by the same operations on
     whichever thread runs it, and the one reduction across tiles adds their partial sums in tile order,
@@ -108,143 +99,55 @@ def orthogonalize_(
     order for the columns, per row for the rows), ``D`` is computed in the compute dtype and every
     updated tile is multiplied by it: the same tiles and order, so still the same bits on any thread count.
     """
+    if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
+        contiguous = weight.contiguous()
+        orthogonalize_(contiguous, direction, layout, scales, norm_preserving)
+        weight.copy_(contiguous)
+        return
+    fold_into(weight, weight, direction, layout, scales, norm_preserving)
+
+
+def fold_into(
+    source: torch.Tensor,
+    out: torch.Tensor,
+    direction: torch.Tensor,
+    layout: Layout,
+    scales: Scales = 1.0,
+    norm_preserving: bool = False,
+    visit: TileVisitor | None = None,
+) -> None:
+    """``out ← orthogonalize(source)``, bitwise as ``orthogonalize_`` would leave ``source``.
+
+    ``source`` is only read (a read-only memory map of a stored tensor will do), each tile at most twice;
+    ``out`` is written once, a tile at a time. ``visit(offset, tile)`` sees every finished tile of ``out``
+    while it is still in the cache (see ``abliterate.edit.tiles.TileVisitor``).
+
+    Args:
+        source: the writer's weight, contiguous, laid out as ``orthogonalize`` says.
+        out: a contiguous tensor of the same shape and dtype (``source`` itself for a fold in place).
+        direction, layout, scales, norm_preserving: as ``orthogonalize``.
+        visit: called with each finished tile, or ``None``.
+    """
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
     # Fused experts: no module boundary between the expert choice and the weights, so no norm-preserving edit.
     if norm_preserving and layout in FUSED_LAYOUTS:
         raise ValueError(f"a norm-preserving edit cannot scale a fused expert's input (layout {layout})")
+    if source.shape != out.shape or source.dtype != out.dtype:
+        raise ValueError(f"fold into {list(out.shape)} {out.dtype} from {list(source.shape)} {source.dtype}")
+    if not (source.is_contiguous() and out.is_contiguous()):
+        raise ValueError("fold_into takes contiguous tensors")
     if direction.dim() == 2:
-        r: torch.Tensor = _basis(direction, weight)
+        r: torch.Tensor = _basis(direction, source)
         strength: float | torch.Tensor = _row_strengths(scales, r)
     else:
-        r = _unit(direction, weight)
+        r = _unit(direction, source)
         if isinstance(scales, Sequence):
             raise ValueError("a single direction takes a single strength")
         strength = float(scales)
-    workers = torch.get_num_threads() if weight.device.type == "cpu" else 1
+    workers = torch.get_num_threads() if source.device.type == "cpu" else 1
     with one_intra_op_thread():
-        _fold_in_place(weight, layout, _Fold(r, strength, workers, norm_preserving))
-
-
-@dataclass(frozen=True)
-class _Fold:
-    """One fold as the tile loops apply it: ``r`` the unit direction ``[d_model]`` or basis ``[k, d_model]``
-    in the compute dtype, ``strength`` its ``s`` (a ``[k]`` tensor for a basis), ``workers`` the threads
-    the tiles are spread over, ``norm_preserving`` whether each updated vector is multiplied by its ``D``."""
-
-    r: torch.Tensor
-    strength: float | torch.Tensor
-    workers: int
-    norm_preserving: bool
-
-
-def _fold_in_place(weight: torch.Tensor, layout: Layout, fold: _Fold) -> None:
-    if not weight.is_contiguous():  # e.g. a transposed view: edit a contiguous copy, write it back once
-        contiguous = weight.contiguous()
-        _fold_in_place(contiguous, layout, fold)
-        weight.copy_(contiguous)
-        return
-    if layout in ROWS_WRITE:
-        # [..., d_model]: W' = W − s (W r̂) r̂ᵀ, each row on its own.
-        _fold_rows(weight.view(-1, weight.shape[-1]), fold)
-    elif layout == "experts":
-        for expert in weight:  # [d_model, d_in] each; never norm-preserving (refused above)
-            _fold_columns(expert, fold)
-    else:
-        _fold_columns(weight, fold)
-
-
-def _map_tiles(function: Callable[[int], T], starts: range, workers: int) -> list[T]:
-    """``[function(start) for start in starts]``, spread over ``workers`` threads when worth it."""
-    if workers <= 1 or len(starts) < 4:
-        return [function(start) for start in starts]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(function, starts))
-
-
-def _fold_rows(weight: torch.Tensor, fold: _Fold) -> None:
-    # weight [n, d_model]: p = W r̂ per row, then W −= s p r̂ᵀ (a subspace: P = W Qᵀ, W −= (P diag s) Q);
-    # norm-preserving: then each row times its D (from its squared length and p, before the update).
-    r, strength, workers, norm_preserving = fold.r, fold.strength, fold.workers, fold.norm_preserving
-    step = max(1, TILE_ELEMENTS // weight.shape[1])
-
-    def tile(first: int) -> None:
-        rows = weight[first : first + step]
-        block = rows.to(r.dtype)
-        if r.dim() == 1:
-            coefficients = (block * r).sum(-1)
-            factors = _factors((block * block).sum(-1), coefficients, strength) if norm_preserving else None
-            block.addr_(coefficients, r, alpha=-strength)
-        else:
-            coefficients = block @ r.T  # [rows, k]
-            factors = _factors((block * block).sum(-1), coefficients.T, strength) if norm_preserving else None
-            block.addmm_(coefficients * strength, r, alpha=-1.0)
-        if factors is not None:
-            block.mul_(factors[:, None])
-        rows.copy_(block)
-
-    _map_tiles(tile, range(0, weight.shape[0], step), workers)
-
-
-def _factors(
-    squared: torch.Tensor, coefficients: torch.Tensor, strength: float | torch.Tensor
-) -> torch.Tensor:
-    """``D = sqrt(n / (n − Σ_k s_k (2 − s_k) p_k²))`` in the compute dtype (``norm_factors``'s formula):
-    ``squared`` ``[m]`` the lengths² ``n``, ``coefficients`` ``[m]`` or ``[k, m]`` the unscaled ``p``."""
-    if coefficients.dim() == 1:
-        removed = coefficients.square() * (strength * (2 - strength))
-    else:
-        removed = (coefficients.square() * (strength * (2 - strength))[:, None]).sum(0)
-    projected = squared - removed
-    tiny = torch.finfo(squared.dtype).tiny
-    return torch.where(
-        projected > tiny, (squared / projected.clamp_min(tiny)).sqrt(), torch.ones_like(squared)
-    )
-
-
-def _fold_columns(weight: torch.Tensor, fold: _Fold) -> None:
-    # weight [d_model, d_in]: p = r̂ᵀ W from per-tile partial sums added in tile order, then W −= s r̂ pᵀ
-    # (a subspace: P = Q W the same way, then W −= Qᵀ diag(s) P). Norm-preserving: the squared column
-    # lengths are summed beside p the same way, and each updated tile is multiplied by D per column.
-    r, strength, workers, norm_preserving = fold.r, fold.strength, fold.workers, fold.norm_preserving
-    step = max(1, TILE_ELEMENTS // max(1, weight.shape[1]))
-    starts = range(0, weight.shape[0], step)
-    rows_of = (
-        (lambda first: r[first : first + step])
-        if r.dim() == 1
-        else (lambda first: r[:, first : first + step])
-    )
-
-    def partial(first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        block = weight[first : first + step].to(r.dtype)
-        squared = (block * block).sum(0) if norm_preserving else None
-        if r.dim() == 1:
-            return (block * rows_of(first)[:, None]).sum(0), squared
-        return rows_of(first) @ block, squared
-
-    shape = (weight.shape[1],) if r.dim() == 1 else (r.shape[0], weight.shape[1])
-    coefficients = torch.zeros(shape, dtype=r.dtype, device=weight.device)
-    squared = torch.zeros(weight.shape[1], dtype=r.dtype, device=weight.device)
-    for part, part_squared in _map_tiles(partial, starts, workers):
-        coefficients += part
-        if part_squared is not None:
-            squared += part_squared
-    factors = _factors(squared, coefficients, strength) if norm_preserving else None
-    if r.dim() == 2:
-        coefficients *= strength[:, None]
-
-    def update(first: int) -> None:
-        rows = weight[first : first + step]
-        block = rows.to(r.dtype)
-        if r.dim() == 1:
-            block.addr_(rows_of(first), coefficients, alpha=-strength)
-        else:
-            block.addmm_(rows_of(first).T, coefficients, alpha=-1.0)
-        if factors is not None:
-            block.mul_(factors)
-        rows.copy_(block)
-
-    _map_tiles(update, starts, workers)
+        fold_tiles(source, out, layout, TileFold(r, strength, workers, norm_preserving, visit))
 
 
 def norm_factors(
@@ -269,7 +172,7 @@ def norm_factors(
     else:
         along, squared = torch.einsum("kd,...di->...ik", basis, wide), (wide * wide).sum(-2)
     coefficients = along.reshape(-1, basis.shape[0]).T  # [k, m], as the kernel's tiles hold them
-    return _factors(squared.reshape(-1), coefficients, row_scales).reshape(squared.shape)
+    return factors(squared.reshape(-1), coefficients, row_scales).reshape(squared.shape)
 
 
 # The largest subspace the fold and the hooks accept, and how far from orthonormal its rows may be.
