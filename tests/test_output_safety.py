@@ -368,11 +368,11 @@ _SLOW_APPLY = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from abliterate.ship import streaming
-fold = streaming.orthogonalize_
+fold = streaming.fold_into
 def slow(*args, **kwargs):
     time.sleep(0.3)
     return fold(*args, **kwargs)
-streaming.orthogonalize_ = slow
+streaming.fold_into = slow
 from abliterate.cli import main
 sys.argv = ["abliterate", *sys.argv[1:]]
 main()

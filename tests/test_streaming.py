@@ -6,6 +6,7 @@ import filecmp
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,9 @@ from abliterate.adapters.resolve import model_type_of
 from abliterate.edit import tiles
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.walker import fold_direction
+from abliterate.errors import GateError
 from abliterate.io.safetensors import INDEX_NAME
+from abliterate.prove.certificate import certify_checkpoint
 from abliterate.ship import streaming
 from abliterate.ship.direction_file import load_direction, save_direction
 from abliterate.ship.streaming import StreamReport, stream_apply
@@ -286,8 +289,8 @@ def test_interruption_leaves_nothing(
             raise interrupt("stop")
         original_edit(*args)
 
-    original_edit = streaming.orthogonalize_
-    monkeypatch.setattr(streaming, "orthogonalize_", failing)
+    original_edit = streaming.fold_into
+    monkeypatch.setattr(streaming, "fold_into", failing)
     with pytest.raises(interrupt):
         stream_apply(llama_checkpoint, DeclaredEdit(_direction()), out, overwrite=True, progress=False)
     assert len(calls) == 3
@@ -654,3 +657,35 @@ def test_peak_memory_is_bounded_by_the_largest_shard(tmp_path: Path) -> None:
     # It reads the largest edited tensor (the 32 MiB embedding) whole: the measurement must see it.
     assert increase >= _VOCAB * _HIDDEN * 2
     assert increase <= largest_shard + margin, f"peak RSS grew by {increase / 2**20:.0f} MiB"
+
+
+def test_a_fold_that_overflows_float16_fails_the_certificate_and_writes_nothing(tmp_path: Path) -> None:
+    """The fold is checked finite tile by tile while it is written: a strength-1.5 fold that pushes one
+    float16 element past 65504 (its source finite) is caught as an overflow, not as a bad source."""
+    model = _model("llama").half()
+    direction = torch.zeros(D_MODEL)
+    direction[:4] = 1.0  # r̂ = (1, 1, 1, 1, 0, …) / 2
+    weight = model.model.layers[0].self_attn.o_proj.weight.data
+    # Column 0 = (40000, −40000, −40000, −40000, 0, …): p = r̂ᵀw = −40000 and W'₀ = 40000 + s · 20000,
+    # 60000 at s = 1 (finite), 70000 at s = 1.5 (over float16's 65504).
+    weight[:, 0] = 0
+    weight[:4, 0] = torch.tensor([40000.0, -40000.0, -40000.0, -40000.0])
+    source = _save(model, tmp_path / "fp16", sharded=False)
+    out = tmp_path / "out"
+    with pytest.raises(GateError, match=r"o_proj\.weight: the declared fold overflows to NaN/Inf in F16"):
+        stream_apply(source, DeclaredEdit(direction, default_strength=1.5), out, progress=False)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    # Written without the certificate, the overflowed fold is what the declared edit gives, bit for bit:
+    # the certificate still refuses it (its tile check falls back to the path that says why).
+    stream_apply(source, DeclaredEdit(direction, default_strength=1.5), out, progress=False, certify=False)
+    certificate = certify_checkpoint(
+        source, out, DeclaredEdit(direction, default_strength=1.5), progress=False
+    )
+    assert (
+        not certificate.passed
+        and "o_proj.weight (attention 0): the declared fold overflows" in certificate.reason
+    )
+    shutil.rmtree(out)
+    # The same edit of the finite source at strength 1 stays finite and is written.
+    stream_apply(source, DeclaredEdit(direction), out, progress=False)
+    assert out.is_dir()

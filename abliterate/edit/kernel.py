@@ -115,6 +115,7 @@ def fold_into(
     scales: Scales = 1.0,
     norm_preserving: bool = False,
     visit: TileVisitor | None = None,
+    workers: int | None = None,
 ) -> None:
     """``out ← orthogonalize(source)``, bitwise as ``orthogonalize_`` would leave ``source``.
 
@@ -127,6 +128,7 @@ def fold_into(
         out: a contiguous tensor of the same shape and dtype (``source`` itself for a fold in place).
         direction, layout, scales, norm_preserving: as ``orthogonalize``.
         visit: called with each finished tile, or ``None``.
+        workers: threads the tiles are spread over on the CPU (default ``torch.get_num_threads()``).
     """
     if layout not in ("linear", "experts", *ROWS_WRITE):
         raise ValueError(f"unknown weight layout {layout!r}")
@@ -145,7 +147,10 @@ def fold_into(
         if isinstance(scales, Sequence):
             raise ValueError("a single direction takes a single strength")
         strength = float(scales)
-    workers = torch.get_num_threads() if source.device.type == "cpu" else 1
+    if source.device.type != "cpu":
+        workers = 1
+    elif workers is None:
+        workers = torch.get_num_threads()
     with one_intra_op_thread():
         fold_tiles(source, out, layout, TileFold(r, strength, workers, norm_preserving, visit))
 

@@ -7,6 +7,7 @@ near the one tensor being checked whatever the file size.
 
 from __future__ import annotations
 
+import math
 import mmap
 import warnings
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import BinaryIO
 import numpy
 import torch
 
-from abliterate.io.safetensors import TensorEntry, read_tensor
+from abliterate.io.safetensors import DTYPES, TensorEntry, read_tensor
 
 COMPARE_CHUNK = 16 << 20
 
@@ -45,6 +46,15 @@ class ChunkedReader:
             self.files[path] = open(path, "rb")
         return self.files[path]
 
+    def scratch(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised tensor of ``dtype`` and ``shape`` in the shared buffer (grown when needed)."""
+        size = dtype.itemsize * math.prod(shape)
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.buffer, dtype=torch.uint8, count=size).view(dtype).view(shape)
+
     def tensor(self, location: tuple[Path, TensorEntry], fresh: bool = False) -> torch.Tensor:
         """The tensor at ``location``, in the shared buffer (or its own memory with ``fresh``)."""
         path, entry = location
@@ -64,6 +74,20 @@ class ChunkedReader:
         """``length`` bytes of ``path`` from ``start`` as a read-only uint8 tensor over a memory map."""
         with mapped(self._file(path).fileno(), start, length) as view:
             self.bytes_read += length
+            yield view
+
+    @contextmanager
+    def stored(self, location: tuple[Path, TensorEntry]) -> Iterator[torch.Tensor | None]:
+        """The stored tensor at ``location`` as a read-only uint8 tensor over a memory map of the whole
+        tensor (unmapped on exit), for a fold that reads its source in place; ``None`` when its offset
+        is not aligned to its element size (a view of another dtype needs that)."""
+        path, entry = location
+        size = entry.end - entry.start
+        itemsize = DTYPES[entry.dtype].itemsize if entry.dtype in DTYPES else 1
+        if entry.start % itemsize:
+            yield None
+            return
+        with self._mapped(path, entry.start, size) as view:
             yield view
 
     def _ranges(self, entry: TensorEntry) -> Iterator[tuple[int, int]]:

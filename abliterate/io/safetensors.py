@@ -34,9 +34,10 @@ _COPY_BLOCK = 64 << 20
 _WRITE_PIECE = 1 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
-# Called with a tensor read from the source (a view of the shared buffer, in its stored dtype and shape)
-# to change it in place before its bytes are written.
-EditTensor = Callable[["TensorEntry", torch.Tensor], None]
+# Called with the stored tensor (read-only, in its dtype and shape; over a memory map of the source, or the
+# buffer itself) and a tensor of the same dtype and shape in the shared buffer, to fill with the edited
+# values before their bytes are written.
+EditTensor = Callable[["TensorEntry", torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def read_tensor(source: BinaryIO, entry: TensorEntry, buffer: bytearray) -> tupl
         The bytes read, and a tensor of the entry's dtype and shape sharing them (so an in-place change
         of the tensor changes the bytes).
     """
-    view = memoryview(buffer)[: entry.end - entry.start]
+    view, tensor = buffer_tensor(entry, buffer)
     source.seek(entry.start)
     filled = 0
     while filled < len(view):
@@ -179,6 +180,12 @@ def read_tensor(source: BinaryIO, entry: TensorEntry, buffer: bytearray) -> tupl
         if not count:
             raise ValueError(f"{entry.name}: unexpected end of file while reading it")
         filled += count
+    return view, tensor
+
+
+def buffer_tensor(entry: TensorEntry, buffer: bytearray) -> tuple[memoryview, torch.Tensor]:
+    """The start of ``buffer`` as ``entry``'s bytes and as a tensor of its dtype and shape sharing them."""
+    view = memoryview(buffer)[: entry.end - entry.start]
     numel = len(view) // DTYPES[entry.dtype].itemsize
     tensor = torch.frombuffer(buffer, dtype=DTYPES[entry.dtype], count=numel).reshape(entry.shape)
     return view, tensor

@@ -17,11 +17,13 @@ from typing import BinaryIO
 
 import torch
 
-from abliterate.io.chunked import file_holds, same_file_bytes
+from abliterate.io.chunked import file_holds, mapped, same_file_bytes
 from abliterate.io.safetensors import (
+    DTYPES,
     EditTensor,
     Shard,
     TensorEntry,
+    buffer_tensor,
     copy_range,
     header_with,
     read_header,
@@ -153,8 +155,7 @@ def _write_tensors(
         if entry.name not in edits or entry.end == entry.start:
             continue
         copier.copy(f"before {entry.name}", run_start, run_start + shift, entry.start - run_start)
-        view, tensor = read_tensor(source, entry, buffer)
-        edit(entry, tensor)
+        view = _edit_into(source, entry, buffer, edit)
         write_at(target, view, entry.start + shift)
         if copier.verify and not file_holds(target.fileno(), entry.start + shift, _bytes(buffer, len(view))):
             mismatches.append(f"{entry.name}: the bytes read back differ from the fold written")
@@ -165,6 +166,21 @@ def _write_tensors(
                 data_end - run_start)  # fmt: skip
     advance(data_end - run_start + len(shard.header))
     return edited, data_end, mismatches
+
+
+def _edit_into(source: BinaryIO, entry: TensorEntry, buffer: bytearray, edit: EditTensor) -> memoryview:
+    """``edit`` the stored tensor into the start of ``buffer``, reading it in place through a memory map
+    (one pass over its bytes, no copy first); a tensor whose offset does not suit its dtype is read into
+    the buffer and edited there. Returns the buffer's bytes to write."""
+    size, itemsize = entry.end - entry.start, DTYPES[entry.dtype].itemsize
+    if entry.start % itemsize:
+        view, tensor = read_tensor(source, entry, buffer)
+        edit(entry, tensor, tensor)
+        return view
+    view, out = buffer_tensor(entry, buffer)
+    with mapped(source.fileno(), entry.start, size) as stored:
+        edit(entry, stored.view(DTYPES[entry.dtype]).view(entry.shape), out)
+    return view
 
 
 def _bytes(buffer: bytearray, length: int) -> torch.Tensor:

@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.adapters.tying import ties_embeddings
 from abliterate.edit.declared import DeclaredEdit, RequiredEdit
 from abliterate.edit.kernel import all_finite, changes, non_finite_writer
 from abliterate.io.chunked import ChunkedReader
-from abliterate.io.safetensors import DTYPES, TensorEntry, read_json
+from abliterate.io.safetensors import DTYPES, TensorEntry
 from abliterate.prove.bounds import TensorFold, judge_bounded
-from abliterate.prove.refold import device_fold, host_fold
+from abliterate.prove.checks import check_config, check_declared, check_names
+from abliterate.prove.refold import device_fold, host_fold, mapped_host_fold
 from abliterate.prove.structure import Structure, TensorSource, canonical, read_structure, tensor_index
 from abliterate.prove.tally import Certificate, Tally
 
@@ -180,61 +180,6 @@ class _Work:
     background: _Background
 
 
-def check_declared(
-    declared: DeclaredEdit, structure: Structure, source: dict, names_by_canonical: dict, tally: Tally
-) -> bool:
-    """The declared edit is an edit of this model (``DeclaredEdit.validate``, the direction's width is
-    the model's ``d_model``); on failure it is the one failure reported, and no tensor is read."""
-    try:
-        declared.validate((edit.group, edit.layer) for edit in structure.edits.values())
-    except ValueError as error:
-        tally.fail(str(error))
-        return False
-    embedding = names_by_canonical.get(structure.embedding)
-    if embedding is not None:
-        width, shape = declared.direction.shape[-1], list(source[embedding][1].shape)
-        if width != shape[-1]:
-            tally.fail(
-                f"the direction has {width} entries but the model's embedding is {shape} "
-                f"(d_model={shape[-1]}): the direction belongs to another model"
-            )
-            return False
-    return True
-
-
-def check_names(structure: Structure, source: dict, target: dict, tally: Tally) -> None:
-    """Same tensors in both (plus an untied head); every structurally required tensor present."""
-    source_keys = {canonical(name) for name in source}
-    target_keys = {canonical(name) for name in target}
-    allowed_extra = {structure.head} if structure.tied else set()
-    for key in sorted(target_keys - source_keys - allowed_extra):
-        tally.fail(f"{key}: in the edited checkpoint but not in the original")
-    for key in sorted(source_keys - target_keys):
-        tally.fail(f"{key}: in the original but missing from the edited checkpoint")
-    for memory_name, saved_names in structure.alternatives:
-        if memory_name in source_keys or (saved_names and all(n in source_keys for n in saved_names)):
-            continue
-        tally.fail(
-            f"{memory_name}: the model's structure says it must be edited, but the checkpoint lacks it"
-        )
-
-
-def check_config(
-    original: Path, edited: Path, structure: Structure, declared: DeclaredEdit, tally: Tally
-) -> None:
-    """The edited config must load the same architecture, with its head not tied to an edited embedding."""
-    before = read_json(original / "config.json", "config.json")
-    after = read_json(edited / "config.json", "config.json")
-    if before.get("model_type") != after.get("model_type"):
-        tally.fail(
-            f"config.json: model_type {after.get('model_type')!r} differs from {before.get('model_type')!r}"
-        )
-    if changes(declared.scales("embedding", -1)) and ties_embeddings(after, str(after.get("model_type"))):
-        tally.fail(
-            "config.json ties the output head to the edited embedding (tie_word_embeddings must be false)"
-        )
-
-
 def _certify_tensor(
     name: str,
     original: tuple[Path, TensorEntry],
@@ -255,6 +200,8 @@ def _certify_tensor(
         return
     if source_entry.dtype not in DTYPES or target_entry.dtype not in DTYPES:
         tally.fail(f"{name}: dtype {target_entry.dtype} (original {source_entry.dtype}) cannot be compared")
+        return
+    if required is not None and _certify_in_place(name, original, edited, required, work):
         return
     target_dtype = DTYPES[target_entry.dtype]
     # The run loaded the original in this dtype; a GGUF run folds the dequantized float32, then casts.
@@ -306,6 +253,18 @@ def _certify_writer(
         else:
             tally.edited(required.group, required.layer, exact=True, leak=1.0)
         return
+    _tally_bounded(where, required, (source, target), fold, tally)
+
+
+def _tally_bounded(
+    where: str,
+    required: RequiredEdit,
+    pair: tuple[torch.Tensor, torch.Tensor],
+    fold: TensorFold,
+    tally: Tally,
+) -> None:
+    """A writer that is not bitwise this machine's fold of its finite original: within the bound or not."""
+    source, target = pair
     if not all_finite(target):  # the original and its fold are finite: these values are not the edit
         tally.fail(f"{where}: holds NaN/Inf values, where the declared edit of the original is finite")
         return
@@ -313,3 +272,33 @@ def _certify_writer(
     tally.edited(required.group, required.layer, exact=False, leak=leak)
     if failure:
         tally.fail(f"{where}: {failure}")
+
+
+def _certify_in_place(
+    name: str,
+    original: tuple[Path, TensorEntry],
+    edited: tuple[Path, TensorEntry],
+    required: RequiredEdit,
+    work: _Work,
+) -> bool:
+    """The host's check of a writer stored in one dtype in both checkpoints, reading both through memory
+    maps once (``mapped_host_fold``); ``False`` when it does not apply or saw a non-finite value, so the
+    general path (``_certify_writer``) reads the tensors and says what is wrong."""
+    declared = work.declared
+    if work.device is not None or not isinstance(original[0], Path):
+        return False
+    scales = declared.scales(required.group, required.layer)
+    if not changes(scales) or (declared.norm_preserving and required.group == "experts"):
+        return False
+    fold = TensorFold(
+        declared.direction, required.layout, scales, declared.norm_preserving and not required.bias
+    )
+    seen = mapped_host_fold(original, edited, fold, work.reader)
+    if seen is None or not seen.finite:
+        return False
+    if seen.equal:
+        work.tally.edited(required.group, required.layer, exact=True, leak=1.0)
+        return True
+    pair = (work.reader.tensor(original, fresh=True), work.reader.tensor(edited, fresh=True))  # as host_fold
+    _tally_bounded(f"{name} ({required.group} {required.layer})", required, pair, fold, work.tally)
+    return True

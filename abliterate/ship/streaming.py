@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.direction import unit_direction
-from abliterate.edit.kernel import all_finite, changes, orthogonalize_, refuse_non_finite
+from abliterate.edit.kernel import all_finite, changes, fold_into, refuse_non_finite
 from abliterate.errors import GateError
 from abliterate.io.locations import HUB_ID
 from abliterate.io.output import (
@@ -263,12 +263,18 @@ def _write_shards(
     buffer = bytearray(max((by_name[name].end - by_name[name].start for name in folds), default=0))
     overflows: list[str] = []
 
-    def edit(entry: TensorEntry, weight: torch.Tensor) -> None:
-        """Fold the direction out of one tensor that ``write_shard`` read, in place."""
-        refuse_non_finite(entry.name, weight)  # raised before this tensor's fold; the output is removed
-        fold = folds[entry.name]
-        orthogonalize_(weight, direction, fold.layout, fold.scales, fold.scaled)
-        if verify and not all_finite(weight):
+    def edit(entry: TensorEntry, stored: torch.Tensor, out: torch.Tensor) -> None:
+        """Fold the direction out of one stored tensor into ``out``, each tile checked finite in the cache."""
+        fold, finite = folds[entry.name], [True]
+
+        def visit(_: int, tile: torch.Tensor) -> None:
+            finite[0] = finite[0] and all_finite(tile)
+
+        fold_into(stored, out, direction, fold.layout, fold.scales, fold.scaled, visit)
+        if finite[0]:  # a NaN or Inf in the source leaves one in its fold: a finite fold had a finite source
+            return
+        refuse_non_finite(entry.name, stored)  # the source's own: one line; the output is removed
+        if verify:
             overflows.append(f"{entry.name}: the declared fold overflows to NaN/Inf in {entry.dtype}")
 
     # An untied head keeps the original embedding: its bytes are copied again, after the embedding's shard.

@@ -27,7 +27,7 @@ from abliterate.adapters.spec import Layout
 from abliterate.edit.declared import DeclaredEdit
 from abliterate.edit.kernel import Scales, changes
 from abliterate.errors import GateError
-from abliterate.prove.certificate import check_config, check_declared, check_names
+from abliterate.prove.checks import check_config, check_declared, check_names
 from abliterate.prove.structure import Structure, canonical, tensor_index
 from abliterate.prove.tally import Certificate, Tally
 
