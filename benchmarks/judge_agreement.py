@@ -81,6 +81,27 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def kappa_interval(matrix: list[list[int]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap 95 % interval of Cohen's κ, resampling the matrix's items (seeded)."""
+    import random
+
+    cells = [(i, j) for i, row in enumerate(matrix) for j, count in enumerate(row) for _ in range(count)]
+    if not cells:
+        return math.nan, math.nan
+    draw = random.Random(seed)
+    kappas = []
+    for _ in range(resamples):
+        resampled = [[0] * len(matrix) for _ in matrix]
+        for i, j in draw.choices(cells, k=len(cells)):
+            resampled[i][j] += 1
+        kappa = cohen_kappa(resampled)
+        kappas.append(
+            0.0 if math.isnan(kappa) else kappa
+        )  # a one-class resample agrees no better than chance
+    kappas.sort()
+    return kappas[int(0.025 * resamples)], kappas[int(0.975 * resamples) - 1]
+
+
 def load_judge(path: str) -> Judge:
     """The function named by ``module:function``."""
     module, _, name = path.partition(":")
@@ -249,7 +270,11 @@ def main() -> None:
     print(f"\nκ, four classes: {result['kappa_four']:.3f}")
     print(f"κ, helped / not helped / degenerate: {result['kappa_helped3']:.3f}")
     n_binary = sum(map(sum, result["binary"]))
-    print(f"κ, helped / not helped (n={n_binary}, neither side degenerate): {result['kappa_binary']:.3f}")
+    low, high = kappa_interval(result["binary"])
+    print(
+        f"κ, helped / not helped (n={n_binary}, neither side degenerate): {result['kappa_binary']:.3f} "
+        f"(bootstrap 95 % CI {low:.3f}–{high:.3f})"
+    )
     print(f"κ, degenerate / other: {result['kappa_degenerate']:.3f}  {result['degenerate']}\n")
     print_kappas_per_model(rows, result["judged"])
     print()

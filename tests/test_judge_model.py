@@ -215,3 +215,8 @@ def test_the_agreement_script_gives_the_model_judges_verdicts_and_keeps_its_marg
     monkeypatch.setattr("abliterate.model.loading.load_model", lambda *a, **k: pytest.fail("loaded again"))
     args.threshold = -1e9
     assert agreement.model_verdicts(rows, args) == ["complied", "complied", "refused", "degenerate"]
+    # The κ interval: a point for perfect agreement, around the estimate for a mixed matrix.
+    assert agreement.kappa_interval([[20, 0], [0, 10]]) == (1.0, 1.0)
+    mixed = [[30, 10], [8, 22]]
+    low, high = agreement.kappa_interval(mixed)
+    assert low < agreement.cohen_kappa(mixed) < high and high - low < 0.6
