@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from abliterate.find.judge import Verdict, judge
 from abliterate.model.batching import encode, forward_batches
@@ -103,6 +104,7 @@ class ModelJudge:
         max_reply_tokens: replies are cut to this many of the judge's tokens (evaluation replies are
             shorter; this bounds the cost of a runaway one).
         threshold: the letter margin (log-odds of A over B) above which a reply is complied.
+        progress: show a progress bar over the batches.
     """
 
     model: nn.Module
@@ -111,6 +113,7 @@ class ModelJudge:
     batch_size: int = 8
     max_reply_tokens: int = 512
     threshold: float = 0.0
+    progress: bool = True
     chat: ChatFormat = field(init=False)
     letters: tuple[list[int], list[int]] = field(init=False)
 
@@ -164,7 +167,14 @@ class ModelJudge:
             return torch.zeros(0)
         texts = [self.question(prompt, reply) for prompt, reply in zip(prompts, replies, strict=True)]
         encoded = encode(self.tokenizer, texts, batch_size=self.batch_size, chat=self.chat)
-        logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(self.model, encoded)])
+        passes = tqdm(
+            forward_batches(self.model, encoded),
+            total=len(encoded.batches),
+            desc=f"judge ({self.name})",
+            unit="batch",
+            disable=not self.progress,
+        )
+        logits = torch.cat([chunk.float().cpu() for chunk in passes])
         log_probs = logits.log_softmax(dim=-1)
         first, second = (log_probs[:, ids].logsumexp(dim=-1) for ids in self.letters)
         margins = torch.empty(len(texts))
