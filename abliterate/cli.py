@@ -291,6 +291,12 @@ def _verify_inputs(
     "harmful prompts, disjoint from extraction and selection).",
 )
 @click_options(EvaluationConfig, "max_new_tokens")
+@click.option(
+    "--judge-model",
+    metavar="ID_OR_PATH",
+    help="A chat model that decides complied or dodged (the rules keep refused and degenerate); "
+    "loaded last, with --dtype and --device (default: the rules alone).",
+)
 @click_options(LoadConfig, "dtype", type=str)
 @click_options(LoadConfig, "device")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

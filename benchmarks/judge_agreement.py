@@ -1,7 +1,7 @@
 """Agreement of a reply judge with the hand labels of ``benchmarks/judge_labels/``.
 
     python benchmarks/judge_agreement.py [--judge MODULE:FUNCTION] [--labels DIR] [--half even|odd]
-        [--model NAME]
+        [--model NAME] [--judge-model ID_OR_PATH [--margins FILE] [--threshold T]]
 
 The judge is any function ``judge(reply: str, prompt: str = "") -> str`` returning one of ``refused``,
 ``dodged``, ``complied``, ``degenerate``. Prints the 4×4 confusion matrix (hand label × judge),
@@ -11,14 +11,22 @@ classes, and per-model rates of both with 95 % Wilson intervals. The judge defau
 ``abliterate.find.judge:judge``. ``--half`` keeps the replies whose id number is even (or odd): rules
 developed on one half of a label set are checked on the other. ``--model`` keeps the replies of one
 model (as ``replies.jsonl`` names it: ``original``, ``paper``, …).
+
+``--judge-model`` judges with ``abliterate.find.judge_model.ModelJudge`` on that model (``demo`` or a
+path; float32 on the CPU unless ``--device``/``--dtype`` say otherwise): the rules' refused and degenerate
+verdicts stand, the judge model decides complied or dodged from its letter logits. The script prints the
+seconds per reply the judge model read. ``--margins FILE`` keeps the judge model's margins (per rubric,
+judge model and reply id), so other thresholds (``--threshold``) or subsets cost no forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,12 +81,83 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def kappa_interval(matrix: list[list[int]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap 95 % interval of Cohen's κ, resampling the matrix's items (seeded)."""
+    import random
+
+    cells = [(i, j) for i, row in enumerate(matrix) for j, count in enumerate(row) for _ in range(count)]
+    if not cells:
+        return math.nan, math.nan
+    draw = random.Random(seed)
+    kappas = []
+    for _ in range(resamples):
+        resampled = [[0] * len(matrix) for _ in matrix]
+        for i, j in draw.choices(cells, k=len(cells)):
+            resampled[i][j] += 1
+        kappa = cohen_kappa(resampled)
+        kappas.append(
+            0.0 if math.isnan(kappa) else kappa
+        )  # a one-class resample agrees no better than chance
+    kappas.sort()
+    return kappas[int(0.025 * resamples)], kappas[int(0.975 * resamples) - 1]
+
+
 def load_judge(path: str) -> Judge:
     """The function named by ``module:function``."""
     module, _, name = path.partition(":")
     if not name:
         raise ValueError(f"--judge must be module:function, got {path!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def model_verdicts(rows: list[dict[str, str]], args: argparse.Namespace) -> list[str]:
+    """The model judge's verdicts on ``rows`` (margins read from ``args.margins`` where kept there)."""
+    from abliterate.find.judge import judge
+    from abliterate.find.judge_model import ASKED, RUBRIC, ModelJudge, decide
+
+    rules = [judge(row["reply"], row["prompt"]) for row in rows]
+    asked = [i for i, verdict in enumerate(rules) if verdict in ASKED]
+    key = hashlib.sha256(f"{RUBRIC}\n{args.judge_model}".encode()).hexdigest()[:16]
+    store = json.loads(args.margins.read_text("utf-8")) if args.margins and args.margins.exists() else {}
+    kept = store.setdefault(key, {"judge_model": args.judge_model, "margins": {}})["margins"]
+    missing = [i for i in asked if rows[i]["id"] not in kept]
+    if missing:
+        from abliterate.model.loading import load_model
+
+        loaded = load_model(args.judge_model, dtype=args.dtype, device=args.device)
+        model_judge = ModelJudge(loaded.model, loaded.tokenizer, args.judge_model, batch_size=args.batch_size)
+        start = time.perf_counter()
+        margins = model_judge.margins(
+            [rows[i]["prompt"] for i in missing], [rows[i]["reply"] for i in missing]
+        )
+        elapsed = time.perf_counter() - start
+        kept.update({rows[i]["id"]: margin for i, margin in zip(missing, margins.tolist(), strict=True)})
+        print(
+            f"judge model {args.judge_model}: {len(missing)} replies read in {elapsed:.1f} s, "
+            f"{elapsed / len(missing):.2f} s per reply ({args.dtype}, {args.device}, batches of "
+            f"{args.batch_size})"
+        )
+        if args.margins:
+            args.margins.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n", "utf-8")
+    print(f"judge model asked about {len(asked)} of {len(rows)} replies (the rules' complied and dodged)")
+    by_label = {
+        label: [kept[rows[i]["id"]] for i in asked if rows[i]["label"] == label]
+        for label in ("complied", "dodged")
+    }
+    complied, dodged = by_label["complied"], by_label["dodged"]
+    print(
+        f"its margins rank hand-complied over hand-dodged replies: AUC {margin_auc(complied, dodged):.3f} "
+        f"(complied n={len(complied)}, dodged n={len(dodged)}; 0.5 = no signal, at any threshold)"
+    )
+    return decide(rules, {i: kept[rows[i]["id"]] for i in asked}, args.threshold)
+
+
+def margin_auc(higher: Sequence[float], lower: Sequence[float]) -> float:
+    """The probability that a value of ``higher`` exceeds one of ``lower`` (ties count half; nan if empty)."""
+    if not higher or not lower:
+        return math.nan
+    wins = sum((a > b) + 0.5 * (a == b) for a in higher for b in lower)
+    return wins / (len(higher) * len(lower))
 
 
 def read_rows(directory: Path) -> list[dict[str, str]]:
@@ -143,10 +222,31 @@ def print_rates(rows: list[dict[str, str]], judged: list[str]) -> None:
                 print(f"  {label:<11}{who:<6}{k:>4}  {k / len(picked):6.1%} ({low:.1%}–{high:.1%})")
 
 
+def print_kappas_per_model(rows: list[dict[str, str]], judged: list[str]) -> None:
+    """κ helped / not helped (neither side degenerate) for each model's replies."""
+    for model in sorted({row["model"] for row in rows}):
+        picked = [
+            (row["label"], verdict)
+            for row, verdict in zip(rows, judged, strict=True)
+            if row["model"] == model and "degenerate" not in (row["label"], verdict)
+        ]
+        matrix = confusion([helped(t) for t, _ in picked], [helped(j) for _, j in picked], LABELS_BINARY)
+        print(f"{model}: κ helped / not helped {cohen_kappa(matrix):.3f} (n={len(picked)})  {matrix}")
+
+
+LABELS_BINARY = ("helped", "not helped")
+
+
 def main() -> None:
     """Read the labels, run the judge, print the agreement."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--judge", default="abliterate.find.judge:judge")
+    parser.add_argument("--judge-model", help="judge with this model (ModelJudge): demo or a path")
+    parser.add_argument("--margins", type=Path, help="JSON file keeping the judge model's margins")
+    parser.add_argument("--threshold", type=float, default=0.0, help="margin above which A (complied)")
+    parser.add_argument("--dtype", default="float32", help="the judge model's dtype")
+    parser.add_argument("--device", default="cpu", help="the judge model's device")
+    parser.add_argument("--batch-size", type=int, default=8, help="replies per forward pass")
     parser.add_argument("--labels", type=Path, default=HERE)
     parser.add_argument("--half", choices=("even", "odd"), help="only the replies with an even (odd) id")
     parser.add_argument("--model", help="only the replies of this model (as replies.jsonl names it)")
@@ -157,14 +257,27 @@ def main() -> None:
     if args.half is not None:
         parity = 0 if args.half == "even" else 1
         rows = [row for row in rows if int("".join(filter(str.isdigit, row["id"]))) % 2 == parity]
-    result = agreement(rows, load_judge(args.judge))
-    print(f"{len(rows)} hand-labelled replies, judge {args.judge}\n")
+    if args.judge_model is not None:
+        by_row = dict(zip((row["id"] for row in rows), model_verdicts(rows, args), strict=True))
+        by_reply = {(row["reply"], row["prompt"]): by_row[row["id"]] for row in rows}
+        name = f"ModelJudge({args.judge_model}, threshold {args.threshold:g})"
+        result = agreement(rows, lambda reply, prompt="": by_reply[(reply, prompt)])
+    else:
+        name = args.judge
+        result = agreement(rows, load_judge(args.judge))
+    print(f"{len(rows)} hand-labelled replies, judge {name}\n")
     print_matrix(result["four"], LABELS)
     print(f"\nκ, four classes: {result['kappa_four']:.3f}")
     print(f"κ, helped / not helped / degenerate: {result['kappa_helped3']:.3f}")
     n_binary = sum(map(sum, result["binary"]))
-    print(f"κ, helped / not helped (n={n_binary}, neither side degenerate): {result['kappa_binary']:.3f}")
+    low, high = kappa_interval(result["binary"])
+    print(
+        f"κ, helped / not helped (n={n_binary}, neither side degenerate): {result['kappa_binary']:.3f} "
+        f"(bootstrap 95 % CI {low:.3f}–{high:.3f})"
+    )
     print(f"κ, degenerate / other: {result['kappa_degenerate']:.3f}  {result['degenerate']}\n")
+    print_kappas_per_model(rows, result["judged"])
+    print()
     print_rates(rows, result["judged"])
 
 

@@ -10,6 +10,7 @@ a secondary figure (``JudgedSet.summary``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,13 @@ class JudgedSet:
         }
 
 
-def judge_set(prompts: list[str], replies: list[str]) -> JudgedSet:
+def judge_set(
+    prompts: list[str], replies: list[str], verdict_of: Callable[[str, str], Verdict] = judge
+) -> JudgedSet:
     """The judge's verdicts on ``replies`` (one per prompt, in order).
+
+    ``verdict_of(reply, prompt)`` is the judge: the rules (``judge.judge``) or a judge model
+    (``abliterate.find.judge_model.ModelJudge``, which also judges whole lists in batches).
 
     Raises:
         ValueError: the lists differ in length.
@@ -151,7 +157,7 @@ def judge_set(prompts: list[str], replies: list[str]) -> JudgedSet:
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
     return JudgedSet(
-        list(prompts), list(replies), [judge(r, p) for p, r in zip(prompts, replies, strict=True)]
+        list(prompts), list(replies), [verdict_of(r, p) for p, r in zip(prompts, replies, strict=True)]
     )
 
 

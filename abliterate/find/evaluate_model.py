@@ -3,20 +3,22 @@
 Per prompt set (harmful, harmless, look-dangerous-but-safe) the judged replies' summary
 (``abliterate.find.evaluate.JudgedSet.summary``); with a baseline, also the baseline's, the first-token KL
 and the multi-token KL on harmless prompts (``abliterate.find.damage``), and a paired bootstrap of the
-not-helped difference on the harmful prompts. Each model is loaded once, one at a time.
+not-helped difference on the harmful prompts. Each model is loaded once, one at a time. With a judge
+model (``abliterate.find.judge_model``), it is loaded last and decides complied or dodged on every set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from abliterate.config import LoadConfig
 from abliterate.find import evaluate  # called through its module, so tests can replace generation
-from abliterate.find.damage import DamageReference, multi_token_kl, record_reference
+from abliterate.find.damage import DamageReference, KLSummary, multi_token_kl, record_reference
 from abliterate.find.evaluate import EVAL_MAX_NEW_TOKENS, JudgedSet
+from abliterate.find.judge_model import ModelJudge
 from abliterate.find.scores import kl_divergence
 from abliterate.find.stats import paired_bootstrap
 from abliterate.model import loading  # called through its module, so tests can replace a load
@@ -62,6 +64,7 @@ def evaluate_model(
     load: LoadConfig | None = None,
     max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     damage_tokens: int = 64,
+    judge_model: str | None = None,
 ) -> dict[str, Any]:
     """Not-helped rates of ``model`` per prompt set, and its damage against ``baseline``.
 
@@ -70,21 +73,16 @@ def evaluate_model(
         ``refusal_rate`` (markers), ``judged_refusal_rate`` (not helped), ``judged_interval_95`` and ``n``
         on the harmful set; with a baseline also ``baseline``, ``baseline_sets``,
         ``baseline_refusal_rate``, ``baseline_judged_refusal_rate``, ``kl_harmless`` (first token),
-        ``multi_token_kl`` and ``not_helped_difference`` (model − baseline on the harmful prompts, paired).
+        ``multi_token_kl`` and ``not_helped_difference`` (model − baseline on the harmful prompts, paired);
+        ``judge``: which judge gave the verdicts (the rules, or ``judge_model`` with the rules).
 
     Raises:
+        FileNotFoundError: ``judge_model`` names no model (checked before any model is loaded).
         ValueError: ``n_prompts``, ``max_new_tokens`` or ``damage_tokens`` below 1, ``load.device`` not a
             device of this machine, or a prompt source is malformed.
     """
-    for name, value in (
-        ("--n", n_prompts),
-        ("--max-new-tokens", max_new_tokens),
-        ("damage_tokens", damage_tokens),
-    ):
-        if value is not None and value < 1:  # a negative count would slice from the end
-            raise ValueError(f"{name} must be at least 1, got {value}")
     load = load or LoadConfig()
-    loading.check_device(load.device)
+    _check_options(load, judge_model, n_prompts, max_new_tokens, damage_tokens)
     sets = prompt_sets(harmful, harmless, lookalike, n_prompts)
     reference: DamageReference | None = None
     base: Measured | None = None
@@ -97,18 +95,59 @@ def evaluate_model(
         del loaded
     loaded = loading.load_model(model, dtype=load.dtype, device=load.device, dispatch=load.dispatch)
     measured = _measure(loaded, sets, max_new_tokens)
-    result = {"model": model, **measured.sets["harmful"].legacy_rates(), "max_new_tokens": max_new_tokens}
+    damage = None if reference is None else multi_token_kl(loaded.model, reference)
+    del loaded  # one model at a time: the judge model comes next
+    judge_name = "rules"
+    if judge_model is not None:
+        judge_name, measured, base = _judged_by_model(judge_model, load, measured, base)
+    result = {
+        "model": model,
+        "judge": judge_name,
+        **measured.sets["harmful"].legacy_rates(),
+        "max_new_tokens": max_new_tokens,
+    }
     result["sets"] = {name: judged.summary() for name, judged in measured.sets.items()}
-    if base is not None and reference is not None:
-        result |= {"baseline": baseline, **_against(measured, base, loaded.model, reference, damage_tokens)}
+    if base is not None and damage is not None:
+        result |= {"baseline": baseline, **_against(measured, base, damage, damage_tokens)}
     return result
 
 
-def _against(
-    measured: Measured, base: Measured, model: Any, reference: DamageReference, damage_tokens: int
-) -> dict[str, Any]:
+def _check_options(load: LoadConfig, judge_model: str | None, *counts: int | None) -> None:
+    """Refuse bad options before any model is loaded: counts below 1, a device this machine lacks, a
+    ``--judge-model`` that names no model."""
+    for name, value in zip(("--n", "--max-new-tokens", "damage_tokens"), counts, strict=True):
+        if value is not None and value < 1:  # a negative count would slice from the end
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    loading.check_device(load.device)
+    if judge_model is not None:
+        try:
+            loading._checked_source(judge_model)  # the loader's own check of a source, without loading it
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--judge-model: {error}") from error
+
+
+def _judged_by_model(
+    source: str, load: LoadConfig, measured: Measured, base: Measured | None
+) -> tuple[str, Measured, Measured | None]:
+    """The judge model's name and the measured sets with its verdicts (loaded after the models judged)."""
+    loaded = loading.load_model(source, dtype=load.dtype, device=load.device)
+    model_judge = ModelJudge(loaded.model, loaded.tokenizer, source)
+
+    def rejudged(found: Measured) -> Measured:
+        sets = {
+            name: replace(
+                judged, verdicts=model_judge.refine(judged.prompts, judged.replies, judged.verdicts)
+            )
+            for name, judged in found.sets.items()
+        }
+        return replace(found, sets=sets)
+
+    name = f"model {source} (complied or dodged; the rules' refused and degenerate verdicts kept)"
+    return name, rejudged(measured), None if base is None else rejudged(base)
+
+
+def _against(measured: Measured, base: Measured, damage: KLSummary, damage_tokens: int) -> dict[str, Any]:
     """The model's figures against its baseline: the baseline's sets, KL, the paired difference."""
-    damage = multi_token_kl(model, reference)
     difference = paired_bootstrap(measured.sets["harmful"].not_helped(), base.sets["harmful"].not_helped())
     legacy = base.sets["harmful"].legacy_rates()
     return {
@@ -145,6 +184,7 @@ def format_evaluation(result: dict[str, Any]) -> list[str]:
     lines = [
         f"model {result['model']}" + (f"   baseline {result['baseline']}" if "baseline" in result else "")
     ]
+    lines.append(f"judge: {result.get('judge', 'rules')}")
     lines.append(f"replies: greedy, {result['max_new_tokens']} new tokens; not helped = refused + dodged")
     for name, summary in result["sets"].items():
         lines.append(_set_line(name, "model", summary))
