@@ -23,6 +23,7 @@ is printed beside each mode (the machine may be shared).
 Usage:
     python benchmarks/bench_streaming.py --gb 2 --rounds 5
     python benchmarks/bench_streaming.py --short --rounds 2
+    git worktree add /tmp/before OLD && python benchmarks/bench_streaming.py --tree /tmp/before   # a baseline
 """
 
 from __future__ import annotations
@@ -92,6 +93,19 @@ _KEEP = (
 )
 
 MODES = ("apply", "apply --no-certify", "certificate")
+
+# With ``--tree``: the abliterate package the children import instead of this checkout's (the editable
+# install's import hook would otherwise win over PYTHONPATH).
+_TREE: list[Path] = []
+
+
+def _child(code: str) -> str:
+    if not _TREE:
+        return code
+    hook = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]"
+    return f"{hook}; sys.path.insert(0, {str(_TREE[0])!r})\n{code}"
+
+
 CACHES = ("cached", "dropped")
 
 
@@ -215,7 +229,7 @@ def time_ours(
     """
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(source), str(destination), str(d_model), mode],
+        [sys.executable, "-c", _child(_CHILD), str(source), str(destination), str(d_model), mode],
         check=True,
         capture_output=True,
         text=True,
@@ -286,7 +300,15 @@ def main() -> None:
         help="count an os.sync() after each tool in its time (written bytes on the disk, as for a "
         "checkpoint larger than RAM, where cp -r cannot leave its copy in the page cache)",
     )
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=None,
+        help="time the abliterate package of this source tree (e.g. a `git worktree` of an older commit)",
+    )
     args = parser.parse_args()
+    if args.tree is not None:
+        _TREE.append(args.tree.resolve())
     target = int(0.2e9) if args.short else int(args.gb * 1e9)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-streaming-") as scratch:
         root = Path(scratch)
@@ -303,7 +325,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                _KEEP,
+                _child(_KEEP),
                 str(root / "checkpoint"),
                 str(root / "edited"),
                 str(info["d_model"]),
