@@ -121,7 +121,7 @@ def _check_options(load: LoadConfig, judge_model: str | None, *counts: int | Non
     loading.check_device(load.device)
     if judge_model is not None:
         try:
-            loading._checked_source(judge_model)  # the loader's own check of a source, without loading it
+            loading.checked_source(judge_model)  # the loader's own check of a source, without loading it
         except FileNotFoundError as error:
             raise FileNotFoundError(f"--judge-model: {error}") from error
 

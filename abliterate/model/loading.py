@@ -117,7 +117,7 @@ def _locate_weights(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def _checked_source(source: str) -> tuple[str, str | None, str | None]:
+def checked_source(source: str) -> tuple[str, str | None, str | None]:
     """``(directory_or_repo, gguf_file, base_model)`` for a model source, checked before any load.
 
     ``base_model`` is the hub id to name in the model card (the demo's base, or ``source`` when it is no
@@ -168,7 +168,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, gguf_file, base_model = _checked_source(source)
+    directory, gguf_file, base_model = checked_source(source)
     from_gguf = gguf_file is not None
     move_to, placement = _placement(device, dispatch)
     common = {"trust_remote_code": trust_remote_code}
