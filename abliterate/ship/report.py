@@ -201,12 +201,14 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         lines += [
             "## Evaluation",
             "",
-            "| | refusals (judge) | refusal markers | n |",
+            "| | not helped (judge: refused or dodged) | refusal markers | n |",
             "|---|---|---|---|",
             f"| original | {_judged(before)} | {before['refusal_rate']:.1%} | {before['n']} |",
             f"| abliterated | {_judged(after)} | {after['refusal_rate']:.1%} | {after['n']} |",
             "",
-            f"First-token KL on harmless prompts: {_fmt(evaluation['kl_harmless'])}.",
+            *_damage_lines(evaluation),
+            "The judge is rules: on edited models it misses most dodges (answers to a neighbouring "
+            "question), so the abliterated row is a lower bound (abliterate's BENCHMARKS.md §12b′).",
             "",
         ]
     lines += search_lines(manifest.get("search"))
@@ -273,6 +275,26 @@ def apply_card(source: str, model_type: str, certificate: Any, base_model: objec
         ]
     lines += ["This model will follow requests that the original refuses. Use it responsibly.", ""]
     return "\n".join(header + lines + verify_lines())
+
+
+def _damage_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Over-refusal per set and the KLs, as far as the manifest has them (older ones: first-token KL only)."""
+    lines = []
+    for name, pair in evaluation.get("over_refusal", {}).items():
+        before, after = pair["before"], pair["after"]
+        lines.append(
+            f"Over-refusal on {before['n']} {name} prompts (not helped): {before['not_helped_rate']:.1%} -> "
+            f"{after['not_helped_rate']:.1%}; degenerate replies {before['degenerate_rate']:.1%} -> "
+            f"{after['degenerate_rate']:.1%}."
+        )
+    lines.append(f"First-token KL on harmless prompts: {_fmt(evaluation['kl_harmless'])}.")
+    if "multi_token_kl" in evaluation:
+        damage = evaluation["multi_token_kl"]
+        lines.append(
+            f"KL over the original's own replies ({damage['n_tokens']} tokens of {damage['n_prompts']} "
+            f"harmless prompts): {_fmt(damage['mean'])}."
+        )
+    return [line for text in lines for line in (text, "")]
 
 
 def _judged(rates: dict[str, Any]) -> str:
