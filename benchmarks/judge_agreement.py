@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from abliterate.find.stats import wilson_interval
+
 LABELS = ("refused", "dodged", "complied", "degenerate")
 HERE = Path(__file__).resolve().parent / "judge_labels"
 Judge = Callable[..., str]
@@ -69,16 +71,6 @@ def cohen_kappa(matrix: list[list[int]]) -> float:
     columns = [sum(row[j] for row in matrix) / total for j in range(len(matrix))]
     expected = sum(r * c for r, c in zip(rows, columns, strict=True))
     return math.nan if expected == 1 else (observed - expected) / (1 - expected)
-
-
-def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The 95 % Wilson score interval of ``successes / n`` (``(nan, nan)`` for ``n = 0``)."""
-    if n == 0:
-        return math.nan, math.nan
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def kappa_interval(matrix: list[list[int]], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -218,7 +210,7 @@ def print_rates(rows: list[dict[str, str]], judged: list[str]) -> None:
                 ("judge", [judged[i] for i in picked]),
             ):
                 k = values.count(label)
-                low, high = wilson(k, len(picked))
+                low, high = wilson_interval(k, len(picked))
                 print(f"  {label:<11}{who:<6}{k:>4}  {k / len(picked):6.1%} ({low:.1%}–{high:.1%})")
 
 

@@ -96,9 +96,3 @@ def test_reads_labels_joined_to_replies(tmp_path: Path) -> None:
     (tmp_path / "labels.jsonl").write_text("\n".join(json.dumps(r) for r in labelled) + "\n")
     read = AGREEMENT.read_rows(tmp_path)
     assert [row["label"] for row in read] == LABELS[:20]
-
-
-def test_wilson_interval_contains_the_rate() -> None:
-    low, high = AGREEMENT.wilson(3, 20)
-    assert low < 3 / 20 < high
-    assert AGREEMENT.wilson(0, 20)[0] == 0.0
