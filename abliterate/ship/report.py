@@ -139,13 +139,15 @@ def summary_table(manifest: dict[str, Any]) -> str:
     ]
     if evaluation:
         before, after = evaluation["before"], evaluation["after"]
-        rows.append(
-            ("refusal rate", f"{before['refusal_rate']:.1%} -> {after['refusal_rate']:.1%} (n={after['n']})")
-        )
         if "judged_refusal_rate" in after:
             judged = f"{before['judged_refusal_rate']:.1%} -> {after['judged_refusal_rate']:.1%}"
-            rows.append(("refusals (judge)", f"{judged} (n={after['n']})"))
+            note = "after: a lower bound, dodges missed"
+            rows.append(("not helped (judge)", f"{judged} (n={after['n']}; {note})"))
+        markers = f"{before['refusal_rate']:.1%} -> {after['refusal_rate']:.1%}"
+        rows.append(("refusal markers", f"{markers} (n={after['n']})"))
         rows.append(("KL harmless (1st token)", _fmt(evaluation["kl_harmless"])))
+        if "multi_token_kl" in evaluation:
+            rows.append(("KL harmless (replies)", _fmt(evaluation["multi_token_kl"]["mean"])))
     search = manifest.get("search") or {}
     if search.get("outcome"):
         rows.append(("search", search["outcome"]))
