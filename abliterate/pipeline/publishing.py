@@ -29,7 +29,8 @@ from abliterate.prove.gate import GateReport
 from abliterate.ship import checkpoint, direction_file, front
 from abliterate.ship.direction_file import save_direction
 from abliterate.ship.hub import PushError, PushResult, PushTarget, push_folder
-from abliterate.ship.report import model_card, plot_candidate_scores
+from abliterate.ship.plots import plot_candidate_scores
+from abliterate.ship.report import model_card
 
 
 @dataclass

@@ -1,49 +1,10 @@
-"""What people read: the candidate heatmap, the console summary, and the model card."""
+"""What people read: the console summary and the model card (the candidate heatmap: ``ship.plots``)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Any
-
-import torch
-
-
-def plot_candidate_scores(scores: dict[str, torch.Tensor], chosen: tuple[int, int], path: Path) -> None:
-    """Draw the per-candidate scores as heatmaps (position × layer) with the chosen one marked.
-
-    Args:
-        scores: ``{"screen", "ablation", "steering", "kl"}`` → ``[n_positions, n_layers]``.
-        chosen: ``(position_index, layer)`` of the chosen candidate.
-        path: PNG file to write.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [name for name in ("screen", "screen_kl", "ablation", "kl", "steering") if name in scores]
-    figure, axes = plt.subplots(len(names), 1, figsize=(10, 1.6 + 1.2 * len(names) * 1.2), squeeze=False)
-    titles = {
-        "screen": "ablation score, coarse screen (lower = less refusal)",
-        "screen_kl": "first-token KL on harmless prompts, coarse screen",
-        "ablation": "ablation score on all val prompts (screened candidates)",
-        "kl": "first-token KL on harmless prompts (computed lazily)",
-        "steering": "steering score on harmless prompts (computed lazily)",
-    }
-    for axis, name in zip(axes[:, 0], names, strict=True):
-        values = scores[name].numpy()
-        n_positions = values.shape[0]
-        image = axis.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-        axis.set_title(titles[name], fontsize=9)
-        axis.set_ylabel("EOI pos")
-        axis.set_yticks(range(n_positions), [str(p - n_positions) for p in range(n_positions)])
-        axis.plot(chosen[1], chosen[0], marker="*", color="red", markersize=12)
-        figure.colorbar(image, ax=axis)
-    axes[-1, 0].set_xlabel("layer")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _fmt(value: Any) -> str:
@@ -198,21 +159,7 @@ def model_card(manifest: dict[str, Any], base_model: str | None) -> str:
         "```",
         "",
     ]
-    if evaluation:
-        before, after = evaluation["before"], evaluation["after"]
-        lines += [
-            "## Evaluation",
-            "",
-            "| | not helped (judge: refused or dodged) | refusal markers | n |",
-            "|---|---|---|---|",
-            f"| original | {_judged(before)} | {before['refusal_rate']:.1%} | {before['n']} |",
-            f"| abliterated | {_judged(after)} | {after['refusal_rate']:.1%} | {after['n']} |",
-            "",
-            *_damage_lines(evaluation),
-            "The judge is rules: on edited models it misses most dodges (answers to a neighbouring "
-            "question), so the abliterated row is a lower bound (abliterate's BENCHMARKS.md §12b′).",
-            "",
-        ]
+    lines += _evaluation_lines(evaluation)
     lines += search_lines(manifest.get("search"))
     lines += [
         "This model will follow requests that the original refuses. Use it responsibly.",
@@ -277,6 +224,26 @@ def apply_card(source: str, model_type: str, certificate: Any, base_model: objec
         ]
     lines += ["This model will follow requests that the original refuses. Use it responsibly.", ""]
     return "\n".join(header + lines + verify_lines())
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The card's evaluation section (none without an evaluation)."""
+    if not evaluation:
+        return []
+    before, after = evaluation["before"], evaluation["after"]
+    return [
+        "## Evaluation",
+        "",
+        "| | not helped (judge: refused or dodged) | refusal markers | n |",
+        "|---|---|---|---|",
+        f"| original | {_judged(before)} | {before['refusal_rate']:.1%} | {before['n']} |",
+        f"| abliterated | {_judged(after)} | {after['refusal_rate']:.1%} | {after['n']} |",
+        "",
+        *_damage_lines(evaluation),
+        "The judge is rules: on edited models it misses most dodges (answers to a neighbouring "
+        "question), so the abliterated row is a lower bound (abliterate's BENCHMARKS.md §12b′).",
+        "",
+    ]
 
 
 def _damage_lines(evaluation: dict[str, Any]) -> list[str]:
