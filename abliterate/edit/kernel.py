@@ -15,8 +15,6 @@ from abliterate.edit.tiles import ROWS_WRITE, TileFold, TileVisitor, factors, fo
 from abliterate.io.finite import all_finite
 from abliterate.io.threads import one_intra_op_thread
 
-__all__ = ["ROWS_WRITE", "all_finite"]  # re-exported: callers take them from the kernel
-
 # What one tensor's fold is given (``DeclaredEdit.scales``): the strength ``s``, or one per row of a subspace
 # ``[k, d_model]``.
 Scales = float | Sequence[float]

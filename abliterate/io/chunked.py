@@ -46,25 +46,24 @@ class ChunkedReader:
             self.files[path] = open(path, "rb")
         return self.files[path]
 
+    def _shared(self, size: int) -> bytearray:
+        """The shared buffer, grown to at least ``size`` bytes."""
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        return self.buffer
+
     def scratch(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised tensor of ``dtype`` and ``shape`` in the shared buffer (grown when needed)."""
         size = dtype.itemsize * math.prod(shape)
-        if len(self.buffer) < size:
-            self.buffer = bytearray(size)
         if size == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self.buffer, dtype=torch.uint8, count=size).view(dtype).view(shape)
+        return torch.frombuffer(self._shared(size), dtype=torch.uint8, count=size).view(dtype).view(shape)
 
     def tensor(self, location: tuple[Path, TensorEntry], fresh: bool = False) -> torch.Tensor:
         """The tensor at ``location``, in the shared buffer (or its own memory with ``fresh``)."""
         path, entry = location
         size = entry.end - entry.start
-        if fresh:
-            buffer = bytearray(size)
-        else:
-            if len(self.buffer) < size:
-                self.buffer = bytearray(size)
-            buffer = self.buffer
+        buffer = bytearray(size) if fresh else self._shared(size)
         _, tensor = read_tensor(self._file(path), entry, buffer)
         self.bytes_read += size
         return tensor
@@ -78,17 +77,13 @@ class ChunkedReader:
 
     @contextmanager
     def stored(self, location: tuple[Path, TensorEntry]) -> Iterator[torch.Tensor | None]:
-        """The stored tensor at ``location`` as a read-only uint8 tensor over a memory map of the whole
-        tensor (unmapped on exit), for a fold that reads its source in place; ``None`` when its offset
-        is not aligned to its element size (a view of another dtype needs that)."""
+        """The stored tensor at ``location`` over a memory map (``mapped_tensor``), for a fold that reads
+        its source in place; ``None`` when its offset does not suit its dtype."""
         path, entry = location
-        size = entry.end - entry.start
-        itemsize = DTYPES[entry.dtype].itemsize if entry.dtype in DTYPES else 1
-        if entry.start % itemsize:
-            yield None
-            return
-        with self._mapped(path, entry.start, size) as view:
-            yield view
+        with mapped_tensor(self._file(path).fileno(), entry) as tensor:
+            if tensor is not None:
+                self.bytes_read += entry.end - entry.start
+            yield tensor
 
     def _ranges(self, entry: TensorEntry) -> Iterator[tuple[int, int]]:
         for offset in range(0, entry.end - entry.start, COMPARE_CHUNK):
@@ -141,6 +136,19 @@ def mapped(fileno: int, start: int, length: int) -> Iterator[torch.Tensor]:
             mapping.close()
         except BufferError:  # a view is still referenced (an exception in flight): the GC closes it
             pass
+
+
+@contextmanager
+def mapped_tensor(fileno: int, entry: TensorEntry) -> Iterator[torch.Tensor | None]:
+    """The stored tensor ``entry`` of the open file ``fileno`` as a read-only tensor of its dtype and shape
+    over a memory map of its bytes (unmapped on exit); ``None`` when its offset is not a multiple of its
+    element size (a view of that dtype needs one)."""
+    dtype = DTYPES[entry.dtype]
+    if entry.start % dtype.itemsize:
+        yield None
+        return
+    with mapped(fileno, entry.start, entry.end - entry.start) as view:
+        yield view.view(dtype).view(entry.shape)
 
 
 def same_file_bytes(first: tuple[int, int], second: tuple[int, int], length: int) -> bool:

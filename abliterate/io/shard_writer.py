@@ -17,9 +17,8 @@ from typing import BinaryIO
 
 import torch
 
-from abliterate.io.chunked import file_holds, mapped, same_file_bytes
+from abliterate.io.chunked import file_holds, mapped_tensor, same_file_bytes
 from abliterate.io.safetensors import (
-    DTYPES,
     EditTensor,
     Shard,
     TensorEntry,
@@ -172,14 +171,13 @@ def _edit_into(source: BinaryIO, entry: TensorEntry, buffer: bytearray, edit: Ed
     """``edit`` the stored tensor into the start of ``buffer``, reading it in place through a memory map
     (one pass over its bytes, no copy first); a tensor whose offset does not suit its dtype is read into
     the buffer and edited there. Returns the buffer's bytes to write."""
-    size, itemsize = entry.end - entry.start, DTYPES[entry.dtype].itemsize
-    if entry.start % itemsize:
-        view, tensor = read_tensor(source, entry, buffer)
-        edit(entry, tensor, tensor)
-        return view
-    view, out = buffer_tensor(entry, buffer)
-    with mapped(source.fileno(), entry.start, size) as stored:
-        edit(entry, stored.view(DTYPES[entry.dtype]).view(entry.shape), out)
+    with mapped_tensor(source.fileno(), entry) as stored:
+        if stored is None:
+            view, tensor = read_tensor(source, entry, buffer)
+            edit(entry, tensor, tensor)
+            return view
+        view, out = buffer_tensor(entry, buffer)
+        edit(entry, stored, out)
     return view
 
 

@@ -201,18 +201,23 @@ def _certify_tensor(
     if source_entry.dtype not in DTYPES or target_entry.dtype not in DTYPES:
         tally.fail(f"{name}: dtype {target_entry.dtype} (original {source_entry.dtype}) cannot be compared")
         return
-    if required is not None and _certify_in_place(name, original, edited, required, work):
+    if required is not None:
+        _certify_writer(name, original, edited, required, work)
         return
+    expected = _original_for_fold(original, edited, reader)
+    # Bitwise equality holds NaN and Inf to their own bits, so a non-writer may carry them unchanged.
     target_dtype = DTYPES[target_entry.dtype]
-    # The run loaded the original in this dtype; a GGUF run folds the dequantized float32, then casts.
+    tally.unchanged(reader.matches(expected.to(target_dtype), edited), f"{name}: {_NO_WRITER_THERE}")
+
+
+def _original_for_fold(
+    original: tuple[Path, TensorEntry], edited: tuple[Path, TensorEntry], reader: ChunkedReader
+) -> torch.Tensor:
+    """The original read in the dtype the run folded it in: the edited checkpoint's (the run loaded the
+    original in it), or for a GGUF run its own (it folds the dequantized float32, then casts)."""
     cast_after_fold = getattr(original[0], "cast_after_fold", False)
-    fold_dtype = DTYPES[source_entry.dtype] if cast_after_fold else target_dtype
-    expected = reader.tensor(original).to(fold_dtype)
-    if required is None:
-        # Bitwise equality holds NaN and Inf to their own bits, so a non-writer may carry them unchanged.
-        tally.unchanged(reader.matches(expected.to(target_dtype), edited), f"{name}: {_NO_WRITER_THERE}")
-        return
-    _certify_writer(name, original, edited, required, work, expected)
+    fold_dtype = DTYPES[original[1].dtype] if cast_after_fold else DTYPES[edited[1].dtype]
+    return reader.tensor(original).to(fold_dtype)
 
 
 def _certify_writer(
@@ -221,27 +226,31 @@ def _certify_writer(
     edited: tuple[Path, TensorEntry],
     required: RequiredEdit,
     work: _Work,
-    expected: torch.Tensor,
 ) -> None:
-    """A tensor the structure says the edit must change, given the original read in the fold's dtype
-    (``expected``): the fold of the host (or of ``work.device``) bitwise, or within the bound."""
+    """A tensor the structure says the edit must change: the fold of the host (or of ``work.device``)
+    bitwise, or within the bound; on the host first through memory maps (``_certified_in_place``)."""
     tally, reader, declared = work.tally, work.reader, work.declared
     target_dtype = DTYPES[edited[1].dtype]
-    if not all_finite(expected):  # a fold spreads it over a row, where any value would then pass
-        tally.fail(non_finite_writer(name))
-        return
     scales = declared.scales(required.group, required.layer)
-    if not changes(scales):  # strength 0: this writer must be left as it was
-        same = reader.matches(expected.to(target_dtype), edited)
-        tally.unchanged(same, f"{name}: changed, but the declared edit gives it strength 0")
-        return
-    if declared.norm_preserving and required.group == "experts":
-        tally.fail(f"{name}: a norm-preserving edit is declared, but fused experts cannot carry one")
-        return
+    fused_norm_preserving = declared.norm_preserving and required.group == "experts"
     fold = TensorFold(
         declared.direction, required.layout, scales, declared.norm_preserving and not required.bias
     )
     where = f"{name} ({required.group} {required.layer})"
+    foldable = changes(scales) and not fused_norm_preserving
+    if foldable and _certified_in_place(where, (original, edited), required, fold, work):
+        return
+    expected = _original_for_fold(original, edited, reader)
+    if not all_finite(expected):  # a fold spreads it over a row, where any value would then pass
+        tally.fail(non_finite_writer(name))
+        return
+    if not changes(scales):  # strength 0: this writer must be left as it was
+        same = reader.matches(expected.to(target_dtype), edited)
+        tally.unchanged(same, f"{name}: changed, but the declared edit gives it strength 0")
+        return
+    if fused_norm_preserving:
+        tally.fail(f"{name}: a norm-preserving edit is declared, but fused experts cannot carry one")
+        return
     if work.device is None:
         source, target, failure = host_fold(original, edited, fold, reader, expected)
     else:
@@ -274,31 +283,26 @@ def _tally_bounded(
         tally.fail(f"{where}: {failure}")
 
 
-def _certify_in_place(
-    name: str,
-    original: tuple[Path, TensorEntry],
-    edited: tuple[Path, TensorEntry],
+def _certified_in_place(
+    where: str,
+    pair: tuple[tuple[Path, TensorEntry], tuple[Path, TensorEntry]],
     required: RequiredEdit,
+    fold: TensorFold,
     work: _Work,
 ) -> bool:
-    """The host's check of a writer stored in one dtype in both checkpoints, reading both through memory
-    maps once (``mapped_host_fold``); ``False`` when it does not apply or saw a non-finite value, so the
-    general path (``_certify_writer``) reads the tensors and says what is wrong."""
-    declared = work.declared
+    """The host's check of a writer stored in one dtype in both checkpoints (``pair``: original, edited),
+    reading both through memory maps once (``mapped_host_fold``); ``False`` when it does not apply or saw
+    a non-finite value, so the general path (``_certify_writer``) reads the tensors and says what is wrong."""
+    original, edited = pair
     if work.device is not None or not isinstance(original[0], Path):
         return False
-    scales = declared.scales(required.group, required.layer)
-    if not changes(scales) or (declared.norm_preserving and required.group == "experts"):
-        return False
-    fold = TensorFold(
-        declared.direction, required.layout, scales, declared.norm_preserving and not required.bias
-    )
     seen = mapped_host_fold(original, edited, fold, work.reader)
     if seen is None or not seen.finite:
         return False
     if seen.equal:
         work.tally.edited(required.group, required.layer, exact=True, leak=1.0)
         return True
-    pair = (work.reader.tensor(original, fresh=True), work.reader.tensor(edited, fresh=True))  # as host_fold
-    _tally_bounded(f"{name} ({required.group} {required.layer})", required, pair, fold, work.tally)
+    # Read again for the bound, in their stored dtype, as host_fold does.
+    tensors = (work.reader.tensor(original, fresh=True), work.reader.tensor(edited, fresh=True))
+    _tally_bounded(where, required, tensors, fold, work.tally)
     return True

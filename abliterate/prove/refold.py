@@ -77,10 +77,10 @@ def mapped_host_fold(
     ):
         return None
     seen = MappedFold()
-    with reader.stored(original) as source_bytes, reader.stored(edited) as stored:
-        if source_bytes is None or stored is None:
+    with reader.stored(original) as source, reader.stored(edited) as stored_tensor:
+        if source is None or stored_tensor is None:
             return None
-        source = source_bytes.view(dtype).view(original[1].shape)
+        stored = stored_tensor.reshape(-1).view(torch.uint8)
         out = reader.scratch(dtype, original[1].shape)
         itemsize = dtype.itemsize
 
