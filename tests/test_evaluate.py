@@ -15,7 +15,7 @@ from tiny import make_model, make_tokenizer
 import abliterate.find.evaluate
 from abliterate.cli import main
 from abliterate.config import EVAL_MAX_NEW_TOKENS, EvaluationConfig
-from abliterate.find.evaluate import JudgedSet, generate_replies, judge_set
+from abliterate.find.evaluate import JudgedSet, evaluate_sets, generate_replies, judge_set
 from abliterate.find.evaluate_model import evaluate_model, format_evaluation, prompt_sets
 from abliterate.find.judge import judge
 from abliterate.find.stats import wilson_interval
@@ -86,6 +86,28 @@ def test_generation_uses_the_kv_cache_and_matches_uncached(one_thread: None) -> 
         )
     uncached = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert cached == uncached
+
+
+def test_sets_generated_together_get_each_its_own_replies(one_thread: None) -> None:
+    """Sets generated as one list (fuller batches) get the replies each prompt gets alone, in order, in
+    either order of the sets (the three replies differ, so a reply given to the wrong prompt would show)."""
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    tokenizer.padding_side = "left"
+    sets = {"a": ["Write a poem.", "hi there, how are you today?"], "b": ["Name a colour."]}
+    together = evaluate_sets(model, tokenizer, sets, max_new_tokens=6, batch_size=8, progress=False)
+    alone = {
+        name: generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=1, progress=False)
+        for name, prompts in sets.items()
+    }
+    assert list(together) == ["a", "b"]
+    for name, prompts in sets.items():
+        assert together[name].prompts == prompts
+        assert together[name].replies == alone[name]
+    assert len(set(alone["a"] + alone["b"])) == 3
+    swapped = evaluate_sets(
+        model, tokenizer, {"b": sets["b"], "a": sets["a"]}, max_new_tokens=6, batch_size=8, progress=False
+    )
+    assert swapped["a"].replies == alone["a"] and swapped["b"].replies == alone["b"]
 
 
 @pytest.fixture(scope="module")

@@ -137,8 +137,10 @@ def test_run_scores_closed_and_evaluates_past_the_block(
 
     def fake_generate(model: object, tokenizer: object, prompts: list[str], **options: object) -> list[str]:
         generations.append(options)
-        # The harmful set gets the canned replies; the over-refusal sets plain answers.
-        return next(canned) if options["description"].endswith("harmful") else ["Sure."] * len(prompts)
+        # Each side generates its sets as one list, the harmful set first: the two harmful prompts get the
+        # canned replies, the over-refusal sets plain answers.
+        assert str(options["description"]).split(": ")[1].startswith("harmful")
+        return next(canned) + ["Sure."] * (len(prompts) - 2)
 
     # Subject.encoded (extraction, selection, evaluation) and the parity prompts both encode.
     monkeypatch.setattr(abliterate.pipeline.subject, "encode", recording_encode)

@@ -127,7 +127,9 @@ class LoadConfig:
         help="auto (checkpoint dtype), float32, bfloat16, float16.",
     )
     batch_size: int | str = _option(
-        32, "--batch-size", help="Prompts per forward pass, or 'auto' for the largest that fits on the GPU."
+        32,
+        "--batch-size",
+        help="Prompts per forward pass, or 'auto': the largest that fits on the GPU, 64 on the CPU.",
     )
     architecture: str | None = _option(
         None, "--architecture", metavar="MODEL_TYPE", help="Use this registered model type's adapter."

@@ -10,7 +10,7 @@ a secondary figure (``JudgedSet.summary``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "JudgedSet",
     "RefusalEvaluation",
     "evaluate_set",
+    "evaluate_sets",
     "generate_replies",
     "is_refusal",
     "judge_set",
@@ -236,3 +237,17 @@ def refusal_rate(
     n = max(judged.n, 1)
     markers = sum(is_refusal(reply) for reply in judged.replies)
     return RefusalEvaluation(markers / n, judged.n, judged.replies, judged.count(*NOT_HELPED) / n)
+
+
+def evaluate_sets(
+    model: nn.Module, tokenizer: object, sets: Mapping[str, list[str]], **generate_options: Any
+) -> dict[str, JudgedSet]:
+    """Greedy replies to several prompt sets generated as one list (full batches instead of one short
+    batch per set: on the CPU a batch of 64 rows costs 0.8 of two of 32 per reply), judged per set."""
+    everything = [prompt for prompts in sets.values() for prompt in prompts]
+    replies = generate_replies(model, tokenizer, everything, **generate_options)
+    judged, start = {}, 0
+    for name, prompts in sets.items():
+        judged[name] = judge_set(prompts, replies[start : start + len(prompts)])
+        start += len(prompts)
+    return judged

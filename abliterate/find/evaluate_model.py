@@ -168,12 +168,9 @@ def _against(measured: Measured, base: Measured, damage: KLSummary, damage_token
 
 def _measure(loaded: Any, sets: dict[str, list[str]], max_new_tokens: int) -> Measured:
     """Judged replies to every set and first-token logits on the harmless prompts."""
-    judged = {
-        name: evaluate.evaluate_set(
-            loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens, description=name
-        )
-        for name, prompts in sets.items()
-    }
+    judged = evaluate.evaluate_sets(
+        loaded.model, loaded.tokenizer, sets, max_new_tokens=max_new_tokens, description=", ".join(sets)
+    )
     encoded = encode(loaded.tokenizer, sets["harmless"], batch_size=32, sort_by_length=False)
     logits = torch.cat([chunk.float().cpu() for chunk in forward_batches(loaded.model, encoded)])
     return Measured(judged, logits)

@@ -16,7 +16,7 @@ import torch
 
 from abliterate.config import RunConfig
 from abliterate.find.damage import DamageReference, multi_token_kl, record_reference
-from abliterate.find.evaluate import JudgedSet, evaluate_set, is_refusal, judge_set
+from abliterate.find.evaluate import JudgedSet, evaluate_sets, is_refusal, judge_set
 from abliterate.find.scores import kl_divergence
 from abliterate.find.stats import paired_bootstrap
 from abliterate.model.batching import last_logits
@@ -80,17 +80,21 @@ def _measure(
     config: RunConfig, subject: Subject, inputs: Inputs, description: str, *, skip_harmless: bool = False
 ) -> Baseline:
     """Judged replies to the harmful prompts and the over-refusal sets, and first-token logits."""
-    options = generation_options(config, subject)
-    harmful = evaluate_set(
-        subject.model, subject.tokenizer, inputs.harmful.eval, **options, description=f"{description} harmful"
-    )
-    over_refusal = {
-        name: evaluate_set(
-            subject.model, subject.tokenizer, prompts, **options, description=f"{description} {name}"
-        )
+    sets = {
+        name: prompts
         for name, prompts in over_refusal_prompts(config, inputs).items()
         if not (skip_harmless and name == "harmless")
     }
+    options = generation_options(config, subject)
+    judged = evaluate_sets(
+        subject.model,
+        subject.tokenizer,
+        {"harmful": inputs.harmful.eval, **sets},
+        **options,
+        description=f"{description}: {', '.join(['harmful', *sets])}",
+    )
+    harmful = judged.pop("harmful")
+    over_refusal = judged
     harmless_logits = last_logits(subject.model, subject.adapter, subject.encoded(inputs.harmless.eval))[0]
     return Baseline(harmful, harmless_logits, over_refusal)
 
