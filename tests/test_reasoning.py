@@ -15,6 +15,7 @@ from abliterate.cli import main
 from abliterate.config import EVAL_MAX_NEW_TOKENS
 from abliterate.model.batching import eoi_length
 from abliterate.model.chat import THINKING_FORMATS, ChatFormat, SplitReply, detect_thinking, split_reply
+from abliterate.model.prompts import bundled
 
 _TURNS = (
     "{% for message in messages %}"
@@ -137,9 +138,9 @@ def test_run_scores_closed_and_evaluates_past_the_block(
 
     def fake_generate(model: object, tokenizer: object, prompts: list[str], **options: object) -> list[str]:
         generations.append(options)
-        # Each side generates its sets as one list, the harmful set first: the two harmful prompts get the
-        # canned replies, the over-refusal sets plain answers.
-        assert str(options["description"]).split(": ")[1].startswith("harmful")
+        # Each side generates its sets as one list, the harmful set first: the two harmful eval prompts get
+        # the canned replies, the over-refusal sets plain answers.
+        assert prompts[:2] == bundled("harmful", "eval")[:2]
         return next(canned) + ["Sure."] * (len(prompts) - 2)
 
     # Subject.encoded (extraction, selection, evaluation) and the parity prompts both encode.
