@@ -18,6 +18,7 @@ import time
 
 from levers_front import Demo, affine, per_writer
 
+from abliterate.find.confirm import ConfirmSettings
 from abliterate.find.damage import multi_token_kl, record_reference
 from abliterate.find.evaluate import generate_replies
 from abliterate.find.judge import not_helped
@@ -70,11 +71,12 @@ def main() -> None:
             f"{result[name]['first_token_kl']:.4f}, multi-token KL {multi.mean:.4f}",
             flush=True,
         )
-    test = paired_bootstrap(result["lever"]["verdicts"], result["paper"]["verdicts"])
+    rule = ConfirmSettings()  # the search's own dominance rule: its bound and its bootstrap seed
+    test = paired_bootstrap(result["lever"]["verdicts"], result["paper"]["verdicts"], seed=rule.seed)
     result["difference"] = vars(test)
     lever, paper = result["lever"], result["paper"]
     dominates = (
-        test.high <= 0.02
+        test.high <= rule.max_increase
         and lever["first_token_kl"] < paper["first_token_kl"]
         and lever["multi_token_kl"] < paper["multi_token_kl"]
     )

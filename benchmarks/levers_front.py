@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from abliterate.adapters.resolve import ResolvedWriter, resolve_adapter
-from abliterate.find.extract import extract_means
+from abliterate.edit.direction import unit_direction
+from abliterate.find.extract import candidate_directions, extract_means
 from abliterate.find.scores import kl_divergence, refusal_scores, refusal_token_ids
 from abliterate.model.batching import encode, last_logits
 from abliterate.model.hooks import Patch, ablated, project_out_scaled, projection, subspace_projection
@@ -47,20 +48,16 @@ from abliterate.model.prompts import load_splits
 Pick = Callable[[ResolvedWriter], torch.Tensor]
 
 
-def unit(vector: torch.Tensor) -> torch.Tensor:
-    return (vector.double() / vector.double().norm()).float()
-
-
-def without(vector: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    other = other.double() / other.double().norm()
-    return vector.double() - (vector.double() @ other) * other
+def without(vector: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """``vector`` with its component along the unit vector ``unit`` removed (float64)."""
+    return vector.double() - (vector.double() @ unit.double()) * unit.double()
 
 
 def per_writer(pick: Pick, strength: float) -> Callable[[ResolvedWriter], Patch]:
     """Each writer projects out its own direction ``pick(writer)`` at ``strength``."""
 
     def at(writer: ResolvedWriter) -> Patch:
-        direction = unit(pick(writer)).reshape(1, -1)
+        direction = unit_direction(pick(writer)).reshape(1, -1)
         return Patch(lambda out, inputs: project_out_scaled(out, direction, strength))
 
     return at
@@ -69,7 +66,7 @@ def per_writer(pick: Pick, strength: float) -> Callable[[ResolvedWriter], Patch]
 def affine(direction: torch.Tensor, level: float, strength: float = 1.0) -> Callable[[ResolvedWriter], Patch]:
     """ACE in weights: writers projected at ``strength``; the embedding's component ``x·r̂`` along r̂ moved
     to ``x·r̂ − s (x·r̂ − level)`` (at strength 1: set to ``level``)."""
-    r = unit(direction)
+    r = unit_direction(direction)
 
     def embedding(out: torch.Tensor, inputs: tuple) -> torch.Tensor:
         component = out.double() @ r.double()
@@ -92,6 +89,7 @@ class Demo:
     tokenizer: object
     splits: dict
     candidate: torch.Tensor  # [layers, d_model]
+    orthogonal: torch.Tensor  # [layers, d_model]: each candidate ⊥ its layer's harmless mean
     harmless_mean: torch.Tensor  # [layers, d_model]
     r: torch.Tensor  # the paper's unit direction
 
@@ -102,17 +100,21 @@ class Demo:
             kind: load_splits(kind, None, n_train=128, n_val=150, n_eval=32, n_parity=4, seed=0)
             for kind in ("harmful", "harmless")
         }
-        demo = cls(loaded.model, resolve_adapter(loaded.model), loaded.tokenizer, splits, *(None,) * 3)
-        demo.candidate, demo.harmless_mean = demo.candidates(nullcontext())
-        demo.r = unit(demo.candidate[layer])
+        demo = cls(loaded.model, resolve_adapter(loaded.model), loaded.tokenizer, splits, *(None,) * 4)
+        harmful, harmless = demo.means(nullcontext())
+        demo.candidate = candidate_directions(harmful, harmless)[-1]
+        demo.orthogonal = candidate_directions(harmful, harmless, project_harmless=True)[-1]
+        demo.harmless_mean = harmless[-1]
+        demo.r = unit_direction(demo.candidate[layer])
         return demo
 
-    def candidates(self, context: AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
-        """Harmful − harmless mean block inputs, and the harmless means, under ``context``."""
+    def means(self, context: AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+        """Harmful and harmless mean block inputs ``[1, layers, d_model]`` at the last EOI token, under
+        ``context``."""
         train = {kind: encode(self.tokenizer, cut.train, batch_size=32) for kind, cut in self.splits.items()}
         with context:
             means = extract_means(self.model, self.adapter, train, 1, progress=False)
-        return (means["harmful"] - means["harmless"])[-1], means["harmless"][-1]
+        return means["harmful"], means["harmless"]
 
 
 def main() -> None:
@@ -159,16 +161,14 @@ def main() -> None:
     own = {
         "own layer from 10, r̂ below": lambda w: candidate[written_layer(w)] if written_layer(w) >= 10 else r,
         "own layer clamped to 8–20": lambda w: candidate[min(max(written_layer(w), 8), 20)],
-        "own layer ⊥ its harmless mean, from 10": lambda w: without(
-            candidate[max(written_layer(w), 10)], harmless_mean[max(written_layer(w), 10)]
-        ),
+        "own layer ⊥ its harmless mean, from 10": lambda w: demo.orthogonal[max(written_layer(w), 10)],
     }
     for label, pick in own.items():
         for s in (0.8, 1.0):
             measure("per-layer", f"{label}, s {s:g}", per_writer(pick, s))
-    remaining, _ = demo.candidates(ablated(model, adapter, projection(r)))
+    remaining = candidate_directions(*demo.means(ablated(model, adapter, projection(r))))[-1]
     for layer in (args.layer, args.layer + 3):
-        second = unit(without(remaining[layer], r))
+        second = unit_direction(without(remaining[layer], r))
         basis = torch.stack([r, second])
         for s, w in ((1.0, 0.5), (1.0, 1.0), (0.8, 1.0)):
             label = f"rank 2, r̂₂ at layer {layer}, s {s:g}, w {w:g}"
